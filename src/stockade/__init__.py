@@ -1,0 +1,1 @@
+"""stockade: local-first sandbox runtime for AI agents."""

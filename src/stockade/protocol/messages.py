@@ -1,0 +1,324 @@
+"""Every message of the guest agent protocol, as pydantic models.
+
+The host validates everything the guest sends against these models (the guest is hostile).
+``METHODS`` maps a method name to its params and result models, ``NOTIFICATIONS`` a
+notification name to its params model; ``stockade.protocol.schema`` turns both into the
+checked-in JSON schema. Binary data travels base64-encoded in ``data`` fields.
+
+Versioning: adding an optional field is a minor bump of ``PROTOCOL_VERSION``; adding a
+required field or removing one is a major bump.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ERROR_CODES",
+    "METHODS",
+    "NOTIFICATIONS",
+    "PROTOCOL_VERSION",
+    "AgentHelloParams",
+    "AgentHelloResult",
+    "Empty",
+    "FsEntry",
+    "FsListParams",
+    "FsListResult",
+    "FsMkdirParams",
+    "FsPathParams",
+    "FsReadParams",
+    "FsReadResult",
+    "FsRemoveParams",
+    "FsStatParams",
+    "FsWriteParams",
+    "FsWriteResult",
+    "ProcessExitParams",
+    "ProcessOutputParams",
+    "ProcessResizeParams",
+    "ProcessSignalParams",
+    "ProcessStartParams",
+    "ProcessStartResult",
+    "ProcessWaitParams",
+    "ProcessWaitResult",
+    "ProcessWriteStdinParams",
+    "PtySize",
+    "TarDownloadParams",
+    "TarUploadParams",
+    "TransferReadParams",
+    "TransferReadResult",
+    "TransferResult",
+    "TransferWriteParams",
+    "TransferWriteResult",
+]
+
+PROTOCOL_VERSION = "1.0"
+
+#: Error codes the agent may return, and what they mean. The host maps them to exceptions
+#: through a fixed table (``stockade.agent.client``); anything else is an ``AgentError``.
+ERROR_CODES: dict[int, str] = {
+    -32700: "parse error",
+    -32600: "invalid request",
+    -32601: "method not found",
+    -32602: "invalid params",
+    -32603: "internal error",
+    1: "no such file or directory",
+    2: "permission denied",
+    3: "file exists",
+    4: "not a directory",
+    5: "is a directory",
+    6: "no such process",
+    7: "too large",
+    8: "i/o error",
+    9: "directory not empty",
+    10: "busy or limit reached",
+}
+
+B64 = Annotated[str, Field(description="Base64-encoded bytes.", max_length=12 * 1024 * 1024)]
+Path = Annotated[
+    str, Field(description="Absolute path inside the sandbox.", min_length=1, max_length=4096)
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Empty(_Model):
+    """No parameters / no result."""
+
+
+# --- agent.* -----------------------------------------------------------------------------
+
+
+class AgentHelloParams(_Model):
+    protocol: str = Field(description="Protocol version the host speaks, MAJOR.MINOR.")
+    client: str = Field(default="stockade", description="Name and version of the host client.")
+
+
+class AgentHelloResult(_Model):
+    protocol: str = Field(description="Protocol version the agent speaks, MAJOR.MINOR.")
+    agent_version: str = Field(description="Version of the guest agent program.")
+    capabilities: list[str] = Field(
+        description="Optional features the agent supports, e.g. 'pty', 'landlock', 'tar'."
+    )
+    pid: int = Field(description="Process id of the agent inside the sandbox.")
+    uid: int = Field(description="User id the agent runs as inside the sandbox.")
+    kernel: str = Field(description="Kernel release seen inside the sandbox (uname -r).")
+    hostname: str = Field(description="Hostname seen inside the sandbox.")
+    python: str = Field(description="Version of the Python interpreter running the agent.")
+    landlock_abi: int = Field(
+        default=0, description="Landlock ABI the agent enforced at start; 0 when none."
+    )
+
+
+# --- process.* ---------------------------------------------------------------------------
+
+
+class PtySize(_Model):
+    rows: int = Field(default=24, ge=1, le=10000, description="Terminal rows.")
+    cols: int = Field(default=80, ge=1, le=10000, description="Terminal columns.")
+
+
+class ProcessStartParams(_Model):
+    argv: list[str] | None = Field(
+        default=None, description="Program and arguments; exclusive with 'shell'."
+    )
+    shell: str | None = Field(
+        default=None, description="Command line run by /bin/sh -c; exclusive with 'argv'."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Variables added to the sandbox's base environment."
+    )
+    cwd: str | None = Field(default=None, description="Working directory; default the workspace.")
+    stdin: bool = Field(
+        default=False,
+        description="Keep stdin open for process.write_stdin; otherwise stdin is /dev/null.",
+    )
+    pty: PtySize | None = Field(
+        default=None, description="Run on a new pseudo-terminal of this size (stdout only)."
+    )
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds before the agent kills the process group."
+    )
+
+
+class ProcessStartResult(_Model):
+    proc: int = Field(description="Agent-assigned handle of the process, unique per agent.")
+    pid: int = Field(description="Process id inside the sandbox.")
+
+
+class ProcessWriteStdinParams(_Model):
+    proc: int = Field(description="Process handle.")
+    data: B64 = ""
+    eof: bool = Field(default=False, description="Close stdin after writing 'data'.")
+
+
+class ProcessSignalParams(_Model):
+    proc: int = Field(description="Process handle.")
+    signal: int = Field(ge=1, le=64, description="Signal number.")
+    group: bool = Field(default=True, description="Signal the whole process group.")
+
+
+class ProcessResizeParams(_Model):
+    proc: int = Field(description="Process handle of a PTY process.")
+    rows: int = Field(ge=1, le=10000, description="Terminal rows.")
+    cols: int = Field(ge=1, le=10000, description="Terminal columns.")
+
+
+class ProcessWaitParams(_Model):
+    proc: int = Field(description="Process handle.")
+
+
+class ProcessWaitResult(_Model):
+    exit_code: int | None = Field(description="Exit status, or None when killed by a signal.")
+    signal: int | None = Field(default=None, description="Signal that killed the process.")
+    timed_out: bool = Field(default=False, description="Killed because 'timeout' expired.")
+
+
+class ProcessOutputParams(_Model):
+    """Notification: a chunk of output. All chunks of a process precede its process.exit."""
+
+    proc: int = Field(description="Process handle.")
+    stream: Literal["stdout", "stderr"] = Field(description="Which stream the bytes came from.")
+    data: B64
+
+
+class ProcessExitParams(ProcessWaitResult):
+    """Notification: the process ended and its output is fully delivered."""
+
+    proc: int = Field(description="Process handle.")
+
+
+# --- fs.* --------------------------------------------------------------------------------
+
+
+class FsPathParams(_Model):
+    path: Path
+
+
+class FsReadParams(_Model):
+    path: Path
+    offset: int = Field(default=0, ge=0, description="Byte offset to start reading at.")
+    length: int = Field(
+        default=1024 * 1024, ge=0, le=4 * 1024 * 1024, description="Most bytes to return."
+    )
+
+
+class FsReadResult(_Model):
+    data: B64
+    size: int = Field(description="Total size of the file in bytes.")
+    eof: bool = Field(description="True when the read reached the end of the file.")
+
+
+class FsWriteParams(_Model):
+    path: Path
+    data: B64
+    append: bool = Field(default=False, description="Append instead of truncating.")
+    mode: int | None = Field(
+        default=None, ge=0, le=0o7777, description="Permission bits for a new file."
+    )
+    parents: bool = Field(default=True, description="Create missing parent directories.")
+
+
+class FsWriteResult(_Model):
+    size: int = Field(description="File size after the write.")
+
+
+class FsStatParams(_Model):
+    path: Path
+    follow_symlinks: bool = Field(default=False, description="Stat the symlink's target.")
+
+
+class FsEntry(_Model):
+    path: str = Field(description="Absolute path inside the sandbox.")
+    name: str = Field(description="Last path component.")
+    type: Literal["file", "dir", "symlink", "other"] = Field(description="File type.")
+    size: int = Field(description="Size in bytes.")
+    mode: int = Field(description="Permission bits.")
+    mtime: float = Field(description="Modification time, seconds since the epoch.")
+    target: str | None = Field(default=None, description="Symlink target, for symlinks.")
+
+
+class FsListParams(_Model):
+    path: Path
+    depth: int = Field(default=1, ge=1, le=64, description="How many levels to descend.")
+
+
+class FsListResult(_Model):
+    entries: list[FsEntry] = Field(description="Entries in the directory, sorted by path.")
+
+
+class FsRemoveParams(_Model):
+    path: Path
+    recursive: bool = Field(default=False, description="Remove directories and their contents.")
+
+
+class FsMkdirParams(_Model):
+    path: Path
+    parents: bool = Field(default=True, description="Create missing parents; no error if exists.")
+    mode: int = Field(default=0o755, ge=0, le=0o7777, description="Permission bits.")
+
+
+# --- tar transfers (fs.upload_tar / fs.download_tar, then transfer.*) ---------------------
+
+
+class TarUploadParams(_Model):
+    path: Path = Field(description="Directory to extract into (created if missing).")
+
+
+class TarDownloadParams(_Model):
+    path: Path = Field(description="File or directory to pack.")
+
+
+class TransferResult(_Model):
+    transfer: int = Field(description="Handle for transfer.read / transfer.write.")
+
+
+class TransferWriteParams(_Model):
+    transfer: int
+    data: B64 = ""
+    eof: bool = Field(default=False, description="Last chunk: finish extracting.")
+
+
+class TransferWriteResult(_Model):
+    files: int = Field(default=0, description="Members extracted; set on the eof write.")
+
+
+class TransferReadParams(_Model):
+    transfer: int
+    length: int = Field(default=1024 * 1024, ge=1, le=4 * 1024 * 1024)
+
+
+class TransferReadResult(_Model):
+    data: B64
+    eof: bool
+
+
+#: method name -> (params model, result model)
+METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+    "agent.hello": (AgentHelloParams, AgentHelloResult),
+    "agent.shutdown": (Empty, Empty),
+    "process.start": (ProcessStartParams, ProcessStartResult),
+    "process.write_stdin": (ProcessWriteStdinParams, Empty),
+    "process.signal": (ProcessSignalParams, Empty),
+    "process.resize": (ProcessResizeParams, Empty),
+    "process.wait": (ProcessWaitParams, ProcessWaitResult),
+    "fs.read": (FsReadParams, FsReadResult),
+    "fs.write": (FsWriteParams, FsWriteResult),
+    "fs.stat": (FsStatParams, FsEntry),
+    "fs.list": (FsListParams, FsListResult),
+    "fs.remove": (FsRemoveParams, Empty),
+    "fs.mkdir": (FsMkdirParams, Empty),
+    "fs.upload_tar": (TarUploadParams, TransferResult),
+    "fs.download_tar": (TarDownloadParams, TransferResult),
+    "transfer.write": (TransferWriteParams, TransferWriteResult),
+    "transfer.read": (TransferReadParams, TransferReadResult),
+}
+
+#: notification name -> params model (agent -> host)
+NOTIFICATIONS: dict[str, type[BaseModel]] = {
+    "process.output": ProcessOutputParams,
+    "process.exit": ProcessExitParams,
+}
