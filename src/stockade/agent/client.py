@@ -1,0 +1,392 @@
+"""Host side of the guest agent protocol: one client for every backend and channel.
+
+The guest is hostile. Every frame is size-limited and validated against the message models;
+anything malformed, oversized or unexpected raises ``AgentProtocolError`` and closes the
+connection, failing every pending call. There is no mandatory background task: whoever waits
+for an answer reads the channel and dispatches what arrives (others wait for progress), so a
+client works with or without a task group; ``serve_forever`` runs a dedicated reader.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import ByteStream
+from pydantic import BaseModel, ValidationError
+
+from stockade._errors import (
+    AgentError,
+    AgentProtocolError,
+    SandboxFileExistsError,
+    SandboxFileNotFoundError,
+    SandboxPermissionError,
+    SandboxStateError,
+)
+from stockade.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from stockade.protocol.messages import (
+    METHODS,
+    NOTIFICATIONS,
+    PROTOCOL_VERSION,
+    AgentHelloParams,
+    AgentHelloResult,
+    ProcessExitParams,
+    ProcessOutputParams,
+    ProcessStartParams,
+    ProcessStartResult,
+)
+
+__all__ = ["AgentClient", "ProcessEvents", "error_from_payload"]
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+#: Fixed table from protocol error codes to exception types; anything else is AgentError.
+_ERROR_TYPES: dict[int, type[AgentError]] = {
+    1: SandboxFileNotFoundError,
+    2: SandboxPermissionError,
+    3: SandboxFileExistsError,
+}
+
+OutputCallback = Callable[[str, bytes], None]
+ExitCallback = Callable[[ProcessExitParams], None]
+
+
+def error_from_payload(method: str, error: Any) -> AgentError:
+    """Map a JSON-RPC error object from an untrusted peer to a typed exception."""
+    if not isinstance(error, dict):
+        raise AgentProtocolError(f"error for {method} is not an object")
+    code = error.get("code")
+    message = error.get("message")
+    data = error.get("data")
+    if not isinstance(code, int) or not isinstance(message, str):
+        raise AgentProtocolError(f"error for {method} lacks an integer code and a message")
+    if data is not None and not isinstance(data, dict):
+        data = None
+    cls = _ERROR_TYPES.get(code, AgentError)
+    return cls(f"{method}: {message[:2000]}", code=code, data=data)
+
+
+@dataclass
+class ProcessEvents:
+    """What the client has seen of one process: buffered output (unless streamed) and exit."""
+
+    proc: int
+    on_output: OutputCallback | None = None
+    on_exit: ExitCallback | None = None
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    exit: ProcessExitParams | None = None
+
+
+@dataclass
+class _Pending:
+    method: str
+    on_result: Callable[[dict[str, Any]], None] | None = None
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class AgentClient:
+    """Speaks the agent protocol over one byte stream (the ``Channel``)."""
+
+    def __init__(
+        self,
+        channel: ByteStream,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        peer: str = "guest agent",
+        validate_methods: bool = True,
+    ) -> None:
+        self._channel = channel
+        self._max_frame = max_frame
+        self._peer = peer
+        self._validate_methods = validate_methods
+        self._decoder = FrameDecoder(max_frame)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._procs: dict[int, ProcessEvents] = {}
+        self._read_lock = anyio.Lock()
+        self._write_lock = anyio.Lock()
+        self._progress = anyio.Event()
+        self._failure: BaseException | None = None
+        self._closed = False
+        self.hello_result: AgentHelloResult | None = None
+        #: Called for notifications whose method this client does not know (supervisor use).
+        self.on_unknown_notification: Callable[[str, dict[str, Any]], None] | None = None
+
+    # --- public API -------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._failure is not None
+
+    async def hello(self, client: str = "stockade") -> AgentHelloResult:
+        """Handshake; refuses an agent speaking another major protocol version."""
+        result = await self.call(
+            "agent.hello", AgentHelloParams(protocol=PROTOCOL_VERSION, client=client)
+        )
+        assert isinstance(result, AgentHelloResult)
+        if result.protocol.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+            raise AgentProtocolError(
+                f"{self._peer} speaks protocol {result.protocol}; this client speaks "
+                f"{PROTOCOL_VERSION}. Rebuild the sandbox image or upgrade stockade."
+            )
+        self.hello_result = result
+        return result
+
+    async def call(self, method: str, params: BaseModel) -> BaseModel:
+        """Call a protocol method and return its validated result model."""
+        raw = await self.call_raw(method, params.model_dump(mode="json", exclude_none=True))
+        _, result_model = METHODS[method]
+        try:
+            return result_model.model_validate(raw)
+        except ValidationError as exc:
+            await self._fail(
+                AgentProtocolError(f"{self._peer} sent an invalid result for {method}: {exc}")
+            )
+            raise self._failure from exc  # type: ignore[misc]
+
+    async def start_process(
+        self,
+        params: ProcessStartParams,
+        *,
+        on_output: OutputCallback | None = None,
+        on_exit: ExitCallback | None = None,
+    ) -> tuple[ProcessStartResult, ProcessEvents]:
+        """Start a process; its events are tracked from the instant the answer is read."""
+        holder: list[ProcessEvents] = []
+
+        def register(result: dict[str, Any]) -> None:
+            proc = result.get("proc")
+            if not isinstance(proc, int) or proc in self._procs:
+                raise AgentProtocolError(f"{self._peer} returned an invalid process handle")
+            holder.append(self.watch_process(proc, on_output=on_output, on_exit=on_exit))
+
+        raw = await self.call_raw(
+            "process.start", params.model_dump(mode="json", exclude_none=True), on_result=register
+        )
+        try:
+            started = ProcessStartResult.model_validate(raw)
+        except ValidationError as exc:
+            await self._fail(AgentProtocolError(f"{self._peer} sent an invalid process.start"))
+            raise self._failure from exc  # type: ignore[misc]
+        return started, holder[0]
+
+    async def call_raw(
+        self,
+        method: str,
+        params: dict[str, Any],
+        *,
+        on_result: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Call any method with JSON params; returns the raw result object.
+
+        ``on_result`` runs synchronously while the answer is dispatched, before any later
+        frame, so it can register interest in notifications that follow the answer.
+        """
+        self._check_usable()
+        request_id = next(self._ids)
+        pending = _Pending(method, on_result)
+        self._pending[request_id] = pending
+        try:
+            await self._send(
+                {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+            )
+            await self._wait_for(lambda: pending.done)
+        finally:
+            self._pending.pop(request_id, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def watch_process(
+        self,
+        proc: int,
+        *,
+        on_output: OutputCallback | None = None,
+        on_exit: ExitCallback | None = None,
+    ) -> ProcessEvents:
+        """Start tracking a process returned by process.start (before anything is read)."""
+        events = ProcessEvents(proc, on_output=on_output, on_exit=on_exit)
+        self._procs[proc] = events
+        return events
+
+    def forget_process(self, proc: int) -> None:
+        self._procs.pop(proc, None)
+
+    async def wait_process(self, events: ProcessEvents) -> ProcessExitParams:
+        """Wait until the agent reports the process's exit (all output delivered first)."""
+        await self._wait_for(lambda: events.exit is not None)
+        assert events.exit is not None
+        return events.exit
+
+    async def serve_forever(self) -> None:
+        """Read and dispatch until the connection ends (for long-lived supervisors)."""
+        try:
+            await self._wait_for(lambda: False)
+        except (AgentProtocolError, SandboxStateError):
+            return
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self._channel.aclose()
+        self._fail_pending(SandboxStateError(f"connection to the {self._peer} was closed"))
+
+    # --- internals --------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise SandboxStateError(f"connection to the {self._peer} is closed")
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        frame = encode_frame(message, self._max_frame)
+        async with self._write_lock:
+            try:
+                await self._channel.send(frame)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                error = SandboxStateError(
+                    f"the {self._peer} is gone (sandbox stopped or crashed): {exc}"
+                )
+                await self._fail(error)
+                raise error from exc
+
+    async def _wait_for(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            self._check_usable()
+            if self._read_lock.locked():
+                progress = self._progress
+                await progress.wait()
+                continue
+            async with self._read_lock:
+                if condition():
+                    return
+                try:
+                    await self._read_once()
+                finally:
+                    self._progress.set()
+                    self._progress = anyio.Event()
+
+    async def _read_once(self) -> None:
+        try:
+            data = await self._channel.receive(65536)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            try:
+                self._decoder.check_eof()
+            except AgentProtocolError as truncated:
+                await self._fail(truncated)
+                raise truncated from exc
+            error = SandboxStateError(
+                f"the {self._peer} closed the connection (sandbox stopped or crashed)"
+            )
+            await self._fail(error)
+            raise error from exc
+        try:
+            messages = self._decoder.feed(data)
+            for message in messages:
+                self._dispatch(message)
+        except AgentProtocolError as exc:
+            await self._fail(exc)
+            raise
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if message.get("jsonrpc") != "2.0":
+            raise AgentProtocolError(f"{self._peer} sent a message without jsonrpc '2.0'")
+        if "id" in message:
+            self._dispatch_response(message)
+        else:
+            self._dispatch_notification(message)
+
+    def _dispatch_response(self, message: dict[str, Any]) -> None:
+        request_id = message["id"]
+        pending = self._pending.get(request_id) if isinstance(request_id, int) else None
+        if pending is None:
+            raise AgentProtocolError(f"{self._peer} answered a call that was never made")
+        if "method" in message:
+            raise AgentProtocolError(f"{self._peer} sent a request; the host does not serve any")
+        has_result, has_error = "result" in message, "error" in message
+        if has_result == has_error:
+            raise AgentProtocolError(
+                f"{self._peer} sent a response with neither or both of result and error"
+            )
+        if has_error:
+            pending.error = error_from_payload(pending.method, message["error"])
+        else:
+            result = message["result"]
+            if not isinstance(result, dict):
+                raise AgentProtocolError(f"{self._peer} sent a non-object result")
+            if pending.on_result is not None:
+                pending.on_result(result)
+            pending.result = result
+        pending.done = True
+
+    def _dispatch_notification(self, message: dict[str, Any]) -> None:
+        method = message.get("method")
+        params = message.get("params")
+        if not isinstance(method, str) or not isinstance(params, dict):
+            raise AgentProtocolError(f"{self._peer} sent a notification without method/params")
+        model = NOTIFICATIONS.get(method)
+        if model is None:
+            if self.on_unknown_notification is not None and not self._validate_methods:
+                self.on_unknown_notification(method, params)
+                return
+            raise AgentProtocolError(f"{self._peer} sent an unknown notification {method!r}")
+        try:
+            parsed = model.model_validate(params)
+        except ValidationError as exc:
+            raise AgentProtocolError(f"{self._peer} sent an invalid {method}: {exc}") from exc
+        if isinstance(parsed, ProcessOutputParams):
+            events = self._procs.get(parsed.proc)
+            if events is None or events.exit is not None:
+                raise AgentProtocolError(
+                    f"{self._peer} sent output for process {parsed.proc}, which it is not running"
+                )
+            try:
+                chunk = base64.b64decode(parsed.data, validate=True)
+            except ValueError as exc:
+                raise AgentProtocolError(f"{self._peer} sent output that is not base64") from exc
+            if events.on_output is not None:
+                events.on_output(parsed.stream, chunk)
+            else:
+                (events.stdout if parsed.stream == "stdout" else events.stderr).extend(chunk)
+        elif isinstance(parsed, ProcessExitParams):
+            events = self._procs.get(parsed.proc)
+            if events is None or events.exit is not None:
+                raise AgentProtocolError(
+                    f"{self._peer} reported the exit of process {parsed.proc}, "
+                    "which it is not running"
+                )
+            events.exit = parsed
+            if events.on_exit is not None:
+                events.on_exit(parsed)
+
+    async def _fail(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
+            logger.warning("closing connection to the %s: %s", self._peer, error)
+            self._fail_pending(error)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._channel.aclose()
+                except Exception:  # noqa: BLE001 - best effort on an already failed channel
+                    logger.debug("error closing a failed channel", exc_info=True)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for pending in self._pending.values():
+            if not pending.done:
+                pending.error = error
+                pending.done = True
+        self._progress.set()

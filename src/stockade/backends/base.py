@@ -1,0 +1,118 @@
+"""The Backend interface: start and stop one isolation unit and hand back a byte Channel.
+
+A backend knows nothing about exec or files; the one ``AgentClient`` does that over the
+channel. Each backend declares what it enforces (``Capabilities``) and whether it can run
+here (``probe() -> Availability``).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from anyio.abc import ByteStream
+
+if TYPE_CHECKING:
+    from stockade.policy import EffectivePolicy
+    from stockade.workspace import WorkspaceLayers
+
+__all__ = [
+    "AGENT_GUEST_PATH",
+    "Availability",
+    "Backend",
+    "Capabilities",
+    "LaunchSpec",
+    "LaunchedSandbox",
+    "guest_agent_source",
+]
+
+#: Where the guest agent file appears inside a sandbox.
+AGENT_GUEST_PATH = "/run/stockade/agent.py"
+
+
+def guest_agent_source() -> Path:
+    """Path of the stdlib-only guest agent program shipped with stockade."""
+    return Path(__file__).resolve().parent.parent / "agent" / "guest.py"
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run on this machine; when not, why and how to fix it."""
+
+    ok: bool
+    reason: str = ""
+    fix: str = ""
+    details: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend enforces or offers. ``tier`` follows DESIGN.md §1 (lower = stronger)."""
+
+    tier: float
+    isolation: str
+    network_policy: bool = True
+    cow_workspace: bool = True
+    snapshot: bool = False
+    fork: bool = False
+    docker_inside: bool = False
+    systemd: bool = False
+    pty: bool = True
+    gpu: bool = False
+    enforces: tuple[str, ...] = ()
+    does_not_enforce: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a backend needs to start one sandbox."""
+
+    sandbox_id: str
+    name: str
+    policy: EffectivePolicy
+    state_dir: Path
+    workspace: WorkspaceLayers | None
+    agent_source: Path = field(default_factory=guest_agent_source)
+
+
+class LaunchedSandbox(abc.ABC):
+    """A running isolation unit: its agent channel, and how to end it for sure."""
+
+    channel: ByteStream
+
+    @abc.abstractmethod
+    async def terminate(self, grace: float = 1.0) -> None:
+        """Stop everything in the sandbox; return only when no process of it survives."""
+
+    @abc.abstractmethod
+    def alive(self) -> bool:
+        """True while the isolation unit runs."""
+
+    @abc.abstractmethod
+    def failure_details(self) -> str:
+        """Diagnostics (log tail) to attach to an error when the sandbox failed to start."""
+
+    def resource_events(self) -> dict[str, bool]:
+        """Limit hits observed so far, e.g. {'oom_killed': True, 'pids_limit_hit': False}."""
+        return {}
+
+
+class Backend(abc.ABC):
+    """An isolation mechanism. Subclasses are registered in ``stockade.backends.registry``."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls) -> Availability:
+        """Cheap check whether this backend can run here; never raises."""
+
+    def check_policy(self, policy: EffectivePolicy) -> None:  # noqa: B027 - optional hook
+        """Raise PolicyError if the policy asks for something this backend cannot enforce."""
+
+    @abc.abstractmethod
+    async def launch(self, spec: LaunchSpec) -> LaunchedSandbox:
+        """Start the sandbox with the guest agent as the parent of every process in it."""

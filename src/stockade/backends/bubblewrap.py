@@ -1,0 +1,332 @@
+"""Namespace backend: bubblewrap + seccomp + Landlock (+ cgroups where the host allows).
+
+Launch chain (each step ``exec``s the next, so one host pid is the sandbox's root):
+``sh`` joins the sandbox cgroups -> ``unshare -rm`` + ``mount`` the overlay workspace in a
+private mount namespace (bwrap 0.8 has no overlay option) -> ``bwrap`` with fresh user, pid,
+net, ipc, uts and cgroup namespaces, a curated read-only view of the system, a seccomp filter
+-> the guest agent, which applies Landlock before serving and is the parent of everything.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import anyio
+
+from stockade._errors import BackendUnavailableError, PolicyError, SandboxStartError
+from stockade.backends._process import ProcessSandbox
+from stockade.backends.base import (
+    AGENT_GUEST_PATH,
+    Availability,
+    Backend,
+    Capabilities,
+    LaunchSpec,
+)
+from stockade.policy import EffectivePolicy
+
+__all__ = ["BubblewrapBackend", "build_bwrap_argv"]
+
+logger = logging.getLogger(__name__)
+
+GUEST_PYTHON = "/usr/bin/python3"
+
+#: Host /etc entries a program needs and that hold no secrets; all else in /etc is hidden.
+ETC_ALLOWLIST = (
+    "alternatives",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "debian_version",
+    "gai.conf",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "magic",
+    "mime.types",
+    "os-release",
+    "protocols",
+    "python3",
+    "python3.11",
+    "services",
+    "ssl",
+    "terminfo",
+    "timezone",
+)
+
+_SYNTHETIC_ETC = ("passwd", "group", "hosts", "hostname", "nsswitch.conf")
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_cached() -> Availability:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return Availability(
+            False,
+            "bwrap (bubblewrap) not found on PATH",
+            "install the 'bubblewrap' package (apt-get install bubblewrap)",
+        )
+    if not Path(GUEST_PYTHON).exists():
+        return Availability(
+            False,
+            f"{GUEST_PYTHON} not found; the guest agent needs the system Python",
+            "install the 'python3' package",
+        )
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return Availability(
+            False, "unshare/mount (util-linux) not found", "install util-linux and mount"
+        )
+    try:
+        proc = subprocess.run(
+            [bwrap, "--ro-bind", "/", "/", "--unshare-user", "--unshare-net", "--", "true"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Availability(False, f"bwrap failed to run: {exc}", "check the bwrap install")
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()
+        return Availability(
+            False,
+            f"bwrap cannot create user namespaces here: {err}",
+            "enable unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, "
+            "or user.max_user_namespaces > 0)",
+        )
+    try:
+        from stockade.backends._seccomp import build_filter
+
+        build_filter()
+    except BackendUnavailableError as exc:
+        return Availability(False, str(exc), exc.fix)
+    return Availability(True, f"bubblewrap at {bwrap}")
+
+
+def _etc_dir(spec: LaunchSpec) -> Path:
+    """Write the synthetic /etc files (no host accounts, no host names) for this sandbox."""
+    etc = spec.state_dir / "etc"
+    etc.mkdir(exist_ok=True)
+    uid, gid = os.getuid(), os.getgid()
+    hostname = spec.policy.hostname
+    files = {
+        "passwd": f"root:x:0:0:root:/root:/bin/sh\n"
+        + (f"user:x:{uid}:{gid}:sandbox user:/tmp/home:/bin/sh\n" if uid else "")
+        + "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        "group": "root:x:0:\n" + (f"user:x:{gid}:\n" if gid else "") + "nogroup:x:65534:\n",
+        "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n",
+        "hostname": hostname + "\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+    }
+    for name, content in files.items():
+        (etc / name).write_text(content)
+    return etc
+
+
+def build_bwrap_argv(
+    spec: LaunchSpec,
+    *,
+    merged: Path | None,
+    seccomp_fd: int,
+    info_fd: int,
+    with_cgroup_rlimits: bool,
+) -> list[str]:
+    """The bwrap command line (without the cgroup / overlay prefix)."""
+    policy = spec.policy
+    ws = policy.workspace
+    guest_ws = ws.guest_path
+    argv = [
+        "bwrap",
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+        "--hostname",
+        policy.hostname,
+        "--cap-drop",
+        "ALL",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
+    for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        host = Path("/") / top
+        if host.is_symlink():
+            argv += ["--symlink", os.readlink(host), f"/{top}"]
+        elif host.is_dir():
+            argv += ["--ro-bind", str(host), f"/{top}"]
+    etc = _etc_dir(spec)
+    for name in ETC_ALLOWLIST:
+        if os.path.lexists(f"/etc/{name}"):
+            argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    for name in _SYNTHETIC_ETC:
+        argv += ["--ro-bind", str(etc / name), f"/etc/{name}"]
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    tmp_size = policy.limits.disk_bytes or policy.limits.memory_bytes
+    if tmp_size:
+        argv += ["--size", str(tmp_size)]
+    argv += ["--tmpfs", "/tmp", "--dir", "/tmp/home", "--dir", "/run/stockade"]
+    argv += ["--ro-bind", str(spec.agent_source), AGENT_GUEST_PATH]
+
+    # Workspace.
+    if ws.mode == "none" or ws.host_path is None:
+        cwd = "/tmp/home"
+    else:
+        source = merged if ws.mode == "cow" and merged is not None else ws.host_path
+        bind = "--ro-bind" if ws.mode == "ro" else "--bind"
+        argv += [bind, str(source), guest_ws]
+        for rel in ws.protected:
+            if os.path.lexists(ws.host_path / rel) and not (ws.host_path / rel).is_symlink():
+                argv += ["--ro-bind", str(source / rel), f"{guest_ws}/{rel}"]
+        cwd = guest_ws
+    argv += ["--chdir", cwd]
+
+    argv += ["--clearenv"]
+    for key, value in sorted(policy.env.items()):
+        argv += ["--setenv", key, value]
+    argv += ["--remount-ro", "/", "--seccomp", str(seccomp_fd), "--info-fd", str(info_fd)]
+
+    # The agent: applies Landlock, then serves the protocol on its stdio.
+    argv += ["--", GUEST_PYTHON, "-S", "-I", AGENT_GUEST_PATH, "--workspace", cwd]
+    argv += ["--landlock", "best-effort", "--landlock-scope"]
+    for path in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/proc", "/run/stockade"):
+        argv += ["--landlock-ro", path]
+    rw = ["/tmp", "/dev"]
+    if ws.mode in ("cow", "rw") and ws.host_path is not None:
+        rw.append(guest_ws)
+    elif ws.mode == "ro" and ws.host_path is not None:
+        argv += ["--landlock-ro", guest_ws]
+    for path in rw:
+        argv += ["--landlock-rw", path]
+    argv += ["--rlimit", "core=0"]
+    if with_cgroup_rlimits:
+        # No cgroups (unprivileged, or none on the host): per-process rlimits instead.
+        if policy.limits.pids:
+            argv += ["--rlimit", f"nproc={policy.limits.pids}"]
+        if policy.limits.memory_bytes:
+            argv += ["--rlimit", f"as={policy.limits.memory_bytes}"]
+    return argv
+
+
+class BubblewrapBackend(Backend):
+    """Tier 2.5: Linux namespaces + seccomp + Landlock via bubblewrap."""
+
+    name = "namespace"
+    capabilities = Capabilities(
+        tier=2.5,
+        isolation="Linux namespaces (user, pid, net, ipc, uts, cgroup, mount) + seccomp + Landlock",
+        enforces=(
+            "no network device but loopback (fresh network namespace)",
+            "host files invisible except read-only /usr and a curated /etc",
+            "workspace copy-on-write through overlayfs",
+            "seccomp denies module loading, kexec, bpf, perf, keyctl, ptrace, mount, "
+            "new user namespaces, io_uring, userfaultfd, TIOCSTI",
+            "Landlock restricts writes to the workspace, /tmp and /dev (kernel >= 5.13)",
+            "memory, pids and cpu limits through cgroups when run as root; rlimits otherwise",
+        ),
+        does_not_enforce=(
+            "a separate kernel: a kernel exploit escapes (use microvm or gvisor for that)",
+            "cgroup limits when unprivileged on a cgroup v1 host (rlimits are weaker)",
+        ),
+    )
+
+    @classmethod
+    def probe(cls) -> Availability:
+        return _probe_cached()
+
+    def check_policy(self, policy: EffectivePolicy) -> None:
+        if policy.network.allow:
+            raise PolicyError(
+                "network egress is not available on the namespace backend yet; "
+                "remove [network] allow entries"
+            )
+
+    async def launch(self, spec: LaunchSpec) -> ProcessSandbox:
+        from stockade.backends._cgroups import SandboxCgroup, probe_cgroups
+        from stockade.backends._seccomp import build_filter
+
+        policy = spec.policy
+        limits = policy.limits
+        cgroup: SandboxCgroup | None = None
+        if (limits.memory_bytes or limits.pids or limits.cpus) and probe_cgroups().available:
+            cgroup = SandboxCgroup.create(
+                spec.sandbox_id,
+                memory_bytes=limits.memory_bytes,
+                pids=limits.pids,
+                cpus=limits.cpus,
+            )
+
+        merged: Path | None = None
+        prefix: list[str] = []
+        if cgroup is not None:
+            joins = " && ".join(
+                f'echo $$ > "${i + 1}"' for i in range(len(cgroup.procs_files()))
+            )
+            files = [str(p) for p in cgroup.procs_files()]
+            script = f'{joins} && shift {len(files)} && exec "$@"'
+            prefix += ["/bin/sh", "-c", script, "sh", *files]
+        if policy.workspace.mode == "cow" and spec.workspace is not None:
+            merged = spec.state_dir / "merged"
+            merged.mkdir(exist_ok=True)
+            lower_link = spec.state_dir / "lower"
+            if not lower_link.is_symlink():
+                lower_link.symlink_to(spec.workspace.lower)
+            prefix += [
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "--propagation",
+                "private",
+                "/bin/sh",
+                "-c",
+                'mount -t overlay stockade -o "lowerdir=$1,upperdir=$2,workdir=$3,userxattr" '
+                '"$4" && shift 4 && exec "$@"',
+                "sh",
+                str(lower_link),
+                str(spec.workspace.upper),
+                str(spec.workspace.work),
+                str(merged),
+            ]
+
+        seccomp_fd = os.memfd_create("stockade-seccomp", 0)
+        info_r, info_w = os.pipe()
+        os.set_blocking(info_r, False)
+        log_path = spec.state_dir / "sandbox.log"
+        try:
+            os.write(seccomp_fd, build_filter())
+            os.lseek(seccomp_fd, 0, os.SEEK_SET)
+            argv = prefix + build_bwrap_argv(
+                spec,
+                merged=merged,
+                seccomp_fd=seccomp_fd,
+                info_fd=info_w,
+                with_cgroup_rlimits=cgroup is None,
+            )
+            with log_path.open("ab") as log:
+                process = await anyio.open_process(
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    pass_fds=(seccomp_fd, info_w),
+                    env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                    cwd="/",
+                )
+        except OSError as exc:
+            os.close(info_r)
+            if cgroup is not None:
+                cgroup.destroy()
+            raise SandboxStartError(f"could not start bwrap: {exc}") from exc
+        finally:
+            os.close(seccomp_fd)
+            os.close(info_w)
+        return ProcessSandbox(process, log_path, cgroup=cgroup, info_fd=info_r)

@@ -1,0 +1,827 @@
+"""The async core: one sandbox, whatever the backend, in this process.
+
+``AsyncSandbox.create()`` compiles the policy, picks a backend, prepares the workspace,
+launches the sandbox and shakes hands with its guest agent. Commands, files and PTYs go
+through the one ``AgentClient``; the workspace diff/apply/reset runs on the host layers.
+Teardown is ordered (agent shutdown -> terminate -> verify no survivor), shielded from
+cancellation, and repeatable.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shlex
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, overload
+
+import anyio
+
+from stockade._errors import (
+    CommandFailedError,
+    ExecTimeoutError,
+    SandboxStartError,
+    SandboxStateError,
+    StockadeError,
+)
+from stockade._results import CommandResult
+from stockade.agent.client import AgentClient, ProcessEvents
+from stockade.audit import AuditLog
+from stockade.backends.base import Backend, LaunchedSandbox, LaunchSpec
+from stockade.policy import EffectivePolicy
+from stockade.protocol.messages import (
+    AgentHelloResult,
+    Empty,
+    FsEntry,
+    FsListParams,
+    FsListResult,
+    FsMkdirParams,
+    FsPathParams,
+    FsReadParams,
+    FsReadResult,
+    FsRemoveParams,
+    FsStatParams,
+    FsWriteParams,
+    ProcessExitParams,
+    ProcessResizeParams,
+    ProcessSignalParams,
+    ProcessStartParams,
+    ProcessWriteStdinParams,
+    PtySize,
+)
+from stockade.state import SandboxRecord, SandboxStatus, StateStore
+from stockade.workspace import ApplyResult, WorkspaceDiff, WorkspaceLayers
+
+__all__ = [
+    "AsyncCommandHandle",
+    "AsyncCommands",
+    "AsyncFiles",
+    "AsyncPty",
+    "AsyncSandbox",
+    "AsyncWorkspace",
+    "OutputHandler",
+]
+
+logger = logging.getLogger(__name__)
+
+OutputHandler = Callable[[bytes], None]
+
+#: Seconds allowed from launch to the agent's handshake.
+START_TIMEOUT = 30.0
+#: Bytes per fs.write / fs.read call (well under the frame limit once base64-encoded).
+FILE_CHUNK = 1024 * 1024
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def audit_path(store: StateStore, name: str, sandbox_id: str) -> Path:
+    """Audit logs live apart from sandbox directories so they outlive ``rm``."""
+    directory = store.root / "audit"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory / f"{name}.{sandbox_id}.jsonl"
+
+
+def _command_text(cmd: str | Sequence[str]) -> str:
+    text = cmd if isinstance(cmd, str) else shlex.join(cmd)
+    return text if len(text) <= 1000 else text[:1000] + "..."
+
+
+class AsyncCommandHandle:
+    """A running command: wait for it, feed its stdin, signal it."""
+
+    def __init__(self, sandbox: AsyncSandbox, pid: int, events: ProcessEvents, command: str):
+        self._sandbox = sandbox
+        self.pid = pid
+        self._events = events
+        self._command = command
+        self._started = time.monotonic()
+
+    @property
+    def proc(self) -> int:
+        """The agent's handle for this process."""
+        return self._events.proc
+
+    @property
+    def exit_code(self) -> int | None:
+        """Exit status once finished, else None."""
+        ev = self._events.exit
+        return None if ev is None else _exit_code(ev)
+
+    async def wait(self, *, check: bool = False) -> CommandResult:
+        """Wait for the command to end and return its result."""
+        client = self._sandbox._require_client()
+        exit_params = await client.wait_process(self._events)
+        client.forget_process(self.proc)
+        result = CommandResult(
+            stdout_bytes=bytes(self._events.stdout),
+            stderr_bytes=bytes(self._events.stderr),
+            exit_code=_exit_code(exit_params),
+            signal=exit_params.signal,
+            timed_out=exit_params.timed_out,
+            duration=time.monotonic() - self._started,
+        )
+        self._sandbox._audit(
+            "process.exited",
+            target=self._command,
+            details={"pid": self.pid, "exit_code": result.exit_code, "timed_out": result.timed_out},
+        )
+        if result.timed_out:
+            raise ExecTimeoutError(
+                f"command {self._command!r} exceeded its timeout and was killed; "
+                "pass timeout=... (CLI: --timeout) to allow longer",
+                result=result,
+            )
+        if check and result.exit_code != 0:
+            raise CommandFailedError(
+                f"command {self._command!r} exited with {result.exit_code}: "
+                f"{result.stderr.strip()[-500:]}",
+                result=result,
+            )
+        return result
+
+    async def send_stdin(self, data: bytes | str, *, eof: bool = False) -> None:
+        """Write to the command's stdin (it must have been started with stdin=True)."""
+        raw = data.encode() if isinstance(data, str) else data
+        await self._sandbox._call(
+            "process.write_stdin", ProcessWriteStdinParams(proc=self.proc, data=_b64(raw), eof=eof)
+        )
+
+    async def close_stdin(self) -> None:
+        """Signal end of input."""
+        await self.send_stdin(b"", eof=True)
+
+    async def signal(self, signum: int = signal.SIGTERM, *, group: bool = True) -> None:
+        """Send a signal to the command (by default to its whole process group)."""
+        await self._sandbox._call(
+            "process.signal", ProcessSignalParams(proc=self.proc, signal=int(signum), group=group)
+        )
+
+    async def kill(self) -> None:
+        """SIGKILL the command's process group."""
+        await self.signal(signal.SIGKILL)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Resize the PTY of a PTY command."""
+        await self._sandbox._call(
+            "process.resize", ProcessResizeParams(proc=self.proc, rows=rows, cols=cols)
+        )
+
+
+def _exit_code(ev: ProcessExitParams) -> int:
+    if ev.exit_code is not None:
+        return ev.exit_code
+    return 128 + (ev.signal or 0)
+
+
+class AsyncCommands:
+    """``sandbox.commands``: run commands in the sandbox."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[False] = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+        check: bool = False,
+        pty: PtySize | None = None,
+    ) -> CommandResult: ...
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[True],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+        check: bool = False,
+        pty: PtySize | None = None,
+    ) -> AsyncCommandHandle: ...
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+        check: bool = False,
+        pty: PtySize | None = None,
+    ) -> CommandResult | AsyncCommandHandle:
+        """Run a command: a string goes to ``/bin/sh -c``, a sequence is an argv.
+
+        Waits and returns a ``CommandResult`` (non-zero exit is a result unless
+        ``check=True``), or with ``background=True`` returns a handle at once. ``stdin``
+        bytes are written and closed; pass ``stdin=b""`` with ``background=True`` to keep
+        stdin open for ``handle.send_stdin``.
+        """
+        handle = await self.start(
+            cmd,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            keep_stdin=background and stdin is not None,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            pty=pty,
+            stdin_data=stdin,
+        )
+        if background:
+            return handle
+        return await handle.wait(check=check)
+
+    async def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        keep_stdin: bool = False,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+        pty: PtySize | None = None,
+        stdin_data: bytes | str | None = None,
+    ) -> AsyncCommandHandle:
+        """Start a command and return its handle (the primitive behind ``run``)."""
+        sandbox = self._sandbox
+        client = sandbox._require_client()
+        if timeout is None:
+            timeout = sandbox.policy.limits.command_timeout
+        if isinstance(cmd, str):
+            argv, shell = None, cmd
+        else:
+            argv, shell = list(cmd), None
+            if not argv:
+                raise ValueError("cmd must not be an empty sequence")
+        params = ProcessStartParams(
+            argv=argv,
+            shell=shell,
+            env=dict(env or {}),
+            cwd=cwd,
+            stdin=keep_stdin or stdin_data is not None,
+            pty=pty,
+            timeout=timeout,
+        )
+
+        on_output = None
+        if on_stdout is not None or on_stderr is not None:
+
+            def on_output(stream: str, chunk: bytes) -> None:
+                handler = on_stdout if stream == "stdout" else on_stderr
+                if handler is not None:
+                    handler(chunk)
+
+        started, events = await client.start_process(params, on_output=on_output)
+        text = _command_text(cmd)
+        sandbox._audit("process.started", target=text, details={"pid": started.pid})
+        handle = AsyncCommandHandle(sandbox, started.pid, events, text)
+        if stdin_data is not None:
+            raw = stdin_data.encode() if isinstance(stdin_data, str) else stdin_data
+            for i in range(0, len(raw), FILE_CHUNK):
+                await handle.send_stdin(raw[i : i + FILE_CHUNK])
+            if not keep_stdin:
+                await handle.close_stdin()
+        return handle
+
+
+class AsyncPty:
+    """``sandbox.pty``: interactive terminals."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def create(
+        self,
+        cmd: str | Sequence[str] | None = None,
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        on_data: OutputHandler | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncCommandHandle:
+        """Start ``cmd`` (default: an interactive shell) on a new pseudo-terminal."""
+        return await self._sandbox.commands.start(
+            cmd if cmd is not None else ["/bin/bash", "-i"]
+            if os.path.exists("/bin/bash")
+            else ["/bin/sh", "-i"],
+            env={"TERM": os.environ.get("TERM", "xterm-256color"), **(env or {})},
+            cwd=cwd,
+            timeout=timeout,
+            keep_stdin=True,
+            on_stdout=on_data,
+            pty=PtySize(rows=rows, cols=cols),
+        )
+
+
+class AsyncFiles:
+    """``sandbox.files``: read and write files inside the sandbox."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    def _abs(self, path: str) -> str:
+        if path.startswith("/"):
+            return path
+        return f"{self._sandbox.policy.workspace.guest_path.rstrip('/')}/{path}"
+
+    @overload
+    async def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
+
+    @overload
+    async def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+
+    async def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
+        """Read a whole file (relative paths are inside the workspace)."""
+        out = bytearray()
+        offset = 0
+        while True:
+            result = await self._sandbox._call(
+                "fs.read", FsReadParams(path=self._abs(path), offset=offset, length=FILE_CHUNK)
+            )
+            assert isinstance(result, FsReadResult)
+            chunk = base64.b64decode(result.data)
+            out += chunk
+            offset += len(chunk)
+            if result.eof or not chunk:
+                break
+        return bytes(out) if format == "bytes" else out.decode("utf-8", "replace")
+
+    async def write(self, path: str, data: str | bytes, *, mode: int | None = None) -> int:
+        """Create or replace a file; returns its size."""
+        raw = data.encode() if isinstance(data, str) else data
+        target = self._abs(path)
+        size = 0
+        for i in range(0, max(len(raw), 1), FILE_CHUNK):
+            chunk = raw[i : i + FILE_CHUNK]
+            result = await self._sandbox._call(
+                "fs.write",
+                FsWriteParams(path=target, data=_b64(chunk), append=i > 0, mode=mode),
+            )
+            size = getattr(result, "size", size)
+        self._sandbox._audit("file.written", target=target, details={"bytes": len(raw)})
+        return size
+
+    async def stat(self, path: str) -> FsEntry:
+        result = await self._sandbox._call("fs.stat", FsStatParams(path=self._abs(path)))
+        assert isinstance(result, FsEntry)
+        return result
+
+    async def exists(self, path: str) -> bool:
+        from stockade._errors import SandboxFileNotFoundError
+
+        try:
+            await self.stat(path)
+        except SandboxFileNotFoundError:
+            return False
+        return True
+
+    async def list(self, path: str = ".", *, depth: int = 1) -> list[FsEntry]:
+        result = await self._sandbox._call(
+            "fs.list", FsListParams(path=self._abs(path), depth=depth)
+        )
+        assert isinstance(result, FsListResult)
+        return list(result.entries)
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._sandbox._call(
+            "fs.remove", FsRemoveParams(path=self._abs(path), recursive=recursive)
+        )
+        self._sandbox._audit("file.removed", target=self._abs(path))
+
+    async def make_dir(self, path: str, *, mode: int = 0o755) -> None:
+        await self._sandbox._call("fs.mkdir", FsMkdirParams(path=self._abs(path), mode=mode))
+
+
+class AsyncWorkspace:
+    """``sandbox.workspace``: review and apply what the sandbox changed."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    def _layers(self) -> WorkspaceLayers:
+        layers = self._sandbox._layers
+        if layers is None:
+            raise SandboxStateError(
+                f"sandbox {self._sandbox.name!r} has no copy-on-write workspace "
+                f"(workspace.mode = {self._sandbox.policy.workspace.mode!r})"
+            )
+        return layers
+
+    async def diff(self) -> WorkspaceDiff:
+        """Files the sandbox added, modified or deleted, compared with the host."""
+        from stockade.workspace import compute_diff
+
+        layers = self._layers()
+        result = await anyio.to_thread.run_sync(
+            lambda: compute_diff(layers, protected=self._sandbox.policy.workspace.protected)
+        )
+        self._sandbox._audit("workspace.diffed", details={"summary": result.summary()})
+        return result
+
+    async def apply(
+        self, paths: Sequence[str] | None = None, *, force: bool = False
+    ) -> ApplyResult:
+        """Write the sandbox's changes to the host (conflict- and escape-checked)."""
+        from stockade.workspace import apply_diff
+
+        layers = self._layers()
+        result = await anyio.to_thread.run_sync(
+            lambda: apply_diff(
+                layers,
+                paths=paths,
+                protected=self._sandbox.policy.workspace.protected,
+                force=force,
+            )
+        )
+        self._sandbox._audit(
+            "workspace.applied",
+            details={"applied": result.applied[:200], "skipped": [p for p, _ in result.skipped]},
+        )
+        return result
+
+    async def reset(self) -> None:
+        """Discard every change; a running sandbox is restarted on a clean workspace."""
+        await self._sandbox._reset_workspace()
+
+
+class AsyncSandbox:
+    """A sandbox running in this process. Create with ``await AsyncSandbox.create(...)``."""
+
+    def __init__(
+        self,
+        *,
+        record: SandboxRecord,
+        policy: EffectivePolicy,
+        backend: Backend,
+        store: StateStore,
+        layers: WorkspaceLayers | None,
+        audit: AuditLog,
+        keep: bool,
+        actor: str,
+    ) -> None:
+        self._record = record
+        self.policy = policy
+        self._backend = backend
+        self._store = store
+        self._layers = layers
+        self._audit_log = audit
+        self._keep = keep
+        self._actor = actor
+        self._launched: LaunchedSandbox | None = None
+        self._client: AgentClient | None = None
+        self._closed = False
+        self._timer: threading.Timer | None = None
+        self.agent_info: AgentHelloResult | None = None
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+        self.pty = AsyncPty(self)
+        self.workspace = AsyncWorkspace(self)
+
+    # --- construction ------------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        *,
+        name: str | None = None,
+        project_dir: str | Path | None = None,
+        backend: str | None = None,
+        profile: str | None = None,
+        workspace_mode: str | None = None,
+        memory: str | int | None = None,
+        pids: int | None = None,
+        cpus: float | None = None,
+        timeout: str | float | None = None,
+        command_timeout: str | float | None = None,
+        env: Mapping[str, str] | None = None,
+        unsafe_host: bool | None = None,
+        config: Mapping[str, Any] | None = None,
+        keep: bool = False,
+        state_dir: str | Path | None = None,
+        actor: str = "sdk",
+    ) -> AsyncSandbox:
+        """Compile the policy, pick the backend, and start a sandbox.
+
+        Arguments override every configuration layer (DESIGN.md §8). ``config`` takes
+        dotted keys for anything without its own argument (``{"hostname": "box"}``).
+        ``keep=True`` leaves the sandbox's workspace layer and record after ``aclose()``
+        so ``stockade diff/apply NAME`` can review it later.
+        """
+        from stockade.backends.registry import select_backend
+        from stockade.config import load_config
+        from stockade.policy import compile_policy
+
+        overrides: dict[str, Any] = dict(config or {})
+        for key, value in (
+            ("backend", backend),
+            ("workspace.mode", workspace_mode),
+            ("limits.memory", memory),
+            ("limits.pids", pids),
+            ("limits.cpus", cpus),
+            ("limits.timeout", timeout),
+            ("limits.command_timeout", command_timeout),
+            ("unsafe_host", unsafe_host),
+        ):
+            if value is not None:
+                overrides[key] = value
+        if env:
+            overrides["env.set"] = dict(env)
+        loaded = load_config(
+            Path(project_dir) if project_dir is not None else None,
+            profile=profile,
+            overrides=overrides,
+        )
+        policy = compile_policy(loaded)
+        chosen = select_backend(policy)
+        return await cls._start_new(
+            policy, chosen, name=name, keep=keep, state_dir=state_dir, actor=actor
+        )
+
+    @classmethod
+    async def _start_new(
+        cls,
+        policy: EffectivePolicy,
+        backend: Backend,
+        *,
+        name: str | None,
+        keep: bool,
+        state_dir: str | Path | None,
+        actor: str,
+    ) -> AsyncSandbox:
+        store = StateStore(Path(state_dir) if state_dir is not None else None)
+        sandbox_id = uuid.uuid4().hex[:12]
+        name = name or store.new_name()
+        directory = store.sandbox_dir(sandbox_id)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        layers = None
+        if policy.workspace.mode == "cow" and policy.workspace.host_path is not None:
+            layers = WorkspaceLayers.create(directory, policy.workspace.host_path)
+        now = time.time()
+        record = SandboxRecord(
+            name=name,
+            id=sandbox_id,
+            backend=backend.name,
+            status=SandboxStatus.STARTING,
+            created_at=now,
+            updated_at=now,
+            policy_hash=policy.policy_hash,
+            policy_json=policy.to_json(),
+            workspace=str(policy.workspace.host_path or ""),
+            dir=str(directory),
+            supervisor_pid=os.getpid(),
+            supervisor_start=None,
+            control_socket=None,
+            error=None,
+        )
+        store.insert(record)
+        audit = AuditLog(audit_path(store, name, sandbox_id), name)
+        sandbox = cls(
+            record=record,
+            policy=policy,
+            backend=backend,
+            store=store,
+            layers=layers,
+            audit=audit,
+            keep=keep,
+            actor=actor,
+        )
+        sandbox._audit(
+            "sandbox.created",
+            details={
+                "policy_hash": policy.policy_hash,
+                "backend": backend.name,
+                "workspace": str(policy.workspace.host_path or ""),
+                "mode": policy.workspace.mode,
+            },
+        )
+        try:
+            await sandbox._launch()
+        except BaseException as exc:
+            await sandbox._teardown(status=SandboxStatus.FAILED, error=str(exc))
+            raise
+        return sandbox
+
+    async def _launch(self) -> None:
+        spec = LaunchSpec(
+            sandbox_id=self._record.id,
+            name=self._record.name,
+            policy=self.policy,
+            state_dir=Path(self._record.dir),
+            workspace=self._layers,
+        )
+        self._launched = await self._backend.launch(spec)
+        self._client = AgentClient(self._launched.channel)
+        try:
+            with anyio.fail_after(START_TIMEOUT):
+                self.agent_info = await self._client.hello()
+        except (StockadeError, TimeoutError) as exc:
+            details = self._launched.failure_details()
+            raise SandboxStartError(
+                f"the {self._backend.name} sandbox did not start: {exc}"
+                + (f"\n--- sandbox log ---\n{details}" if details else "")
+            ) from exc
+        capture = getattr(self._launched, "capture_namespace_init", None)
+        if capture is not None:
+            capture()
+        if self.policy.limits.timeout:
+            self._arm_timer(self.policy.limits.timeout)
+        self._set_status(SandboxStatus.RUNNING)
+        self._audit(
+            "sandbox.started",
+            details={
+                "backend": self._backend.name,
+                "kernel": self.agent_info.kernel,
+                "landlock_abi": self.agent_info.landlock_abi,
+            },
+        )
+
+    def _arm_timer(self, seconds: float) -> None:
+        launched = self._launched
+        process = getattr(launched, "process", None)
+        if process is None:
+            return
+        pid = process.pid
+
+        def expire() -> None:
+            logger.warning("sandbox %s reached its timeout of %ss", self.name, seconds)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        self._timer = threading.Timer(seconds, expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    # --- properties ---------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._record.name
+
+    @property
+    def id(self) -> str:
+        return self._record.id
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self._record.dir)
+
+    @property
+    def audit_path(self) -> Path:
+        return self._audit_log.path
+
+    def is_running(self) -> bool:
+        return (
+            not self._closed
+            and self._launched is not None
+            and self._launched.alive()
+            and self._client is not None
+            and not self._client.closed
+        )
+
+    def resource_events(self) -> dict[str, bool]:
+        """Limits the sandbox hit so far (memory OOM kill, pids limit)."""
+        return self._launched.resource_events() if self._launched is not None else {}
+
+    # --- internals used by the namespaces ------------------------------------------------
+
+    def _require_client(self) -> AgentClient:
+        if self._closed or self._client is None:
+            raise SandboxStateError(f"sandbox {self.name!r} is closed")
+        return self._client
+
+    async def _call(self, method: str, params: Any) -> Any:
+        try:
+            return await self._require_client().call(method, params)
+        except SandboxStateError as exc:
+            if self._launched is not None and not self._launched.alive():
+                raise SandboxStateError(
+                    f"sandbox {self.name!r} is no longer running ({exc}); "
+                    "its timeout may have expired"
+                ) from exc
+            raise
+
+    def _audit(
+        self, action: str, *, target: str | None = None, details: dict[str, Any] | None = None
+    ) -> None:
+        try:
+            self._audit_log.append(action, actor=self._actor, target=target, details=details)
+        except OSError:
+            logger.exception("could not write the audit log of sandbox %s", self.name)
+
+    def _set_status(self, status: SandboxStatus, error: str | None = None) -> None:
+        fields: dict[str, Any] = {"status": status}
+        if error is not None:
+            fields["error"] = error[:2000]
+        self._store.update(self.name, **fields)
+        self._record = self._store.get(self.name)
+
+    async def _reset_workspace(self) -> None:
+        layers = self._layers
+        if layers is None:
+            raise SandboxStateError(f"sandbox {self.name!r} has no copy-on-write workspace")
+        running = self.is_running()
+        if running:
+            await self._stop_backend()
+        await anyio.to_thread.run_sync(layers.reset)
+        self._audit("workspace.reset")
+        if running:
+            self._set_status(SandboxStatus.STARTING)
+            await self._launch()
+
+    async def _stop_backend(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            client, self._client = self._client, None
+            if client is not None and not client.closed:
+                with anyio.move_on_after(1.0):
+                    try:
+                        await client.call("agent.shutdown", Empty())
+                    except StockadeError:
+                        pass
+                await client.aclose()
+            launched, self._launched = self._launched, None
+            if launched is not None:
+                await launched.terminate()
+
+    async def _teardown(self, *, status: SandboxStatus, error: str | None = None) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._stop_backend()
+            finally:
+                self._closed = True
+                self._audit("sandbox.stopped", details={"status": str(status)})
+                if self._keep or status == SandboxStatus.FAILED:
+                    self._set_status(status, error)
+                else:
+                    self._store.delete(self.name)
+                    await anyio.to_thread.run_sync(self._discard_dir)
+
+    def _discard_dir(self) -> None:
+        import shutil
+
+        if self._layers is not None:
+            self._layers.reset()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop the sandbox: agent shutdown, terminate, verify nothing survives.
+
+        Repeatable. With ``keep=True`` the workspace layer and record stay for review.
+        """
+        if self._closed:
+            return
+        await self._teardown(status=SandboxStatus.STOPPED)
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<AsyncSandbox {self.name} backend={self.backend} {state}>"

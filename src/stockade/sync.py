@@ -1,0 +1,393 @@
+"""Blocking facade over the async core: same names, same arguments, ``close`` for ``aclose``.
+
+Each ``Sandbox`` runs its ``AsyncSandbox`` on a private event loop thread (an anyio
+blocking portal), so two sandboxes with different policies live side by side in one process.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from stockade._results import CommandResult
+from stockade.protocol.messages import FsEntry, PtySize
+from stockade.sandbox import (
+    AsyncCommandHandle,
+    AsyncCommands,
+    AsyncFiles,
+    AsyncPty,
+    AsyncSandbox,
+    AsyncWorkspace,
+    OutputHandler,
+)
+from stockade.workspace import ApplyResult, WorkspaceDiff
+
+__all__ = ["CommandHandle", "Commands", "Files", "Pty", "Sandbox", "Workspace"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _PortalBound:
+    def __init__(self, portal: BlockingPortal) -> None:
+        self._portal = portal
+
+    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self._portal.call(lambda: fn(*args, **kwargs))
+
+
+class CommandHandle(_PortalBound):
+    """A running command (blocking twin of ``AsyncCommandHandle``)."""
+
+    def __init__(self, portal: BlockingPortal, handle: AsyncCommandHandle) -> None:
+        super().__init__(portal)
+        self._handle = handle
+        self.pid = handle.pid
+
+    @property
+    def proc(self) -> int:
+        return self._handle.proc
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._handle.exit_code
+
+    def wait(self, *, check: bool = False) -> CommandResult:
+        result: CommandResult = self._run(self._handle.wait, check=check)
+        return result
+
+    def send_stdin(self, data: bytes | str, *, eof: bool = False) -> None:
+        self._run(self._handle.send_stdin, data, eof=eof)
+
+    def close_stdin(self) -> None:
+        self._run(self._handle.close_stdin)
+
+    def signal(self, signum: int = signal.SIGTERM, *, group: bool = True) -> None:
+        self._run(self._handle.signal, signum, group=group)
+
+    def kill(self) -> None:
+        self._run(self._handle.kill)
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._run(self._handle.resize, rows, cols)
+
+
+class Commands(_PortalBound):
+    """``sandbox.commands`` (blocking)."""
+
+    def __init__(self, portal: BlockingPortal, commands: AsyncCommands) -> None:
+        super().__init__(portal)
+        self._commands = commands
+
+    @overload
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[False] = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+        check: bool = False,
+        pty: PtySize | None = None,
+    ) -> CommandResult: ...
+
+    @overload
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[True],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+        check: bool = False,
+        pty: PtySize | None = None,
+    ) -> CommandHandle: ...
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+        check: bool = False,
+        pty: PtySize | None = None,
+    ) -> CommandResult | CommandHandle:
+        """Run a command; see ``AsyncCommands.run``."""
+        out = self._run(
+            self._commands.run,
+            cmd,
+            background=background,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            stdin=stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            check=check,
+            pty=pty,
+        )
+        if isinstance(out, AsyncCommandHandle):
+            return CommandHandle(self._portal, out)
+        assert isinstance(out, CommandResult)
+        return out
+
+    def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        keep_stdin: bool = False,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+        pty: PtySize | None = None,
+        stdin_data: bytes | str | None = None,
+    ) -> CommandHandle:
+        handle = self._run(
+            self._commands.start,
+            cmd,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            keep_stdin=keep_stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            pty=pty,
+            stdin_data=stdin_data,
+        )
+        return CommandHandle(self._portal, handle)
+
+
+class Pty(_PortalBound):
+    """``sandbox.pty`` (blocking)."""
+
+    def __init__(self, portal: BlockingPortal, pty: AsyncPty) -> None:
+        super().__init__(portal)
+        self._pty = pty
+
+    def create(
+        self,
+        cmd: str | Sequence[str] | None = None,
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        on_data: OutputHandler | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> CommandHandle:
+        handle = self._run(
+            self._pty.create,
+            cmd,
+            rows=rows,
+            cols=cols,
+            on_data=on_data,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+        )
+        return CommandHandle(self._portal, handle)
+
+
+class Files(_PortalBound):
+    """``sandbox.files`` (blocking)."""
+
+    def __init__(self, portal: BlockingPortal, files: AsyncFiles) -> None:
+        super().__init__(portal)
+        self._files = files
+
+    @overload
+    def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
+
+    @overload
+    def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+
+    def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
+        data: str | bytes = self._run(self._files.read, path, format=format)
+        return data
+
+    def write(self, path: str, data: str | bytes, *, mode: int | None = None) -> int:
+        size: int = self._run(self._files.write, path, data, mode=mode)
+        return size
+
+    def stat(self, path: str) -> FsEntry:
+        entry: FsEntry = self._run(self._files.stat, path)
+        return entry
+
+    def exists(self, path: str) -> bool:
+        return bool(self._run(self._files.exists, path))
+
+    def list(self, path: str = ".", *, depth: int = 1) -> list[FsEntry]:
+        entries: list[FsEntry] = self._run(self._files.list, path, depth=depth)
+        return entries
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        self._run(self._files.remove, path, recursive=recursive)
+
+    def make_dir(self, path: str, *, mode: int = 0o755) -> None:
+        self._run(self._files.make_dir, path, mode=mode)
+
+
+class Workspace(_PortalBound):
+    """``sandbox.workspace`` (blocking)."""
+
+    def __init__(self, portal: BlockingPortal, workspace: AsyncWorkspace) -> None:
+        super().__init__(portal)
+        self._workspace = workspace
+
+    def diff(self) -> WorkspaceDiff:
+        result: WorkspaceDiff = self._run(self._workspace.diff)
+        return result
+
+    def apply(self, paths: Sequence[str] | None = None, *, force: bool = False) -> ApplyResult:
+        result: ApplyResult = self._run(self._workspace.apply, paths, force=force)
+        return result
+
+    def reset(self) -> None:
+        self._run(self._workspace.reset)
+
+
+class Sandbox:
+    """A sandbox with a blocking API. Create with ``Sandbox.create(...)``; ``close()`` it."""
+
+    def __init__(
+        self,
+        inner: AsyncSandbox,
+        portal: BlockingPortal,
+        portal_cm: AbstractContextManager[BlockingPortal],
+    ) -> None:
+        self._inner = inner
+        self._portal = portal
+        self._portal_cm = portal_cm
+        self.commands = Commands(portal, inner.commands)
+        self.files = Files(portal, inner.files)
+        self.pty = Pty(portal, inner.pty)
+        self.workspace = Workspace(portal, inner.workspace)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        name: str | None = None,
+        project_dir: str | Path | None = None,
+        backend: str | None = None,
+        profile: str | None = None,
+        workspace_mode: str | None = None,
+        memory: str | int | None = None,
+        pids: int | None = None,
+        cpus: float | None = None,
+        timeout: str | float | None = None,
+        command_timeout: str | float | None = None,
+        env: Mapping[str, str] | None = None,
+        unsafe_host: bool | None = None,
+        config: Mapping[str, Any] | None = None,
+        keep: bool = False,
+        state_dir: str | Path | None = None,
+        actor: str = "sdk",
+    ) -> Sandbox:
+        """Start a sandbox; see ``AsyncSandbox.create``."""
+        portal_cm = start_blocking_portal()
+        portal = portal_cm.__enter__()
+        try:
+            inner = portal.call(
+                lambda: AsyncSandbox.create(
+                    name=name,
+                    project_dir=project_dir,
+                    backend=backend,
+                    profile=profile,
+                    workspace_mode=workspace_mode,
+                    memory=memory,
+                    pids=pids,
+                    cpus=cpus,
+                    timeout=timeout,
+                    command_timeout=command_timeout,
+                    env=env,
+                    unsafe_host=unsafe_host,
+                    config=config,
+                    keep=keep,
+                    state_dir=state_dir,
+                    actor=actor,
+                )
+            )
+        except BaseException:
+            portal_cm.__exit__(None, None, None)
+            raise
+        return cls(inner, portal, portal_cm)
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    @property
+    def id(self) -> str:
+        return self._inner.id
+
+    @property
+    def backend(self) -> str:
+        return self._inner.backend
+
+    @property
+    def state_dir(self) -> Path:
+        return self._inner.state_dir
+
+    @property
+    def audit_path(self) -> Path:
+        return self._inner.audit_path
+
+    @property
+    def policy(self) -> Any:
+        return self._inner.policy
+
+    @property
+    def agent_info(self) -> Any:
+        return self._inner.agent_info
+
+    def is_running(self) -> bool:
+        return self._inner.is_running()
+
+    def resource_events(self) -> dict[str, bool]:
+        return self._inner.resource_events()
+
+    def close(self) -> None:
+        """Stop the sandbox and its event-loop thread. Repeatable."""
+        if self._portal_cm is None:
+            return
+        try:
+            self._portal.call(self._inner.aclose)
+        finally:
+            cm, self._portal_cm = self._portal_cm, None  # type: ignore[assignment]
+            cm.__exit__(None, None, None)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._inner).replace("AsyncSandbox", "Sandbox")

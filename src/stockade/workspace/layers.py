@@ -1,0 +1,313 @@
+"""The on-disk layers of a copy-on-write workspace: the host project (lower), the sandbox's
+writes (upper), overlayfs scratch (work) and the baseline used to detect host-side changes.
+
+Everything here works on plain directories, so backends that copy an upper layer back from a
+guest share it with the overlayfs backends. Paths inside upper are written by the untrusted
+sandbox: they are walked with directory fds and ``O_NOFOLLOW`` so a symlink planted there can
+never redirect a read, a chmod or a delete to the host.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import secrets
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from stockade._errors import WorkspaceError
+
+__all__ = ["WorkspaceLayers"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_MODE = 0o700
+_BASELINE_NAME = "workspace-baseline"
+_APPLIED_NAME = "workspace-applied.json"
+# How long create()/reset() wait for the filesystem clock to tick past the baseline.
+_BASELINE_TICK_TIMEOUT = 2.5
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class WorkspaceLayers:
+    """Where one sandbox's workspace lives on the host.
+
+    ``lower`` is the user's project (read-only to the sandbox), ``upper`` receives the
+    sandbox's writes, ``work`` is overlayfs scratch space, and ``baseline_path`` records the
+    filesystem time at which the sandbox started: a host path whose ``st_ctime_ns`` is newer
+    changed on the host since then.
+    """
+
+    lower: Path
+    upper: Path
+    work: Path
+    baseline_path: Path
+
+    @classmethod
+    def at(cls, state_dir: str | os.PathLike[str], lower: str | os.PathLike[str]) -> WorkspaceLayers:
+        """The layers of ``state_dir`` without touching the disk (to reopen existing state)."""
+        state = Path(state_dir)
+        return cls(
+            lower=Path(lower).resolve(),
+            upper=state / "upper",
+            work=state / "work",
+            baseline_path=state / _BASELINE_NAME,
+        )
+
+    @classmethod
+    def create(
+        cls, state_dir: str | os.PathLike[str], lower: str | os.PathLike[str]
+    ) -> WorkspaceLayers:
+        """Make empty upper/work directories (mode 0700) and record the baseline."""
+        layers = cls.at(state_dir, lower)
+        try:
+            lower_st = os.stat(layers.lower)
+        except OSError as exc:
+            raise WorkspaceError(
+                f"project directory {str(lower)!r} is not accessible: {exc.strerror}"
+            ) from exc
+        if not stat.S_ISDIR(lower_st.st_mode):
+            raise WorkspaceError(f"project path {str(lower)!r} is not a directory")
+        state = layers.upper.parent
+        state.mkdir(mode=_STATE_MODE, parents=True, exist_ok=True)
+        for path in (layers.upper, layers.work):
+            if os.path.lexists(path):
+                raise WorkspaceError(
+                    f"workspace layer {str(path)!r} already exists; reopen it with "
+                    "WorkspaceLayers.at() or discard it with reset()"
+                )
+        for path in (layers.upper, layers.work):
+            _make_private_dir(path)
+        layers._record_baseline()
+        return layers
+
+    def exists(self) -> bool:
+        """True when upper, work and the baseline are all in place."""
+        return (
+            _is_real_dir(self.upper)
+            and _is_real_dir(self.work)
+            and os.path.isfile(self.baseline_path)
+            and not os.path.islink(self.baseline_path)
+        )
+
+    @property
+    def baseline_ns(self) -> int:
+        """Filesystem ctime (ns) at which the sandbox started seeing the project."""
+        try:
+            text = self.baseline_path.read_text(encoding="ascii")
+            return int(text.strip())
+        except (OSError, ValueError) as exc:
+            raise WorkspaceError(
+                f"workspace baseline {str(self.baseline_path)!r} is missing or corrupt; "
+                "conflicts cannot be detected. Reset the workspace to record a new one"
+            ) from exc
+
+    @property
+    def applied_path(self) -> Path:
+        """Record of the ctimes that apply itself gave to host paths (not host-side edits)."""
+        return self.baseline_path.with_name(_APPLIED_NAME)
+
+    def reset(self) -> None:
+        """Discard everything the sandbox wrote: recreate empty upper and work, new baseline.
+
+        Each layer is first renamed aside, so a reset interrupted half-way never leaves a
+        half-deleted upper in use. Must not run while the overlay is mounted.
+        """
+        state = self.upper.parent
+        if not _is_real_dir(state):
+            raise WorkspaceError(f"workspace state directory {str(state)!r} does not exist")
+        discarded: list[Path] = []
+        for path in (self.upper, self.work):
+            if os.path.lexists(path):
+                aside = path.with_name(f".{path.name}.discard-{secrets.token_hex(6)}")
+                os.rename(path, aside)
+                discarded.append(aside)
+            _make_private_dir(path)
+        for aside in discarded:
+            try:
+                remove_tree(aside)
+            except OSError as exc:
+                raise WorkspaceError(
+                    f"could not remove the discarded layer {str(aside)!r}: {exc}; the "
+                    "workspace is already empty, remove that directory as root or from "
+                    "inside the sandbox's user namespace"
+                ) from exc
+        try:
+            os.unlink(self.applied_path)
+        except FileNotFoundError:
+            pass
+        # The sandbox now sees the host as it is, so host edits before now are not conflicts.
+        self._record_baseline()
+
+    def _record_baseline(self) -> None:
+        state = self.baseline_path.parent
+        tmp = state / f".{_BASELINE_NAME}.{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            baseline = os.fstat(fd).st_ctime_ns
+            os.write(fd, f"{baseline}\n".encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.baseline_path)
+        _wait_for_tick_after(baseline, state)
+
+    def load_applied(self) -> dict[str, int]:
+        """ctimes that apply gave to host paths, keyed by workspace-relative path."""
+        try:
+            data = json.loads(self.applied_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise WorkspaceError(f"corrupt apply record {str(self.applied_path)!r}") from exc
+        if not isinstance(data, dict):
+            raise WorkspaceError(f"corrupt apply record {str(self.applied_path)!r}")
+        return {str(k): int(v) for k, v in data.items()}
+
+    def save_applied(self, record: dict[str, int]) -> None:
+        tmp = self.applied_path.with_name(f".{_APPLIED_NAME}.{secrets.token_hex(6)}")
+        data = json.dumps(record, sort_keys=True).encode("utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.applied_path)
+
+
+def _wait_for_tick_after(baseline: int, directory: Path) -> None:
+    """Return once a change made now would get a ctime strictly newer than ``baseline``.
+
+    Filesystem timestamps come from a coarse clock, so a host edit made right after the
+    baseline could share its value and go unnoticed. A probe file is changed until its ctime
+    passes the baseline: instant on kernels with fine-grained (multigrain) timestamps, at
+    most one clock tick on others.
+    """
+    probe = directory / f".probe-{secrets.token_hex(6)}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + _BASELINE_TICK_TIMEOUT
+        mode = 0o600
+        while os.fstat(fd).st_ctime_ns <= baseline:
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "filesystem clock of %s did not advance past the workspace baseline; "
+                    "host edits in the same tick may not be seen as conflicts",
+                    directory,
+                )
+                break
+            time.sleep(0.0005)
+            mode ^= 0o040
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _make_private_dir(path: Path) -> None:
+    os.mkdir(path, _STATE_MODE)
+    os.chmod(path, _STATE_MODE)  # mkdir's mode is filtered by the umask
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_dir_beneath(root: Path, parts: tuple[str, ...]) -> int:
+    """Open directory ``root/parts...`` without following a symlink in any component.
+
+    Raises OSError (ELOOP / ENOTDIR / ENOENT) when a component is a symlink, not a
+    directory, or missing. The caller closes the returned fd.
+    """
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for part in parts:
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_file_beneath(root: Path, parts: tuple[str, ...]) -> int:
+    """Open regular file ``root/parts...`` read-only, never following a symlink."""
+    if not parts:
+        raise IsADirectoryError(errno.EISDIR, "workspace root is a directory", str(root))
+    dir_fd = open_dir_beneath(root, parts[:-1])
+    try:
+        fd = os.open(
+            parts[-1],
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            dir_fd=dir_fd,
+        )
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(root.joinpath(*parts)))
+    return fd
+
+
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` recursively without following symlinks.
+
+    Directories are made writable first (overlayfs leaves mode-000 dirs in work/, and the
+    sandbox may have made files read-only).
+    """
+    st = os.lstat(path)
+    parent_fd = os.open(path.parent, _DIR_FLAGS)
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            _remove_dir_at(parent_fd, path.name)
+        else:
+            os.unlink(path.name, dir_fd=parent_fd)
+    finally:
+        os.close(parent_fd)
+
+
+def _remove_dir_at(parent_fd: int, name: str) -> None:
+    fd = _open_dir_for_removal(parent_fd, name)
+    try:
+        for child in os.listdir(fd):
+            child_st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(child_st.st_mode):
+                _remove_dir_at(fd, child)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _open_dir_for_removal(parent_fd: int, name: str) -> int:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except PermissionError:
+        # A mode-000 directory: chmod it through an O_PATH fd, which cannot be a symlink
+        # because of O_NOFOLLOW | O_DIRECTORY, so the chmod cannot land outside the tree.
+        path_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=parent_fd)
+        try:
+            os.chmod(f"/proc/self/fd/{path_fd}", _STATE_MODE)
+        finally:
+            os.close(path_fd)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o700 != 0o700:
+            os.fchmod(fd, _STATE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
