@@ -115,7 +115,8 @@ _PERSONA_BITS = (3, 17)
 _PERSONA_QUERY = 0xFFFFFFFF
 
 FILTER_DESCRIPTION: list[str] = [
-    *(f"{why}: {', '.join(names)} -> EPERM" for why, names in (*_DENIED, _PTRACE)),
+    *(f"{why}: {', '.join(names)} -> EPERM" for why, names in _DENIED),
+    f"{_PTRACE[0]}: {', '.join(_PTRACE[1])} -> EPERM (unless allow_ptrace_children)",
     "create namespaces through clone ("
     + ", ".join(name for name, _ in _CLONE_NAMESPACE_FLAGS)
     + ") -> EPERM",

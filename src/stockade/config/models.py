@@ -50,7 +50,9 @@ def _none_word(value: Any) -> Any:
 
 
 def _size(value: Any) -> Any:
-    return parse_size(value) if isinstance(value, str | int) and not isinstance(value, bool) else value
+    return (
+        parse_size(value) if isinstance(value, str | int) and not isinstance(value, bool) else value
+    )
 
 
 def _duration(value: Any) -> Any:
@@ -90,7 +92,7 @@ class WorkspaceConfig(_Model):
     )
     mount: str = Field(
         default="/workspace",
-        description="Absolute path inside the sandbox where the workspace appears, e.g. '/workspace'.",
+        description="Absolute path inside the sandbox where the workspace appears: '/workspace'.",
     )
 
 
@@ -99,7 +101,7 @@ class LimitsConfig(_Model):
 
     memory: Size = Field(
         default=2 * 2**30,
-        description="Memory limit: a size such as '512MiB', '2GiB', '1.5G' or bytes; at least 32MiB.",
+        description="Memory limit: a size such as '512MiB', '2GiB', '1.5G' or bytes; >= 32MiB.",
     )
     pids: int = Field(
         default=1024,
@@ -111,7 +113,10 @@ class LimitsConfig(_Model):
     )
     disk: OptionalSize = Field(
         default=None,
-        description="Size limit of the sandbox's writable layer, e.g. '10GiB'; unset or 'none' for no limit.",
+        description=(
+            "Size limit of the sandbox's writable layer, e.g. '10GiB'; "
+            "unset or 'none' for no limit."
+        ),
     )
     command_timeout: OptionalDuration = Field(
         default=None,
@@ -143,7 +148,7 @@ class EnvConfig(_Model):
     set_: dict[str, str] = Field(
         default_factory=dict,
         alias="set",
-        description="Variables set in the sandbox, NAME = \"value\"; they win over passed ones.",
+        description='Variables set in the sandbox, NAME = "value"; they win over passed ones.',
     )
 
     @field_validator("pass_")

@@ -25,7 +25,13 @@ _SIZE_UNITS: dict[str, int] = {
     "p": 2**50,
 }
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(?:i?b)?|b)?\s*", re.IGNORECASE)
-_SIZE_FORMAT_UNITS = (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+_SIZE_FORMAT_UNITS = (
+    ("PiB", 2**50),
+    ("TiB", 2**40),
+    ("GiB", 2**30),
+    ("MiB", 2**20),
+    ("KiB", 2**10),
+)
 
 _DURATION_UNITS: dict[str, Decimal] = {
     "d": Decimal(86400),
@@ -73,10 +79,7 @@ def parse_duration(value: str | int | float) -> float:
     """Return the number of seconds ``value`` stands for."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"expected a duration, got {type(value).__name__}; {_DURATION_HINT}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        seconds = float(_parse_duration_text(value))
+    seconds = float(_parse_duration_text(value)) if isinstance(value, str) else float(value)
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{value!r} is not a finite, non-negative duration; {_DURATION_HINT}")
     return seconds

@@ -9,6 +9,7 @@ never redirect a read, a chmod or a delete to the host.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -50,7 +51,9 @@ class WorkspaceLayers:
     baseline_path: Path
 
     @classmethod
-    def at(cls, state_dir: str | os.PathLike[str], lower: str | os.PathLike[str]) -> WorkspaceLayers:
+    def at(
+        cls, state_dir: str | os.PathLike[str], lower: str | os.PathLike[str]
+    ) -> WorkspaceLayers:
         """The layers of ``state_dir`` without touching the disk (to reopen existing state)."""
         state = Path(state_dir)
         return cls(
@@ -138,17 +141,17 @@ class WorkspaceLayers:
                     "workspace is already empty, remove that directory as root or from "
                     "inside the sandbox's user namespace"
                 ) from exc
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.applied_path)
-        except FileNotFoundError:
-            pass
         # The sandbox now sees the host as it is, so host edits before now are not conflicts.
         self._record_baseline()
 
     def _record_baseline(self) -> None:
         state = self.baseline_path.parent
         tmp = state / f".{_BASELINE_NAME}.{secrets.token_hex(6)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         try:
             baseline = os.fstat(fd).st_ctime_ns
             os.write(fd, f"{baseline}\n".encode("ascii"))
@@ -173,7 +176,9 @@ class WorkspaceLayers:
     def save_applied(self, record: dict[str, int]) -> None:
         tmp = self.applied_path.with_name(f".{_APPLIED_NAME}.{secrets.token_hex(6)}")
         data = json.dumps(record, sort_keys=True).encode("utf-8")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         try:
             os.write(fd, data)
             os.fsync(fd)
@@ -297,8 +302,9 @@ def _open_dir_for_removal(parent_fd: int, name: str) -> int:
     except PermissionError:
         # A mode-000 directory: chmod it through an O_PATH fd, which cannot be a symlink
         # because of O_NOFOLLOW | O_DIRECTORY, so the chmod cannot land outside the tree.
-        path_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=parent_fd)
+        path_fd = os.open(
+            name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd
+        )
         try:
             os.chmod(f"/proc/self/fd/{path_fd}", _STATE_MODE)
         finally:

@@ -1,0 +1,525 @@
+"""The ``stockade`` command line.
+
+Heavy modules (rich, the workspace diff, backends) are imported inside the commands that
+need them, so ``stockade run --rm -- true`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from stockade._errors import SandboxNotFoundError, SandboxStateError, StockadeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_EXEC_SETTINGS = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+def _policy_options(fn: F) -> F:
+    options = [
+        click.option("--backend", help="Isolation backend: auto, namespace, host, ..."),
+        click.option("--profile", help="Configuration profile to apply."),
+        click.option(
+            "--workspace-mode",
+            type=click.Choice(["cow", "ro", "rw", "none"]),
+            help="How the sandbox sees the project (default cow: copy-on-write).",
+        ),
+        click.option("-C", "--project", "project", help="Project directory (default: here)."),
+        click.option("--memory", help="Memory limit, e.g. 512M, 2GiB."),
+        click.option("--pids", type=int, help="Most processes at once."),
+        click.option("--cpus", type=float, help="CPU limit (cores)."),
+        click.option("--timeout", "sandbox_timeout", help="Wall-clock limit for the sandbox."),
+        click.option("--command-timeout", help="Wall-clock limit per command."),
+        click.option(
+            "-e", "--env", "env", multiple=True, help="NAME=VALUE to set inside (repeatable)."
+        ),
+        click.option(
+            "--unsafe-host",
+            is_flag=True,
+            default=None,
+            help="Allow the 'host' backend: NO isolation at all.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _compile(opts: dict[str, Any]) -> Any:
+    """Load config with CLI flags as the flag layer and compile the policy."""
+    from stockade.config import load_config
+    from stockade.policy import compile_policy
+
+    flags: dict[str, Any] = {}
+    for key, opt in (
+        ("backend", "backend"),
+        ("workspace.mode", "workspace_mode"),
+        ("limits.memory", "memory"),
+        ("limits.pids", "pids"),
+        ("limits.cpus", "cpus"),
+        ("limits.timeout", "sandbox_timeout"),
+        ("limits.command_timeout", "command_timeout"),
+        ("unsafe_host", "unsafe_host"),
+    ):
+        if opts.get(opt) is not None:
+            flags[key] = opts[opt]
+    env_pairs = opts.get("env") or ()
+    if env_pairs:
+        env: dict[str, str] = {}
+        for pair in env_pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
+            env[key] = value
+        flags["env.set"] = env
+    project = Path(opts["project"]) if opts.get("project") else None
+    loaded = load_config(project, profile=opts.get("profile"), flags=flags)
+    return compile_policy(loaded)
+
+
+def _warn_host(policy: Any) -> None:
+    if policy.backend == "host":
+        from stockade.backends.host import UNSAFE_HOST_WARNING
+
+        click.secho(UNSAFE_HOST_WARNING, fg="red", bold=True, err=True)
+
+
+def _store() -> Any:
+    from stockade.state import StateStore
+
+    return StateStore()
+
+
+def _resolve(store: Any, name: str | None) -> Any:
+    """The named sandbox, or the newest one whose workspace contains the current directory."""
+    if name:
+        return store.reconcile(store.get(name))
+    here = Path.cwd().resolve()
+    candidates = [
+        r
+        for r in store.list()
+        if r.workspace and (here == Path(r.workspace) or Path(r.workspace) in here.parents)
+    ]
+    if not candidates:
+        raise SandboxNotFoundError(
+            f"no sandbox uses {here} as its workspace; pass a NAME (see `stockade ls`)"
+        )
+    newest = max(candidates, key=lambda r: r.created_at)
+    return store.reconcile(newest)
+
+
+def _fail(exc: BaseException) -> None:
+    click.secho(f"stockade: {exc}", fg="red", err=True)
+    raise SystemExit(125)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StockadeError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="stockade")
+def cli() -> None:
+    """Run AI agents and commands in the strongest sandbox this machine runs fast."""
+
+
+# --- running ----------------------------------------------------------------------------
+
+
+@cli.command(context_settings=_EXEC_SETTINGS)
+@_policy_options
+@click.option("--name", help="Name for the sandbox (default: generated).")
+@click.option("--rm", "remove", is_flag=True, help="Remove the sandbox when the command ends.")
+@click.option("--tty/--no-tty", "-t", default=None, help="Attach a terminal (default: if one).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(command: tuple[str, ...], name: str | None, remove: bool, tty: bool | None, **opts: Any) -> None:
+    """Run COMMAND in a new sandbox; keep it for `diff`/`apply` unless --rm."""
+    import anyio
+
+    policy = _compile(opts)
+    _warn_host(policy)
+    code = anyio.run(_run_async, policy, list(command), name, remove, tty)
+    raise SystemExit(code)
+
+
+async def _run_async(
+    policy: Any, command: list[str], name: str | None, remove: bool, tty: bool | None
+) -> int:
+    from stockade.backends.registry import select_backend
+    from stockade.sandbox import AsyncSandbox
+
+    backend = select_backend(policy)
+    sandbox = await AsyncSandbox._start_new(
+        policy, backend, name=name, keep=not remove, state_dir=None, actor="cli"
+    )
+    try:
+        from stockade.cli.attach import attach_local
+
+        code = await attach_local(sandbox, command, tty)
+    finally:
+        await sandbox.aclose()
+    if not remove:
+        _print_run_summary(sandbox)
+    return code
+
+
+def _print_run_summary(sandbox: Any) -> None:
+    if sandbox._layers is None:
+        click.echo(f"stockade: sandbox {sandbox.name} kept (no workspace changes tracked)", err=True)
+        return
+    from stockade.workspace import compute_diff
+
+    diff = compute_diff(sandbox._layers, protected=sandbox.policy.workspace.protected)
+    if not diff:
+        click.echo(f"stockade: sandbox {sandbox.name}: no changes to the workspace", err=True)
+        return
+    click.echo(f"stockade: sandbox {sandbox.name} changed {diff.summary()}:", err=True)
+    for change in list(diff)[:20]:
+        mark = {"added": "A", "modified": "M", "deleted": "D"}[change.kind]
+        click.echo(f"  {mark} {change.path}" + ("  (protected)" if change.protected else ""), err=True)
+    if len(diff) > 20:
+        click.echo(f"  ... and {len(diff) - 20} more", err=True)
+    click.echo(
+        f"review: stockade diff {sandbox.name} | apply: stockade apply {sandbox.name} | "
+        f"discard: stockade reset {sandbox.name}",
+        err=True,
+    )
+
+
+@cli.command()
+@_policy_options
+@click.option("--name", help="Name for the sandbox (default: generated).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def create(name: str | None, as_json: bool, **opts: Any) -> None:
+    """Create a sandbox that keeps running (a supervisor process holds it)."""
+    policy = _compile(opts)
+    _warn_host(policy)
+    from stockade.cli.supervise import spawn_supervisor
+
+    result = spawn_supervisor(policy, name)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(result["name"])
+
+
+@cli.command("exec", context_settings=_EXEC_SETTINGS)
+@click.argument("name")
+@click.option("--tty/--no-tty", "-t", default=None, help="Attach a terminal (default: if one).")
+@click.option("--timeout", type=float, help="Kill the command after this many seconds.")
+@click.option("-e", "--env", "env", multiple=True, help="NAME=VALUE (repeatable).")
+@click.option("-w", "--workdir", help="Working directory inside the sandbox.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(
+    name: str,
+    tty: bool | None,
+    timeout: float | None,
+    env: tuple[str, ...],
+    workdir: str | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in the running sandbox NAME; its exit code is passed through."""
+    import anyio
+
+    from stockade.cli.attach import attach_remote
+
+    record = _running(name)
+    env_map = dict(pair.partition("=")[::2] for pair in env)
+    code = anyio.run(
+        lambda: attach_remote(record, list(command), tty, env_map, workdir, timeout)
+    )
+    raise SystemExit(code)
+
+
+@cli.command()
+@click.argument("name")
+def shell(name: str) -> None:
+    """Open an interactive shell in the running sandbox NAME."""
+    import anyio
+
+    from stockade.cli.attach import attach_remote
+
+    record = _running(name)
+    code = anyio.run(
+        lambda: attach_remote(record, ["/bin/bash", "-i"], True, {}, None, None)
+    )
+    raise SystemExit(code)
+
+
+def _running(name: str) -> Any:
+    store = _store()
+    record = store.reconcile(store.get(name))
+    if record.status != "running" or not record.control_socket:
+        raise SandboxStateError(
+            f"sandbox {name!r} is {record.status}"
+            + (f" ({record.error})" if record.error else "")
+            + "; only sandboxes made with `stockade create` keep running"
+        )
+    return record
+
+
+# --- lifecycle --------------------------------------------------------------------------
+
+
+@cli.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ls(as_json: bool) -> None:
+    """List sandboxes and their status."""
+    store = _store()
+    records = [store.reconcile(r) for r in store.list()]
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "name": r.name,
+                        "id": r.id,
+                        "status": str(r.status),
+                        "backend": r.backend,
+                        "workspace": r.workspace,
+                        "created_at": r.created_at,
+                        "error": r.error,
+                    }
+                    for r in records
+                ],
+                indent=2,
+            )
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("NAME", "STATUS", "BACKEND", "WORKSPACE", "CREATED", box=None)
+    import datetime as dt
+
+    for r in sorted(records, key=lambda r: r.created_at):
+        status = str(r.status)
+        style = {"running": "green", "failed": "red"}.get(status, "")
+        table.add_row(
+            r.name,
+            f"[{style}]{status}[/]" if style else status,
+            r.backend,
+            r.workspace or "-",
+            dt.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+def stop(names: tuple[str, ...]) -> None:
+    """Stop running sandboxes (their workspace changes are kept)."""
+    from stockade.cli.supervise import stop_sandbox
+
+    store = _store()
+    for name in names:
+        stop_sandbox(store, store.reconcile(store.get(name)))
+        click.echo(name)
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Remove every sandbox.")
+def rm(names: tuple[str, ...], all_: bool) -> None:
+    """Stop and remove sandboxes: processes, workspace layer and record."""
+    from stockade.cli.supervise import remove_sandbox
+
+    store = _store()
+    targets = [r.name for r in store.list()] if all_ else list(names)
+    if not targets:
+        raise click.UsageError("name a sandbox to remove, or pass --all")
+    for name in targets:
+        remove_sandbox(store, store.get(name))
+        click.echo(name)
+
+
+# --- workspace --------------------------------------------------------------------------
+
+
+def _layers(record: Any) -> Any:
+    from stockade.workspace import WorkspaceLayers
+
+    if not record.workspace or not (Path(record.dir) / "upper").is_dir():
+        raise SandboxStateError(
+            f"sandbox {record.name!r} has no copy-on-write workspace to diff or apply"
+        )
+    return WorkspaceLayers.at(record.dir, record.workspace)
+
+
+def _protected(record: Any) -> tuple[str, ...]:
+    from stockade.policy import EffectivePolicy
+
+    return tuple(EffectivePolicy.from_json(record.policy_json).workspace.protected)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with patches).")
+@click.option("--stat", is_flag=True, help="Only list the changed files.")
+def diff(name: str | None, as_json: bool, stat: bool) -> None:
+    """Show what the sandbox changed in the workspace (default: newest sandbox here)."""
+    from stockade.audit import AuditLog
+    from stockade.workspace import compute_diff
+
+    store = _store()
+    record = _resolve(store, name)
+    result = compute_diff(_layers(record), protected=_protected(record))
+    _audit(store, record).append("workspace.diffed", actor="cli", details={"summary": result.summary()})
+    del AuditLog
+    if as_json:
+        click.echo(json.dumps(result.to_dict(include_patch=True), indent=2))
+        return
+    if not result:
+        click.echo(f"sandbox {record.name}: no changes", err=True)
+        return
+    if stat:
+        for change in result:
+            click.echo(f"{change.kind[0].upper()} {change.path}")
+        click.echo(result.summary(), err=True)
+        return
+    color = sys.stdout.isatty()
+    for line in result.patch().splitlines():
+        if not color:
+            click.echo(line)
+        elif line.startswith(("+++", "---")):
+            click.secho(line, bold=True)
+        elif line.startswith("+"):
+            click.secho(line, fg="green")
+        elif line.startswith("-"):
+            click.secho(line, fg="red")
+        elif line.startswith("@@"):
+            click.secho(line, fg="cyan")
+        else:
+            click.echo(line)
+    click.echo(f"sandbox {record.name}: {result.summary()}", err=True)
+
+
+def _audit(store: Any, record: Any) -> Any:
+    from stockade.audit import AuditLog
+    from stockade.sandbox import audit_path
+
+    return AuditLog(audit_path(store, record.name, record.id), record.name)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.argument("paths", nargs=-1)
+@click.option("--force", is_flag=True, help="Overwrite host files that changed meanwhile.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def apply(name: str | None, paths: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Write the sandbox's workspace changes to the project (all, or just PATHS)."""
+    from stockade.workspace import apply_diff
+
+    store = _store()
+    record = _resolve(store, name)
+    result = apply_diff(
+        _layers(record), paths=list(paths) or None, protected=_protected(record), force=force
+    )
+    _audit(store, record).append(
+        "workspace.applied",
+        actor="cli",
+        details={"applied": result.applied[:200], "skipped": [p for p, _ in result.skipped]},
+    )
+    if as_json:
+        click.echo(json.dumps({"applied": result.applied, "skipped": result.skipped}))
+        return
+    for path in result.applied:
+        click.echo(f"applied {path}")
+    for path, reason in result.skipped:
+        click.secho(f"skipped {path}: {reason}", fg="yellow", err=True)
+    if not result.applied and not result.skipped:
+        click.echo(f"sandbox {record.name}: nothing to apply", err=True)
+
+
+@cli.command()
+@click.argument("name", required=False)
+def reset(name: str | None) -> None:
+    """Discard the sandbox's workspace changes (a running sandbox restarts clean)."""
+    import anyio
+
+    store = _store()
+    record = _resolve(store, name)
+    if record.status == "running" and record.control_socket:
+        from stockade.supervisor import connect_control
+
+        async def remote_reset() -> None:
+            client = await connect_control(record.control_socket)
+            try:
+                await client.call_raw("workspace.reset", {})
+            finally:
+                await client.aclose()
+
+        anyio.run(remote_reset)
+    else:
+        _layers(record).reset()
+        _audit(store, record).append("workspace.reset", actor="cli")
+    click.echo(f"sandbox {record.name}: workspace reset", err=True)
+
+
+# --- audit and doctor -------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--verify", is_flag=True, help="Check the hash chain; exit 1 if broken.")
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
+def audit(name: str | None, verify: bool, as_json: bool) -> None:
+    """Show (and verify) the audit log of a sandbox."""
+    store = _store()
+    record = _resolve(store, name)
+    log = _audit(store, record)
+    if verify:
+        check = log.verify()
+        if check.ok:
+            click.echo(f"audit log of {record.name}: {check.events} events, chain intact")
+            return
+        click.secho(
+            f"audit log of {record.name} is BROKEN at event {check.first_bad_seq}: {check.reason}",
+            fg="red",
+            err=True,
+        )
+        raise SystemExit(1)
+    for event in log.read():
+        data = event.model_dump(mode="json") if hasattr(event, "model_dump") else vars(event)
+        if as_json:
+            click.echo(json.dumps(data))
+        else:
+            target = f" {data.get('target')}" if data.get("target") else ""
+            details = data.get("details") or {}
+            extra = f" {json.dumps(details)}" if details else ""
+            click.echo(f"{data['seq']:>4} {data['time']} {data['actor']:<10} {data['action']}{target}{extra}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def doctor(as_json: bool) -> None:
+    """What each backend needs, and whether it runs on this machine."""
+    from stockade.cli.doctor import run_doctor
+
+    run_doctor(as_json)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point."""
+    if os.environ.get("STOCKADE_LOG"):
+        import logging
+
+        logging.basicConfig(level=os.environ["STOCKADE_LOG"].upper())
+    cli.main(args=list(argv) if argv is not None else None, prog_name="stockade")
+
+
+if __name__ == "__main__":
+    main()

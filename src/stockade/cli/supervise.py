@@ -1,0 +1,127 @@
+"""Start, stop and remove supervised sandboxes (the ones that outlive a CLI call)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stockade._errors import SandboxStartError, SandboxStateError
+from stockade.state import SandboxStatus, StateStore
+
+__all__ = ["remove_sandbox", "spawn_supervisor", "stop_sandbox"]
+
+#: Seconds to wait for a supervisor to report its sandbox ready.
+SPAWN_TIMEOUT = 60.0
+
+
+def spawn_supervisor(policy: Any, name: str | None) -> dict[str, Any]:
+    """Start ``python -m stockade.supervisor`` detached; return once the sandbox is ready."""
+    store = StateStore()
+    name = name or store.new_name()
+    logs = store.root / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)
+    log_path = logs / f"{name}.supervisor.log"
+    spec = {"name": name, "policy": policy.to_json(), "state_dir": str(store.root)}
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stockade.supervisor"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+        )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(spec).encode())
+    proc.stdin.close()
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if not line:
+        proc.wait(timeout=SPAWN_TIMEOUT)
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise SandboxStartError(f"the supervisor exited before the sandbox was ready:\n{tail}")
+    result: dict[str, Any] = json.loads(line)
+    if not result.get("ok"):
+        proc.wait(timeout=SPAWN_TIMEOUT)
+        raise SandboxStartError(result.get("error", "the sandbox failed to start"))
+    return result
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_sandbox(store: StateStore, record: Any, *, timeout: float = 10.0) -> None:
+    """Ask the supervisor to stop; kill it if it does not answer. Idempotent."""
+    if record.status not in (SandboxStatus.RUNNING, SandboxStatus.STARTING):
+        return
+    pid = record.supervisor_pid
+    if record.control_socket and Path(record.control_socket).exists():
+        import anyio
+
+        from stockade.supervisor import connect_control
+
+        async def ask() -> None:
+            client = await connect_control(record.control_socket)
+            try:
+                with anyio.fail_after(5):
+                    await client.call_raw("sandbox.stop", {})
+            finally:
+                await client.aclose()
+
+        with contextlib.suppress(Exception):
+            anyio.run(ask)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _pid_alive(pid) and store.reconcile(store.get(record.name)).status in (
+        SandboxStatus.RUNNING,
+        SandboxStatus.STARTING,
+    ):
+        # Unresponsive: killing the supervisor takes its sandbox with it (die-with-parent).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while _pid_alive(pid) and time.monotonic() < deadline + 5:
+            time.sleep(0.02)
+        store.update(record.name, status=SandboxStatus.STOPPED)
+    current = store.get(record.name)
+    if current.status in (SandboxStatus.RUNNING, SandboxStatus.STARTING):
+        store.update(record.name, status=SandboxStatus.STOPPED)
+
+
+def remove_sandbox(store: StateStore, record: Any) -> None:
+    """Stop the sandbox if needed, then delete its processes, cgroups, layers and record."""
+    record = store.reconcile(record)
+    stop_sandbox(store, record)
+    from stockade.backends._cgroups import remove_stale_cgroups
+
+    survivors = remove_stale_cgroups(record.id)
+    if survivors:
+        raise SandboxStateError(
+            f"processes of sandbox {record.name!r} survived removal: {sorted(survivors)}"
+        )
+    directory = Path(record.dir)
+    if directory.exists():
+        from stockade.workspace import WorkspaceLayers
+
+        if record.workspace and (directory / "upper").exists():
+            WorkspaceLayers.at(directory, record.workspace).reset()
+        shutil.rmtree(directory, ignore_errors=True)
+    store.delete(record.name)

@@ -1,0 +1,908 @@
+"""Find, read, merge and check the configuration layers (DESIGN.md section 8).
+
+Precedence, highest first: call argument > CLI flag > environment (``STOCKADE_*``) > selected
+profile > project file > user file > defaults. Each layer is flattened to dotted keys, every
+value is validated where it was written (so an error names its file and table, variable or
+flag), then the layers are merged key by key and the result is checked for dangerous values.
+Nothing is cached: every call reads the files and the environment afresh.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import posixpath
+import pwd
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from stockade._errors import ConfigError, PolicyError
+from stockade.config.models import (
+    CONFIG_KEYS,
+    ENV_VAR_KEYS,
+    EnvConfig,
+    LimitsConfig,
+    NetworkConfig,
+    StockadeConfig,
+    WorkspaceConfig,
+)
+from stockade.config.units import format_size
+
+__all__ = [
+    "MIN_MEMORY",
+    "MIN_PIDS",
+    "PROJECT_FILE",
+    "RUNTIME_ENV_PREFIXES",
+    "RUNTIME_ENV_VARS",
+    "LoadedConfig",
+    "check_safety",
+    "credential_reason",
+    "find_project_root",
+    "load_config",
+    "mount_problem",
+    "user_config_path",
+]
+
+logger = logging.getLogger(__name__)
+
+PROJECT_FILE = "stockade.toml"
+PYPROJECT_FILE = "pyproject.toml"
+#: ``STOCKADE_*`` variables the runtime reads itself; they are not configuration keys.
+RUNTIME_ENV_VARS = frozenset({"STOCKADE_STATE_DIR", "STOCKADE_CONFIG", "STOCKADE_LOG"})
+RUNTIME_ENV_PREFIXES = ("STOCKADE_SECRET_", "STOCKADE_INTERNAL_")
+MIN_MEMORY = 32 * 2**20
+MIN_PIDS = 16
+#: A cpus value above this many times the host's cores is a typo (a percentage, say).
+_CPUS_FACTOR = 4
+
+_TABLES: dict[str, type[BaseModel]] = {
+    "workspace": WorkspaceConfig,
+    "limits": LimitsConfig,
+    "env": EnvConfig,
+    "network": NetworkConfig,
+}
+_ENV_SET = "env.set"
+_TOP_LEVEL = "top level"
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated configuration, the project root it belongs to, and where it came from."""
+
+    config: StockadeConfig
+    project_root: Path
+    #: Config files read, lowest precedence first.
+    sources: tuple[str, ...]
+    #: (dotted key, where its value came from) for every key not left at its default;
+    #: ``env.set`` entries appear as ``env.set.NAME``.
+    origins: tuple[tuple[str, str], ...] = ()
+
+    def origin(self, key: str) -> str:
+        """Say where the value of dotted ``key`` came from (``"default"`` if nowhere)."""
+        return dict(self.origins).get(key, "default")
+
+
+@dataclass(frozen=True)
+class _Setting:
+    value: Any
+    where: str  # "/p/stockade.toml [limits]", "environment variable STOCKADE_X", ...
+    base_dir: Path  # a relative workspace.path resolves against this
+
+
+_Layer = dict[str, _Setting]
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_config(
+    start_dir: Path | None = None,
+    *,
+    profile: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    user_config: Path | None = None,
+) -> LoadedConfig:
+    """Load the configuration for the project containing ``start_dir`` (default: the cwd).
+
+    ``flags`` (CLI) and ``overrides`` (call arguments) map dotted keys to values, e.g.
+    ``{"limits.memory": "512M"}``; a ``None`` value means "not given". ``profile`` is a call
+    argument too and wins over ``overrides["profile"]``. ``environ`` defaults to
+    ``os.environ``; ``user_config`` to ``$XDG_CONFIG_HOME/stockade/config.toml``.
+
+    Raises ConfigError for anything invalid and PolicyError for anything dangerous; the
+    message names the key, where it was set, and how to fix it.
+    """
+    env = os.environ if environ is None else environ
+    start = (Path.cwd() if start_dir is None else Path(start_dir)).resolve()
+    home = _home(env)
+    project_root, project_file = find_project_root(start, home=home)
+
+    sources: list[str] = []
+    user_settings: _Layer = {}
+    user_profiles: dict[str, _Layer] = {}
+    user_path = user_config if user_config is not None else user_config_path(env)
+    if user_config is not None and not user_path.is_file():
+        raise ConfigError(
+            f"user config file {user_path} does not exist; create it or pass another path"
+        )
+    if user_path.is_file():
+        # The user file serves every project: "." in it can only mean "this project".
+        user_settings, user_profiles = _file_layer(
+            _read_toml(user_path), file=user_path, section="", base_dir=project_root, home=home
+        )
+        sources.append(str(user_path))
+
+    project_settings: _Layer = {}
+    project_profiles: dict[str, _Layer] = {}
+    if project_file is not None:
+        data = _read_toml(project_file)
+        section = ""
+        if project_file.name == PYPROJECT_FILE:
+            section = "tool.stockade"
+            data = data["tool"]["stockade"]
+        project_settings, project_profiles = _file_layer(
+            data, file=project_file, section=section, base_dir=project_root, home=home
+        )
+        sources.append(str(project_file))
+
+    env_settings = _environment_layer(env, base_dir=start, home=home)
+    flag_settings = _mapping_layer(
+        flags or {}, lambda key: f"command-line option '{key}'", base_dir=start, home=home
+    )
+    call_settings = _mapping_layer(
+        overrides or {}, lambda key: f"argument overrides[{key!r}]", base_dir=start, home=home
+    )
+    if profile is not None:
+        call_settings["profile"] = _validated(
+            "profile", _Setting(profile, "argument profile=", start), home
+        )
+
+    profiles = _merge_profiles(user_profiles, project_profiles)
+    merged: _Layer = {**user_settings, **project_settings}
+    chosen = _chosen_profile(
+        [user_settings, project_settings, env_settings, flag_settings, call_settings]
+    )
+    if chosen is not None:
+        name = chosen.value
+        if name not in profiles:
+            defined = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError(
+                f"unknown profile {name!r} (from {chosen.where}); defined profiles: {defined}; "
+                f"define [profiles.{name}] in {PROJECT_FILE} or choose a defined one"
+            )
+        merged.update(profiles[name])
+    for layer in (env_settings, flag_settings, call_settings):
+        merged.update(layer)
+
+    config = _build(merged, profiles, project_root)
+    origins = {key: setting.where for key, setting in merged.items()}
+    check_safety(
+        config,
+        environ=env,
+        base_dir=project_root,
+        origin=lambda key: origins.get(key, "default"),
+    )
+    return LoadedConfig(
+        config=config,
+        project_root=project_root,
+        sources=tuple(sources),
+        origins=tuple(origins.items()),
+    )
+
+
+def user_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_CONFIG_HOME/stockade/config.toml``, defaulting to ``~/.config/stockade/...``."""
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else _home(env) / ".config"
+    return base / "stockade" / "config.toml"
+
+
+def find_project_root(start: Path, *, home: Path) -> tuple[Path, Path | None]:
+    """Walk up from ``start`` to the nearest directory with a stockade config.
+
+    Returns (project root, config file or None). The walk stops below ``home`` and at the
+    filesystem root; when nothing is found, ``start`` is the project root.
+    """
+    start = start.resolve()
+    homes = {home, home.resolve()}
+    for directory in (start, *start.parents):
+        if directory != start and directory in homes:
+            break
+        found = _project_file_in(directory)
+        if found is not None:
+            return directory, found
+    return start, None
+
+
+def _project_file_in(directory: Path) -> Path | None:
+    stockade_toml = directory / PROJECT_FILE
+    pyproject = directory / PYPROJECT_FILE
+    has_pyproject_section = pyproject.is_file() and _pyproject_has_section(pyproject)
+    if stockade_toml.is_file():
+        if has_pyproject_section:
+            logger.warning(
+                "ignoring [tool.stockade] in %s because %s exists next to it",
+                pyproject,
+                stockade_toml,
+            )
+        return stockade_toml
+    return pyproject if has_pyproject_section else None
+
+
+def _pyproject_has_section(pyproject: Path) -> bool:
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False  # not ours to judge; a broken pyproject without our section is fine
+    if "stockade" not in text:
+        return False  # cheap path: most pyproject files have no stockade section
+    tool = _parse_toml(text, pyproject).get("tool", {})
+    section = tool.get("stockade") if isinstance(tool, dict) else None
+    if section is None:
+        return False
+    if not isinstance(section, dict):
+        raise ConfigError(f"'tool.stockade' in {pyproject} must be a table: write [tool.stockade]")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    return _parse_toml(text, path)
+
+
+def _parse_toml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        line = f":{match.group(1)}" if match else ""
+        raise ConfigError(
+            f"{path}{line}: invalid TOML: {exc}; fix the syntax (https://toml.io)"
+        ) from exc
+
+
+def _file_layer(
+    data: Mapping[str, Any], *, file: Path, section: str, base_dir: Path, home: Path
+) -> tuple[_Layer, dict[str, _Layer]]:
+    """Flatten one config file into (settings, {profile name: settings})."""
+    profiles: dict[str, _Layer] = {}
+    raw_profiles = data.get("profiles")
+    if raw_profiles is not None:
+        where = _table_where(file, section, "")
+        if not isinstance(raw_profiles, dict):
+            raise ConfigError(
+                f"'profiles' in {where} must be a table of tables: write [profiles.NAME]"
+            )
+        for name, table in raw_profiles.items():
+            if not isinstance(table, dict):
+                raise ConfigError(
+                    f"profile {name!r} in {_table_where(file, section, 'profiles')} must be a "
+                    f"table: write [profiles.{name}]"
+                )
+            profiles[name] = _file_settings(
+                table,
+                file=file,
+                section=_join(section, f"profiles.{name}"),
+                in_profile=True,
+                base_dir=base_dir,
+                home=home,
+            )
+    settings = _file_settings(
+        {k: v for k, v in data.items() if k != "profiles"},
+        file=file,
+        section=section,
+        in_profile=False,
+        base_dir=base_dir,
+        home=home,
+    )
+    return settings, profiles
+
+
+def _file_settings(
+    data: Mapping[str, Any],
+    *,
+    file: Path,
+    section: str,
+    in_profile: bool,
+    base_dir: Path,
+    home: Path,
+) -> _Layer:
+    out: _Layer = {}
+    top_keys = [k for k in CONFIG_KEYS if "." not in k] + list(_TABLES)
+    if in_profile:
+        top_keys.remove("profile")
+    else:
+        top_keys.append("profiles")
+    where = _table_where(file, section, "")
+    for name, value in data.items():
+        if name in _TABLES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{name}' in {where} must be a table: write [{name}]")
+            out.update(
+                _table_settings(
+                    name, value, file=file, section=section, base_dir=base_dir, home=home
+                )
+            )
+        elif name in top_keys:
+            out[name] = _validated(name, _Setting(value, where, base_dir), home)
+        elif in_profile and name in ("profile", "profiles"):
+            raise ConfigError(
+                f"'{name}' is not allowed in {where}: a profile cannot select or define "
+                "profiles; move it to the top level of the file"
+            )
+        else:
+            raise ConfigError(_unknown_key(name, where, top_keys))
+    return out
+
+
+def _table_settings(
+    table: str, data: Mapping[str, Any], *, file: Path, section: str, base_dir: Path, home: Path
+) -> _Layer:
+    out: _Layer = {}
+    where = _table_where(file, section, table)
+    fields = [k.split(".", 1)[1] for k in CONFIG_KEYS if k.startswith(f"{table}.")]
+    for name, value in data.items():
+        key = f"{table}.{name}"
+        if key == _ENV_SET:
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"'set' in {where} must be a table of NAME = \"value\": write [env.set]"
+                )
+            set_where = _table_where(file, section, _ENV_SET)
+            for var, var_value in value.items():
+                out[f"{_ENV_SET}.{var}"] = _validated(
+                    f"{_ENV_SET}.{var}", _Setting(var_value, set_where, base_dir), home
+                )
+        elif name in fields:
+            out[key] = _validated(key, _Setting(value, where, base_dir), home)
+        else:
+            raise ConfigError(_unknown_key(name, where, fields))
+    return out
+
+
+def _environment_layer(environ: Mapping[str, str], *, base_dir: Path, home: Path) -> _Layer:
+    out: _Layer = {}
+    for name in sorted(environ):
+        if not name.startswith("STOCKADE_") or name in RUNTIME_ENV_VARS:
+            continue
+        if name.startswith(RUNTIME_ENV_PREFIXES):
+            continue
+        raw = environ[name]
+        where = f"environment variable {name}"
+        key = ENV_VAR_KEYS.get(name)
+        if key is None:
+            close = difflib.get_close_matches(name, list(ENV_VAR_KEYS), n=1)
+            hint = f"did you mean {close[0]}?" if close else "unset it"
+            raise ConfigError(
+                f"unknown configuration variable {name} in the environment; {hint} "
+                f"(known: {', '.join(ENV_VAR_KEYS)})"
+            )
+        kind = CONFIG_KEYS[key].kind
+        if kind == "map":
+            for var, var_value in _parse_assignments(raw, where).items():
+                out[f"{_ENV_SET}.{var}"] = _validated(
+                    f"{_ENV_SET}.{var}", _Setting(var_value, where, base_dir), home
+                )
+        elif kind == "list":
+            out[key] = _validated(key, _Setting(_split_list(raw), where, base_dir), home)
+        elif raw.strip():  # an empty variable means "not set", as the shell idiom VAR= cmd
+            out[key] = _validated(key, _Setting(raw.strip(), where, base_dir), home)
+    return out
+
+
+def _mapping_layer(
+    mapping: Mapping[str, Any], describe: Callable[[str], str], *, base_dir: Path, home: Path
+) -> _Layer:
+    out: _Layer = {}
+    for key, value in _flatten_mapping(mapping).items():
+        if value is None:
+            continue  # click passes None for options left out
+        where = describe(key)
+        if key.startswith(f"{_ENV_SET}."):
+            out[key] = _validated(key, _Setting(value, where, base_dir), home)
+        elif key in CONFIG_KEYS:
+            if CONFIG_KEYS[key].kind == "list" and isinstance(value, str):
+                out[key] = _validated(key, _Setting(_split_list(value), where, base_dir), home)
+            else:
+                out[key] = _validated(key, _Setting(value, where, base_dir), home)
+        elif key == "profiles" or key.startswith("profiles."):
+            raise ConfigError(f"{where}: profiles can only be defined in a config file")
+        else:
+            raise ConfigError(_unknown_key(key, where, list(CONFIG_KEYS)))
+    return out
+
+
+def _flatten_mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """Accept both ``{"limits.memory": v}`` and ``{"limits": {"memory": v}}``."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if (key in _TABLES or key == _ENV_SET) and isinstance(value, Mapping):
+            for sub_key, sub_value in _flatten_mapping(value).items():
+                flat[f"{key}.{sub_key}"] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def _split_list(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _parse_assignments(raw: str, where: str) -> dict[str, str]:
+    items: dict[str, str] = {}
+    for item in _split_list(raw):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(
+                f"{where}: expected comma-separated NAME=value pairs, got an item without '='; "
+                "values containing commas can only be set in a config file"
+            )
+        items[name.strip()] = value
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of one value where it was written
+
+
+def _validated(key: str, setting: _Setting, home: Path) -> _Setting:
+    """Validate one value against its field, so that the error can say where it was written."""
+    table, _, rest = key.partition(".")
+    if key.startswith(f"{_ENV_SET}."):
+        model: type[BaseModel] = EnvConfig
+        data: dict[str, Any] = {"set": {rest.split(".", 1)[1]: setting.value}}
+    elif rest:
+        model, data = _TABLES[table], {rest: setting.value}
+    else:
+        model, data = StockadeConfig, {key: setting.value}
+    try:
+        validated = model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_invalid_value(key, setting, exc)) from exc
+    if key.startswith(f"{_ENV_SET}."):
+        value: Any = validated.model_dump(by_alias=True)["set"][rest.split(".", 1)[1]]
+    else:
+        value = getattr(validated, _attr(model, rest or key))
+    if key == "workspace.path":
+        value = _resolve_path(value, setting.base_dir, home)
+    return _Setting(value, setting.where, setting.base_dir)
+
+
+def _attr(model: type[BaseModel], name: str) -> str:
+    for attr, field in model.model_fields.items():
+        if name in (attr, field.alias):
+            return attr
+    raise KeyError(name)  # pragma: no cover - callers pass known keys
+
+
+def _resolve_path(path: Path, base_dir: Path, home: Path) -> Path:
+    if path.parts and path.parts[0] == "~":
+        path = home.joinpath(*path.parts[1:])
+    return (base_dir / path).resolve()
+
+
+def _invalid_value(key: str, setting: _Setting, exc: ValidationError) -> str:
+    problems = "; ".join(str(error["msg"]).removeprefix("Value error, ") for error in exc.errors())
+    # Values of env.* may be secrets someone pasted by mistake: never echo them.
+    shown = "" if key.startswith("env.") else f" {setting.value!r}"
+    spec = CONFIG_KEYS.get(key)
+    expected = f"; expected: {spec.description}" if spec else ""
+    return f"invalid value{shown} for '{key}' in {setting.where}: {problems}{expected}"
+
+
+def _unknown_key(name: str, where: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(choices)}"
+    return f"unknown key '{name}' in {where}; {hint}"
+
+
+def _table_where(file: Path, section: str, table: str) -> str:
+    return f"{file} [{_join(section, table) or _TOP_LEVEL}]"
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge
+
+
+def _merge_profiles(*layers: dict[str, _Layer]) -> dict[str, _Layer]:
+    merged: dict[str, _Layer] = {}
+    for layer in layers:
+        for name, settings in layer.items():
+            merged.setdefault(name, {}).update(settings)
+    return merged
+
+
+def _chosen_profile(layers: list[_Layer]) -> _Setting | None:
+    chosen = None
+    for layer in layers:
+        if "profile" in layer:
+            chosen = layer["profile"]
+    if chosen is None or chosen.value is None:
+        return None
+    return chosen
+
+
+def _nest(settings: _Layer) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, setting in settings.items():
+        if key.startswith(f"{_ENV_SET}."):
+            name = key.split(".", 2)[2]
+            nested.setdefault("env", {}).setdefault("set", {})[name] = setting.value
+        elif "." in key:
+            table, field = key.split(".", 1)
+            nested.setdefault(table, {})[field] = setting.value
+        else:
+            nested[key] = setting.value
+    return nested
+
+
+def _build(merged: _Layer, profiles: dict[str, _Layer], project_root: Path) -> StockadeConfig:
+    data = _nest(merged)
+    data.setdefault("workspace", {}).setdefault("path", project_root)
+    data["profiles"] = {name: _nest(settings) for name, settings in profiles.items()}
+    try:
+        return StockadeConfig.model_validate(data)
+    except ValidationError as exc:  # pragma: no cover - every value was validated already
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Dangerous values
+
+
+_ROOT_DIRS = (
+    "/",
+    "/usr",
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/boot",
+    "/dev",
+    "/proc",
+    "/sys",
+    "/var",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/opt",
+    "/root",
+    "/run",
+    "/srv",
+    "/snap",
+    "/tmp",
+    "/var/tmp",
+    "/var/lib",
+    "/var/log",
+    "/home",
+    "/mnt",
+    "/media",
+    "/usr/bin",
+    "/usr/lib",
+    "/usr/local",
+    "/usr/share",
+    "/usr/sbin",
+    # macOS
+    "/System",
+    "/Library",
+    "/Applications",
+    "/Users",
+    "/Volumes",
+    "/private",
+    "/private/etc",
+    "/private/var",
+    "/private/tmp",
+    "/cores",
+    "/nix",
+    "/nix/store",
+)
+#: Host trees nothing under which may be a workspace: kernel interfaces and configuration.
+_FORBIDDEN_TREES = ("/proc", "/sys", "/dev", "/etc", "/boot", "/System", "/private/etc")
+#: Directories of the home that hold credentials.
+_CREDENTIAL_DIRS = (
+    ".ssh",
+    ".gnupg",
+    ".aws",
+    ".azure",
+    ".kube",
+    ".docker",
+    ".config/gcloud",
+    ".password-store",
+    ".netrc",
+)
+#: Directories inside the sandbox the workspace must not hide.
+_MOUNT_FORBIDDEN = frozenset(
+    {
+        "/",
+        "/usr",
+        "/etc",
+        "/proc",
+        "/dev",
+        "/sys",
+        "/tmp",
+        "/bin",
+        "/sbin",
+        "/lib",
+        "/lib64",
+        "/boot",
+        "/var",
+        "/run",
+        "/usr/bin",
+        "/usr/lib",
+        "/usr/local",
+        "/usr/local/bin",
+        "/usr/sbin",
+    }
+)
+_MOUNT_FORBIDDEN_TREES = ("/proc", "/sys", "/dev")
+
+_CREDENTIAL_NAMES = frozenset(
+    {
+        "SSH_AUTH_SOCK",
+        "SSH_AGENT_PID",
+        "SSH_ASKPASS",
+        "GIT_ASKPASS",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "DOCKER_HOST",
+        "DOCKER_CONFIG",
+        "DOCKER_CERT_PATH",
+        "KUBECONFIG",
+        "GNUPGHOME",
+        "GPG_AGENT_INFO",
+        "NETRC",
+        "GITHUB_TOKEN",
+        "NPM_TOKEN",
+    }
+)
+_CREDENTIAL_PREFIXES = ("AWS_", "AZURE_")
+_CREDENTIAL_PARTS = (
+    "TOKEN",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "API_KEY",
+    "APIKEY",
+    "CREDENTIAL",
+    "PRIVATE_KEY",
+)
+_CREDENTIAL_SUFFIXES = ("_KEY",)
+#: Make every process in the sandbox, the guest agent included, load host libraries.
+_LOADER_NAMES = frozenset(
+    {
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "DYLD_INSERT_LIBRARIES",
+        "DYLD_LIBRARY_PATH",
+        "DYLD_FRAMEWORK_PATH",
+    }
+)
+
+
+def credential_reason(name: str) -> str | None:
+    """Why environment variable ``name`` must not enter the sandbox, or None if it may."""
+    upper = name.upper()
+    if upper in _LOADER_NAMES:
+        return "it makes every process in the sandbox load libraries from a host path"
+    if (
+        upper in _CREDENTIAL_NAMES
+        or upper.startswith(_CREDENTIAL_PREFIXES)
+        or any(part in upper for part in _CREDENTIAL_PARTS)
+        or upper.endswith(_CREDENTIAL_SUFFIXES)
+    ):
+        return "it carries credentials or access to them"
+    return None
+
+
+def check_safety(
+    config: StockadeConfig,
+    *,
+    environ: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+    origin: Callable[[str], str] | None = None,
+    cpu_count: int | None = None,
+) -> None:
+    """Raise PolicyError naming the key, its origin and the fix if ``config`` is dangerous.
+
+    The user's home is ``$HOME`` from ``environ`` (default ``os.environ``) and the passwd
+    entry's; a relative workspace path resolves against ``base_dir`` (default: the cwd);
+    ``cpu_count`` defaults to the host's.
+    """
+    homes = (_home(os.environ if environ is None else environ), _passwd_home())
+    where = origin or (lambda _key: "the configuration")
+
+    def refuse(key: str, value: Any, reason: str, fix: str) -> PolicyError:
+        return PolicyError(f"{key} = {value!r} (from {where(key)}) is refused: {reason}; {fix}")
+
+    if config.backend == "host" and not config.unsafe_host:
+        raise refuse(
+            "backend",
+            "host",
+            "the host backend runs commands without any isolation",
+            "pass --unsafe-host / set unsafe_host = true if you really mean it, "
+            "or choose backend = 'auto'",
+        )
+
+    workspace = config.workspace
+    if workspace.mode != "none":
+        path = (
+            workspace.path
+            if workspace.path.is_absolute()
+            else (base_dir or Path.cwd()) / workspace.path
+        )
+        reason = _dangerous_workspace(path, homes)
+        if reason:
+            raise refuse(
+                "workspace.path",
+                str(path),
+                f"sharing it with the sandbox would expose too much ({reason})",
+                "point workspace.path at the project directory, or set workspace.mode = 'none'",
+            )
+        reason = mount_problem(workspace.mount)
+        if reason:
+            raise refuse(
+                "workspace.mount",
+                workspace.mount,
+                reason,
+                "use an absolute directory of its own inside the sandbox, e.g. '/workspace'",
+            )
+
+    secrets_fix = (
+        "remove it; secrets will come through the [secrets] table of the egress feature, "
+        "which keeps them out of the sandbox"
+    )
+    for name in config.env.pass_:
+        reason = credential_reason(name)
+        if reason:
+            raise refuse("env.pass", name, f"{name}: {reason}", secrets_fix)
+    for name in config.env.set_:
+        reason = credential_reason(name)
+        if reason:
+            key = f"{_ENV_SET}.{name}"
+            raise PolicyError(
+                f"{key} (from {where(key)}) is refused: {name}: {reason}; {secrets_fix}"
+            )
+
+    limits = config.limits
+    if limits.memory < MIN_MEMORY:
+        raise refuse(
+            "limits.memory",
+            format_size(limits.memory),
+            "below the 32MiB the sandbox needs to start",
+            "set limits.memory to at least '32MiB', e.g. '512MiB'",
+        )
+    if limits.pids < MIN_PIDS:
+        raise refuse(
+            "limits.pids",
+            limits.pids,
+            f"below the {MIN_PIDS} processes the sandbox needs to start",
+            f"set limits.pids to at least {MIN_PIDS}, e.g. 1024",
+        )
+    if limits.cpus is not None:
+        cores = cpu_count or os.cpu_count() or 1
+        if limits.cpus <= 0:
+            raise refuse(
+                "limits.cpus",
+                limits.cpus,
+                "a CPU limit must be positive",
+                "set a number of cores such as 2 or 0.5, or 'none' for no limit",
+            )
+        if limits.cpus > cores * _CPUS_FACTOR:
+            raise refuse(
+                "limits.cpus",
+                limits.cpus,
+                f"this host has {cores} cores (is it a percentage?)",
+                f"set a number of cores, at most {cores}",
+            )
+
+    for entry in config.network.allow:
+        reason = _too_broad(entry)
+        if reason:
+            raise refuse(
+                "network.allow",
+                entry,
+                f"too broad: {reason}",
+                "list the exact domains the sandbox needs, e.g. 'pypi.org' or '*.github.com'",
+            )
+    if config.network.allow:
+        raise refuse(
+            "network.allow",
+            list(config.network.allow),
+            "egress is not available yet in this version of stockade, so the sandbox network "
+            "stays closed and cannot honour an allow list",
+            "remove network.allow (network.deny may stay)",
+        )
+
+
+def _dangerous_workspace(path: Path, homes: tuple[Path, ...]) -> str | None:
+    candidates = {Path(os.path.normpath(path)), path.resolve()}
+    home_set = {Path(os.path.normpath(h)) for h in homes} | {h.resolve() for h in homes}
+    for candidate in candidates:
+        if candidate == Path(candidate.anchor):
+            return "it is the filesystem root"
+        for home in home_set:
+            if candidate == home:
+                return "it is your home directory"
+            if candidate in home.parents:
+                return f"it contains your home directory {home}"
+            for sub in _CREDENTIAL_DIRS:
+                secret_dir = home / sub
+                if candidate == secret_dir or secret_dir in candidate.parents:
+                    return f"{secret_dir} holds credentials"
+        text = candidate.as_posix()
+        if text in _ROOT_DIRS:
+            return f"{text} is a system directory"
+        for tree in _FORBIDDEN_TREES:
+            if text.startswith(tree + "/"):
+                return f"it is inside the system directory {tree}"
+    return None
+
+
+def mount_problem(mount: str) -> str | None:
+    """Why ``mount`` cannot hold the workspace inside the sandbox, or None if it can."""
+    if not mount.startswith("/"):
+        return "it must be an absolute path inside the sandbox"
+    normal = posixpath.normpath(mount)
+    if normal.startswith("//"):
+        normal = "/" + normal.lstrip("/")
+    if normal in _MOUNT_FORBIDDEN:
+        return f"mounting the workspace over {normal} would hide a system directory"
+    for tree in _MOUNT_FORBIDDEN_TREES:
+        if normal.startswith(tree + "/"):
+            return f"{tree} is a kernel interface, not a place for the workspace"
+    return None
+
+
+def _too_broad(entry: str) -> str | None:
+    host = entry.lower()
+    if "/" in host:
+        _, _, prefix = host.partition("/")
+        if prefix.isdigit() and int(prefix) == 0:
+            return f"{entry!r} matches every address"
+    if "*" not in host:
+        return None
+    if host.count("*") > 1 or not host.startswith("*.") or host == "*.":
+        return f"{entry!r} matches far too much; wildcards are allowed only as a leading '*.'"
+    rest = host[2:].split(":", 1)[0]
+    if "." not in rest:
+        return f"{entry!r} matches every domain under the top-level domain '.{rest}'"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Home
+
+
+def _home(environ: Mapping[str, str]) -> Path:
+    home = environ.get("HOME", "")
+    return Path(home) if home and Path(home).is_absolute() else _passwd_home()
+
+
+def _passwd_home() -> Path:
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:  # no passwd entry (some containers): fall back to the root, refused anyway
+        return Path("/")
