@@ -23,8 +23,31 @@ from stockade._errors import (
     WorkspaceError,
 )
 from stockade._results import CommandResult
-from stockade.sandbox import AsyncCommandHandle, AsyncSandbox
-from stockade.sync import CommandHandle, Sandbox
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from stockade.sandbox import AsyncCommandHandle, AsyncSandbox
+    from stockade.sync import CommandHandle, Sandbox
+
+# The sandbox classes pull in anyio and pydantic; load them on first use so that
+# `import stockade` (and the CLI's fast paths) stay cheap.
+_LAZY = {
+    "AsyncSandbox": "stockade.sandbox",
+    "AsyncCommandHandle": "stockade.sandbox",
+    "Sandbox": "stockade.sync",
+    "CommandHandle": "stockade.sync",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stockade' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __version__ = "0.1.0"
 
