@@ -225,14 +225,18 @@ def test_precedence_of_each_key_from_each_layer(world: World, key: str, top: int
         overrides={key: call} if top >= 5 else None,
     )
     assert dotted(loaded.config, key) == expected[top]
-    assert loaded.origin(key) == {
-        0: "default",
-        1: f"{world.user_file} [top level]",
-        2: f"{world.project / 'stockade.toml'} [top level]",
-        3: f"environment variable {CONFIG_KEYS[key].env_var}",
-        4: f"command-line option '{key}'",
-        5: f"argument overrides[{key!r}]",
-    }[top]
+    table = key.rpartition(".")[0] or "top level"
+    assert (
+        loaded.origin(key)
+        == {
+            0: "default",
+            1: f"{world.user_file} [{table}]",
+            2: f"{world.project / 'stockade.toml'} [{table}]",
+            3: f"environment variable {CONFIG_KEYS[key].env_var}",
+            4: f"command-line option '{key}'",
+            5: f"argument overrides[{key!r}]",
+        }[top]
+    )
 
 
 @pytest.mark.parametrize("top", range(len(LAYERS)), ids=LAYERS)
@@ -471,11 +475,8 @@ def test_profile_is_below_environment_flags_and_arguments(world: World) -> None:
 
 @pytest.mark.parametrize("layer", ["project", "env", "flag", "overrides", "argument"])
 def test_profile_can_be_selected_from_any_layer(world: World, layer: str) -> None:
-    text = PROFILES + ("profile = 'test'\n" if layer == "project" else "")
     # "profile" must sit at the top level, before the first table.
-    world.write_project(
-        ("profile = 'test'\n" if layer == "project" else "") + PROFILES if layer else text
-    )
+    world.write_project(("profile = 'test'\n" if layer == "project" else "") + PROFILES)
     environ = dict(world.environ)
     if layer == "env":
         environ["STOCKADE_PROFILE"] = "test"
@@ -629,7 +630,8 @@ def test_invalid_values_name_key_and_origin(
         world.load()
     message = str(info.value)
     assert not isinstance(info.value, PolicyError)
-    assert f"for '{key}' in {path} [top level]" in message
+    table = key.rpartition(".")[0] or "top level"
+    assert f"for '{key}' in {path} [{table}]" in message
     assert fragment in message
 
 
@@ -742,8 +744,21 @@ def test_dangerous_path_is_fine_without_a_workspace(world: World) -> None:
 
 
 @pytest.mark.parametrize(
-    "mount", ["workspace", "./w", "/", "/usr", "/usr/", "/etc", "/proc", "/dev", "/sys", "/tmp",
-              "/proc/x", "/w/../usr"]  # fmt: skip
+    "mount",
+    [
+        "workspace",
+        "./w",
+        "/",
+        "/usr",
+        "/usr/",
+        "/etc",
+        "/proc",
+        "/dev",
+        "/sys",
+        "/tmp",
+        "/proc/x",
+        "/w/../usr",
+    ],
 )
 def test_bad_mounts_are_refused(world: World, mount: str) -> None:
     refused(world, "workspace.mount", flags={"workspace.mount": mount})

@@ -56,7 +56,7 @@ def run_bpf(program: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> i
     """Evaluate a seccomp classic-BPF program on one seccomp_data; return the action."""
     full_args = (list(args) + [0] * 6)[:6]
     data = struct.pack("<iIQ6Q", nr, arch, 0x401000, *full_args)
-    insns = [struct.unpack_from("<HBBI", program, off) for off in range(0, len(program), 8)]
+    insns = list(struct.iter_unpack("<HBBI", program))
     a = x = 0
     mem = [0] * 16
     pc = 0
@@ -83,18 +83,23 @@ def run_bpf(program: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> i
         elif cls == 0x04:  # ALU
             operand = x if code & 0x08 else k
             op = code & 0xF0
-            results = {
-                0x00: a + operand,
-                0x10: a - operand,
-                0x40: a | operand,
-                0x50: a & operand,
-                0x60: a << operand,
-                0x70: a >> operand,
-                0xA0: a ^ operand,
-            }
-            if op not in results:
+            if op == 0x00:
+                a = a + operand
+            elif op == 0x10:
+                a = a - operand
+            elif op == 0x40:
+                a = a | operand
+            elif op == 0x50:
+                a = a & operand
+            elif op == 0x60:
+                a = a << (operand & 31)
+            elif op == 0x70:
+                a = a >> (operand & 31)
+            elif op == 0xA0:
+                a = a ^ operand
+            else:
                 raise AssertionError(f"unsupported ALU op {code:#x}")
-            a = results[op] & 0xFFFFFFFF
+            a &= 0xFFFFFFFF
         elif cls == 0x05:  # JMP
             op = code & 0xF0
             operand = x if code & 0x08 else k

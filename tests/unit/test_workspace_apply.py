@@ -97,9 +97,9 @@ def mutate(layers: WorkspaceLayers) -> None:
         whiteout(up / "src" / "b.py")
 
 
-def expected_after(project_before: dict[str, tuple[str, int, bytes | str | None]]) -> dict[
-    str, tuple[str, int, bytes | str | None]
-]:
+def expected_after(
+    project_before: dict[str, tuple[str, int, bytes | str | None]],
+) -> dict[str, tuple[str, int, bytes | str | None]]:
     exp = dict(project_before)
     exp["README.md"] = ("file", 0o644, b"# hello\n")
     exp["src/a.py"] = ("file", 0o644, b"a = 2\n")
@@ -132,9 +132,7 @@ def test_create_layout_and_exists(tmp_path: Path, project: Path) -> None:
         WorkspaceLayers.create(tmp_path / "s2", project / "README.md")
 
 
-def test_host_edit_right_after_create_is_newer_than_baseline(
-    tmp_path: Path, project: Path
-) -> None:
+def test_host_edit_right_after_create_is_newer_than_baseline(tmp_path: Path, project: Path) -> None:
     layers = WorkspaceLayers.create(tmp_path / "state", project)
     write(project / "README.md", "edited\n")
     assert os.stat(project / "README.md").st_ctime_ns > layers.baseline_ns
@@ -282,22 +280,34 @@ def test_host_file_created_or_removed_after_baseline_conflicts(
     write(layers.upper / "brand-new.txt", "sandbox\n")
     copy_dir(layers, "src")
     write(layers.upper / "src" / "a.py", "a = 3\n")
+    reviewed = compute_diff(layers)
     write(project / "brand-new.txt", "host\n")
     os.unlink(project / "src" / "a.py")
     with pytest.raises(WorkspaceConflictError) as info:
-        apply_diff(layers)
+        apply_diff(layers, reviewed)
     assert info.value.paths == ["brand-new.txt", "src/a.py"]
     assert (project / "brand-new.txt").read_text() == "host\n"
+    # Forcing applies what the sandbox holds now: its files win.
+    result = apply_diff(layers, reviewed, force=True)
+    assert result.applied == ["brand-new.txt", "src/a.py"]
+    assert (project / "brand-new.txt").read_text() == "sandbox\n"
+    assert (project / "src" / "a.py").read_text() == "a = 3\n"
+    assert not compute_diff(layers)
 
 
 @needs_root
 def test_deleted_dir_with_new_host_file(layers: WorkspaceLayers, project: Path) -> None:
     whiteout(layers.upper / "old")
+    reviewed = compute_diff(layers)
     write(project / "old" / "added-on-host.txt", "keep me\n")
+    # A fresh diff would list the host's new file among the deleted ones: a conflict too.
     with pytest.raises(WorkspaceConflictError) as info:
         apply_diff(layers)
+    assert info.value.paths == ["old", "old/added-on-host.txt"]
+    with pytest.raises(WorkspaceConflictError) as info:
+        apply_diff(layers, reviewed)
     assert info.value.paths == ["old"]
-    result = apply_diff(layers, force=True)
+    result = apply_diff(layers, reviewed, force=True)
     assert ("old", "directory holds host entries that are not in the diff") in result.skipped
     assert (project / "old" / "added-on-host.txt").read_text() == "keep me\n"
     assert not (project / "old" / "x.txt").exists()
@@ -320,7 +330,9 @@ def test_failed_replace_leaves_no_temp_and_host_intact(
         real_replace(src, dst, **kw)
 
     monkeypatch.setattr(os, "replace", flaky_replace)
-    with pytest.raises(WorkspaceError, match=r"apply failed at 'src/b.py'.*already applied: src/a.py"):
+    with pytest.raises(
+        WorkspaceError, match=r"apply failed at 'src/b.py'.*already applied: src/a.py"
+    ):
         apply_diff(layers)
     monkeypatch.undo()
     assert (project / "src" / "a.py").read_text() == "a = 2\n"

@@ -135,9 +135,7 @@ def test_chmod_only_is_a_mode_change(trees: tuple[Path, Path]) -> None:
     run = diff.changes[1]
     assert run.mode_changed and not run.content_changed
     assert (run.old_mode, run.new_mode) == (0o644, 0o755)
-    assert run.patch() == (
-        "diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n"
-    )
+    assert run.patch() == ("diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n")
     assert "old mode 040755\nnew mode 040700\n" in diff.changes[0].patch()
 
 
@@ -216,7 +214,10 @@ def test_symlinks_added_modified_deleted(trees: tuple[Path, Path]) -> None:
     diff = compute_diff(lower, upper)
     by_path = {c.path: c for c in diff}
     assert by_path["changed"].kind == "modified"
-    assert (by_path["changed"].old_target, by_path["changed"].new_target) == ("target-a", "target-b")
+    assert (by_path["changed"].old_target, by_path["changed"].new_target) == (
+        "target-a",
+        "target-b",
+    )
     assert by_path["new"].kind == "added" and by_path["new"].type == "symlink"
     assert by_path["new"].new_mode is None
     assert "same" not in by_path

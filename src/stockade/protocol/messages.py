@@ -277,7 +277,7 @@ class TransferResult(_Model):
 
 
 class TransferWriteParams(_Model):
-    transfer: int
+    transfer: int = Field(description="Handle from fs.upload_tar.")
     data: B64 = ""
     eof: bool = Field(default=False, description="Last chunk: finish extracting.")
 
@@ -287,13 +287,13 @@ class TransferWriteResult(_Model):
 
 
 class TransferReadParams(_Model):
-    transfer: int
-    length: int = Field(default=1024 * 1024, ge=1, le=4 * 1024 * 1024)
+    transfer: int = Field(description="Handle from fs.download_tar.")
+    length: int = Field(default=1024 * 1024, ge=1, le=4 * 1024 * 1024, description="Most bytes.")
 
 
 class TransferReadResult(_Model):
     data: B64
-    eof: bool
+    eof: bool = Field(description="True when the archive is complete.")
 
 
 #: method name -> (params model, result model)

@@ -31,7 +31,13 @@ from stockade.workspace.diff import (
     is_protected,
     normalize_protected,
 )
-from stockade.workspace.layers import WorkspaceLayers, open_dir_beneath, open_file_beneath
+from stockade.workspace.layers import (
+    ModeRestore,
+    WorkspaceLayers,
+    open_dir_beneath,
+    open_file_beneath,
+    restore_modes,
+)
 
 __all__ = ["ApplyResult", "apply_diff"]
 
@@ -79,18 +85,26 @@ def apply_diff(
     current: dict[str, list[FileChange]] = {}
     for change in fresh.changes:
         current.setdefault(change.path, []).append(change)
+    plan = _Plan(layers, force=force)
     todo: list[FileChange] = []
     for change in selected:
         if change.protected or is_protected(change.path, protected_set):
             skipped.append((change.path, "protected path: never applied to the host"))
-        elif not any(change.same_change(c) for c in current.get(change.path, [])):
-            skipped.append((change.path, "changed in the sandbox since the diff was computed"))
-        else:
+        elif any(change.same_change(c) for c in current.get(change.path, [])):
             todo.append(change)
-    todo = _with_new_parents(todo, current)
+        elif (why := plan.target_conflict(change)) is not None:
+            # The diff no longer matches because the host moved: a conflict. Forcing it
+            # applies what the sandbox holds now, as a fresh diff describes it.
+            plan.conflicts.append((change.path, why))
+            if force:
+                todo.extend(c for c in current.get(change.path, []) if not c.protected)
+        elif change.kind == "deleted" and plan.host_missing(change):
+            skipped.append((change.path, "already absent on the host"))
+        else:
+            skipped.append((change.path, "changed in the sandbox since the diff was computed"))
+    todo = _dedupe(_with_new_parents(todo, current, reviewed))
 
-    plan = _Plan(layers, todo, force=force)
-    plan.check()
+    plan.check(todo)
     result = plan.execute()
     result.skipped[:0] = skipped
     result.skipped.sort()
@@ -138,21 +152,28 @@ def _under(path: str, prefix: str) -> bool:
 
 
 def _with_new_parents(
-    todo: list[FileChange], current: dict[str, list[FileChange]]
+    todo: list[FileChange], current: dict[str, list[FileChange]], reviewed: WorkspaceDiff
 ) -> list[FileChange]:
-    """Add the new directories a selected change needs (``paths=["new/dir/f.py"]``)."""
-    chosen = {id(c) for c in todo}
+    """Add the new directories a selected change needs (``paths=["new/dir/f.py"]``), if the
+    reviewed diff shows them too."""
     out = list(todo)
     for change in todo:
         parts = change.path.split("/")
         for i in range(1, len(parts)):
-            ancestor = "/".join(parts[:i])
-            group = current.get(ancestor, [])
-            if any(c.kind == "added" and c.type == "dir" for c in group):
-                for extra in group:
-                    if id(extra) not in chosen and not extra.protected:
-                        chosen.add(id(extra))
-                        out.append(extra)
+            group = current.get("/".join(parts[:i]), [])
+            if not any(c.kind == "added" and c.type == "dir" for c in group):
+                continue
+            for extra in group:
+                if not extra.protected and any(extra.same_change(r) for r in reviewed.changes):
+                    out.append(extra)
+    return out
+
+
+def _dedupe(changes: list[FileChange]) -> list[FileChange]:
+    out: list[FileChange] = []
+    for change in changes:
+        if not any(change.same_change(c) for c in out):
+            out.append(change)
     return out
 
 
@@ -161,13 +182,16 @@ def _order_key(change: FileChange) -> list[str]:
 
 
 class _Plan:
-    def __init__(self, layers: WorkspaceLayers, todo: list[FileChange], *, force: bool) -> None:
+    def __init__(self, layers: WorkspaceLayers, *, force: bool) -> None:
         self.layers = layers
         self.lower = layers.lower
         self.force = force
-        self.todo = todo
-        self.new_dirs = {c.path for c in todo if c.kind == "added" and c.type == "dir"}
-        self.deleting = {c.path for c in todo if c.kind == "deleted"}
+        self.baseline = layers.baseline_ns
+        self.own_writes = layers.load_applied()
+        self.conflicts: list[tuple[str, str]] = []
+        self.todo: list[FileChange] = []
+        self.new_dirs: set[str] = set()
+        self.deleting: set[str] = set()
         self.applied: list[str] = []
         self.skipped: list[tuple[str, str]] = []
         self.touched: set[str] = set()
@@ -175,29 +199,35 @@ class _Plan:
         self.is_root = os.geteuid() == 0
 
     # -- checks: nothing is written until all of them pass ------------------------------
-    def check(self) -> None:
-        baseline = self.layers.baseline_ns
-        own_writes = self.layers.load_applied()
-        conflicts: list[tuple[str, str]] = []
-        for change in self.todo:
-            parts = _split(change.path)
-            missing_parent = self._check_parents(parts)
+    def target_conflict(self, change: FileChange) -> str | None:
+        """Why the host entry at ``change.path`` is not what the sandbox started from."""
+        st = _lstat_or_none(self.lower.joinpath(*_split(change.path)))
+        if st is None:
+            return "removed on the host" if change.kind == "modified" else None
+        if st.st_ctime_ns > self.baseline and self.own_writes.get(change.path) != st.st_ctime_ns:
+            return "changed on the host since the sandbox started"
+        if change.kind == "added" and change.path not in self.deleting:
+            return "already exists on the host"
+        return None
+
+    def host_missing(self, change: FileChange) -> bool:
+        return _lstat_or_none(self.lower.joinpath(*_split(change.path))) is None
+
+    def check(self, todo: list[FileChange]) -> None:
+        self.todo = todo
+        self.new_dirs = {c.path for c in todo if c.kind == "added" and c.type == "dir"}
+        self.deleting = {c.path for c in todo if c.kind == "deleted"}
+        conflicts = list(self.conflicts)
+        for change in todo:
+            missing_parent = self._check_parents(_split(change.path))
             if missing_parent is not None:
                 conflicts.append(
                     (change.path, f"parent directory {missing_parent!r} was removed on the host")
                 )
-                continue
-            st = _lstat_or_none(self.lower.joinpath(*parts))
-            if st is None:
-                if change.kind == "modified":
-                    conflicts.append((change.path, "removed on the host"))
-                continue
-            if st.st_ctime_ns > baseline and own_writes.get(change.path) != st.st_ctime_ns:
-                conflicts.append((change.path, "changed on the host since the sandbox started"))
-            elif change.kind == "added" and change.path not in self.deleting:
-                conflicts.append((change.path, "already exists on the host"))
+            elif (why := self.target_conflict(change)) is not None:
+                conflicts.append((change.path, why))
         if conflicts and not self.force:
-            listing = "; ".join(f"{p} ({why})" for p, why in conflicts)
+            listing = "; ".join(f"{p} ({why})" for p, why in sorted(set(conflicts)))
             raise WorkspaceConflictError(
                 f"{len(conflicts)} path(s) changed on the host since the sandbox started: "
                 f"{listing}. Review them and apply with force=True to overwrite, or leave "
@@ -340,7 +370,7 @@ class _Plan:
         self, parent_fd: int, name: str, change: FileChange, owner: tuple[int, int] | None
     ) -> str | None:
         try:
-            src = open_file_beneath(self.layers.upper, _split(change.path))
+            src = open_file_beneath(self.layers.upper, _split(change.path), owned=True)
         except OSError:
             return "changed in the sandbox while applying"
         tmp = _temp_name()
@@ -381,11 +411,15 @@ class _Plan:
     ) -> str | None:
         parts = _split(change.path)
         try:
-            upper_fd = open_dir_beneath(self.layers.upper, parts[:-1])
+            restore: ModeRestore = []
             try:
-                target = os.readlink(parts[-1], dir_fd=upper_fd)
+                upper_fd = open_dir_beneath(self.layers.upper, parts[:-1], restore=restore)
+                try:
+                    target = os.readlink(parts[-1], dir_fd=upper_fd)
+                finally:
+                    os.close(upper_fd)
             finally:
-                os.close(upper_fd)
+                restore_modes(restore)
         except OSError:
             return "changed in the sandbox while applying"
         if target != change.new_target:

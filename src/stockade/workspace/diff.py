@@ -40,7 +40,14 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from stockade._errors import WorkspaceError
-from stockade.workspace.layers import WorkspaceLayers, open_dir_beneath, open_file_beneath
+from stockade.workspace.layers import (
+    ModeRestore,
+    WorkspaceLayers,
+    open_at,
+    open_dir_beneath,
+    open_file_beneath,
+    restore_modes,
+)
 
 __all__ = [
     "TEXT_PATCH_LIMIT",
@@ -164,7 +171,7 @@ class FileChange:
         if root is None:
             return None
         try:
-            fd = open_file_beneath(root, tuple(self.path.split("/")))
+            fd = open_file_beneath(root, tuple(self.path.split("/")), owned=side == "upper")
         except OSError:
             return None
         try:
@@ -361,13 +368,14 @@ class _DiffWalker:
         *,
         opaque: bool,
     ) -> None:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd
-        )
+        # A directory the sandbox made inaccessible stays readable until its walk is done.
+        restore: ModeRestore = []
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = open_at(parent_fd, name, flags, restore)
         try:
-            st = os.fstat(fd)
+            mode = restore[0][1] if restore else stat.S_IMODE(os.fstat(fd).st_mode)
             is_opaque = _overlay_flags(fd, "/".join(rel), is_dir=True)
-            new_mode = stat.S_IMODE(st.st_mode) & _PERM_MASK
+            new_mode = mode & _PERM_MASK
             if lower_path is not None and lower_st is not None and stat.S_ISDIR(lower_st.st_mode):
                 old_mode = stat.S_IMODE(lower_st.st_mode) & _PERM_MASK
                 if old_mode != new_mode:
@@ -386,6 +394,7 @@ class _DiffWalker:
             self.walk(fd, rel, None, opaque=True)
         finally:
             os.close(fd)
+            restore_modes(restore)
 
     def compare(
         self,
@@ -441,9 +450,12 @@ class _DiffWalker:
             os.close(fd)
 
     def read_upper_file(self, dir_fd: int, name: str, rel: tuple[str, ...]) -> _Side:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
-        )
+        restore: ModeRestore = []
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = open_at(dir_fd, name, flags, restore)
+        finally:
+            restore_modes(restore)  # an open fd keeps reading whatever the mode
         try:
             _overlay_flags(fd, "/".join(rel), is_dir=False)
             return _hash_file(fd)

@@ -228,16 +228,27 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
-def open_dir_beneath(root: Path, parts: tuple[str, ...]) -> int:
+#: (fd, mode) pairs: entries made accessible by ``open_at``, to put back with ``restore_modes``.
+ModeRestore = list[tuple[int, int]]
+
+
+def open_dir_beneath(
+    root: Path, parts: tuple[str, ...], *, restore: ModeRestore | None = None
+) -> int:
     """Open directory ``root/parts...`` without following a symlink in any component.
 
     Raises OSError (ELOOP / ENOTDIR / ENOENT) when a component is a symlink, not a
-    directory, or missing. The caller closes the returned fd.
+    directory, or missing. Pass ``restore`` for the upper layer: directories the sandbox made
+    inaccessible are opened anyway (see ``open_at``) and stay usable until
+    ``restore_modes(restore)``. The caller closes the returned fd.
     """
     fd = os.open(root, _DIR_FLAGS)
     try:
         for part in parts:
-            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            if restore is None:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            else:
+                child = open_at(fd, part, _DIR_FLAGS, restore)
             os.close(fd)
             fd = child
     except BaseException:
@@ -246,23 +257,70 @@ def open_dir_beneath(root: Path, parts: tuple[str, ...]) -> int:
     return fd
 
 
-def open_file_beneath(root: Path, parts: tuple[str, ...]) -> int:
-    """Open regular file ``root/parts...`` read-only, never following a symlink."""
+def open_file_beneath(root: Path, parts: tuple[str, ...], *, owned: bool = False) -> int:
+    """Open regular file ``root/parts...`` read-only, never following a symlink.
+
+    ``owned`` is for the upper layer: entries the sandbox chmodded to 000 are read anyway.
+    """
     if not parts:
         raise IsADirectoryError(errno.EISDIR, "workspace root is a directory", str(root))
-    dir_fd = open_dir_beneath(root, parts[:-1])
+    restore: ModeRestore | None = [] if owned else None
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(
-            parts[-1],
-            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-            dir_fd=dir_fd,
-        )
+        dir_fd = open_dir_beneath(root, parts[:-1], restore=restore)
+        try:
+            if restore is None:
+                fd = os.open(parts[-1], flags, dir_fd=dir_fd)
+            else:
+                fd = open_at(dir_fd, parts[-1], flags, restore)
+        finally:
+            os.close(dir_fd)
     finally:
-        os.close(dir_fd)
+        if restore:
+            restore_modes(restore)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(root.joinpath(*parts)))
     return fd
+
+
+def open_at(dir_fd: int, name: str, flags: int, restore: ModeRestore) -> int:
+    """``os.open(name, flags, dir_fd=dir_fd)`` for an entry of a layer the host owns.
+
+    The sandbox may chmod its files and directories to 000; the host side, which owns the
+    upper layer, still has to read them. On EACCES the entry is pinned with an
+    ``O_PATH | O_NOFOLLOW`` fd (so it is never a symlink), given owner read and search
+    permission, and reopened through that fd; its mode is recorded in ``restore``.
+    """
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        pass
+    path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        mode = os.fstat(path_fd).st_mode
+        if stat.S_ISDIR(mode):
+            needed = 0o500
+        elif stat.S_ISREG(mode):
+            needed = 0o400
+        else:
+            raise PermissionError(errno.EACCES, "not readable", name)
+        proc = f"/proc/self/fd/{path_fd}"
+        os.chmod(proc, stat.S_IMODE(mode) | needed)
+        restore.append((os.dup(path_fd), stat.S_IMODE(mode)))
+        return os.open(proc, flags & ~os.O_NOFOLLOW)
+    finally:
+        os.close(path_fd)
+
+
+def restore_modes(restore: ModeRestore) -> None:
+    """Put back the modes ``open_at`` changed, innermost first."""
+    while restore:
+        fd, mode = restore.pop()
+        try:
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
 
 
 def remove_tree(path: Path) -> None:

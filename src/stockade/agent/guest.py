@@ -1,0 +1,1960 @@
+#!/usr/bin/env python3
+"""The stockade guest agent: serves the agent protocol inside a sandbox and is the parent of
+every process started in it.
+
+This file is copied into sandboxes and run there by the sandbox's own interpreter as
+``python3 -S -I guest.py [options]``, so it is standalone: stdlib only, Python 3.9+, and it
+never imports stockade. The contract it implements lives on the host side in
+``stockade.protocol.framing`` (4-byte big-endian length + UTF-8 JSON frames) and
+``stockade.protocol.messages`` (JSON-RPC 2.0 methods, results and notifications).
+
+Startup time matters (a benchmark measures create + first exec), so the top level imports only
+modules that are already loaded or cost almost nothing; ``json`` and ``signal`` are avoided
+(they pull in ``re`` and ``enum``) in favour of their C halves, and everything else (ctypes,
+fcntl, termios, tarfile, resource) is imported where it is needed.
+
+The agent is single-threaded: one poll() loop over the channel, children's pipes and a
+signal wake-up pipe. Options: ``--help``.
+"""
+
+from __future__ import annotations
+
+import binascii
+import errno
+import os
+import select
+import sys
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _sig
+    from collections.abc import Callable, Iterator
+    from typing import IO, Any
+else:
+    try:  # the C half of ``signal``: same functions, without importing enum
+        import _signal as _sig
+    except ImportError:  # pragma: no cover - not CPython
+        import signal as _sig
+
+AGENT_VERSION = "0.1.0"
+PROTOCOL_VERSION = "1.0"
+
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+CHUNK = 64 * 1024  # largest read from a child's pipe
+OUT_HIGH = 4 * 1024 * 1024  # stop reading children's output above this many queued bytes
+OUT_LOW = 1 * 1024 * 1024  # ... and resume below this
+IN_PAUSE = 16 * 1024 * 1024  # stop reading requests while this much output is queued
+STDIN_HIGH = 1024 * 1024  # process.write_stdin answers once the buffer is below this
+EXIT_GRACE = 0.2  # seconds to keep reading pipes held open by a background grandchild
+KEEP_FINISHED = 1024  # exit statuses remembered for late process.wait calls
+MAX_PROCS = 4096
+MAX_TRANSFERS = 64
+TAR_CHUNK = 256 * 1024
+
+CAPABILITIES = ("pty", "tar", "signals")
+
+# Landlock (include/uapi/linux/landlock.h). The syscall numbers are the same on every
+# architecture that uses the generic table (x86_64 and aarch64 included).
+SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_ADD_RULE = 445
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+LL_EXECUTE = 1 << 0
+LL_WRITE_FILE = 1 << 1
+LL_READ_FILE = 1 << 2
+LL_READ_DIR = 1 << 3
+LL_REFER = 1 << 13
+LL_TRUNCATE = 1 << 14
+LL_IOCTL_DEV = 1 << 15
+LL_ABI1_ALL = (1 << 13) - 1
+LL_FILE_RIGHTS = LL_EXECUTE | LL_WRITE_FILE | LL_READ_FILE | LL_TRUNCATE | LL_IOCTL_DEV
+LL_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
+LL_SCOPE_SIGNAL = 1 << 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_CHILD_SUBREAPER = 36
+#: Devices every process expects; granted read-write whenever Landlock is on.
+LANDLOCK_DEVICES = (
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/tty",
+    "/dev/ptmx",
+    "/dev/pts",
+)
+
+RLIMIT_NAMES = {
+    "nproc": "RLIMIT_NPROC",
+    "as": "RLIMIT_AS",
+    "nofile": "RLIMIT_NOFILE",
+    "core": "RLIMIT_CORE",
+    "fsize": "RLIMIT_FSIZE",
+    "cpu": "RLIMIT_CPU",
+}
+
+#: errno -> protocol error code (see ERROR_CODES in stockade.protocol.messages).
+ERRNO_CODES = {
+    errno.ENOENT: 1,
+    errno.EACCES: 2,
+    errno.EPERM: 2,
+    errno.EROFS: 2,
+    errno.EEXIST: 3,
+    errno.ENOTDIR: 4,
+    errno.EISDIR: 5,
+    errno.ESRCH: 6,
+    errno.EFBIG: 7,
+    errno.E2BIG: 7,
+    errno.ENAMETOOLONG: 7,
+    errno.ENOTEMPTY: 9,
+    errno.EAGAIN: 10,
+    errno.EMFILE: 10,
+    errno.ENFILE: 10,
+    errno.EBUSY: 10,
+}
+INVALID_PARAMS = -32602
+
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+_POLLDONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def log(message: str) -> None:
+    """Log one line to stderr (the host redirects it to a file). Never pass secrets here."""
+    try:
+        os.write(2, f"stockade-agent[{os.getpid()}]: {message}\n".encode(errors="replace"))
+    except OSError:
+        pass
+
+
+# --- JSON without importing ``json`` (which imports ``re`` and costs ~10 ms) -------------
+
+
+class _ScanContext:
+    """What the C scanner reads from a ``json.JSONDecoder``."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    array_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float
+    memo: dict[str, str] = {}
+
+
+try:
+    from _json import encode_basestring_ascii as _quote
+    from _json import make_scanner as _make_scanner
+
+    _scan: Callable[[str, int], tuple[Any, int]] | None = _make_scanner(
+        _ScanContext()  # type: ignore[arg-type]
+    )
+except Exception:  # pragma: no cover - not CPython; fall back to the slow pure module
+    _scan = None
+
+    def _quote(s: str, /) -> str:
+        import json
+
+        return json.dumps(s)
+
+
+def json_loads(text: str) -> Any:
+    if _scan is None:  # pragma: no cover
+        import json
+
+        return json.loads(text)
+    text = text.strip(" \t\r\n")
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration as exc:
+        raise ValueError(f"invalid JSON at offset {exc.value}") from None
+    if end != len(text):
+        raise ValueError(f"extra data after JSON at offset {end}")
+    return value
+
+
+def _encode(obj: Any, out: list[str]) -> None:
+    if isinstance(obj, str):
+        out.append(_quote(obj))
+    elif obj is None:
+        out.append("null")
+    elif obj is True:
+        out.append("true")
+    elif obj is False:
+        out.append("false")
+    elif isinstance(obj, int):
+        out.append(int.__repr__(obj))
+    elif isinstance(obj, float):
+        out.append(float.__repr__(obj) if obj - obj == 0.0 else "null")
+    elif isinstance(obj, dict):
+        out.append("{")
+        first = True
+        for key, value in obj.items():
+            if not first:
+                out.append(",")
+            first = False
+            out.append(_quote(str(key)))
+            out.append(":")
+            _encode(value, out)
+        out.append("}")
+    elif isinstance(obj, (list, tuple)):
+        out.append("[")
+        for index, value in enumerate(obj):
+            if index:
+                out.append(",")
+            _encode(value, out)
+        out.append("]")
+    else:
+        raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def json_dumps(obj: Any) -> bytes:
+    """Compact, ASCII-only JSON."""
+    out: list[str] = []
+    _encode(obj, out)
+    return "".join(out).encode("ascii")
+
+
+def b64encode(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class RpcError(Exception):
+    """An error answer: a protocol error code and a message for the host."""
+
+    def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class AgentExit(Exception):
+    """Leave the event loop: kill every process and exit with ``status``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def os_error(exc: OSError, what: str = "") -> RpcError:
+    """Map an OSError to the protocol's fixed error table."""
+    number = exc.errno or 0
+    code = ERRNO_CODES.get(number, 8)
+    reason = exc.strerror or str(exc)
+    name = errno.errorcode.get(number, "EIO" if not number else str(number))
+    return RpcError(code, f"{what}: {reason}" if what else reason, {"errno": name})
+
+
+# --- request parameters --------------------------------------------------------------------
+
+_MISSING: Any = object()
+
+
+class Params:
+    """Validates one request's params against the schema in stockade.protocol.messages.
+
+    Every getter removes its field; ``done`` refuses fields nobody asked for (the models
+    forbid extras, and silently ignoring e.g. a future 'user' field would be unsafe).
+    Fields whose default is None accept null.
+    """
+
+    def __init__(self, method: str, raw: dict[str, Any]) -> None:
+        self.method = method
+        self.raw = dict(raw)
+
+    def bad(self, name: str, why: str) -> RpcError:
+        return RpcError(INVALID_PARAMS, f"invalid params for {self.method}: '{name}' {why}")
+
+    def _take(self, name: str, default: Any) -> tuple[Any, bool]:
+        if name not in self.raw:
+            if default is _MISSING:
+                raise self.bad(name, "is required")
+            return default, False
+        value = self.raw.pop(name)
+        if value is None:
+            if default is None:
+                return None, False
+            raise self.bad(name, "must not be null")
+        return value, True
+
+    def int(self, name: str, default: Any = _MISSING, lo: int | None = None, hi: int | None = None) -> Any:
+        value, given = self._take(name, default)
+        if not given:
+            return value
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.bad(name, "must be an integer")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise self.bad(name, f"must be between {lo} and {hi}")
+        return value
+
+    def number(self, name: str, default: Any = _MISSING) -> Any:
+        """A finite number greater than zero (the only float field is a timeout)."""
+        value, given = self._take(name, default)
+        if not given:
+            return value
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise self.bad(name, "must be a number")
+        if not 0 < value < 1e9:
+            raise self.bad(name, "must be greater than 0")
+        return float(value)
+
+    def bool(self, name: str, default: Any = _MISSING) -> Any:
+        value, given = self._take(name, default)
+        if given and not isinstance(value, bool):
+            raise self.bad(name, "must be a boolean")
+        return value
+
+    def str(self, name: str, default: Any = _MISSING) -> Any:
+        value, given = self._take(name, default)
+        if given and not isinstance(value, str):
+            raise self.bad(name, "must be a string")
+        if given and "\0" in value:
+            raise self.bad(name, "must not contain NUL characters")
+        return value
+
+    def path(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.str(name, default)
+        if value is not None and not 1 <= len(value) <= 4096:
+            raise self.bad(name, "must be a path of 1 to 4096 characters")
+        return value
+
+    def b64(self, name: str, default: Any = _MISSING) -> Any:
+        value, given = self._take(name, default)
+        if not given:
+            return b"" if value == "" else value
+        if not isinstance(value, str) or len(value) > 12 * 1024 * 1024:
+            raise self.bad(name, "must be a base64 string of at most 12 MiB")
+        try:
+            return binascii.a2b_base64(value)
+        except (binascii.Error, ValueError):
+            raise self.bad(name, "is not valid base64") from None
+
+    def str_list(self, name: str, default: Any = _MISSING) -> Any:
+        value, given = self._take(name, default)
+        if given and (
+            not isinstance(value, list)
+            or not all(isinstance(item, str) and "\0" not in item for item in value)
+        ):
+            raise self.bad(name, "must be a list of strings without NUL characters")
+        return value
+
+    def str_dict(self, name: str, default: Any = _MISSING) -> Any:
+        value, given = self._take(name, default)
+        if given and (
+            not isinstance(value, dict)
+            or not all(isinstance(item, str) for item in value.values())
+        ):
+            raise self.bad(name, "must be an object of strings")
+        return value
+
+    def obj(self, name: str, default: Any = _MISSING) -> Any:
+        value, given = self._take(name, default)
+        if given and not isinstance(value, dict):
+            raise self.bad(name, "must be an object")
+        return Params(f"{self.method} '{name}'", value) if given else value
+
+    def done(self) -> None:
+        for name in self.raw:
+            raise self.bad(name, "is not a known field")
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+class Proc:
+    """One process started by process.start, from fork until its exit is delivered."""
+
+    def __init__(self, handle: int, pid: int, pty: bool) -> None:
+        self.handle = handle
+        self.pid = pid
+        self.pty = pty
+        self.out_fd = -1  # stdout pipe, or the pty master
+        self.err_fd = -1
+        self.in_fd = -1  # stdin pipe, or the pty master; -1 once closed
+        self.master = -1
+        self.has_stdin = False
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.stdin_waiters: list[Any] = []
+        self.waiters: list[Any] = []
+        self.status: tuple[int | None, int | None] | None = None  # (exit_code, signal)
+        self.exited_at = 0.0
+        self.grace_until = 0.0
+        self.deadline: float | None = None
+        self.timed_out = False
+
+    def result(self) -> dict[str, Any]:
+        assert self.status is not None
+        return {"exit_code": self.status[0], "signal": self.status[1], "timed_out": self.timed_out}
+
+
+def child_exec(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    stdio: tuple[int, int, int],
+    tty_modules: tuple[Any, Any] | None,
+    rlimits: list[tuple[int, int, int]],
+    report_fd: int,
+) -> None:
+    """Runs in the forked child: new session, stdio, cwd, exec. Never returns."""
+    stage = "start"
+    try:
+        _sig.set_wakeup_fd(-1)
+        # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored signals ignored.
+        for signum in (_sig.SIGPIPE, _sig.SIGXFSZ, _sig.SIGCHLD, _sig.SIGTERM, _sig.SIGINT, _sig.SIGHUP):
+            _sig.signal(signum, _sig.SIG_DFL)
+        os.setsid()
+        for target, source in enumerate(stdio):
+            os.dup2(source, target)
+        if tty_modules is not None:
+            fcntl, termios = tty_modules
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if rlimits:
+            import resource
+
+            for which, soft, hard in rlimits:
+                resource.setrlimit(which, (soft, hard))
+        stage = "cwd"
+        os.chdir(cwd)
+        stage = "exec"
+        os.execvpe(argv[0], argv, env)
+    except BaseException as exc:
+        number = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+        try:
+            os.write(report_fd, f"{number}:{stage}".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(127)
+
+
+# --- tar -----------------------------------------------------------------------------------
+
+
+class TarRefused(Exception):
+    """A tar member that would land outside the target or is of a forbidden type."""
+
+
+def _member_parts(name: str) -> list[str]:
+    if name.startswith("/"):
+        raise TarRefused(f"refusing tar member {name!r}: absolute path")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise TarRefused(f"refusing tar member {name!r}: path contains '..'")
+    return parts
+
+
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _safe_dir(root: str, parts: list[str]) -> str:
+    """Create the directories ``parts`` under ``root``; refuse symlinks leading outside."""
+    path = root
+    for part in parts:
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            if not _inside(root, os.path.realpath(path)):
+                raise TarRefused(f"refusing to extract through symlink {path!r}: leads outside")
+        if not os.path.isdir(path):
+            os.mkdir(path, 0o755)
+    return path
+
+
+def extract_tar(fileobj: IO[bytes], dest: str) -> int:
+    """Extract a tar archive into ``dest`` refusing anything that could escape it."""
+    import tarfile
+
+    root = os.path.realpath(dest)
+    with tarfile.open(fileobj=fileobj, mode="r:*") as archive:
+        members = archive.getmembers()
+        plan: list[tuple[list[str], Any]] = []
+        for member in members:
+            parts = _member_parts(member.name)
+            if not parts:
+                continue  # the archive's root directory
+            if member.issym():
+                if member.linkname.startswith("/"):
+                    raise TarRefused(f"refusing symlink {member.name!r}: absolute target")
+                target = os.path.normpath(os.path.join("/".join(parts[:-1]), member.linkname))
+                if target == ".." or target.startswith("../"):
+                    raise TarRefused(f"refusing symlink {member.name!r}: target is outside")
+            elif member.islnk():
+                _member_parts(member.linkname)
+            elif not (member.isfile() or member.isdir()):
+                raise TarRefused(
+                    f"refusing tar member {member.name!r}: devices, fifos and other special "
+                    "files are not extracted"
+                )
+            plan.append((parts, member))
+
+        count = 0
+        dirs: list[tuple[str, int, float]] = []
+        for parts, member in plan:
+            parent = _safe_dir(root, parts[:-1])
+            path = os.path.join(parent, parts[-1])
+            if member.isdir():
+                _safe_dir(root, parts)
+                dirs.append((path, member.mode & 0o7777, member.mtime))
+            elif member.issym():
+                _remove_non_dir(path)
+                os.symlink(member.linkname, path)
+            elif member.islnk():
+                source = os.path.join(root, *_member_parts(member.linkname))
+                if not _inside(root, os.path.realpath(os.path.dirname(source))):
+                    raise TarRefused(f"refusing hard link {member.name!r}: target is outside")
+                _remove_non_dir(path)
+                os.link(source, path, follow_symlinks=False)
+            else:
+                _extract_file(archive, member, path)
+            count += 1
+        for path, mode, mtime in reversed(dirs):
+            os.chmod(path, mode & 0o1777)
+            os.utime(path, (mtime, mtime))
+    return count
+
+
+def _remove_non_dir(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise FileExistsError(errno.EEXIST, "a directory is in the way", path) from None
+
+
+def _extract_file(archive: Any, member: Any, path: str) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        os.unlink(path)  # an existing symlink: replace it, never write through it
+        fd = os.open(path, flags, 0o600)
+    try:
+        source = archive.extractfile(member)
+        if source is not None:
+            while True:
+                block = source.read(TAR_CHUNK)
+                if not block:
+                    break
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view) :]
+        os.fchmod(fd, member.mode & 0o777)
+        os.utime(fd, (member.mtime, member.mtime))
+    finally:
+        os.close(fd)
+
+
+def tar_stream(top: str) -> Iterator[bytes]:
+    """Pack ``top`` (a file or a directory's contents) as a tar stream, chunk by chunk."""
+    import stat
+    import tarfile
+
+    st = os.lstat(top)
+    if stat.S_ISDIR(st.st_mode):
+        stack: list[tuple[str, str]] = [(top, "")]
+        entries: Iterator[tuple[str, str, os.stat_result]] = _walk(stack)
+    else:
+        entries = iter([(top, os.path.basename(top.rstrip("/")) or "file", st)])
+    written = 0
+    for path, name, info in entries:
+        member = tarfile.TarInfo(name)
+        member.mtime = int(info.st_mtime)
+        member.mode = stat.S_IMODE(info.st_mode)
+        member.uid, member.gid = info.st_uid, info.st_gid
+        member.uname = member.gname = ""
+        size = 0
+        if stat.S_ISDIR(info.st_mode):
+            member.type = tarfile.DIRTYPE
+        elif stat.S_ISLNK(info.st_mode):
+            member.type = tarfile.SYMTYPE
+            member.linkname = os.readlink(path)
+        elif stat.S_ISREG(info.st_mode):
+            member.type = tarfile.REGTYPE
+            member.size = size = info.st_size
+        else:
+            continue  # sockets, fifos and devices are not packed
+        header = member.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        written += len(header)
+        yield header
+        if size:
+            for block in _file_blocks(path, size):
+                written += len(block)
+                yield block
+    end = b"\0" * (2 * tarfile.BLOCKSIZE)
+    written += len(end)
+    yield end + b"\0" * (-written % tarfile.RECORDSIZE)
+
+
+def _walk(stack: list[tuple[str, str]]) -> Iterator[tuple[str, str, os.stat_result]]:
+    while stack:
+        directory, prefix = stack.pop()
+        with os.scandir(directory) as it:
+            items = sorted(it, key=lambda entry: entry.name, reverse=True)
+        for entry in reversed(items):
+            info = entry.stat(follow_symlinks=False)
+            name = prefix + entry.name
+            yield entry.path, name, info
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((entry.path, name + "/"))
+
+
+def _file_blocks(path: str, size: int) -> Iterator[bytes]:
+    """Exactly ``size`` bytes (zero-padded if the file shrank), then padding to 512."""
+    remaining = size
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        while remaining:
+            block = os.read(fd, min(TAR_CHUNK, remaining))
+            if not block:
+                block = b"\0" * min(TAR_CHUNK, remaining)
+            remaining -= len(block)
+            yield block
+    finally:
+        os.close(fd)
+    if size % 512:
+        yield b"\0" * (512 - size % 512)
+
+
+class Upload:
+    """fs.upload_tar: chunks go to an unlinked temporary file, extracted at eof."""
+
+    def __init__(self, dest: str, fd: int) -> None:
+        self.dest = dest
+        self.fd = fd
+
+
+class Download:
+    """fs.download_tar: a tar stream generated on demand, so memory stays bounded."""
+
+    def __init__(self, stream: Iterator[bytes]) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+        self.done = False
+
+
+def _temp_file(directory: str) -> int:
+    flags = os.O_RDWR | os.O_CLOEXEC
+    try:
+        return os.open(directory, flags | os.O_TMPFILE, 0o600)
+    except (OSError, AttributeError):
+        pass
+    for attempt in range(100):
+        path = os.path.join(directory, f".stockade-upload-{os.getpid()}-{attempt}")
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        os.unlink(path)
+        return fd
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", directory)
+
+
+# --- Landlock, rlimits, prctl --------------------------------------------------------------
+
+
+def _libc() -> Any:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def set_subreaper(libc: Any) -> None:
+    import ctypes
+
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), 0, 0, 0) != 0:
+        log(f"could not become a child subreaper: {os.strerror(ctypes.get_errno())}")
+
+
+def apply_landlock(libc: Any, ro: list[str], rw: list[str], scope: bool) -> int:
+    """Restrict this process (and so every child) with Landlock; return the ABI enforced.
+
+    Raises OSError when the kernel has no Landlock or a step fails.
+    """
+    import ctypes
+
+    def syscall(number: int, *args: Any) -> int:
+        result = int(libc.syscall(ctypes.c_long(number), *args))
+        if result < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return result
+
+    abi = syscall(
+        SYS_LANDLOCK_CREATE_RULESET,
+        ctypes.c_void_p(None),
+        ctypes.c_size_t(0),
+        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
+    )
+    handled = LL_ABI1_ALL
+    if abi >= 2:
+        handled |= LL_REFER
+    if abi >= 3:
+        handled |= LL_TRUNCATE
+    if abi >= 5:
+        handled |= LL_IOCTL_DEV
+    scoped = LL_SCOPE_ABSTRACT_UNIX_SOCKET | LL_SCOPE_SIGNAL if scope and abi >= 6 else 0
+    if scope and abi < 6:
+        log(f"--landlock-scope needs Landlock ABI 6; this kernel has ABI {abi}")
+    order = sys.byteorder
+    attr = handled.to_bytes(8, order) + bytes(8) + scoped.to_bytes(8, order)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = syscall(
+        SYS_LANDLOCK_CREATE_RULESET,
+        ctypes.create_string_buffer(attr, len(attr)),
+        ctypes.c_size_t(size),
+        ctypes.c_uint32(0),
+    )
+    try:
+        read = (LL_EXECUTE | LL_READ_FILE | LL_READ_DIR) & handled
+        rules = [(path, read) for path in ro] + [(path, handled) for path in rw]
+        rules += [(path, handled) for path in LANDLOCK_DEVICES]
+        for path, access in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                if not os.path.isdir(f"/proc/self/fd/{fd}") and not _fd_is_dir(fd):
+                    access &= LL_FILE_RIGHTS
+                rule = access.to_bytes(8, order) + fd.to_bytes(4, order, signed=True)
+                syscall(
+                    SYS_LANDLOCK_ADD_RULE,
+                    ctypes.c_int(ruleset),
+                    ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                    ctypes.create_string_buffer(rule, len(rule)),
+                    ctypes.c_uint32(0),
+                )
+            finally:
+                os.close(fd)
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), 0, 0) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(code)}")
+        syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0))
+    finally:
+        os.close(ruleset)
+    return abi
+
+
+def _fd_is_dir(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+def parse_rlimit(spec: str) -> tuple[str, int, int]:
+    name, sep, value = spec.partition("=")
+    if not sep or name not in RLIMIT_NAMES:
+        raise ValueError(f"--rlimit {spec!r}: expected NAME=SOFT[:HARD], NAME one of "
+                         + ", ".join(sorted(RLIMIT_NAMES)))
+    soft_text, _, hard_text = value.partition(":")
+
+    def number(text: str) -> int:
+        if text in ("unlimited", "infinity", "inf"):
+            return -1  # RLIM_INFINITY
+        result = int(text)
+        if result < 0:
+            raise ValueError(f"--rlimit {spec!r}: negative limit")
+        return result
+
+    soft = number(soft_text)
+    return name, soft, number(hard_text) if hard_text else soft
+
+
+# --- options -------------------------------------------------------------------------------
+
+USAGE = """\
+usage: python3 -S -I guest.py [options]
+
+  --fd-in N / --fd-out N   channel file descriptors (default 0 and 1: stdio)
+  --device PATH            character device used both ways (e.g. virtio-serial)
+  --max-frame BYTES        largest frame accepted or sent (default 8 MiB)
+  --workspace PATH         default cwd and base of relative paths
+                           (default /workspace if it exists, else /)
+  --landlock MODE          off | best-effort | required (default off)
+  --landlock-ro PATH       read/execute access beneath PATH (repeatable)
+  --landlock-rw PATH       full access beneath PATH (repeatable)
+  --landlock-scope         with ABI >= 6, scope signals and abstract unix sockets
+  --rlimit NAME=SOFT[:HARD]  nproc, as, nofile, core, fsize, cpu (repeatable; 'unlimited')
+"""
+
+
+class Options:
+    def __init__(self) -> None:
+        self.fd_in = 0
+        self.fd_out = 1
+        self.device: str | None = None
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.workspace: str | None = None
+        self.landlock = "off"
+        self.landlock_ro: list[str] = []
+        self.landlock_rw: list[str] = []
+        self.landlock_scope = False
+        self.rlimits: list[tuple[str, int, int]] = []
+
+
+def parse_options(args: list[str]) -> Options:
+    """A tiny option parser (argparse costs several milliseconds to import)."""
+    opts = Options()
+    flags = {"--landlock-scope", "--help", "-h"}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        name, sep, value = arg.partition("=")
+        if name in flags:
+            if sep:
+                raise ValueError(f"{name} takes no value")
+            if name == "--landlock-scope":
+                opts.landlock_scope = True
+                continue
+            sys.stderr.write(USAGE)
+            raise SystemExit(0)
+        if not sep:
+            if index >= len(args):
+                raise ValueError(f"{name} needs a value")
+            value = args[index]
+            index += 1
+        if name in ("--fd-in", "--fd-out", "--max-frame"):
+            number = int(value)
+            if number < 0 or (name == "--max-frame" and number < 1024):
+                raise ValueError(f"{name}: {value!r} is out of range")
+            setattr(opts, name[2:].replace("-", "_"), number)
+        elif name == "--device":
+            opts.device = value
+        elif name == "--workspace":
+            opts.workspace = value
+        elif name == "--landlock":
+            if value not in ("off", "best-effort", "required"):
+                raise ValueError("--landlock must be off, best-effort or required")
+            opts.landlock = value
+        elif name == "--landlock-ro":
+            opts.landlock_ro.append(value)
+        elif name == "--landlock-rw":
+            opts.landlock_rw.append(value)
+        elif name == "--rlimit":
+            opts.rlimits.append(parse_rlimit(value))
+        else:
+            raise ValueError(f"unknown option {name!r}")
+    return opts
+
+
+# --- the agent -----------------------------------------------------------------------------
+
+
+def _noop_handler(signum: int, frame: Any) -> None:
+    """SIGCHLD needs a Python handler for set_wakeup_fd to fire; the loop does the work."""
+
+
+class Agent:
+    """Serves the protocol on one channel; owns every process and transfer."""
+
+    def __init__(self, opts: Options, landlock_abi: int, libc: Any) -> None:
+        self.max_frame = opts.max_frame
+        self.landlock_abi = landlock_abi
+        self.libc = libc
+        self.subreaper = False
+        self.child_rlimits: list[tuple[int, int, int]] = []
+        self.base_env = dict(os.environ)
+        if opts.workspace is not None:
+            self.workspace = opts.workspace
+        else:
+            self.workspace = "/workspace" if os.path.isdir("/workspace") else "/"
+
+        self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        self.in_fd, self.out_fd = self._take_channel(opts)
+
+        self.poller = select.poll()
+        self.masks: dict[int, int] = {}
+        self.out: list[bytes] = []
+        self.out_offset = 0
+        self.out_size = 0
+        self.inbuf = bytearray()
+        self.paused = False  # children's output not read while the host lags behind
+        self.input_paused = False
+        self.shutdown_requested = False
+        self.idle_init = libc is None
+
+        self.next_handle = 1
+        self.procs: dict[int, Proc] = {}  # running (or exited with output pending)
+        self.by_pid: dict[int, Proc] = {}
+        self.by_fd: dict[int, Proc] = {}
+        self.finished: dict[int, dict[str, Any]] = {}
+        self.next_transfer = 1
+        self.transfers: dict[int, Upload | Download] = {}
+        self.tty: tuple[Any, Any] | None = None
+
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        _sig.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.signals_seen: set[int] = set()
+        for signum in (_sig.SIGCHLD, _sig.SIGTERM, _sig.SIGINT, _sig.SIGHUP):
+            _sig.signal(signum, _noop_handler)
+        self._watch(self.wake_r, _POLLIN)
+        self._update_channel()
+
+        self.methods: dict[str, Callable[[Any, Params], dict[str, Any] | None]] = {
+            "agent.hello": self.agent_hello,
+            "agent.shutdown": self.agent_shutdown,
+            "process.start": self.process_start,
+            "process.write_stdin": self.process_write_stdin,
+            "process.signal": self.process_signal,
+            "process.resize": self.process_resize,
+            "process.wait": self.process_wait,
+            "fs.read": self.fs_read,
+            "fs.write": self.fs_write,
+            "fs.stat": self.fs_stat,
+            "fs.list": self.fs_list,
+            "fs.remove": self.fs_remove,
+            "fs.mkdir": self.fs_mkdir,
+            "fs.upload_tar": self.fs_upload_tar,
+            "fs.download_tar": self.fs_download_tar,
+            "transfer.write": self.transfer_write,
+            "transfer.read": self.transfer_read,
+        }
+
+    def _take_channel(self, opts: Options) -> tuple[int, int]:
+        """Move the channel away from 0/1 so children never inherit it."""
+        if opts.device is not None:
+            fd = os.open(opts.device, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            if os.isatty(fd):
+                _make_raw(fd)
+            in_fd = out_fd = fd
+        else:
+            in_fd = os.dup(opts.fd_in)
+            out_fd = os.dup(opts.fd_out)
+            for fd in {opts.fd_in, opts.fd_out}:
+                if fd > 2:
+                    os.close(fd)
+        os.dup2(self.devnull, 0)
+        os.dup2(self.devnull, 1)
+        for fd in {in_fd, out_fd}:
+            os.set_blocking(fd, False)
+        return in_fd, out_fd
+
+    # --- poll bookkeeping ------------------------------------------------------------------
+
+    def _watch(self, fd: int, mask: int) -> None:
+        current = self.masks.get(fd, 0)
+        if mask == current:
+            return
+        if not mask:
+            del self.masks[fd]
+            self.poller.unregister(fd)
+        elif current:
+            self.masks[fd] = mask
+            self.poller.modify(fd, mask)
+        else:
+            self.masks[fd] = mask
+            self.poller.register(fd, mask)
+
+    def _update_channel(self) -> None:
+        read = 0 if self.input_paused else _POLLIN
+        write = _POLLOUT if self.out else 0
+        if self.in_fd == self.out_fd:
+            self._watch(self.in_fd, read | write)
+        else:
+            self._watch(self.in_fd, read)
+            self._watch(self.out_fd, write)
+
+    def _update_proc(self, proc: Proc) -> None:
+        reading = 0 if self.paused else _POLLIN
+        masks: dict[int, int] = {}
+        for fd in (proc.out_fd, proc.err_fd):
+            if fd >= 0:
+                masks[fd] = reading
+        if proc.in_fd >= 0:
+            masks[proc.in_fd] = masks.get(proc.in_fd, 0) | (_POLLOUT if proc.stdin_buf else 0)
+        for fd, mask in masks.items():
+            self._watch(fd, mask)
+
+    # --- main loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            while True:
+                self._iterate()
+        except AgentExit as stop:
+            if stop.status:
+                log(stop.reason)
+            self.kill_everything()
+            return stop.status
+
+    def _iterate(self) -> None:
+        timeout = self._poll_timeout()
+        events = self.poller.poll(timeout)
+        if not events and self.idle_init:
+            self._ensure_subreaper()
+        for fd, event in events:
+            if fd == self.wake_r:
+                self._drain_wakeup()
+                continue
+            if fd == self.in_fd and event & (_POLLIN | _POLLDONE):
+                self._read_channel()
+            if fd == self.out_fd and event & (_POLLOUT | _POLLDONE):
+                self._flush()
+            proc = self.by_fd.get(fd)
+            if proc is not None:
+                self._proc_event(proc, fd, event)
+        if self.signals_seen:
+            self._handle_signals()
+        self._run_timers()
+        self._flush()
+        if self.shutdown_requested:
+            self._flush_blocking(5.0)
+            raise AgentExit(0, "shutdown requested")
+        self._update_backpressure()
+        self._update_channel()
+
+    def _poll_timeout(self) -> int | None:
+        if self.idle_init:
+            return 0
+        now = time.monotonic()
+        soonest: float | None = None
+        for proc in self.procs.values():
+            if proc.status is None:
+                when = None if proc.timed_out else proc.deadline
+            else:
+                when = proc.grace_until
+            if when is not None and (soonest is None or when < soonest):
+                soonest = when
+        if soonest is None:
+            return None
+        return max(0, int((soonest - now) * 1000) + 1)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while True:
+                data = os.read(self.wake_r, 256)
+                if not data:
+                    break
+                self.signals_seen.update(data)
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        seen = self.signals_seen
+        self.signals_seen = set()
+        for signum in (_sig.SIGTERM, _sig.SIGINT, _sig.SIGHUP):
+            if signum in seen:
+                raise AgentExit(0, f"signal {signum}")
+        # SIGCHLD, or anything else: reap whatever has exited.
+        self._reap()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            proc = self.by_pid.pop(pid, None)
+            if proc is None:
+                continue  # an orphaned descendant; reaping it is all we owe it
+            if os.WIFSIGNALED(status):
+                proc.status = (None, os.WTERMSIG(status))
+            else:
+                proc.status = (os.WEXITSTATUS(status), None)
+            proc.exited_at = time.monotonic()
+            proc.grace_until = proc.exited_at + EXIT_GRACE
+            self._maybe_finish(proc)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        for proc in list(self.procs.values()):
+            if proc.status is None:
+                if proc.deadline is not None and not proc.timed_out and now >= proc.deadline:
+                    proc.timed_out = True
+                    self._killpg(proc.pid)
+            elif now >= proc.grace_until:
+                if self.paused:
+                    proc.grace_until = now + EXIT_GRACE  # the grace period is reading time
+                else:
+                    self._drain_output(proc)
+                    self._finish(proc)
+
+    def _killpg(self, pid: int) -> None:
+        try:
+            os.killpg(pid, _sig.SIGKILL)
+        except OSError:
+            pass
+
+    # --- the channel ----------------------------------------------------------------------
+
+    def _read_channel(self) -> None:
+        try:
+            data = os.read(self.in_fd, 1024 * 1024)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise AgentExit(0, f"channel read failed: {exc}") from None
+        if not data:
+            if self.inbuf:
+                raise AgentExit(3, f"host closed the channel in the middle of a frame")
+            raise AgentExit(0, "host closed the channel")
+        self.inbuf += data
+        buf = self.inbuf
+        offset = 0
+        while len(buf) - offset >= 4:
+            size = int.from_bytes(buf[offset : offset + 4], "big")
+            if size > self.max_frame:
+                raise AgentExit(3, f"host announced a {size}-byte frame; the limit is {self.max_frame}")
+            if len(buf) - offset - 4 < size:
+                break
+            body = bytes(buf[offset + 4 : offset + 4 + size])
+            offset += 4 + size
+            self._handle_frame(body)
+        del buf[:offset]
+
+    def _handle_frame(self, body: bytes) -> None:
+        try:
+            message = json_loads(body.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise AgentExit(3, f"host sent a frame that is not JSON: {exc}") from None
+        if not isinstance(message, dict):
+            raise AgentExit(3, "host sent a JSON value that is not an object")
+        request_id = message.get("id")
+        method = message.get("method")
+        if "id" not in message:
+            log(f"ignoring a notification from the host: {str(method)[:100]!r}")
+            return
+        if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            self._reply_error(request_id, RpcError(-32600, "invalid request: needs jsonrpc '2.0' and a method"))
+            return
+        params = message.get("params", {})
+        if not isinstance(params, dict):
+            self._reply_error(request_id, RpcError(INVALID_PARAMS, f"params of {method} must be an object"))
+            return
+        handler = self.methods.get(method)
+        if handler is None:
+            self._reply_error(request_id, RpcError(-32601, f"method not found: {method[:200]!r}"))
+            return
+        try:
+            result = handler(request_id, Params(method, params))
+        except RpcError as exc:
+            self._reply_error(request_id, exc)
+        except TarRefused as exc:
+            self._reply_error(request_id, RpcError(2, str(exc)))
+        except OSError as exc:
+            self._reply_error(request_id, os_error(exc, _describe(exc)))
+        except Exception as exc:  # the edge of the dispatch loop: never die on a request
+            log(f"{method} failed: {type(exc).__name__}: {exc}")
+            self._reply_error(request_id, RpcError(-32603, f"internal error: {type(exc).__name__}: {exc}"))
+        else:
+            if result is not None:
+                self._reply(request_id, result)
+
+    def _reply(self, request_id: Any, result: dict[str, Any]) -> None:
+        body = json_dumps({"jsonrpc": "2.0", "id": request_id, "result": result})
+        if len(body) > self.max_frame:
+            self._reply_error(
+                request_id,
+                RpcError(7, f"the answer ({len(body)} bytes) exceeds the {self.max_frame}-byte frame limit"),
+            )
+            return
+        self._queue(body)
+
+    def _reply_error(self, request_id: Any, error: RpcError) -> None:
+        payload: dict[str, Any] = {"code": error.code, "message": error.message[:4000]}
+        if error.data is not None:
+            payload["data"] = error.data
+        self._queue(json_dumps({"jsonrpc": "2.0", "id": request_id, "error": payload}))
+
+    def _notify(self, method: str, params: dict[str, Any]) -> None:
+        self._queue(json_dumps({"jsonrpc": "2.0", "method": method, "params": params}))
+
+    def _queue(self, body: bytes) -> None:
+        self.out.append(len(body).to_bytes(4, "big"))
+        self.out.append(body)
+        self.out_size += 4 + len(body)
+
+    def _flush(self) -> None:
+        while self.out:
+            batch: list[bytes | memoryview] = list(self.out[:512])
+            if self.out_offset:
+                batch[0] = memoryview(self.out[0])[self.out_offset :]
+            try:
+                written = os.writev(self.out_fd, batch)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise AgentExit(0, f"channel write failed (host gone?): {exc}") from None
+            self.out_size -= written
+            written += self.out_offset
+            index = 0
+            while index < len(self.out) and written >= len(self.out[index]):
+                written -= len(self.out[index])
+                index += 1
+            del self.out[:index]
+            self.out_offset = written
+
+    def _flush_blocking(self, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        poller = select.poll()
+        poller.register(self.out_fd, _POLLOUT)
+        while self.out:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            poller.poll(int(remaining * 1000) + 1)
+            try:
+                self._flush()
+            except AgentExit:
+                return
+
+    def _update_backpressure(self) -> None:
+        pause = self.out_size > OUT_HIGH if not self.paused else self.out_size > OUT_LOW
+        if pause != self.paused:
+            self.paused = pause
+            for proc in self.procs.values():
+                self._update_proc(proc)
+        self.input_paused = self.out_size > IN_PAUSE
+
+    # --- process events --------------------------------------------------------------------
+
+    def _proc_event(self, proc: Proc, fd: int, event: int) -> None:
+        if fd in (proc.out_fd, proc.err_fd) and not self.paused and event & (_POLLIN | _POLLDONE):
+            self._read_output(proc, fd)
+        if fd == proc.in_fd and proc.stdin_buf and event & (_POLLOUT | _POLLDONE):
+            self._write_stdin(proc)
+
+    def _read_output(self, proc: Proc, fd: int) -> bool:
+        """Read one chunk; False when nothing more is to be had right now."""
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:  # EIO: the pty's other side is closed
+            data = b""
+        if not data:
+            self._close_output(proc, fd)
+            self._maybe_finish(proc)
+            return False
+        stream = "stderr" if fd == proc.err_fd else "stdout"
+        encoded = binascii.b2a_base64(data, newline=False)
+        body = b'{"jsonrpc":"2.0","method":"process.output","params":{"proc":%d,"stream":"%s","data":"%s"}}' % (
+            proc.handle,
+            stream.encode(),
+            encoded,
+        )
+        self._queue(body)
+        return True
+
+    def _drain_output(self, proc: Proc) -> None:
+        """Last reads once the grace period is over: what the process itself left behind."""
+        for fd in (proc.out_fd, proc.err_fd):
+            for _ in range(16):
+                if fd < 0 or fd not in (proc.out_fd, proc.err_fd) or not self._read_output(proc, fd):
+                    break
+
+    def _close_output(self, proc: Proc, fd: int) -> None:
+        if fd == proc.out_fd:
+            proc.out_fd = -1
+        if fd == proc.err_fd:
+            proc.err_fd = -1
+        if fd == proc.master:
+            # The slave side is gone: nothing will read stdin any more.
+            self._close_stdin(proc, broken=True)
+            return
+        self._watch(fd, 0)
+        del self.by_fd[fd]
+        os.close(fd)
+
+    def _maybe_finish(self, proc: Proc) -> None:
+        if proc.status is not None and proc.out_fd < 0 and proc.err_fd < 0:
+            self._finish(proc)
+
+    def _finish(self, proc: Proc) -> None:
+        for fd in (proc.out_fd, proc.err_fd):
+            if fd >= 0 and fd != proc.master:
+                self._close_output(proc, fd)
+        proc.out_fd = proc.err_fd = -1
+        self._close_stdin(proc, broken=True)
+        if proc.master >= 0:
+            self._watch(proc.master, 0)
+            self.by_fd.pop(proc.master, None)
+            os.close(proc.master)
+            proc.master = -1
+        self.procs.pop(proc.handle, None)
+        self.by_pid.pop(proc.pid, None)
+        result = proc.result()
+        self._notify("process.exit", {"proc": proc.handle, **result})
+        for request_id in proc.waiters:
+            self._reply(request_id, result)
+        proc.waiters = []
+        self.finished[proc.handle] = result
+        while len(self.finished) > KEEP_FINISHED:
+            del self.finished[next(iter(self.finished))]
+
+    def _write_stdin(self, proc: Proc) -> None:
+        while proc.stdin_buf and proc.in_fd >= 0:
+            try:
+                written = os.write(proc.in_fd, proc.stdin_buf[:CHUNK])
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE / EIO: the reader is gone
+                self._close_stdin(proc, broken=True)
+                return
+            del proc.stdin_buf[:written]
+        if not proc.stdin_buf and proc.stdin_eof and not proc.pty:
+            self._close_stdin(proc, broken=False)
+            return
+        if len(proc.stdin_buf) <= STDIN_HIGH:
+            waiters, proc.stdin_waiters = proc.stdin_waiters, []
+            for request_id in waiters:
+                self._reply(request_id, {})
+        self._update_proc(proc)
+
+    def _close_stdin(self, proc: Proc, broken: bool) -> None:
+        if proc.in_fd < 0:
+            return
+        fd, proc.in_fd = proc.in_fd, -1
+        proc.stdin_buf = bytearray()
+        if fd != proc.master:
+            self._watch(fd, 0)
+            self.by_fd.pop(fd, None)
+            os.close(fd)
+        else:
+            self._update_proc(proc)
+        waiters, proc.stdin_waiters = proc.stdin_waiters, []
+        for request_id in waiters:
+            if broken:
+                self._reply_error(request_id, RpcError(8, "the process closed its stdin"))
+            else:
+                self._reply(request_id, {})
+
+    def _ensure_subreaper(self) -> None:
+        self.idle_init = False
+        if not self.subreaper:
+            self.subreaper = True
+            if self.libc is None:
+                self.libc = _libc()
+            set_subreaper(self.libc)
+
+    def kill_everything(self) -> None:
+        """SIGKILL every process group we started and every descendant we can see; reap."""
+        for proc in self.procs.values():
+            self._killpg(proc.pid)
+        deadline = time.monotonic() + 3.0
+        children_file = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
+        while True:
+            try:
+                with open(children_file, "rb") as handle:
+                    children = [int(pid) for pid in handle.read().split()]
+            except (OSError, ValueError):
+                children = []
+            for pid in children:
+                try:
+                    os.kill(pid, _sig.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                if time.monotonic() > deadline:
+                    log("some processes did not die; leaving them to the sandbox teardown")
+                    return
+                time.sleep(0.002)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _resolve(self, path: str) -> str:
+        return path if path.startswith("/") else os.path.join(self.workspace, path)
+
+    def _proc(self, handle: int) -> Proc:
+        proc = self.procs.get(handle)
+        if proc is None:
+            if handle in self.finished:
+                raise RpcError(6, f"process {handle} has exited")
+            raise RpcError(6, f"no process with handle {handle}")
+        return proc
+
+    def _tty_modules(self) -> tuple[Any, Any]:
+        if self.tty is None:
+            import fcntl
+            import termios
+
+            self.tty = (fcntl, termios)
+        return self.tty
+
+    def _set_winsize(self, fd: int, rows: int, cols: int) -> None:
+        fcntl, termios = self._tty_modules()
+        order = sys.byteorder
+        size = rows.to_bytes(2, order) + cols.to_bytes(2, order) + bytes(4)
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, size)
+
+    # --- agent.* ---------------------------------------------------------------------------
+
+    def agent_hello(self, request_id: Any, p: Params) -> dict[str, Any]:
+        p.str("protocol")
+        p.str("client", "stockade")
+        p.done()
+        uname = os.uname()
+        capabilities = list(CAPABILITIES)
+        if self.landlock_abi:
+            capabilities.append("landlock")
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "agent_version": AGENT_VERSION,
+            "capabilities": capabilities,
+            "pid": os.getpid(),
+            "uid": os.getuid(),
+            "kernel": uname.release,
+            "hostname": uname.nodename,
+            "python": "%d.%d.%d" % sys.version_info[:3],
+            "landlock_abi": self.landlock_abi,
+        }
+
+    def agent_shutdown(self, request_id: Any, p: Params) -> dict[str, Any]:
+        p.done()
+        self.shutdown_requested = True
+        return {}
+
+    # --- process.* -------------------------------------------------------------------------
+
+    def process_start(self, request_id: Any, p: Params) -> dict[str, Any]:
+        argv: list[str] | None = p.str_list("argv", None)
+        shell: str | None = p.str("shell", None)
+        env: dict[str, str] = p.str_dict("env", {})
+        cwd: str | None = p.path("cwd", None)
+        want_stdin: bool = p.bool("stdin", False)
+        pty_params: Params | None = p.obj("pty", None)
+        timeout: float | None = p.number("timeout", None)
+        p.done()
+        rows = cols = 0
+        if pty_params is not None:
+            rows = pty_params.int("rows", 24, 1, 10000)
+            cols = pty_params.int("cols", 80, 1, 10000)
+            pty_params.done()
+        if (argv is None) == (shell is None):
+            raise p.bad("argv", "and 'shell': give exactly one of them")
+        if argv is not None and not argv:
+            raise p.bad("argv", "must not be empty")
+        for key in env:
+            if not key or "=" in key or "\0" in key or "\0" in env[key]:
+                raise p.bad("env", f"has an invalid variable name or value for {key[:100]!r}")
+        if len(self.procs) >= MAX_PROCS:
+            raise RpcError(10, f"too many running processes (limit {MAX_PROCS})")
+        command = argv if argv is not None else ["/bin/sh", "-c", str(shell)]
+        full_env = dict(self.base_env)
+        full_env.update(env)
+        directory = self._resolve(cwd) if cwd is not None else self.workspace
+        self._ensure_subreaper()
+
+        created: list[int] = []  # every fd opened here, closed on failure
+
+        def pipe() -> tuple[int, int]:
+            r, w = os.pipe()
+            created.extend((r, w))
+            return r, w
+
+        try:
+            tty_modules = None
+            master = -1
+            stdin_w = -1
+            out_r = err_r = -1
+            if pty_params is not None:
+                tty_modules = self._tty_modules()
+                master, slave = os.openpty()
+                created.extend((master, slave))
+                self._set_winsize(master, rows, cols)
+                stdio = (slave, slave, slave)
+                child_side = [slave]
+            else:
+                if want_stdin:
+                    stdin_r, stdin_w = pipe()
+                else:
+                    stdin_r = self.devnull
+                out_r, out_w = pipe()
+                err_r, err_w = pipe()
+                stdio = (stdin_r, out_w, err_w)
+                child_side = [fd for fd in stdio if fd != self.devnull]
+            report_r, report_w = pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                child_exec(command, full_env, directory, stdio, tty_modules, self.child_rlimits, report_w)
+            for fd in [*child_side, report_w]:
+                os.close(fd)
+                created.remove(fd)
+            report = b""
+            while True:  # EOF once exec succeeded (close-on-exec) or the child gave up
+                chunk = os.read(report_r, 256)
+                if not chunk:
+                    break
+                report += chunk
+            os.close(report_r)
+            created.remove(report_r)
+            if report:
+                os.waitpid(pid, 0)
+                number_text, _, stage = report.decode("ascii", "replace").partition(":")
+                number = int(number_text) if number_text.isdigit() else errno.EINVAL
+                what = f"cwd {directory!r}" if stage == "cwd" else f"cannot run {command[0]!r}"
+                raise os_error(OSError(number, os.strerror(number)), what)
+        except BaseException:
+            for fd in created:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+
+        handle = self.next_handle
+        self.next_handle += 1
+        proc = Proc(handle, pid, pty_params is not None)
+        if pty_params is not None:
+            proc.master = proc.out_fd = proc.in_fd = master
+            proc.has_stdin = True
+        else:
+            proc.out_fd, proc.err_fd = out_r, err_r
+            proc.in_fd = stdin_w
+            proc.has_stdin = want_stdin
+        for fd in (proc.out_fd, proc.err_fd, proc.in_fd):
+            if fd >= 0:
+                os.set_blocking(fd, False)
+                self.by_fd[fd] = proc
+        if timeout is not None:
+            proc.deadline = time.monotonic() + timeout
+        self.procs[handle] = proc
+        self.by_pid[pid] = proc
+        self._update_proc(proc)
+        return {"proc": handle, "pid": pid}
+
+    def process_write_stdin(self, request_id: Any, p: Params) -> dict[str, Any] | None:
+        handle: int = p.int("proc")
+        data: bytes = p.b64("data", "")
+        eof: bool = p.bool("eof", False)
+        p.done()
+        proc = self._proc(handle)
+        if not proc.has_stdin:
+            raise p.bad("proc", f"process {handle} was started with stdin=false")
+        if proc.in_fd < 0 or proc.stdin_eof:
+            raise RpcError(8, f"stdin of process {handle} is closed")
+        proc.stdin_buf += data
+        if eof:
+            proc.stdin_eof = True
+            if proc.pty:
+                proc.stdin_buf += b"\x04"  # the terminal's end-of-file character
+        proc.stdin_waiters.append(request_id)
+        self._write_stdin(proc)
+        return None  # answered by _write_stdin / _close_stdin
+
+    def process_signal(self, request_id: Any, p: Params) -> dict[str, Any]:
+        handle: int = p.int("proc")
+        signum: int = p.int("signal", _MISSING, 1, 64)
+        group: bool = p.bool("group", True)
+        p.done()
+        proc = self._proc(handle)
+        try:
+            if group:
+                os.killpg(proc.pid, signum)
+            elif proc.status is None:
+                os.kill(proc.pid, signum)
+            else:
+                raise RpcError(6, f"process {handle} has exited")
+        except ProcessLookupError:
+            raise RpcError(6, f"process {handle} has exited") from None
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise p.bad("signal", f"{signum} is not a valid signal") from None
+            raise
+        return {}
+
+    def process_resize(self, request_id: Any, p: Params) -> dict[str, Any]:
+        handle: int = p.int("proc")
+        rows: int = p.int("rows", _MISSING, 1, 10000)
+        cols: int = p.int("cols", _MISSING, 1, 10000)
+        p.done()
+        proc = self._proc(handle)
+        if proc.master < 0:
+            raise p.bad("proc", f"process {handle} has no pty")
+        self._set_winsize(proc.master, rows, cols)
+        return {}
+
+    def process_wait(self, request_id: Any, p: Params) -> dict[str, Any] | None:
+        handle: int = p.int("proc")
+        p.done()
+        if handle in self.finished:
+            return self.finished[handle]
+        self._proc(handle).waiters.append(request_id)
+        return None
+
+    # --- fs.* ------------------------------------------------------------------------------
+
+    def fs_read(self, request_id: Any, p: Params) -> dict[str, Any]:
+        path = self._resolve(p.path("path"))
+        offset: int = p.int("offset", 0, 0)
+        length: int = p.int("length", 1024 * 1024, 0, 4 * 1024 * 1024)
+        p.done()
+        import stat
+
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            chunks: list[bytes] = []
+            got = 0
+            regular = stat.S_ISREG(info.st_mode)
+            while got < length:
+                try:
+                    if regular:
+                        block = os.pread(fd, length - got, offset + got)
+                    else:
+                        if offset:
+                            raise p.bad("offset", "must be 0 for a file that is not seekable")
+                        block = os.read(fd, length - got)
+                except BlockingIOError:
+                    break
+                if not block:
+                    break
+                chunks.append(block)
+                got += len(block)
+                if not regular:
+                    break
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        size = info.st_size if regular else got
+        eof = offset + got >= size if regular else got < length or not data
+        return {"data": b64encode(data), "size": size, "eof": eof}
+
+    def fs_write(self, request_id: Any, p: Params) -> dict[str, Any]:
+        path = self._resolve(p.path("path"))
+        data: bytes = p.b64("data")
+        append: bool = p.bool("append", False)
+        mode: int | None = p.int("mode", None, 0, 0o7777)
+        parents: bool = p.bool("parents", True)
+        p.done()
+        if parents:
+            parent = os.path.dirname(path)
+            if parent and not os.path.isdir(parent):
+                os.makedirs(parent, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY
+        flags |= os.O_APPEND if append else os.O_TRUNC
+        created = True
+        try:
+            fd = os.open(path, flags | os.O_EXCL, 0o644 if mode is None else mode)
+        except FileExistsError:
+            created = False
+            fd = os.open(path, flags)
+        try:
+            if created and mode is not None:
+                os.fchmod(fd, mode)  # exact bits, whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        return {"size": size}
+
+    def fs_stat(self, request_id: Any, p: Params) -> dict[str, Any]:
+        path = self._resolve(p.path("path"))
+        follow: bool = p.bool("follow_symlinks", False)
+        p.done()
+        info = os.stat(path, follow_symlinks=follow)
+        return _entry(os.path.normpath(path), info)
+
+    def fs_list(self, request_id: Any, p: Params) -> dict[str, Any]:
+        top = os.path.normpath(self._resolve(p.path("path")))
+        depth: int = p.int("depth", 1, 1, 64)
+        p.done()
+        entries: list[dict[str, Any]] = []
+        pending = [(top, 1)]
+        first = True
+        while pending:
+            directory, level = pending.pop()
+            try:
+                with os.scandir(directory) as it:
+                    items = list(it)
+            except OSError:
+                if first:
+                    raise
+                continue  # an unreadable subdirectory: list what we can
+            first = False
+            for item in items:
+                try:
+                    info = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished meanwhile
+                entries.append(_entry(item.path, info))
+                if level < depth and item.is_dir(follow_symlinks=False):
+                    pending.append((item.path, level + 1))
+        entries.sort(key=lambda entry: entry["path"])
+        return {"entries": entries}
+
+    def fs_remove(self, request_id: Any, p: Params) -> dict[str, Any]:
+        path = self._resolve(p.path("path"))
+        recursive: bool = p.bool("recursive", False)
+        p.done()
+        import stat
+
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            os.unlink(path)
+        elif recursive:
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            os.rmdir(path)
+        return {}
+
+    def fs_mkdir(self, request_id: Any, p: Params) -> dict[str, Any]:
+        path = self._resolve(p.path("path"))
+        parents: bool = p.bool("parents", True)
+        mode: int = p.int("mode", 0o755, 0, 0o7777)
+        p.done()
+        if parents:
+            if os.path.isdir(path):
+                return {}
+            os.makedirs(path, exist_ok=True)
+        else:
+            os.mkdir(path, mode)
+        os.chmod(path, mode)  # exact bits, whatever the umask
+        return {}
+
+    # --- tar transfers ---------------------------------------------------------------------
+
+    def _new_transfer(self, transfer: Upload | Download) -> dict[str, Any]:
+        handle = self.next_transfer
+        self.next_transfer += 1
+        self.transfers[handle] = transfer
+        return {"transfer": handle}
+
+    def _check_transfer_room(self) -> None:
+        if len(self.transfers) >= MAX_TRANSFERS:
+            raise RpcError(10, f"too many open transfers (limit {MAX_TRANSFERS})")
+
+    def fs_upload_tar(self, request_id: Any, p: Params) -> dict[str, Any]:
+        path = os.path.normpath(self._resolve(p.path("path")))
+        p.done()
+        self._check_transfer_room()
+        os.makedirs(path, exist_ok=True)
+        return self._new_transfer(Upload(path, _temp_file(path)))
+
+    def fs_download_tar(self, request_id: Any, p: Params) -> dict[str, Any]:
+        path = os.path.normpath(self._resolve(p.path("path")))
+        p.done()
+        self._check_transfer_room()
+        os.lstat(path)  # fail now, not at the first read, when it does not exist
+        return self._new_transfer(Download(tar_stream(path)))
+
+    def _transfer(self, p: Params, handle: int, kind: type) -> Any:
+        transfer = self.transfers.get(handle)
+        if not isinstance(transfer, kind):
+            raise p.bad("transfer", f"{handle} is not an open {kind.__name__.lower()}")
+        return transfer
+
+    def transfer_write(self, request_id: Any, p: Params) -> dict[str, Any]:
+        handle: int = p.int("transfer")
+        data: bytes = p.b64("data", "")
+        eof: bool = p.bool("eof", False)
+        p.done()
+        upload: Upload = self._transfer(p, handle, Upload)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(upload.fd, view) :]
+            if not eof:
+                return {"files": 0}
+            os.lseek(upload.fd, 0, os.SEEK_SET)
+            with open(upload.fd, "rb", closefd=False) as fileobj:
+                try:
+                    files = extract_tar(fileobj, upload.dest)
+                except (EOFError, ValueError) as exc:
+                    raise RpcError(8, f"not a valid tar archive: {exc}") from None
+                except OSError:
+                    raise
+                except Exception as exc:
+                    if type(exc).__module__ == "tarfile":  # ReadError, CompressionError, ...
+                        raise RpcError(8, f"not a valid tar archive: {exc}") from None
+                    raise
+            return {"files": files}
+        except BaseException:
+            eof = True
+            raise
+        finally:
+            if eof:
+                del self.transfers[handle]
+                os.close(upload.fd)
+
+    def transfer_read(self, request_id: Any, p: Params) -> dict[str, Any]:
+        handle: int = p.int("transfer")
+        length: int = p.int("length", 1024 * 1024, 1, 4 * 1024 * 1024)
+        p.done()
+        download: Download = self._transfer(p, handle, Download)
+        buffer = download.buffer
+        try:
+            while len(buffer) < length and not download.done:
+                try:
+                    buffer += next(download.stream)
+                except StopIteration:
+                    download.done = True
+        except BaseException:
+            del self.transfers[handle]
+            raise
+        data = bytes(buffer[:length])
+        del buffer[:length]
+        eof = download.done and not buffer
+        if eof:
+            del self.transfers[handle]
+        return {"data": b64encode(data), "eof": eof}
+
+
+def _describe(exc: OSError) -> str:
+    if exc.filename is not None:
+        return str(exc.filename)
+    return ""
+
+
+def _entry(path: str, info: os.stat_result) -> dict[str, Any]:
+    import stat
+
+    mode = info.st_mode
+    if stat.S_ISREG(mode):
+        kind = "file"
+    elif stat.S_ISDIR(mode):
+        kind = "dir"
+    elif stat.S_ISLNK(mode):
+        kind = "symlink"
+    else:
+        kind = "other"
+    entry: dict[str, Any] = {
+        "path": path,
+        "name": os.path.basename(path) or path,
+        "type": kind,
+        "size": info.st_size,
+        "mode": stat.S_IMODE(mode),
+        "mtime": float(info.st_mtime),
+    }
+    if kind == "symlink":
+        try:
+            entry["target"] = os.readlink(path)
+        except OSError:
+            pass
+    return entry
+
+
+def _make_raw(fd: int) -> None:
+    """Put a terminal-like device (e.g. a virtio console) in raw mode: bytes pass unchanged."""
+    import termios
+
+    attrs = termios.tcgetattr(fd)
+    attrs[0] &= ~(
+        termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+        | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON
+    )
+    attrs[1] &= ~termios.OPOST
+    attrs[2] &= ~(termios.CSIZE | termios.PARENB)
+    attrs[2] |= termios.CS8
+    attrs[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    attrs[6][termios.VMIN] = 1
+    attrs[6][termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
+def _protect_fds() -> None:
+    """Make inherited descriptors close-on-exec, so children only get 0, 1 and 2."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the listdir descriptor itself, now closed
+
+
+def main(argv: list[str]) -> int:
+    try:
+        opts = parse_options(argv)
+    except ValueError as exc:
+        sys.stderr.write(f"stockade-agent: {exc}\n{USAGE}")
+        return 2
+    try:
+        os.fstat(2)
+    except OSError:
+        fd = os.open("/dev/null", os.O_WRONLY)
+        if fd != 2:
+            os.dup2(fd, 2)
+            os.close(fd)
+    _protect_fds()
+
+    child_rlimits: list[tuple[int, int, int]] = []
+    if opts.rlimits:
+        import resource
+
+        for name, soft, hard in opts.rlimits:
+            which = getattr(resource, RLIMIT_NAMES[name])
+            soft = resource.RLIM_INFINITY if soft < 0 else soft
+            hard = resource.RLIM_INFINITY if hard < 0 else hard
+            if name == "cpu":
+                # CPU time is counted per process: on the agent it would add up over the
+                # sandbox's whole life, so only children get it.
+                child_rlimits.append((which, soft, hard))
+                continue
+            try:
+                resource.setrlimit(which, (soft, hard))
+            except (OSError, ValueError) as exc:
+                log(f"--rlimit {name}: {exc}")
+                return 2
+
+    libc = None
+    landlock_abi = 0
+    if opts.landlock != "off":
+        # Everything imported lazily later must be loaded before the agent loses access to
+        # the interpreter's files.
+        import fcntl  # noqa: F401
+        import gzip  # noqa: F401
+        import shutil  # noqa: F401
+        import stat  # noqa: F401
+        import tarfile  # noqa: F401
+        import termios  # noqa: F401
+
+        libc = _libc()
+        try:
+            landlock_abi = apply_landlock(libc, opts.landlock_ro, opts.landlock_rw, opts.landlock_scope)
+        except OSError as exc:
+            reason = f"Landlock could not be enforced: {exc.strerror or exc}"
+            if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+                reason = "this kernel has no Landlock support (needs Linux >= 5.13 with lsm=landlock)"
+            if opts.landlock == "required":
+                log(f"{reason}; refusing to start because --landlock required was given")
+                return 2
+            log(f"{reason}; continuing without it (--landlock best-effort)")
+
+    try:
+        agent = Agent(opts, landlock_abi, libc)
+    except OSError as exc:
+        log(f"could not set up the channel: {exc}")
+        return 2
+    agent.child_rlimits = child_rlimits
+    if libc is not None:
+        agent._ensure_subreaper()
+    return agent.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,42 @@
+"""Generate the JSON schema of every protocol message from the models.
+
+``python -m stockade.protocol.schema > src/stockade/protocol/schema.json`` regenerates the
+checked-in copy; a contract test fails when the two differ, so the protocol cannot drift by
+accident (bump PROTOCOL_VERSION when it changes on purpose).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from stockade.protocol.messages import METHODS, NOTIFICATIONS, PROTOCOL_VERSION
+
+__all__ = ["protocol_schema", "render"]
+
+
+def protocol_schema() -> dict[str, Any]:
+    """One document: every method's params and result, every notification's params."""
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "framing": "4-byte big-endian length, then UTF-8 JSON (JSON-RPC 2.0)",
+        "methods": {
+            name: {
+                "params": params.model_json_schema(),
+                "result": result.model_json_schema(),
+            }
+            for name, (params, result) in sorted(METHODS.items())
+        },
+        "notifications": {
+            name: {"params": model.model_json_schema()}
+            for name, model in sorted(NOTIFICATIONS.items())
+        },
+    }
+
+
+def render() -> str:
+    return json.dumps(protocol_schema(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
