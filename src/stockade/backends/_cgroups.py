@@ -111,13 +111,13 @@ def _parse_hierarchies(mountinfo: str, proc_cgroup: str) -> list[_Hierarchy]:
         root, mountpoint = _unescape(lfields[3]), _unescape(lfields[4])
         fstype, superopts = rfields[0], rfields[2].split(",")
         if fstype == "cgroup":
-            key = frozenset(opt for opt in superopts if opt in _V1_CONTROLLERS or "=" in opt)
-            path = v1_paths.get(key)
-            if path is None or key in seen:
+            key = frozenset(o for o in superopts if o in _V1_CONTROLLERS or o.startswith("name="))
+            v1_path = v1_paths.get(key)
+            if v1_path is None or key in seen:
                 continue
             seen.add(key)
             controllers = frozenset(key & _V1_CONTROLLERS)
-            found.append(_Hierarchy("v1", controllers, _join(mountpoint, root, path)))
+            found.append(_Hierarchy("v1", controllers, _join(mountpoint, root, v1_path)))
         elif fstype == "cgroup2" and v2_path is not None and "v2" not in seen:
             seen.add("v2")
             found.append(_Hierarchy("v2", frozenset(), _join(mountpoint, root, v2_path)))
@@ -138,15 +138,23 @@ def _discover() -> list[_Hierarchy]:
     except OSError:
         return []
     hierarchies = []
-    for h in _parse_hierarchies(mountinfo, proc_cgroup):
-        if h.version == "v2":
+    for parsed in _parse_hierarchies(mountinfo, proc_cgroup):
+        if parsed.version == "v2":
             try:
-                names = (h.own / "cgroup.controllers").read_text().split()
+                names = (parsed.own / "cgroup.controllers").read_text().split()
             except OSError:
                 names = []
-            h = _Hierarchy("v2", frozenset(names), h.own)
-        hierarchies.append(h)
+            parsed = _Hierarchy("v2", frozenset(names), parsed.own)  # noqa: PLW2901
+        hierarchies.append(parsed)
     return hierarchies
+
+
+def _has_cgroup_kill(group: Path) -> bool:
+    if (group / "cgroup.kill").exists():
+        return True
+    # The root group has no cgroup.kill; children do from Linux 5.14.
+    match = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return match is not None and (int(match[1]), int(match[2])) >= (5, 14)
 
 
 def _writable(path: Path) -> bool:
@@ -204,7 +212,7 @@ def probe_cgroups() -> CgroupSupport:
         h = providers[controller]
         parts.append(f"{controller} ({h.version}, {h.own})")
     kill = [h for h in hierarchies if h.version == "v2" and _writable(h.own)]
-    if kill and (kill[0].own / "cgroup.kill").exists():
+    if kill and _has_cgroup_kill(kill[0].own):
         parts.append(f"cgroup.kill ({kill[0].own})")
     return CgroupSupport(True, version, controllers, "usable: " + ", ".join(parts), "")
 
