@@ -142,23 +142,23 @@ class _ScanContext:
     parse_float = float
     parse_int = int
     parse_constant = float
-    memo: dict[str, str] = {}
 
 
+def _slow_quote(text: str) -> str:  # pragma: no cover - not CPython
+    import json
+
+    return json.dumps(text)
+
+
+_quote: Callable[[str], str] = _slow_quote
+_scan: Callable[[str, int], tuple[Any, int]] | None = None
 try:
-    from _json import encode_basestring_ascii as _quote
-    from _json import make_scanner as _make_scanner
+    import _json
 
-    _scan: Callable[[str, int], tuple[Any, int]] | None = _make_scanner(
-        _ScanContext()  # type: ignore[arg-type]
-    )
-except Exception:  # pragma: no cover - not CPython; fall back to the slow pure module
-    _scan = None
-
-    def _quote(s: str, /) -> str:
-        import json
-
-        return json.dumps(s)
+    _quote = _json.encode_basestring_ascii
+    _scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
+except Exception:  # pragma: no cover - not CPython: the pure ``json`` module it is
+    pass
 
 
 def json_loads(text: str) -> Any:
@@ -285,7 +285,9 @@ class Params:
             raise self.bad(name, "must not be null")
         return value, True
 
-    def int(self, name: str, default: Any = _MISSING, lo: int | None = None, hi: int | None = None) -> Any:
+    def integer(
+        self, name: str, default: Any = _MISSING, lo: int | None = None, hi: int | None = None
+    ) -> Any:
         value, given = self._take(name, default)
         if not given:
             return value
@@ -306,13 +308,13 @@ class Params:
             raise self.bad(name, "must be greater than 0")
         return float(value)
 
-    def bool(self, name: str, default: Any = _MISSING) -> Any:
+    def boolean(self, name: str, default: Any = _MISSING) -> Any:
         value, given = self._take(name, default)
         if given and not isinstance(value, bool):
             raise self.bad(name, "must be a boolean")
         return value
 
-    def str(self, name: str, default: Any = _MISSING) -> Any:
+    def string(self, name: str, default: Any = _MISSING) -> Any:
         value, given = self._take(name, default)
         if given and not isinstance(value, str):
             raise self.bad(name, "must be a string")
@@ -321,7 +323,7 @@ class Params:
         return value
 
     def path(self, name: str, default: Any = _MISSING) -> Any:
-        value = self.str(name, default)
+        value = self.string(name, default)
         if value is not None and not 1 <= len(value) <= 4096:
             raise self.bad(name, "must be a path of 1 to 4096 characters")
         return value
@@ -349,8 +351,7 @@ class Params:
     def str_dict(self, name: str, default: Any = _MISSING) -> Any:
         value, given = self._take(name, default)
         if given and (
-            not isinstance(value, dict)
-            or not all(isinstance(item, str) for item in value.values())
+            not isinstance(value, dict) or not all(isinstance(item, str) for item in value.values())
         ):
             raise self.bad(name, "must be an object of strings")
         return value
@@ -390,6 +391,7 @@ class Proc:
         self.grace_until = 0.0
         self.deadline: float | None = None
         self.timed_out = False
+        self.done = False  # process.exit sent
 
     def result(self) -> dict[str, Any]:
         assert self.status is not None
@@ -410,7 +412,14 @@ def child_exec(
     try:
         _sig.set_wakeup_fd(-1)
         # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored signals ignored.
-        for signum in (_sig.SIGPIPE, _sig.SIGXFSZ, _sig.SIGCHLD, _sig.SIGTERM, _sig.SIGINT, _sig.SIGHUP):
+        for signum in (
+            _sig.SIGPIPE,
+            _sig.SIGXFSZ,
+            _sig.SIGCHLD,
+            _sig.SIGTERM,
+            _sig.SIGINT,
+            _sig.SIGHUP,
+        ):
             _sig.signal(signum, _sig.SIG_DFL)
         os.setsid()
         for target, source in enumerate(stdio):
@@ -475,51 +484,58 @@ def extract_tar(fileobj: IO[bytes], dest: str) -> int:
     import tarfile
 
     root = os.path.realpath(dest)
-    with tarfile.open(fileobj=fileobj, mode="r:*") as archive:
-        members = archive.getmembers()
-        plan: list[tuple[list[str], Any]] = []
-        for member in members:
-            parts = _member_parts(member.name)
-            if not parts:
-                continue  # the archive's root directory
-            if member.issym():
-                if member.linkname.startswith("/"):
-                    raise TarRefused(f"refusing symlink {member.name!r}: absolute target")
-                target = os.path.normpath(os.path.join("/".join(parts[:-1]), member.linkname))
-                if target == ".." or target.startswith("../"):
-                    raise TarRefused(f"refusing symlink {member.name!r}: target is outside")
-            elif member.islnk():
-                _member_parts(member.linkname)
-            elif not (member.isfile() or member.isdir()):
-                raise TarRefused(
-                    f"refusing tar member {member.name!r}: devices, fifos and other special "
-                    "files are not extracted"
-                )
-            plan.append((parts, member))
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:*") as archive:
+            return _extract_members(archive, archive.getmembers(), root)
+    except (tarfile.TarError, EOFError) as exc:
+        raise RpcError(8, f"not a valid tar archive: {exc}") from None
 
-        count = 0
-        dirs: list[tuple[str, int, float]] = []
-        for parts, member in plan:
-            parent = _safe_dir(root, parts[:-1])
-            path = os.path.join(parent, parts[-1])
-            if member.isdir():
-                _safe_dir(root, parts)
-                dirs.append((path, member.mode & 0o7777, member.mtime))
-            elif member.issym():
-                _remove_non_dir(path)
-                os.symlink(member.linkname, path)
-            elif member.islnk():
-                source = os.path.join(root, *_member_parts(member.linkname))
-                if not _inside(root, os.path.realpath(os.path.dirname(source))):
-                    raise TarRefused(f"refusing hard link {member.name!r}: target is outside")
-                _remove_non_dir(path)
-                os.link(source, path, follow_symlinks=False)
-            else:
-                _extract_file(archive, member, path)
-            count += 1
-        for path, mode, mtime in reversed(dirs):
-            os.chmod(path, mode & 0o1777)
-            os.utime(path, (mtime, mtime))
+
+def _extract_members(archive: Any, members: list[Any], root: str) -> int:
+    """Check every member first (nothing is written if one is refused), then extract."""
+    plan: list[tuple[list[str], Any]] = []
+    for member in members:
+        parts = _member_parts(member.name)
+        if not parts:
+            continue  # the archive's root directory
+        if member.issym():
+            if member.linkname.startswith("/"):
+                raise TarRefused(f"refusing symlink {member.name!r}: absolute target")
+            target = os.path.normpath(os.path.join("/".join(parts[:-1]), member.linkname))
+            if target == ".." or target.startswith("../"):
+                raise TarRefused(f"refusing symlink {member.name!r}: target is outside")
+        elif member.islnk():
+            _member_parts(member.linkname)
+        elif not (member.isfile() or member.isdir()):
+            raise TarRefused(
+                f"refusing tar member {member.name!r}: devices, fifos and other special "
+                "files are not extracted"
+            )
+        plan.append((parts, member))
+
+    count = 0
+    dirs: list[tuple[str, int, float]] = []
+    for parts, member in plan:
+        parent = _safe_dir(root, parts[:-1])
+        path = os.path.join(parent, parts[-1])
+        if member.isdir():
+            _safe_dir(root, parts)
+            dirs.append((path, member.mode & 0o7777, member.mtime))
+        elif member.issym():
+            _remove_non_dir(path)
+            os.symlink(member.linkname, path)
+        elif member.islnk():
+            source = os.path.join(root, *_member_parts(member.linkname))
+            if not _inside(root, os.path.realpath(os.path.dirname(source))):
+                raise TarRefused(f"refusing hard link {member.name!r}: target is outside")
+            _remove_non_dir(path)
+            os.link(source, path, follow_symlinks=False)
+        else:
+            _extract_file(archive, member, path)
+        count += 1
+    for path, mode, mtime in reversed(dirs):
+        os.chmod(path, mode & 0o1777)
+        os.utime(path, (mtime, mtime))
     return count
 
 
@@ -558,16 +574,15 @@ def _extract_file(archive: Any, member: Any, path: str) -> None:
 
 
 def tar_stream(top: str) -> Iterator[bytes]:
-    """Pack ``top`` (a file or a directory's contents) as a tar stream, chunk by chunk."""
+    """Pack ``top`` (a file, or a directory's contents) as a tar stream, chunk by chunk."""
     import stat
     import tarfile
 
     st = os.lstat(top)
     if stat.S_ISDIR(st.st_mode):
-        stack: list[tuple[str, str]] = [(top, "")]
-        entries: Iterator[tuple[str, str, os.stat_result]] = _walk(stack)
+        entries = _walk(top)
     else:
-        entries = iter([(top, os.path.basename(top.rstrip("/")) or "file", st)])
+        entries = iter([(top, os.path.basename(top) or "file", st)])
     written = 0
     for path, name, info in entries:
         member = tarfile.TarInfo(name)
@@ -598,17 +613,24 @@ def tar_stream(top: str) -> Iterator[bytes]:
     yield end + b"\0" * (-written % tarfile.RECORDSIZE)
 
 
-def _walk(stack: list[tuple[str, str]]) -> Iterator[tuple[str, str, os.stat_result]]:
-    while stack:
-        directory, prefix = stack.pop()
+def _walk(top: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """Depth first, sorted by name, without following symlinks; no recursion limit."""
+
+    def listing(directory: str) -> Iterator[Any]:
         with os.scandir(directory) as it:
-            items = sorted(it, key=lambda entry: entry.name, reverse=True)
-        for entry in reversed(items):
-            info = entry.stat(follow_symlinks=False)
-            name = prefix + entry.name
-            yield entry.path, name, info
-            if entry.is_dir(follow_symlinks=False):
-                stack.append((entry.path, name + "/"))
+            return iter(sorted(it, key=lambda entry: entry.name))
+
+    stack: list[tuple[Iterator[Any], str]] = [(listing(top), "")]
+    while stack:
+        items, prefix = stack[-1]
+        entry = next(items, None)
+        if entry is None:
+            stack.pop()
+            continue
+        name = prefix + entry.name
+        yield entry.path, name, entry.stat(follow_symlinks=False)
+        if entry.is_dir(follow_symlinks=False):
+            stack.append((listing(entry.path), name + "/"))
 
 
 def _file_blocks(path: str, size: int) -> Iterator[bytes]:
@@ -666,9 +688,14 @@ def _temp_file(directory: str) -> int:
 
 
 def _libc() -> Any:
-    import ctypes
+    """libc through ctypes, or None when this Python has no ctypes (minimal images)."""
+    try:
+        import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError) as exc:
+        log(f"ctypes is unavailable ({exc}): no Landlock, no child subreaper")
+        return None
     libc.syscall.restype = ctypes.c_long
     return libc
 
@@ -676,7 +703,8 @@ def _libc() -> Any:
 def set_subreaper(libc: Any) -> None:
     import ctypes
 
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), 0, 0, 0) != 0:
+    args = (ctypes.c_long(PR_SET_CHILD_SUBREAPER), ctypes.c_long(1)) + (ctypes.c_long(0),) * 3
+    if libc.prctl(*args) != 0:
         log(f"could not become a child subreaper: {os.strerror(ctypes.get_errno())}")
 
 
@@ -694,11 +722,12 @@ def apply_landlock(libc: Any, ro: list[str], rw: list[str], scope: bool) -> int:
             raise OSError(code, os.strerror(code))
         return result
 
+    long = ctypes.c_long
     abi = syscall(
         SYS_LANDLOCK_CREATE_RULESET,
         ctypes.c_void_p(None),
-        ctypes.c_size_t(0),
-        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
+        long(0),
+        long(LANDLOCK_CREATE_RULESET_VERSION),
     )
     handled = LL_ABI1_ALL
     if abi >= 2:
@@ -716,8 +745,8 @@ def apply_landlock(libc: Any, ro: list[str], rw: list[str], scope: bool) -> int:
     ruleset = syscall(
         SYS_LANDLOCK_CREATE_RULESET,
         ctypes.create_string_buffer(attr, len(attr)),
-        ctypes.c_size_t(size),
-        ctypes.c_uint32(0),
+        long(size),
+        long(0),
     )
     try:
         read = (LL_EXECUTE | LL_READ_FILE | LL_READ_DIR) & handled
@@ -729,22 +758,22 @@ def apply_landlock(libc: Any, ro: list[str], rw: list[str], scope: bool) -> int:
             except FileNotFoundError:
                 continue
             try:
-                if not os.path.isdir(f"/proc/self/fd/{fd}") and not _fd_is_dir(fd):
+                if not _fd_is_dir(fd):
                     access &= LL_FILE_RIGHTS
                 rule = access.to_bytes(8, order) + fd.to_bytes(4, order, signed=True)
                 syscall(
                     SYS_LANDLOCK_ADD_RULE,
-                    ctypes.c_int(ruleset),
-                    ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                    long(ruleset),
+                    long(LANDLOCK_RULE_PATH_BENEATH),
                     ctypes.create_string_buffer(rule, len(rule)),
-                    ctypes.c_uint32(0),
+                    long(0),
                 )
             finally:
                 os.close(fd)
-        if libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), 0, 0) != 0:
+        if libc.prctl(long(PR_SET_NO_NEW_PRIVS), long(1), long(0), long(0), long(0)) != 0:
             code = ctypes.get_errno()
             raise OSError(code, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(code)}")
-        syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0))
+        syscall(SYS_LANDLOCK_RESTRICT_SELF, long(ruleset), long(0))
     finally:
         os.close(ruleset)
     return abi
@@ -759,8 +788,10 @@ def _fd_is_dir(fd: int) -> bool:
 def parse_rlimit(spec: str) -> tuple[str, int, int]:
     name, sep, value = spec.partition("=")
     if not sep or name not in RLIMIT_NAMES:
-        raise ValueError(f"--rlimit {spec!r}: expected NAME=SOFT[:HARD], NAME one of "
-                         + ", ".join(sorted(RLIMIT_NAMES)))
+        raise ValueError(
+            f"--rlimit {spec!r}: expected NAME=SOFT[:HARD], NAME one of "
+            + ", ".join(sorted(RLIMIT_NAMES))
+        )
     soft_text, _, hard_text = value.partition(":")
 
     def number(text: str) -> int:
@@ -887,7 +918,7 @@ class Agent:
         self.paused = False  # children's output not read while the host lags behind
         self.input_paused = False
         self.shutdown_requested = False
-        self.idle_init = libc is None
+        self.idle_init = False  # set after agent.hello: finish the slow setup while idle
 
         self.next_handle = 1
         self.procs: dict[int, Proc] = {}  # running (or exited with output pending)
@@ -974,14 +1005,15 @@ class Agent:
 
     def _update_proc(self, proc: Proc) -> None:
         reading = 0 if self.paused else _POLLIN
-        masks: dict[int, int] = {}
+        writing = _POLLOUT if proc.in_fd >= 0 and proc.stdin_buf else 0
+        if proc.master >= 0:
+            self._watch(proc.master, (reading if proc.out_fd >= 0 else 0) | writing)
+            return
         for fd in (proc.out_fd, proc.err_fd):
             if fd >= 0:
-                masks[fd] = reading
+                self._watch(fd, reading)
         if proc.in_fd >= 0:
-            masks[proc.in_fd] = masks.get(proc.in_fd, 0) | (_POLLOUT if proc.stdin_buf else 0)
-        for fd, mask in masks.items():
-            self._watch(fd, mask)
+            self._watch(proc.in_fd, writing)
 
     # --- main loop -------------------------------------------------------------------------
 
@@ -994,6 +1026,10 @@ class Agent:
                 log(stop.reason)
             self.kill_everything()
             return stop.status
+        except BaseException as exc:  # a bug: still take every process down with us
+            log(f"agent failed: {type(exc).__name__}: {exc}")
+            self.kill_everything()
+            return 1
 
     def _iterate(self) -> None:
         timeout = self._poll_timeout()
@@ -1086,7 +1122,7 @@ class Agent:
                 if self.paused:
                     proc.grace_until = now + EXIT_GRACE  # the grace period is reading time
                 else:
-                    self._drain_output(proc)
+                    self._drain_output(proc)  # may finish it already, at EOF
                     self._finish(proc)
 
     def _killpg(self, pid: int) -> None:
@@ -1114,7 +1150,9 @@ class Agent:
         while len(buf) - offset >= 4:
             size = int.from_bytes(buf[offset : offset + 4], "big")
             if size > self.max_frame:
-                raise AgentExit(3, f"host announced a {size}-byte frame; the limit is {self.max_frame}")
+                raise AgentExit(
+                    3, f"host announced a {size}-byte frame; the limit is {self.max_frame}"
+                )
             if len(buf) - offset - 4 < size:
                 break
             body = bytes(buf[offset + 4 : offset + 4 + size])
@@ -1135,11 +1173,15 @@ class Agent:
             log(f"ignoring a notification from the host: {str(method)[:100]!r}")
             return
         if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
-            self._reply_error(request_id, RpcError(-32600, "invalid request: needs jsonrpc '2.0' and a method"))
+            self._reply_error(
+                request_id, RpcError(-32600, "invalid request: needs jsonrpc '2.0' and a method")
+            )
             return
         params = message.get("params", {})
         if not isinstance(params, dict):
-            self._reply_error(request_id, RpcError(INVALID_PARAMS, f"params of {method} must be an object"))
+            self._reply_error(
+                request_id, RpcError(INVALID_PARAMS, f"params of {method} must be an object")
+            )
             return
         handler = self.methods.get(method)
         if handler is None:
@@ -1155,7 +1197,9 @@ class Agent:
             self._reply_error(request_id, os_error(exc, _describe(exc)))
         except Exception as exc:  # the edge of the dispatch loop: never die on a request
             log(f"{method} failed: {type(exc).__name__}: {exc}")
-            self._reply_error(request_id, RpcError(-32603, f"internal error: {type(exc).__name__}: {exc}"))
+            self._reply_error(
+                request_id, RpcError(-32603, f"internal error: {type(exc).__name__}: {exc}")
+            )
         else:
             if result is not None:
                 self._reply(request_id, result)
@@ -1165,7 +1209,10 @@ class Agent:
         if len(body) > self.max_frame:
             self._reply_error(
                 request_id,
-                RpcError(7, f"the answer ({len(body)} bytes) exceeds the {self.max_frame}-byte frame limit"),
+                RpcError(
+                    7,
+                    f"the answer ({len(body)} bytes) exceeds the {self.max_frame}-byte frame limit",
+                ),
             )
             return
         self._queue(body)
@@ -1248,10 +1295,13 @@ class Agent:
             return False
         stream = "stderr" if fd == proc.err_fd else "stdout"
         encoded = binascii.b2a_base64(data, newline=False)
-        body = b'{"jsonrpc":"2.0","method":"process.output","params":{"proc":%d,"stream":"%s","data":"%s"}}' % (
-            proc.handle,
-            stream.encode(),
-            encoded,
+        body = (
+            b'{"jsonrpc":"2.0","method":"process.output","params":{"proc":%d,"stream":"%s","data":"%s"}}'
+            % (
+                proc.handle,
+                stream.encode(),
+                encoded,
+            )
         )
         self._queue(body)
         return True
@@ -1260,7 +1310,11 @@ class Agent:
         """Last reads once the grace period is over: what the process itself left behind."""
         for fd in (proc.out_fd, proc.err_fd):
             for _ in range(16):
-                if fd < 0 or fd not in (proc.out_fd, proc.err_fd) or not self._read_output(proc, fd):
+                if (
+                    fd < 0
+                    or fd not in (proc.out_fd, proc.err_fd)
+                    or not self._read_output(proc, fd)
+                ):
                     break
 
     def _close_output(self, proc: Proc, fd: int) -> None:
@@ -1269,8 +1323,10 @@ class Agent:
         if fd == proc.err_fd:
             proc.err_fd = -1
         if fd == proc.master:
-            # The slave side is gone: nothing will read stdin any more.
+            # The slave side is gone: nothing will read stdin any more. The master itself
+            # stays open until the process is finished.
             self._close_stdin(proc, broken=True)
+            self._update_proc(proc)
             return
         self._watch(fd, 0)
         del self.by_fd[fd]
@@ -1281,6 +1337,9 @@ class Agent:
             self._finish(proc)
 
     def _finish(self, proc: Proc) -> None:
+        if proc.done:
+            return
+        proc.done = True
         for fd in (proc.out_fd, proc.err_fd):
             if fd >= 0 and fd != proc.master:
                 self._close_output(proc, fd)
@@ -1340,12 +1399,14 @@ class Agent:
                 self._reply(request_id, {})
 
     def _ensure_subreaper(self) -> None:
+        """Become the reaper of orphaned descendants (needs ctypes: done off the hot path)."""
         self.idle_init = False
         if not self.subreaper:
             self.subreaper = True
             if self.libc is None:
                 self.libc = _libc()
-            set_subreaper(self.libc)
+            if self.libc is not None:
+                set_subreaper(self.libc)
 
     def kill_everything(self) -> None:
         """SIGKILL every process group we started and every descendant we can see; reap."""
@@ -1404,10 +1465,11 @@ class Agent:
     # --- agent.* ---------------------------------------------------------------------------
 
     def agent_hello(self, request_id: Any, p: Params) -> dict[str, Any]:
-        p.str("protocol")
-        p.str("client", "stockade")
+        p.string("protocol")
+        p.string("client", "stockade")
         p.done()
         uname = os.uname()
+        self.idle_init = not self.subreaper
         capabilities = list(CAPABILITIES)
         if self.landlock_abi:
             capabilities.append("landlock")
@@ -1432,17 +1494,17 @@ class Agent:
 
     def process_start(self, request_id: Any, p: Params) -> dict[str, Any]:
         argv: list[str] | None = p.str_list("argv", None)
-        shell: str | None = p.str("shell", None)
+        shell: str | None = p.string("shell", None)
         env: dict[str, str] = p.str_dict("env", {})
         cwd: str | None = p.path("cwd", None)
-        want_stdin: bool = p.bool("stdin", False)
+        want_stdin: bool = p.boolean("stdin", False)
         pty_params: Params | None = p.obj("pty", None)
         timeout: float | None = p.number("timeout", None)
         p.done()
         rows = cols = 0
         if pty_params is not None:
-            rows = pty_params.int("rows", 24, 1, 10000)
-            cols = pty_params.int("cols", 80, 1, 10000)
+            rows = pty_params.integer("rows", 24, 1, 10000)
+            cols = pty_params.integer("cols", 80, 1, 10000)
             pty_params.done()
         if (argv is None) == (shell is None):
             raise p.bad("argv", "and 'shell': give exactly one of them")
@@ -1490,7 +1552,9 @@ class Agent:
             report_r, report_w = pipe()
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child
-                child_exec(command, full_env, directory, stdio, tty_modules, self.child_rlimits, report_w)
+                child_exec(
+                    command, full_env, directory, stdio, tty_modules, self.child_rlimits, report_w
+                )
             for fd in [*child_side, report_w]:
                 os.close(fd)
                 created.remove(fd)
@@ -1538,9 +1602,9 @@ class Agent:
         return {"proc": handle, "pid": pid}
 
     def process_write_stdin(self, request_id: Any, p: Params) -> dict[str, Any] | None:
-        handle: int = p.int("proc")
+        handle: int = p.integer("proc")
         data: bytes = p.b64("data", "")
-        eof: bool = p.bool("eof", False)
+        eof: bool = p.boolean("eof", False)
         p.done()
         proc = self._proc(handle)
         if not proc.has_stdin:
@@ -1557,9 +1621,9 @@ class Agent:
         return None  # answered by _write_stdin / _close_stdin
 
     def process_signal(self, request_id: Any, p: Params) -> dict[str, Any]:
-        handle: int = p.int("proc")
-        signum: int = p.int("signal", _MISSING, 1, 64)
-        group: bool = p.bool("group", True)
+        handle: int = p.integer("proc")
+        signum: int = p.integer("signal", _MISSING, 1, 64)
+        group: bool = p.boolean("group", True)
         p.done()
         proc = self._proc(handle)
         try:
@@ -1578,9 +1642,9 @@ class Agent:
         return {}
 
     def process_resize(self, request_id: Any, p: Params) -> dict[str, Any]:
-        handle: int = p.int("proc")
-        rows: int = p.int("rows", _MISSING, 1, 10000)
-        cols: int = p.int("cols", _MISSING, 1, 10000)
+        handle: int = p.integer("proc")
+        rows: int = p.integer("rows", _MISSING, 1, 10000)
+        cols: int = p.integer("cols", _MISSING, 1, 10000)
         p.done()
         proc = self._proc(handle)
         if proc.master < 0:
@@ -1589,7 +1653,7 @@ class Agent:
         return {}
 
     def process_wait(self, request_id: Any, p: Params) -> dict[str, Any] | None:
-        handle: int = p.int("proc")
+        handle: int = p.integer("proc")
         p.done()
         if handle in self.finished:
             return self.finished[handle]
@@ -1600,8 +1664,8 @@ class Agent:
 
     def fs_read(self, request_id: Any, p: Params) -> dict[str, Any]:
         path = self._resolve(p.path("path"))
-        offset: int = p.int("offset", 0, 0)
-        length: int = p.int("length", 1024 * 1024, 0, 4 * 1024 * 1024)
+        offset: int = p.integer("offset", 0, 0)
+        length: int = p.integer("length", 1024 * 1024, 0, 4 * 1024 * 1024)
         p.done()
         import stat
 
@@ -1639,9 +1703,9 @@ class Agent:
     def fs_write(self, request_id: Any, p: Params) -> dict[str, Any]:
         path = self._resolve(p.path("path"))
         data: bytes = p.b64("data")
-        append: bool = p.bool("append", False)
-        mode: int | None = p.int("mode", None, 0, 0o7777)
-        parents: bool = p.bool("parents", True)
+        append: bool = p.boolean("append", False)
+        mode: int | None = p.integer("mode", None, 0, 0o7777)
+        parents: bool = p.boolean("parents", True)
         p.done()
         if parents:
             parent = os.path.dirname(path)
@@ -1668,14 +1732,14 @@ class Agent:
 
     def fs_stat(self, request_id: Any, p: Params) -> dict[str, Any]:
         path = self._resolve(p.path("path"))
-        follow: bool = p.bool("follow_symlinks", False)
+        follow: bool = p.boolean("follow_symlinks", False)
         p.done()
         info = os.stat(path, follow_symlinks=follow)
         return _entry(os.path.normpath(path), info)
 
     def fs_list(self, request_id: Any, p: Params) -> dict[str, Any]:
         top = os.path.normpath(self._resolve(p.path("path")))
-        depth: int = p.int("depth", 1, 1, 64)
+        depth: int = p.integer("depth", 1, 1, 64)
         p.done()
         entries: list[dict[str, Any]] = []
         pending = [(top, 1)]
@@ -1703,7 +1767,7 @@ class Agent:
 
     def fs_remove(self, request_id: Any, p: Params) -> dict[str, Any]:
         path = self._resolve(p.path("path"))
-        recursive: bool = p.bool("recursive", False)
+        recursive: bool = p.boolean("recursive", False)
         p.done()
         import stat
 
@@ -1720,8 +1784,8 @@ class Agent:
 
     def fs_mkdir(self, request_id: Any, p: Params) -> dict[str, Any]:
         path = self._resolve(p.path("path"))
-        parents: bool = p.bool("parents", True)
-        mode: int = p.int("mode", 0o755, 0, 0o7777)
+        parents: bool = p.boolean("parents", True)
+        mode: int = p.integer("mode", 0o755, 0, 0o7777)
         p.done()
         if parents:
             if os.path.isdir(path):
@@ -1765,11 +1829,12 @@ class Agent:
         return transfer
 
     def transfer_write(self, request_id: Any, p: Params) -> dict[str, Any]:
-        handle: int = p.int("transfer")
+        handle: int = p.integer("transfer")
         data: bytes = p.b64("data", "")
-        eof: bool = p.bool("eof", False)
+        eof: bool = p.boolean("eof", False)
         p.done()
         upload: Upload = self._transfer(p, handle, Upload)
+        finished = eof
         try:
             view = memoryview(data)
             while view:
@@ -1778,28 +1843,18 @@ class Agent:
                 return {"files": 0}
             os.lseek(upload.fd, 0, os.SEEK_SET)
             with open(upload.fd, "rb", closefd=False) as fileobj:
-                try:
-                    files = extract_tar(fileobj, upload.dest)
-                except (EOFError, ValueError) as exc:
-                    raise RpcError(8, f"not a valid tar archive: {exc}") from None
-                except OSError:
-                    raise
-                except Exception as exc:
-                    if type(exc).__module__ == "tarfile":  # ReadError, CompressionError, ...
-                        raise RpcError(8, f"not a valid tar archive: {exc}") from None
-                    raise
-            return {"files": files}
+                return {"files": extract_tar(fileobj, upload.dest)}
         except BaseException:
-            eof = True
+            finished = True  # a failed transfer is over; the host starts a new one
             raise
         finally:
-            if eof:
+            if finished:
                 del self.transfers[handle]
                 os.close(upload.fd)
 
     def transfer_read(self, request_id: Any, p: Params) -> dict[str, Any]:
-        handle: int = p.int("transfer")
-        length: int = p.int("length", 1024 * 1024, 1, 4 * 1024 * 1024)
+        handle: int = p.integer("transfer")
+        length: int = p.integer("length", 1024 * 1024, 1, 4 * 1024 * 1024)
         p.done()
         download: Download = self._transfer(p, handle, Download)
         buffer = download.buffer
@@ -1860,8 +1915,14 @@ def _make_raw(fd: int) -> None:
 
     attrs = termios.tcgetattr(fd)
     attrs[0] &= ~(
-        termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
-        | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON
+        termios.IGNBRK
+        | termios.BRKINT
+        | termios.PARMRK
+        | termios.ISTRIP
+        | termios.INLCR
+        | termios.IGNCR
+        | termios.ICRNL
+        | termios.IXON
     )
     attrs[1] &= ~termios.OPOST
     attrs[2] &= ~(termios.CSIZE | termios.PARENB)
@@ -1935,11 +1996,15 @@ def main(argv: list[str]) -> int:
 
         libc = _libc()
         try:
-            landlock_abi = apply_landlock(libc, opts.landlock_ro, opts.landlock_rw, opts.landlock_scope)
+            landlock_abi = apply_landlock(
+                libc, opts.landlock_ro, opts.landlock_rw, opts.landlock_scope
+            )
         except OSError as exc:
             reason = f"Landlock could not be enforced: {exc.strerror or exc}"
             if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
-                reason = "this kernel has no Landlock support (needs Linux >= 5.13 with lsm=landlock)"
+                reason = (
+                    "this kernel has no Landlock support (needs Linux >= 5.13 with lsm=landlock)"
+                )
             if opts.landlock == "required":
                 log(f"{reason}; refusing to start because --landlock required was given")
                 return 2

@@ -34,6 +34,8 @@ __all__ = ["BubblewrapBackend", "build_bwrap_argv"]
 logger = logging.getLogger(__name__)
 
 GUEST_PYTHON = "/usr/bin/python3"
+#: Unprivileged uid/gid that processes run as inside (mapped to the caller's own uid).
+SANDBOX_UID = 1000
 
 #: Host /etc entries a program needs and that hold no secrets; all else in /etc is hidden.
 ETC_ALLOWLIST = (
@@ -111,13 +113,13 @@ def _etc_dir(spec: LaunchSpec) -> Path:
     """Write the synthetic /etc files (no host accounts, no host names) for this sandbox."""
     etc = spec.state_dir / "etc"
     etc.mkdir(exist_ok=True)
-    uid, gid = os.getuid(), os.getgid()
+    uid = SANDBOX_UID
     hostname = spec.policy.hostname
     files = {
-        "passwd": f"root:x:0:0:root:/root:/bin/sh\n"
-        + (f"user:x:{uid}:{gid}:sandbox user:/tmp/home:/bin/sh\n" if uid else "")
-        + "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-        "group": "root:x:0:\n" + (f"user:x:{gid}:\n" if gid else "") + "nogroup:x:65534:\n",
+        "passwd": "root:x:0:0:root:/root:/bin/sh\n"
+        f"user:x:{uid}:{uid}:sandbox user:/tmp/home:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        "group": f"root:x:0:\nuser:x:{uid}:\nnogroup:x:65534:\n",
         "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n",
         "hostname": hostname + "\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
@@ -151,6 +153,10 @@ def build_bwrap_argv(
         "--new-session",
         "--hostname",
         policy.hostname,
+        "--uid",
+        str(SANDBOX_UID),
+        "--gid",
+        str(SANDBOX_UID),
         "--cap-drop",
         "ALL",
         "--ro-bind",

@@ -47,7 +47,7 @@ def host_facts() -> dict[str, Any]:
 def run_doctor(as_json: bool) -> None:
     from stockade.backends.registry import get_backend_class, probe_all
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     chosen = None
     for entry, availability in probe_all():
         caps = None
