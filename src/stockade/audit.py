@@ -152,6 +152,20 @@ def _parse_event(line: bytes) -> AuditEvent:
     return AuditEvent(**obj)
 
 
+def _line_ending_at(fd: int, end: int) -> tuple[bytes, int]:
+    """The line whose last byte is just before offset ``end``, and its start offset."""
+    buf = b""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - _READ_BLOCK)
+        buf = os.pread(fd, pos - start, start) + buf
+        pos = start
+        newline = buf.rfind(b"\n")
+        if newline >= 0:
+            return buf[newline + 1 :], pos + newline + 1
+    return buf, 0
+
+
 class AuditLog:
     """The audit log of one sandbox. Safe to append from several processes at once.
 
@@ -219,55 +233,27 @@ class AuditLog:
             os.close(fd)  # also releases the lock
 
     def _last_event(self, fd: int) -> AuditEvent | None:
-        """The last complete event, reading backwards from the end of the file."""
+        """The last complete event of the file (the caller holds the lock)."""
         size = os.fstat(fd).st_size
         if size == 0:
             return None
-        tail = b""
-        pos = size
-        while pos > 0:
-            start = max(0, pos - _READ_BLOCK)
-            tail = os.pread(fd, pos - start, start) + tail
-            pos = start
-            body = tail.rstrip(b"\n") if tail.endswith(b"\n") else None
-            if body is None:
-                # A write was cut short (crash, full disk). Close that line so the next
-                # event starts on its own line; verify() will report the torn one.
-                os.write(fd, b"\n")
-                body = tail
-            if b"\n" in body or pos == 0:
-                line = body.rsplit(b"\n", 1)[-1]
-                try:
-                    return _parse_event(line)
-                except ValueError as exc:
-                    if tail.endswith(b"\n"):
-                        raise SandboxStateError(
-                            f"audit log {self.path} ends with a damaged event ({exc}); "
-                            "run `stockade audit` to inspect it, and move the file aside "
-                            "to start a new chain"
-                        ) from exc
-                    # The torn line: continue from the complete line before it.
-                    tail = body[: len(body) - len(line)]
-                    if not tail:
-                        return None
-                    return self._parse_last_line(fd, tail, pos)
-        return None
-
-    def _parse_last_line(self, fd: int, tail: bytes, pos: int) -> AuditEvent | None:
-        body = tail.rstrip(b"\n")
-        while b"\n" not in body and pos > 0:
-            start = max(0, pos - _READ_BLOCK)
-            body = os.pread(fd, pos - start, start) + body
-            pos = start
-        line = body.rsplit(b"\n", 1)[-1]
-        if not line:
-            return None
+        end = size - 1
+        if os.pread(fd, 1, end) != b"\n":
+            # A write was cut short (crash, full disk). Close that line so the next event
+            # starts on its own; verify() reports the torn line. Continue the chain from
+            # the complete event before it.
+            os.write(fd, b"\n")
+            _torn, start = _line_ending_at(fd, size)
+            if start == 0:
+                return None
+            end = start - 1
+        line, _start = _line_ending_at(fd, end)
         try:
             return _parse_event(line)
         except ValueError as exc:
             raise SandboxStateError(
-                f"audit log {self.path} is damaged near its end ({exc}); move the file "
-                "aside to start a new chain"
+                f"audit log {self.path} ends with a damaged event ({exc}); run `stockade "
+                "audit` to inspect it, and move the file aside to start a new chain"
             ) from exc
 
     def read(self) -> list[AuditEvent]:

@@ -16,7 +16,6 @@ import shlex
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -56,7 +55,7 @@ from stockade.protocol.messages import (
     ProcessWriteStdinParams,
     PtySize,
 )
-from stockade.state import SandboxRecord, SandboxStatus, StateStore
+from stockade.state import SandboxRecord, SandboxStatus, StateStore, process_start_time
 from stockade.workspace import ApplyResult, WorkspaceDiff, WorkspaceLayers
 
 __all__ = [
@@ -489,6 +488,8 @@ class AsyncSandbox:
         actor: str,
     ) -> None:
         self._record = record
+        assert record.dir is not None
+        self._dir = Path(record.dir)
         self.policy = policy
         self._backend = backend
         self._store = store
@@ -578,7 +579,7 @@ class AsyncSandbox:
         actor: str,
     ) -> AsyncSandbox:
         store = StateStore(Path(state_dir) if state_dir is not None else None)
-        sandbox_id = uuid.uuid4().hex[:12]
+        sandbox_id = store.new_id()
         name = name or store.new_name()
         directory = store.sandbox_dir(sandbox_id)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -598,7 +599,7 @@ class AsyncSandbox:
             workspace=str(policy.workspace.host_path or ""),
             dir=str(directory),
             supervisor_pid=os.getpid(),
-            supervisor_start=None,
+            supervisor_start=process_start_time(os.getpid()),
             control_socket=None,
             error=None,
         )
@@ -635,7 +636,7 @@ class AsyncSandbox:
             sandbox_id=self._record.id,
             name=self._record.name,
             policy=self.policy,
-            state_dir=Path(self._record.dir),
+            state_dir=self._dir,
             workspace=self._layers,
         )
         self._launched = await self._backend.launch(spec)
@@ -698,7 +699,7 @@ class AsyncSandbox:
 
     @property
     def state_dir(self) -> Path:
-        return Path(self._record.dir)
+        return self._dir
 
     @property
     def audit_path(self) -> Path:

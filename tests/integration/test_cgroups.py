@@ -17,7 +17,9 @@ from stockade._errors import ConfigError
 from stockade.backends._cgroups import (
     SandboxCgroup,
     _parse_hierarchies,
+    _search,
     probe_cgroups,
+    remove_stale_cgroups,
 )
 
 SUPPORT = probe_cgroups()
@@ -77,6 +79,14 @@ def test_parse_mount_of_a_subtree_and_escaped_mountpoint() -> None:
     cgroup = "4:memory:/docker/abc/inner\n"
     (h,) = _parse_hierarchies(mountinfo, cgroup)
     assert h.own == Path("/sys/fs/cgroup/my mem/inner")
+
+
+def test_search_finds_a_group_created_from_another_cgroup(tmp_path: Path) -> None:
+    (tmp_path / "process_api" / "a" / "stockade-x").mkdir(parents=True)
+    (tmp_path / "process_api" / "b" / "stockade-y" / "stockade-x").mkdir(parents=True)
+    (tmp_path / "stockade-x").mkdir()
+    found = _search(tmp_path, "stockade-x")
+    assert sorted(found) == [tmp_path / "process_api" / "a" / "stockade-x", tmp_path / "stockade-x"]
 
 
 def test_probe_reports_this_machine() -> None:
@@ -274,3 +284,18 @@ def test_group_nests_under_the_callers_memory_cgroup(make_group: MakeGroup) -> N
         pytest.skip("no v1 memory hierarchy on this host")
     mem_dir = next(d for d in group.dirs if (d / "memory.limit_in_bytes").exists())
     assert str(mem_dir).endswith(own.rstrip("/") + "/" + mem_dir.name)
+
+
+@needs_root_cgroups
+def test_remove_stale_cgroups_from_another_handle() -> None:
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    group = SandboxCgroup.create(name, memory_bytes=64 << 20, pids=50, cpus=None)
+    proc = launch(group, "sleep 1000 & wait")
+    wait_for_pids(group, 2)
+    found = SandboxCgroup.find(name)
+    assert found is not None and set(found.dirs) == set(group.dirs)
+    assert remove_stale_cgroups(name) == set()
+    assert proc.wait(timeout=5) == -9
+    assert not any(d.exists() for d in group.dirs)
+    assert SandboxCgroup.find(name) is None
+    assert remove_stale_cgroups(name) == set()

@@ -17,6 +17,9 @@ The agent is single-threaded: one poll() loop over the channel, children's pipes
 signal wake-up pipe. Options: ``--help``.
 """
 
+# Lazy imports are the point (startup time), and contextlib.suppress would cost an import.
+# ruff: noqa: PLC0415, SIM105
+
 from __future__ import annotations
 
 import binascii
@@ -158,7 +161,7 @@ try:
     _quote = _json.encode_basestring_ascii
     _scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
 except Exception:  # pragma: no cover - not CPython: the pure ``json`` module it is
-    pass
+    _scan = None
 
 
 def json_loads(text: str) -> Any:
@@ -171,6 +174,9 @@ def json_loads(text: str) -> Any:
         value, end = _scan(text, 0)
     except StopIteration as exc:
         raise ValueError(f"invalid JSON at offset {exc.value}") from None
+    except SystemError:
+        # The C scanner reports errors through json.decoder, which is not imported.
+        raise ValueError("invalid JSON") from None
     if end != len(text):
         raise ValueError(f"extra data after JSON at offset {end}")
     return value
@@ -399,6 +405,7 @@ class Proc:
 
 
 def child_exec(
+    *,
     argv: list[str],
     env: dict[str, str],
     cwd: str,
@@ -435,7 +442,7 @@ def child_exec(
         stage = "cwd"
         os.chdir(cwd)
         stage = "exec"
-        os.execvpe(argv[0], argv, env)
+        os.execvpe(argv[0], argv, env)  # noqa: S606 - argv is the caller's, by design
     except BaseException as exc:
         number = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
         try:
@@ -471,9 +478,8 @@ def _safe_dir(root: str, parts: list[str]) -> str:
     path = root
     for part in parts:
         path = os.path.join(path, part)
-        if os.path.islink(path):
-            if not _inside(root, os.path.realpath(path)):
-                raise TarRefused(f"refusing to extract through symlink {path!r}: leads outside")
+        if os.path.islink(path) and not _inside(root, os.path.realpath(path)):
+            raise TarRefused(f"refusing to extract through symlink {path!r}: leads outside")
         if not os.path.isdir(path):
             os.mkdir(path, 0o755)
     return path
@@ -752,14 +758,13 @@ def apply_landlock(libc: Any, ro: list[str], rw: list[str], scope: bool) -> int:
         read = (LL_EXECUTE | LL_READ_FILE | LL_READ_DIR) & handled
         rules = [(path, read) for path in ro] + [(path, handled) for path in rw]
         rules += [(path, handled) for path in LANDLOCK_DEVICES]
-        for path, access in rules:
+        for path, wanted in rules:
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
-                if not _fd_is_dir(fd):
-                    access &= LL_FILE_RIGHTS
+                access = wanted if _fd_is_dir(fd) else wanted & LL_FILE_RIGHTS
                 rule = access.to_bytes(8, order) + fd.to_bytes(4, order, signed=True)
                 syscall(
                     SYS_LANDLOCK_ADD_RULE,
@@ -1142,7 +1147,7 @@ class Agent:
             raise AgentExit(0, f"channel read failed: {exc}") from None
         if not data:
             if self.inbuf:
-                raise AgentExit(3, f"host closed the channel in the middle of a frame")
+                raise AgentExit(3, "host closed the channel in the middle of a frame")
             raise AgentExit(0, "host closed the channel")
         self.inbuf += data
         buf = self.inbuf
@@ -1481,7 +1486,7 @@ class Agent:
             "uid": os.getuid(),
             "kernel": uname.release,
             "hostname": uname.nodename,
-            "python": "%d.%d.%d" % sys.version_info[:3],
+            "python": ".".join(str(part) for part in sys.version_info[:3]),
             "landlock_abi": self.landlock_abi,
         }
 
@@ -1510,8 +1515,8 @@ class Agent:
             raise p.bad("argv", "and 'shell': give exactly one of them")
         if argv is not None and not argv:
             raise p.bad("argv", "must not be empty")
-        for key in env:
-            if not key or "=" in key or "\0" in key or "\0" in env[key]:
+        for key, value in env.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
                 raise p.bad("env", f"has an invalid variable name or value for {key[:100]!r}")
         if len(self.procs) >= MAX_PROCS:
             raise RpcError(10, f"too many running processes (limit {MAX_PROCS})")
@@ -1553,7 +1558,13 @@ class Agent:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child
                 child_exec(
-                    command, full_env, directory, stdio, tty_modules, self.child_rlimits, report_w
+                    argv=command,
+                    env=full_env,
+                    cwd=directory,
+                    stdio=stdio,
+                    tty_modules=tty_modules,
+                    rlimits=self.child_rlimits,
+                    report_fd=report_w,
                 )
             for fd in [*child_side, report_w]:
                 os.close(fd)
@@ -1967,10 +1978,10 @@ def main(argv: list[str]) -> int:
     if opts.rlimits:
         import resource
 
-        for name, soft, hard in opts.rlimits:
+        for name, soft_value, hard_value in opts.rlimits:
             which = getattr(resource, RLIMIT_NAMES[name])
-            soft = resource.RLIM_INFINITY if soft < 0 else soft
-            hard = resource.RLIM_INFINITY if hard < 0 else hard
+            soft = resource.RLIM_INFINITY if soft_value < 0 else soft_value
+            hard = resource.RLIM_INFINITY if hard_value < 0 else hard_value
             if name == "cpu":
                 # CPU time is counted per process: on the agent it would add up over the
                 # sandbox's whole life, so only children get it.

@@ -25,7 +25,7 @@ from stockade._errors import (
     SandboxStateError,
 )
 
-__all__ = ["CgroupSupport", "SandboxCgroup", "probe_cgroups"]
+__all__ = ["CgroupSupport", "SandboxCgroup", "probe_cgroups", "remove_stale_cgroups"]
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _PREFIX = "stockade-"
@@ -49,6 +49,7 @@ _V1_CONTROLLERS = frozenset(
         "rdma",
     }
 )
+_FIND_MAX_DEPTH = 8
 _CFS_PERIOD_US = 100_000
 _CFS_MIN_QUOTA_US = 1_000
 _FIX_ROOT = (
@@ -73,6 +74,7 @@ class _Hierarchy:
     version: str  # "v1" or "v2"
     controllers: frozenset[str]
     own: Path  # the calling process's cgroup directory in this hierarchy
+    mount: Path  # where the hierarchy is mounted
 
 
 def _unescape(field: str) -> str:
@@ -117,10 +119,12 @@ def _parse_hierarchies(mountinfo: str, proc_cgroup: str) -> list[_Hierarchy]:
                 continue
             seen.add(key)
             controllers = frozenset(key & _V1_CONTROLLERS)
-            found.append(_Hierarchy("v1", controllers, _join(mountpoint, root, v1_path)))
+            own = _join(mountpoint, root, v1_path)
+            found.append(_Hierarchy("v1", controllers, own, Path(mountpoint)))
         elif fstype == "cgroup2" and v2_path is not None and "v2" not in seen:
             seen.add("v2")
-            found.append(_Hierarchy("v2", frozenset(), _join(mountpoint, root, v2_path)))
+            own = _join(mountpoint, root, v2_path)
+            found.append(_Hierarchy("v2", frozenset(), own, Path(mountpoint)))
     return found
 
 
@@ -144,7 +148,7 @@ def _discover() -> list[_Hierarchy]:
                 names = (parsed.own / "cgroup.controllers").read_text().split()
             except OSError:
                 names = []
-            parsed = _Hierarchy("v2", frozenset(names), parsed.own)  # noqa: PLW2901
+            parsed = _Hierarchy("v2", frozenset(names), parsed.own, parsed.mount)  # noqa: PLW2901
         hierarchies.append(parsed)
     return hierarchies
 
@@ -340,6 +344,29 @@ class SandboxCgroup:
             raise
         return group
 
+    @classmethod
+    def find(cls, name: str) -> SandboxCgroup | None:
+        """The existing groups ``stockade-<name>``, from any process (e.g. ``stockade rm``).
+
+        Looks under the caller's own cgroup first, then searches each hierarchy, since the
+        process that created the groups may have lived in another cgroup.
+        """
+        if not _NAME_RE.match(name):
+            raise ConfigError(f"invalid cgroup name {name!r}")
+        dirname = _PREFIX + name
+        group = cls(name, [], {}, None)
+        for h in _discover():
+            found = [h.own / dirname] if (h.own / dirname).is_dir() else _search(h.mount, dirname)
+            if not found:
+                continue
+            group._dirs.extend(found)
+            if h.version == "v2" and group._unified is None:
+                group._unified = found[0]
+            for controller in h.controllers:
+                if controller in _WANTED:
+                    group._controller_dirs.setdefault(controller, found[0])
+        return group if group._dirs else None
+
     def _apply_limits(self, memory_bytes: int | None, pids: int | None, cpus: float | None) -> None:
         mem = self._controller_dirs.get("memory")
         if memory_bytes is not None and mem is not None:
@@ -504,6 +531,37 @@ class SandboxCgroup:
             with contextlib.suppress(OSError, ValueError):
                 return int(_read(mem / name))
         return None
+
+
+def remove_stale_cgroups(name: str, timeout: float = 2.0) -> set[int]:
+    """Kill what is left in the groups ``stockade-<name>`` and remove them.
+
+    Returns the pids that survived (empty when everything is gone). No groups, no work.
+    """
+    group = SandboxCgroup.find(name)
+    if group is None:
+        return set()
+    try:
+        group.kill_all(timeout)
+    except SandboxStateError:
+        return group.pids()
+    group.destroy(timeout)
+    return set()
+
+
+def _search(top: Path, dirname: str) -> list[Path]:
+    found: list[Path] = []
+    base_depth = len(top.parts)
+    for dirpath, dirnames, _files in os.walk(top):
+        here = Path(dirpath)
+        if dirname in dirnames:
+            found.append(here / dirname)
+        # Do not descend into sandboxes' groups, or too deep.
+        if len(here.parts) - base_depth >= _FIND_MAX_DEPTH:
+            dirnames.clear()
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(_PREFIX)]
+    return found
 
 
 def _enable_v2_controllers(parent: Path, controllers: list[str]) -> None:

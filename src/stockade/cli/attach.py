@@ -54,15 +54,22 @@ def _raw_terminal(fd: int) -> Iterator[None]:
 async def _pump_stdin(client: AgentClient, proc: int) -> None:
     """Forward our stdin to the process; send EOF when ours ends."""
     fd = sys.stdin.fileno()
-    regular = stat.S_ISREG(os.fstat(fd).st_mode)
-    if not regular:
+    # Regular files and some devices (/dev/null) cannot be polled; read them in a thread
+    # (they never block for long). Pipes, sockets and terminals are polled.
+    pollable = not stat.S_ISREG(os.fstat(fd).st_mode)
+    if pollable:
         os.set_blocking(fd, False)
     try:
         while True:
-            if regular:
+            if not pollable:
                 data = await anyio.to_thread.run_sync(os.read, fd, 65536)
             else:
-                await anyio.wait_readable(fd)
+                try:
+                    await anyio.wait_readable(fd)
+                except PermissionError:
+                    pollable = False
+                    os.set_blocking(fd, True)
+                    continue
                 try:
                     data = os.read(fd, 65536)
                 except BlockingIOError:
@@ -79,7 +86,7 @@ async def _pump_stdin(client: AgentClient, proc: int) -> None:
             if not data:
                 return
     finally:
-        if not regular:
+        if pollable:
             os.set_blocking(fd, True)
 
 

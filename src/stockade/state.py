@@ -1,0 +1,381 @@
+"""The state store: which sandboxes exist, in SQLite, plus one private directory per sandbox.
+
+Location: ``$STOCKADE_STATE_DIR``, else ``$XDG_STATE_HOME/stockade``, else
+``~/.local/state/stockade``. Every call opens its own connection (WAL, busy timeout), so
+several CLI processes and supervisors can use the store at once.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import difflib
+import os
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from pathlib import Path
+
+from stockade._errors import ConfigError, SandboxNotFoundError
+
+__all__ = [
+    "SandboxRecord",
+    "SandboxStatus",
+    "StateStore",
+    "default_state_dir",
+    "process_start_time",
+    "validate_name",
+]
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_ID_RE = re.compile(r"^[a-z0-9]{8,64}$")
+_BUSY_TIMEOUT_MS = 10_000
+
+# _MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version).
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sandboxes (
+        name TEXT PRIMARY KEY,
+        id TEXT UNIQUE NOT NULL,
+        backend TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        policy_hash TEXT,
+        policy_json TEXT,
+        workspace TEXT,
+        dir TEXT,
+        supervisor_pid INTEGER,
+        supervisor_start INTEGER,
+        control_socket TEXT,
+        error TEXT
+    );
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_ADJECTIVES = (
+    "brave", "calm", "clever", "eager", "fancy", "gentle", "happy", "jolly", "keen",
+    "lively", "lucky", "merry", "nimble", "proud", "quick", "quiet", "sharp", "shy",
+    "steady", "swift", "tidy", "vivid", "warm", "wise", "witty", "zesty",
+)  # fmt: skip
+_ANIMALS = (
+    "badger", "beaver", "bison", "crane", "dingo", "eagle", "ferret", "gecko", "heron",
+    "ibis", "jackal", "koala", "lemur", "lynx", "marten", "newt", "otter", "panda",
+    "puffin", "quokka", "raven", "seal", "tapir", "urchin", "vole", "walrus", "yak", "zebra",
+)  # fmt: skip
+
+
+class SandboxStatus(StrEnum):
+    """Lifecycle: created -> starting -> running -> stopping -> stopped | failed."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """One row of the ``sandboxes`` table."""
+
+    name: str
+    id: str
+    backend: str
+    status: SandboxStatus
+    created_at: float
+    updated_at: float
+    policy_hash: str | None = None
+    policy_json: str | None = None
+    workspace: str | None = None
+    dir: str | None = None
+    supervisor_pid: int | None = None
+    supervisor_start: int | None = None  # /proc/<pid>/stat field 22, against pid reuse
+    control_socket: str | None = None
+    error: str | None = None
+
+
+_COLUMNS = tuple(f.name for f in fields(SandboxRecord))
+_UPDATABLE = frozenset(_COLUMNS) - {"name", "id", "created_at"}
+_INSERT_SQL = (  # built from the dataclass's own field names, never from input
+    f"INSERT INTO sandboxes ({', '.join(_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
+)
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid sandbox name, else raise ConfigError."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(
+            f"invalid sandbox name {name!r}: use 1-63 characters from a-z, 0-9, '_', '.' "
+            "and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _validate_id(sandbox_id: str) -> str:
+    # The id names a directory: it must never be able to walk out of the state dir.
+    if not isinstance(sandbox_id, str) or not _ID_RE.match(sandbox_id):
+        raise ConfigError(f"invalid sandbox id {sandbox_id!r}: expected 8-64 of a-z and 0-9")
+    return sandbox_id
+
+
+def default_state_dir() -> Path:
+    """``$STOCKADE_STATE_DIR``, else ``$XDG_STATE_HOME/stockade``, else ~/.local/state."""
+    explicit = os.environ.get("STOCKADE_STATE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec says relative values are ignored
+        return Path(xdg) / "stockade"
+    return Path.home() / ".local" / "state" / "stockade"
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks after boot (/proc/<pid>/stat field 22).
+
+    None if there is no such process or it is a zombie: a dead supervisor.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses; the fields after its last ')' are
+    # 3 (state) onwards.
+    rest = stat.rsplit(")", 1)[-1].split()
+    if len(rest) < 20 or rest[0] in ("Z", "X"):
+        return None
+    try:
+        return int(rest[19])
+    except ValueError:
+        return None
+
+
+def _ensure_private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"state directory {path} belongs to uid {st.st_uid}, not to you (uid "
+            f"{os.geteuid()}); set STOCKADE_STATE_DIR to a directory of your own"
+        )
+    if st.st_mode & 0o077:
+        path.chmod(0o700)
+
+
+class StateStore:
+    """The sandboxes known on this machine, for this user."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_state_dir()
+        _ensure_private_dir(self.root)
+        _ensure_private_dir(self.root / "sandboxes")
+        self.db_path = self.root / "state.db"
+        self._migrate()
+
+    def __repr__(self) -> str:
+        return f"StateStore({str(self.root)!r})"
+
+    @contextlib.contextmanager
+    def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        # Autocommit mode with explicit transactions; BEGIN IMMEDIATE takes the write lock
+        # up front, so concurrent writers wait (busy_timeout) instead of failing mid-way.
+        conn = sqlite3.connect(self.db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            conn.row_factory = sqlite3.Row
+            if write:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            else:
+                yield conn
+        finally:
+            conn.close()
+
+    def _migrate(self) -> None:
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+        with contextlib.suppress(OSError):
+            self.db_path.chmod(0o600)
+        with self._connect(write=True) as conn:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self.db_path} has schema version {version}, newer than this stockade "
+                    f"understands ({SCHEMA_VERSION}); upgrade stockade or set "
+                    "STOCKADE_STATE_DIR to another directory"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        """The private directory of one sandbox, ``<root>/sandboxes/<id>``, created 0700."""
+        path = self.root / "sandboxes" / _validate_id(sandbox_id)
+        _ensure_private_dir(path)
+        return path
+
+    @staticmethod
+    def new_id() -> str:
+        """A fresh random sandbox id (16 hex characters)."""
+        return secrets.token_hex(8)
+
+    def new_name(self) -> str:
+        """A friendly name no sandbox uses yet, like ``brave-otter-1a2b``."""
+        with self._connect() as conn:
+            taken = {row[0] for row in conn.execute("SELECT name FROM sandboxes")}
+        while True:
+            name = (
+                f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_ANIMALS)}-{secrets.token_hex(2)}"
+            )
+            if name not in taken:
+                return name
+
+    def insert(self, record: SandboxRecord) -> SandboxRecord:
+        """Add a sandbox. ConfigError if the name (or id) is taken or invalid."""
+        validate_name(record.name)
+        _validate_id(record.id)
+        values = [_to_db(getattr(record, column)) for column in _COLUMNS]
+        try:
+            with self._connect(write=True) as conn:
+                conn.execute(_INSERT_SQL, values)
+        except sqlite3.IntegrityError as exc:
+            if "sandboxes.name" in str(exc):
+                raise ConfigError(
+                    f"a sandbox named {record.name!r} already exists; pick another name or "
+                    f"`stockade rm {record.name}`"
+                ) from exc
+            raise ConfigError(f"a sandbox with id {record.id!r} already exists") from exc
+        return record
+
+    def get(self, name: str) -> SandboxRecord:
+        """The sandbox called ``name``; SandboxNotFoundError (with close names) if none."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                return _from_row(row)
+            names = [r[0] for r in conn.execute("SELECT name FROM sandboxes")]
+        raise SandboxNotFoundError(_not_found_message(name, names))
+
+    def update(self, name: str, /, **changes: object) -> SandboxRecord:
+        """Change some fields of a sandbox (``updated_at`` is set to now); return the row."""
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ConfigError(
+                f"cannot update {', '.join(sorted(unknown))}; updatable fields: "
+                f"{', '.join(sorted(_UPDATABLE))}"
+            )
+        if "status" in changes:
+            changes["status"] = _status(changes["status"])
+        changes.setdefault("updated_at", time.time())
+        assignments = ", ".join(f"{column} = ?" for column in changes)
+        values = [_to_db(v) for v in changes.values()]
+        with self._connect(write=True) as conn:
+            cursor = conn.execute(
+                f"UPDATE sandboxes SET {assignments} WHERE name = ?",  # noqa: S608 - columns are checked
+                [*values, name],
+            )
+            if cursor.rowcount == 0:
+                names = [r[0] for r in conn.execute("SELECT name FROM sandboxes")]
+                raise SandboxNotFoundError(_not_found_message(name, names))
+            row = conn.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
+        return _from_row(row)
+
+    def delete(self, name: str) -> SandboxRecord:
+        """Remove a sandbox's row and return it. Its directory is left to the caller, who
+        must tear down mounts in it before removing it."""
+        with self._connect(write=True) as conn:
+            row = conn.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                names = [r[0] for r in conn.execute("SELECT name FROM sandboxes")]
+                raise SandboxNotFoundError(_not_found_message(name, names))
+            conn.execute("DELETE FROM sandboxes WHERE name = ?", (name,))
+        return _from_row(row)
+
+    def reconcile(self, record: SandboxRecord) -> SandboxRecord:
+        """Mark a starting/running sandbox failed if its supervisor is gone; return the row.
+
+        A pid alone is not proof of life (pids are reused), so its start time must match
+        the one recorded when the supervisor started.
+        """
+        if record.status not in (SandboxStatus.STARTING, SandboxStatus.RUNNING):
+            return record
+        pid = record.supervisor_pid
+        if pid is None:
+            return record
+        started = process_start_time(pid)
+        if started is not None and (
+            record.supervisor_start is None or started == record.supervisor_start
+        ):
+            return record
+        with self._connect(write=True) as conn:
+            # Only if nobody changed the row meanwhile (e.g. a new supervisor took over).
+            conn.execute(
+                "UPDATE sandboxes SET status = ?, error = ?, updated_at = ? "
+                "WHERE name = ? AND status = ? AND supervisor_pid IS ? "
+                "AND supervisor_start IS ?",
+                (
+                    SandboxStatus.FAILED.value,
+                    f"supervisor process {pid} died",
+                    time.time(),
+                    record.name,
+                    record.status.value,
+                    pid,
+                    record.supervisor_start,
+                ),
+            )
+            row = conn.execute("SELECT * FROM sandboxes WHERE name = ?", (record.name,)).fetchone()
+        if row is None:
+            raise SandboxNotFoundError(_not_found_message(record.name, []))
+        return _from_row(row)
+
+    # Defined last: inside the class body, later annotations would see this method.
+    def list(self) -> builtins.list[SandboxRecord]:
+        """Every sandbox, oldest first."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT * FROM sandboxes ORDER BY created_at, name").fetchall()
+        return [_from_row(row) for row in rows]
+
+
+def _status(value: object) -> SandboxStatus:
+    try:
+        return SandboxStatus(value if isinstance(value, str) else repr(value))
+    except ValueError:
+        choices = ", ".join(s.value for s in SandboxStatus)
+        raise ConfigError(f"invalid sandbox status {value!r}; one of: {choices}") from None
+
+
+def _to_db(value: object) -> object:
+    if isinstance(value, SandboxStatus):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _from_row(row: sqlite3.Row) -> SandboxRecord:
+    data = {column: row[column] for column in _COLUMNS}
+    data["status"] = _status(data["status"])
+    return SandboxRecord(**data)
+
+
+def _not_found_message(name: str, names: builtins.list[str]) -> str:
+    message = f"no sandbox named {name!r}"
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    if close:
+        message += f"; did you mean {', '.join(repr(c) for c in close)}?"
+    return message + " (`stockade ls` lists them)"
