@@ -248,7 +248,7 @@ def test_two_sandboxes_with_different_policies_in_one_process(
         b.close()
 
 
-def test_unprivileged_user(namespace_backend: str, tmp_path: Path) -> None:
+def test_unprivileged_user(namespace_backend: str) -> None:
     """The namespace backend works for an unprivileged user too (rlimits instead of cgroups)."""
     if os.getuid() != 0:
         uid_cmd: list[str] = []
@@ -262,13 +262,15 @@ def test_unprivileged_user(namespace_backend: str, tmp_path: Path) -> None:
                 "this Python environment is not readable by uid 65534: "
                 + probe.stderr.decode(errors="replace")[-200:]
             )
-    home = tmp_path / "nobody"
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="stockade-nobody-", dir="/tmp"))
     (home / "project").mkdir(parents=True)
     (home / "project" / "a.txt").write_text("a\n")
-    os.chown(tmp_path, 0, 0)
-    for p in [home, home / "project", home / "project" / "a.txt"]:
-        os.chown(p, 65534, 65534)
-    tmp_path.chmod(0o755)
+    if os.getuid() == 0:
+        for p in [home, home / "project", home / "project" / "a.txt"]:
+            os.chown(p, 65534, 65534)
     script = (
         "from stockade import Sandbox\n"
         f"with Sandbox.create(project_dir={str(home / 'project')!r}, backend='namespace', "
@@ -282,8 +284,15 @@ def test_unprivileged_user(namespace_backend: str, tmp_path: Path) -> None:
         "STOCKADE_STATE_DIR": str(home / "state"),
         "XDG_CONFIG_HOME": str(home / "config"),
     }
-    r = subprocess.run(
-        [*uid_cmd, sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=home
-    )
+    try:
+        r = subprocess.run(
+            [*uid_cmd, sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=home,
+        )
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "0 ['1000', 'a'] ['b.txt']"

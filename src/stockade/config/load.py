@@ -220,7 +220,10 @@ def find_project_root(start: Path, *, home: Path) -> tuple[Path, Path | None]:
     for directory in (start, *start.parents):
         if directory != start and directory in homes:
             break
-        found = _project_file_in(directory)
+        try:
+            found = _project_file_in(directory)
+        except PermissionError:
+            break  # a directory we may not look into ends the walk, like $HOME does
         if found is not None:
             return directory, found
     return start, None
