@@ -24,6 +24,9 @@ from stockade.protocol.framing import FrameDecoder, encode_frame
 from stockade.protocol.messages import ERROR_CODES, METHODS, NOTIFICATIONS, PROTOCOL_VERSION
 
 GUEST = Path(__file__).resolve().parents[1] / "src" / "stockade" / "agent" / "guest.py"
+#: The interpreter that runs the agent; point it at another Python (3.9+) to check the agent
+#: there, e.g. STOCKADE_GUEST_PYTHON=python3.9.
+GUEST_PYTHON = os.environ.get("STOCKADE_GUEST_PYTHON", sys.executable)
 
 #: How long any single wait on the agent may take before the test fails (not a timing check:
 #: only a guard so a broken agent fails the test instead of hanging it).
@@ -58,7 +61,7 @@ class AgentHarness:
         self.log = tempfile.TemporaryFile()
         self.log_text = ""  # the agent's stderr, kept after close()
         self.process = subprocess.Popen(
-            [sys.executable, "-S", "-I", *python_flags, str(GUEST), *args],
+            [GUEST_PYTHON, "-S", "-I", *python_flags, str(GUEST), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,

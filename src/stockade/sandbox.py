@@ -10,6 +10,7 @@ cancellation, and repeatable.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 import shlex
@@ -638,6 +639,7 @@ class AsyncSandbox:
             policy=self.policy,
             state_dir=self._dir,
             workspace=self._layers,
+            cache_dir=self._store.root / "cache",
         )
         self._launched = await self._backend.launch(spec)
         self._client = AgentClient(self._launched.channel)
@@ -749,7 +751,7 @@ class AsyncSandbox:
         if error is not None:
             fields["error"] = error[:2000]
         self._store.update(self.name, **fields)
-        self._record = self._store.get(self.name)
+        self._record = dataclasses.replace(self._record, **fields)
 
     async def _reset_workspace(self) -> None:
         layers = self._layers
@@ -795,11 +797,12 @@ class AsyncSandbox:
                     await anyio.to_thread.run_sync(self._discard_dir)
 
     def _discard_dir(self) -> None:
-        import shutil
+        from stockade.workspace.layers import remove_tree
 
-        if self._layers is not None:
-            self._layers.reset()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        try:
+            remove_tree(self._dir)
+        except FileNotFoundError:
+            pass
 
     # --- lifecycle ------------------------------------------------------------------------
 

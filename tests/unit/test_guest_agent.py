@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import io
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -17,9 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_harness import GUEST, AgentCallError, AgentHarness, pid_alive, wait_pid_gone
 
-from stockade.protocol.framing import HEADER
+from agent_harness import (
+    GUEST,
+    GUEST_PYTHON,
+    AgentCallError,
+    AgentHarness,
+    pid_alive,
+    wait_pid_gone,
+)
+from stockade.protocol.framing import HEADER, FrameDecoder, encode_frame
+from stockade.protocol.messages import AgentHelloResult
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,7 +69,8 @@ def test_hello_reports_the_agent(workspace: Path) -> None:
         assert hello["pid"] == harness.process.pid
         assert hello["uid"] == os.getuid()
         assert hello["kernel"] == os.uname().release
-        assert hello["python"] == ".".join(map(str, sys.version_info[:3]))
+        if sys.executable == GUEST_PYTHON:
+            assert hello["python"] == ".".join(map(str, sys.version_info[:3]))
 
 
 def test_startup_needs_no_heavy_modules(workspace: Path) -> None:
@@ -532,10 +543,69 @@ def test_rlimits_are_inherited(workspace: Path) -> None:
 
 def test_unknown_option_is_refused(workspace: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-S", "-I", str(GUEST), "--frobnicate"], capture_output=True, text=True
+        [GUEST_PYTHON, "-S", "-I", str(GUEST), "--frobnicate"], capture_output=True, text=True
     )
     assert result.returncode == 2
     assert "--frobnicate" in result.stderr
+
+
+def raw_hello(sock_or_fd: int) -> dict[str, object]:
+    """One agent.hello over a raw descriptor, without the harness."""
+    os.write(
+        sock_or_fd,
+        encode_frame(
+            {"jsonrpc": "2.0", "id": 1, "method": "agent.hello", "params": {"protocol": "1.0"}}
+        ),
+    )
+    decoder = FrameDecoder()
+    while True:
+        ready, _, _ = select.select([sock_or_fd], [], [], 20)
+        assert ready, "no answer to agent.hello"
+        for message in decoder.feed(os.read(sock_or_fd, 65536)):
+            result = message["result"]
+            AgentHelloResult.model_validate(result)
+            return dict(result)
+
+
+def test_channel_on_other_descriptors() -> None:
+    host, guest = socket.socketpair()
+    with host, guest:
+        agent = subprocess.Popen(
+            [
+                GUEST_PYTHON,
+                "-S",
+                "-I",
+                str(GUEST),
+                "--fd-in",
+                str(guest.fileno()),
+                "--fd-out",
+                str(guest.fileno()),
+            ],
+            pass_fds=[guest.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        guest.close()
+        assert raw_hello(host.fileno())["pid"] == agent.pid
+        host.shutdown(socket.SHUT_WR)
+        assert agent.wait(20) == 0
+
+
+def test_channel_on_a_device() -> None:
+    """--device: one character device both ways (a pty stands in for virtio-serial)."""
+    master, slave = os.openpty()
+    try:
+        agent = subprocess.Popen(
+            [GUEST_PYTHON, "-S", "-I", str(GUEST), "--device", os.ttyname(slave)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        os.close(slave)
+        assert raw_hello(master)["pid"] == agent.pid  # raw mode: frames pass unchanged
+        agent.terminate()  # a device never reaches EOF; SIGTERM ends the agent cleanly
+        assert agent.wait(20) == 0
+    finally:
+        os.close(master)
 
 
 def landlock_abi() -> int:
@@ -588,7 +658,7 @@ def test_landlock_confines_writes(tmp_path: Path) -> None:
 
 def test_unknown_landlock_mode_is_refused() -> None:
     result = subprocess.run(
-        [sys.executable, "-S", "-I", str(GUEST), "--landlock", "sometimes"],
+        [GUEST_PYTHON, "-S", "-I", str(GUEST), "--landlock", "sometimes"],
         capture_output=True,
         text=True,
     )

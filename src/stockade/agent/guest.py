@@ -555,7 +555,7 @@ def _remove_non_dir(path: str) -> None:
 
 
 def _extract_file(archive: Any, member: Any, path: str) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as exc:
@@ -1163,6 +1163,8 @@ class Agent:
             body = bytes(buf[offset + 4 : offset + 4 + size])
             offset += 4 + size
             self._handle_frame(body)
+            if self.shutdown_requested:
+                break  # nothing after agent.shutdown is served
         del buf[:offset]
 
     def _handle_frame(self, body: bytes) -> None:
@@ -1722,7 +1724,8 @@ class Agent:
             parent = os.path.dirname(path)
             if parent and not os.path.isdir(parent):
                 os.makedirs(parent, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY
+        # O_NONBLOCK: a fifo without a reader fails instead of blocking the agent.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
         flags |= os.O_APPEND if append else os.O_TRUNC
         created = True
         try:
@@ -1944,6 +1947,18 @@ def _make_raw(fd: int) -> None:
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
+def _readable_beneath(paths: list[str], allowed: list[str]) -> bool:
+    """True when every existing directory in ``paths`` lies beneath one of ``allowed``."""
+    roots = [os.path.realpath(path) for path in allowed]
+    for path in paths:
+        if not os.path.isdir(path):
+            continue  # e.g. the stdlib zip that does not exist
+        real = os.path.realpath(path)
+        if not any(_inside(root, real) for root in roots):
+            return False
+    return True
+
+
 def _protect_fds() -> None:
     """Make inherited descriptors close-on-exec, so children only get 0, 1 and 2."""
     try:
@@ -1996,14 +2011,15 @@ def main(argv: list[str]) -> int:
     libc = None
     landlock_abi = 0
     if opts.landlock != "off":
-        # Everything imported lazily later must be loaded before the agent loses access to
-        # the interpreter's files.
-        import fcntl  # noqa: F401
-        import gzip  # noqa: F401
-        import shutil  # noqa: F401
-        import stat  # noqa: F401
-        import tarfile  # noqa: F401
-        import termios  # noqa: F401
+        if not _readable_beneath(sys.path, opts.landlock_ro + opts.landlock_rw):
+            # Everything imported lazily later must be loaded before the agent loses access
+            # to the interpreter's files (costs ~20 ms, so only when needed).
+            import fcntl  # noqa: F401
+            import gzip  # noqa: F401
+            import shutil  # noqa: F401
+            import stat  # noqa: F401
+            import tarfile  # noqa: F401
+            import termios  # noqa: F401
 
         libc = _libc()
         try:

@@ -75,6 +75,8 @@ class LaunchSpec:
     state_dir: Path
     workspace: WorkspaceLayers | None
     agent_source: Path = field(default_factory=guest_agent_source)
+    #: Host directory for reusable artefacts (e.g. the agent compiled for the guest Python).
+    cache_dir: Path | None = None
 
 
 class LaunchedSandbox(abc.ABC):

@@ -10,6 +10,7 @@ net, ipc, uts and cgroup namespaces, a curated read-only view of the system, a s
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -109,6 +110,40 @@ def _probe_cached() -> Availability:
     return Availability(True, f"bubblewrap at {bwrap}")
 
 
+def compiled_agent(source: Path, cache_dir: Path | None) -> Path:
+    """The guest agent compiled to bytecode by the guest's own Python, cached on the host.
+
+    A script run as ``python3 file.py`` is compiled on every start (scripts get no .pyc);
+    for the 2000-line agent that is most of its start-up time. The cache key covers the
+    agent's content and the interpreter binary, so an upgrade of either recompiles.
+    """
+    if cache_dir is None:
+        return source
+    data = source.read_bytes()
+    st = os.stat(os.path.realpath(GUEST_PYTHON))
+    key = hashlib.sha256(data + f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    target = cache_dir / f"agent-{key}.pyc"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = cache_dir / f".agent-{key}.{os.getpid()}.pyc"
+    proc = subprocess.run(
+        [GUEST_PYTHON, "-S", "-I", "-c",
+         "import py_compile,sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)",
+         str(source), str(tmp)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        logger.warning("could not precompile the guest agent: %s", proc.stderr[-500:])
+        tmp.unlink(missing_ok=True)
+        return source
+    tmp.chmod(0o644)
+    os.replace(tmp, target)
+    return target
+
+
 def _etc_dir(spec: LaunchSpec) -> Path:
     """Write the synthetic /etc files (no host accounts, no host names) for this sandbox."""
     etc = spec.state_dir / "etc"
@@ -180,7 +215,9 @@ def build_bwrap_argv(
     if tmp_size:
         argv += ["--size", str(tmp_size)]
     argv += ["--tmpfs", "/tmp", "--dir", "/tmp/home", "--dir", "/run/stockade"]
-    argv += ["--ro-bind", str(spec.agent_source), AGENT_GUEST_PATH]
+    agent = compiled_agent(spec.agent_source, spec.cache_dir)
+    guest_agent = AGENT_GUEST_PATH + ("c" if agent.suffix == ".pyc" else "")
+    argv += ["--ro-bind", str(agent), guest_agent]
 
     # Workspace.
     if ws.mode == "none" or ws.host_path is None:
@@ -201,7 +238,7 @@ def build_bwrap_argv(
     argv += ["--remount-ro", "/", "--seccomp", str(seccomp_fd), "--info-fd", str(info_fd)]
 
     # The agent: applies Landlock, then serves the protocol on its stdio.
-    argv += ["--", GUEST_PYTHON, "-S", "-I", AGENT_GUEST_PATH, "--workspace", cwd]
+    argv += ["--", GUEST_PYTHON, "-S", "-I", guest_agent, "--workspace", cwd]
     argv += ["--landlock", "best-effort", "--landlock-scope"]
     for path in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/proc", "/run/stockade"):
         argv += ["--landlock-ro", path]

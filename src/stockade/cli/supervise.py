@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -117,11 +116,8 @@ def remove_sandbox(store: StateStore, record: Any) -> None:
         raise SandboxStateError(
             f"processes of sandbox {record.name!r} survived removal: {sorted(survivors)}"
         )
-    directory = Path(record.dir)
-    if directory.exists():
-        from stockade.workspace import WorkspaceLayers
+    if record.dir and Path(record.dir).exists():
+        from stockade.workspace.layers import remove_tree
 
-        if record.workspace and (directory / "upper").exists():
-            WorkspaceLayers.at(directory, record.workspace).reset()
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_tree(Path(record.dir))
     store.delete(record.name)
