@@ -58,7 +58,7 @@ class AgentHarness:
     def __init__(
         self, *args: str, env: dict[str, str] | None = None, python_flags: tuple[str, ...] = ()
     ) -> None:
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self.log_text = ""  # the agent's stderr, kept after close()
         self.process = subprocess.Popen(
             [GUEST_PYTHON, "-S", "-I", *python_flags, str(GUEST), *args],

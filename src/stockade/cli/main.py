@@ -237,6 +237,10 @@ def exec_(
     from stockade.cli.attach import attach_remote
 
     record = _running(name)
+    if command and command[0] == "--":  # `exec NAME -- CMD`: click keeps a "--" after NAME
+        command = command[1:]
+    if not command:
+        raise click.UsageError("give the command to run after NAME, e.g. `exec NAME -- ls`")
     env_map = dict(pair.partition("=")[::2] for pair in env)
     code = anyio.run(
         lambda: attach_remote(record, list(command), tty, env_map, workdir, timeout)

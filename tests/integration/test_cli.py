@@ -1,0 +1,169 @@
+"""The CLI as a new user drives it: run/diff/apply/reset, supervised sandboxes, kill -9 of a
+supervisor, audit, doctor. Runs the real namespace backend (skips with the probe's reason)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def stockade(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 60,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "stockade.cli.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        env={**os.environ},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stockade {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def pids_with_marker(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def status_of(name: str) -> str:
+    rows = json.loads(stockade("ls", "--json").stdout)
+    return next(r["status"] for r in rows if r["name"] == name)
+
+
+def test_run_diff_apply_reset(namespace_backend: str, project: Path) -> None:
+    before = sorted(p.name for p in project.iterdir())
+    r = stockade("run", "--", "sh", "-c", "echo hi > new.txt; cat /etc/hostname", cwd=project)
+    assert r.stdout == "sandbox\n"
+    assert "new.txt" in r.stderr  # the summary of changed files
+    assert sorted(p.name for p in project.iterdir()) == before  # host unchanged
+
+    diff = stockade("diff", cwd=project).stdout
+    assert "+++ b/new.txt" in diff and "+hi" in diff
+    as_json = json.loads(stockade("diff", "--json", cwd=project).stdout)
+    assert [c["path"] for c in as_json["changes"]] == ["new.txt"]
+
+    stockade("apply", cwd=project)
+    assert (project / "new.txt").read_text() == "hi\n"
+    assert "no changes" in stockade("diff", cwd=project).stderr
+
+    stockade("run", "--", "sh", "-c", "echo other > other.txt", cwd=project)
+    stockade("reset", cwd=project)
+    assert "no changes" in stockade("diff", cwd=project).stderr
+    assert not (project / "other.txt").exists()
+
+
+def test_exit_codes_pass_through(namespace_backend: str, project: Path) -> None:
+    assert stockade("run", "--rm", "--", "sh", "-c", "exit 7", cwd=project, check=False).returncode == 7
+    assert stockade("run", "--rm", "--", "true", cwd=project).returncode == 0
+    assert stockade("run", "--rm", "--", "cat", cwd=project, input="piped in").stdout == "piped in"
+    r = stockade("run", "--rm", "--backend", "nonexistent", "--", "true", cwd=project, check=False)
+    assert r.returncode == 125 and "nonexistent" in r.stderr
+
+
+def test_host_backend_needs_the_flag(project: Path) -> None:
+    r = stockade("run", "--rm", "--backend", "host", "--workspace-mode", "rw", "--", "true",
+                 cwd=project, check=False)  # fmt: skip
+    assert r.returncode == 125 and "unsafe" in r.stderr
+    r = stockade("run", "--rm", "--backend", "host", "--unsafe-host", "--workspace-mode", "rw",
+                 "--", "sh", "-c", "echo $0", cwd=project)  # fmt: skip
+    assert "WARNING" in r.stderr and "NO isolation" in r.stderr
+
+
+def test_supervised_sandbox_lifecycle(namespace_backend: str, project: Path) -> None:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    stockade("create", "--name", name, "-C", str(project))
+    try:
+        assert status_of(name) == "running"
+        r = stockade("exec", name, "--", "sh", "-c", "echo $((6*7)); exit 3", check=False)
+        assert (r.returncode, r.stdout) == (3, "42\n")
+        stockade("exec", name, "--", "sh", "-c", "echo kept > state.txt")
+        assert stockade("exec", name, "--", "cat", "state.txt").stdout == "kept\n"
+        assert "state.txt" in stockade("diff", name, "--stat").stdout
+
+        marker = str(10**6 + uuid.uuid4().int % 10**6)
+        stockade("exec", name, "--", "sh", "-c",
+                 f"setsid sleep {marker} >/dev/null 2>&1 </dev/null &")  # fmt: skip
+        time.sleep(0.3)
+        assert pids_with_marker(f"sleep\x00{marker}")
+
+        audit = stockade("audit", name, "--verify")
+        assert "chain intact" in audit.stdout
+        events = [json.loads(line) for line in stockade("audit", name, "--json").stdout.splitlines()]
+        actions = [e["action"] for e in events]
+        assert "sandbox.created" in actions and "process.started" in actions
+
+        stockade("rm", name)
+        assert pids_with_marker(f"sleep\x00{marker}") == []  # background process gone
+        assert name not in stockade("ls").stdout
+    finally:
+        stockade("rm", name, check=False)
+
+
+def test_kill_9_of_supervisor_leaves_nothing(namespace_backend: str, project: Path) -> None:
+    name = f"k-{uuid.uuid4().hex[:8]}"
+    info = json.loads(stockade("create", "--name", name, "--json", "-C", str(project)).stdout)
+    assert info["ok"]
+    try:
+        marker = str(10**6 + uuid.uuid4().int % 10**6)
+        stockade("exec", name, "--", "sh", "-c",
+                 f"setsid sleep {marker} >/dev/null 2>&1 </dev/null &")  # fmt: skip
+        time.sleep(0.3)
+        assert pids_with_marker(f"sleep\x00{marker}")
+        from stockade.state import StateStore
+
+        pid = StateStore().get(name).supervisor_pid
+        assert pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pids_with_marker(f"sleep\x00{marker}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pids_with_marker(f"sleep\x00{marker}") == []
+        t = time.monotonic()
+        assert status_of(name) == "failed"
+        assert time.monotonic() - t < 10  # reported, not hanging
+        r = stockade("exec", name, "--", "true", check=False)
+        assert r.returncode == 125 and "failed" in r.stderr
+    finally:
+        stockade("rm", name, check=False)
+    assert name not in stockade("ls").stdout
+
+
+def test_doctor_lists_every_backend() -> None:
+    data = json.loads(stockade("doctor", "--json").stdout)
+    names = [b["backend"] for b in data["backends"]]
+    assert names == ["microvm", "gvisor", "container", "namespace", "host"]
+    for row in data["backends"]:
+        if not row["available"]:
+            assert row["reason"]
+    host = next(b for b in data["backends"] if b["backend"] == "host")
+    assert host["auto"] is False
+    assert data["auto"] != "host"
+    text = stockade("doctor").stdout
+    assert "namespace" in text and "microvm" in text
+
+
+def test_config_errors_name_the_key(project: Path) -> None:
+    (project / "stockade.toml").write_text("[limts]\nmemory = '1G'\n")
+    r = stockade("run", "--rm", "--", "true", cwd=project, check=False)
+    assert r.returncode == 125
+    assert "limts" in r.stderr and "limits" in r.stderr
