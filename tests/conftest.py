@@ -34,7 +34,9 @@ def require_backend(name: str) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def _isolated_state(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
     """Every test gets its own state dir and user config dir; no test sees the real ones."""
     base = tmp_path_factory.mktemp("stockade-home")
     monkeypatch.setenv("STOCKADE_STATE_DIR", str(base / "state"))

@@ -1,21 +1,21 @@
 """Exception tree of stockade, branched by what the caller can do about it.
 
-    StockadeError
-    ├── ConfigError                  fix the configuration file, flag or environment
-    │   └── PolicyError              the policy asks for something unsafe or unenforceable
-    ├── BackendUnavailableError      install / enable a backend, or choose another
-    ├── SandboxStartError            the backend failed to start the sandbox
-    ├── SandboxNotFoundError         no sandbox by that name
-    ├── SandboxStateError            the sandbox is not in a state that allows this
-    ├── ExecTimeoutError (also TimeoutError)
-    ├── CommandFailedError           non-zero exit with check=True; carries the result
-    ├── AgentProtocolError           the guest agent broke the protocol; the connection is gone
-    ├── AgentError                   the guest agent refused or failed a call
-    │   ├── SandboxFileNotFoundError (also FileNotFoundError)
-    │   ├── SandboxPermissionError   (also PermissionError)
-    │   └── SandboxFileExistsError   (also FileExistsError)
-    └── WorkspaceError
-        └── WorkspaceConflictError   the host file changed since the sandbox started
+StockadeError
+├── ConfigError                  fix the configuration file, flag or environment
+│   └── PolicyError              the policy asks for something unsafe or unenforceable
+├── BackendUnavailableError      install / enable a backend, or choose another
+├── SandboxStartError            the backend failed to start the sandbox
+├── SandboxNotFoundError         no sandbox by that name
+├── SandboxStateError            the sandbox is not in a state that allows this
+├── ExecTimeoutError (also TimeoutError)
+├── CommandFailedError           non-zero exit with check=True; carries the result
+├── AgentProtocolError           the guest agent broke the protocol; the connection is gone
+├── AgentError                   the guest agent refused or failed a call
+│   ├── SandboxFileNotFoundError (also FileNotFoundError)
+│   ├── SandboxPermissionError   (also PermissionError)
+│   └── SandboxFileExistsError   (also FileExistsError)
+└── WorkspaceError
+    └── WorkspaceConflictError   the host file changed since the sandbox started
 """
 
 from __future__ import annotations

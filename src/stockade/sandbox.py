@@ -10,6 +10,7 @@ cancellation, and repeatable.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import logging
 import os
@@ -43,7 +44,6 @@ from stockade.protocol.messages import (
     FsListParams,
     FsListResult,
     FsMkdirParams,
-    FsPathParams,
     FsReadParams,
     FsReadResult,
     FsRemoveParams,
@@ -330,7 +330,9 @@ class AsyncPty:
     ) -> AsyncCommandHandle:
         """Start ``cmd`` (default: an interactive shell) on a new pseudo-terminal."""
         return await self._sandbox.commands.start(
-            cmd if cmd is not None else ["/bin/bash", "-i"]
+            cmd
+            if cmd is not None
+            else ["/bin/bash", "-i"]
             if os.path.exists("/bin/bash")
             else ["/bin/sh", "-i"],
             env={"TERM": os.environ.get("TERM", "xterm-256color"), **(env or {})},
@@ -676,10 +678,8 @@ class AsyncSandbox:
 
         def expire() -> None:
             logger.warning("sandbox %s reached its timeout of %ss", self.name, seconds)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
         self._timer = threading.Timer(seconds, expire)
         self._timer.daemon = True
@@ -774,10 +774,8 @@ class AsyncSandbox:
             client, self._client = self._client, None
             if client is not None and not client.closed:
                 with anyio.move_on_after(1.0):
-                    try:
+                    with contextlib.suppress(StockadeError):
                         await client.call("agent.shutdown", Empty())
-                    except StockadeError:
-                        pass
                 await client.aclose()
             launched, self._launched = self._launched, None
             if launched is not None:
@@ -799,10 +797,8 @@ class AsyncSandbox:
     def _discard_dir(self) -> None:
         from stockade.workspace.layers import remove_tree
 
-        try:
+        with contextlib.suppress(FileNotFoundError):
             remove_tree(self._dir)
-        except FileNotFoundError:
-            pass
 
     # --- lifecycle ------------------------------------------------------------------------
 

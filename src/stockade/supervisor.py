@@ -11,6 +11,7 @@ die-with-parent takes the sandbox with it, and ``stockade ls`` reports it as fai
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,6 @@ from typing import Any
 
 import anyio
 from anyio.abc import ByteStream, SocketStream
-from anyio.streams.memory import MemoryObjectSendStream
 
 from stockade._errors import AgentError, AgentProtocolError, StockadeError
 from stockade.agent.client import AgentClient
@@ -55,10 +55,8 @@ class _Connection:
         self.procs: set[int] = set()
 
     def push(self, message: dict[str, Any]) -> None:
-        try:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self.out_send.send_nowait(encode_frame(message))
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
 
     async def writer(self) -> None:
         async with self.out_recv:
@@ -155,7 +153,9 @@ class _Connection:
                 self.push({"jsonrpc": "2.0", "id": request_id, "result": result})
 
             result = await client.call_raw(
-                "process.start", start.model_dump(mode="json", exclude_none=True), on_result=register
+                "process.start",
+                start.model_dump(mode="json", exclude_none=True),
+                on_result=register,
             )
             sandbox._audit(
                 "process.started",
@@ -190,7 +190,7 @@ async def serve(sandbox: AsyncSandbox, socket_path: Path, ready: Any = None) -> 
         socket_path.unlink()
     listener = await anyio.create_unix_listener(str(socket_path), mode=0o600)
     sandbox._store.update(sandbox.name, control_socket=str(socket_path))
-    client = sandbox._require_client()
+    sandbox._require_client()
 
     async def handle(stream: SocketStream) -> None:
         await _Connection(sandbox, stream, stop).run()

@@ -19,9 +19,21 @@ def test_checked_in_schema_is_current() -> None:
 
 def test_every_design_method_is_defined() -> None:
     design = {
-        "agent.hello", "agent.shutdown", "process.start", "process.write_stdin", "process.signal",
-        "process.resize", "process.wait", "fs.read", "fs.write", "fs.stat", "fs.list", "fs.remove",
-        "fs.mkdir", "fs.upload_tar", "fs.download_tar",
+        "agent.hello",
+        "agent.shutdown",
+        "process.start",
+        "process.write_stdin",
+        "process.signal",
+        "process.resize",
+        "process.wait",
+        "fs.read",
+        "fs.write",
+        "fs.stat",
+        "fs.list",
+        "fs.remove",
+        "fs.mkdir",
+        "fs.upload_tar",
+        "fs.download_tar",
     }
     assert design <= set(METHODS)
     assert {"process.output", "process.exit"} <= set(NOTIFICATIONS)

@@ -73,7 +73,10 @@ def test_run_diff_apply_reset(namespace_backend: str, project: Path) -> None:
 
 
 def test_exit_codes_pass_through(namespace_backend: str, project: Path) -> None:
-    assert stockade("run", "--rm", "--", "sh", "-c", "exit 7", cwd=project, check=False).returncode == 7
+    assert (
+        stockade("run", "--rm", "--", "sh", "-c", "exit 7", cwd=project, check=False).returncode
+        == 7
+    )
     assert stockade("run", "--rm", "--", "true", cwd=project).returncode == 0
     assert stockade("run", "--rm", "--", "cat", cwd=project, input="piped in").stdout == "piped in"
     r = stockade("run", "--rm", "--backend", "nonexistent", "--", "true", cwd=project, check=False)
@@ -108,7 +111,9 @@ def test_supervised_sandbox_lifecycle(namespace_backend: str, project: Path) -> 
 
         audit = stockade("audit", name, "--verify")
         assert "chain intact" in audit.stdout
-        events = [json.loads(line) for line in stockade("audit", name, "--json").stdout.splitlines()]
+        events = [
+            json.loads(line) for line in stockade("audit", name, "--json").stdout.splitlines()
+        ]
         actions = [e["action"] for e in events]
         assert "sandbox.created" in actions and "process.started" in actions
 

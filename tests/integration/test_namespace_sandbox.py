@@ -106,7 +106,9 @@ def test_host_secrets_are_invisible(
         other_home.rmdir()
 
 
-@pytest.mark.parametrize("target", ["/usr/evil", "/etc/evil", "/evil", "/run/stockade/evil", "/opt/evil"])
+@pytest.mark.parametrize(
+    "target", ["/usr/evil", "/etc/evil", "/evil", "/run/stockade/evil", "/opt/evil"]
+)
 def test_writes_outside_workspace_and_tmp_fail(sb: Sandbox, target: str) -> None:
     r = sb.commands.run(["sh", "-c", f"echo x > {target}"])
     assert r.exit_code != 0

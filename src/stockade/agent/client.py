@@ -381,7 +381,7 @@ class AgentClient:
             with anyio.CancelScope(shield=True):
                 try:
                     await self._channel.aclose()
-                except Exception:  # noqa: BLE001 - best effort on an already failed channel
+                except Exception:
                     logger.debug("error closing a failed channel", exc_info=True)
 
     def _fail_pending(self, error: BaseException) -> None:

@@ -18,7 +18,7 @@ signal wake-up pipe. Options: ``--help``.
 """
 
 # Lazy imports are the point (startup time), and contextlib.suppress would cost an import.
-# ruff: noqa: PLC0415, SIM105
+# ruff: noqa: SIM105
 
 from __future__ import annotations
 

@@ -310,9 +310,7 @@ class BubblewrapBackend(Backend):
         merged: Path | None = None
         prefix: list[str] = []
         if cgroup is not None:
-            joins = " && ".join(
-                f'echo $$ > "${i + 1}"' for i in range(len(cgroup.procs_files()))
-            )
+            joins = " && ".join(f'echo $$ > "${i + 1}"' for i in range(len(cgroup.procs_files())))
             files = [str(p) for p in cgroup.procs_files()]
             script = f'{joins} && shift {len(files)} && exec "$@"'
             prefix += ["/bin/sh", "-c", script, "sh", *files]

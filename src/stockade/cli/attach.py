@@ -155,7 +155,9 @@ async def attach_local(sandbox: Any, command: list[str], tty: bool | None) -> in
     client = sandbox._require_client()
 
     def audit(started: Any) -> None:
-        sandbox._audit("process.started", target=" ".join(command)[:1000], details={"pid": started.pid})
+        sandbox._audit(
+            "process.started", target=" ".join(command)[:1000], details={"pid": started.pid}
+        )
 
     code = await attach(
         client,

@@ -145,7 +145,9 @@ def cli() -> None:
 @click.option("--rm", "remove", is_flag=True, help="Remove the sandbox when the command ends.")
 @click.option("--tty/--no-tty", "-t", default=None, help="Attach a terminal (default: if one).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(command: tuple[str, ...], name: str | None, remove: bool, tty: bool | None, **opts: Any) -> None:
+def run(
+    command: tuple[str, ...], name: str | None, remove: bool, tty: bool | None, **opts: Any
+) -> None:
     """Run COMMAND in a new sandbox; keep it for `diff`/`apply` unless --rm."""
     import anyio
 
@@ -178,7 +180,9 @@ async def _run_async(
 
 def _print_run_summary(sandbox: Any) -> None:
     if sandbox._layers is None:
-        click.echo(f"stockade: sandbox {sandbox.name} kept (no workspace changes tracked)", err=True)
+        click.echo(
+            f"stockade: sandbox {sandbox.name} kept (no workspace changes tracked)", err=True
+        )
         return
     from stockade.workspace import compute_diff
 
@@ -189,7 +193,9 @@ def _print_run_summary(sandbox: Any) -> None:
     click.echo(f"stockade: sandbox {sandbox.name} changed {diff.summary()}:", err=True)
     for change in list(diff)[:20]:
         mark = {"added": "A", "modified": "M", "deleted": "D"}[change.kind]
-        click.echo(f"  {mark} {change.path}" + ("  (protected)" if change.protected else ""), err=True)
+        click.echo(
+            f"  {mark} {change.path}" + ("  (protected)" if change.protected else ""), err=True
+        )
     if len(diff) > 20:
         click.echo(f"  ... and {len(diff) - 20} more", err=True)
     click.echo(
@@ -242,9 +248,7 @@ def exec_(
     if not command:
         raise click.UsageError("give the command to run after NAME, e.g. `exec NAME -- ls`")
     env_map = dict(pair.partition("=")[::2] for pair in env)
-    code = anyio.run(
-        lambda: attach_remote(record, list(command), tty, env_map, workdir, timeout)
-    )
+    code = anyio.run(lambda: attach_remote(record, list(command), tty, env_map, workdir, timeout))
     raise SystemExit(code)
 
 
@@ -257,9 +261,7 @@ def shell(name: str) -> None:
     from stockade.cli.attach import attach_remote
 
     record = _running(name)
-    code = anyio.run(
-        lambda: attach_remote(record, ["/bin/bash", "-i"], True, {}, None, None)
-    )
+    code = anyio.run(lambda: attach_remote(record, ["/bin/bash", "-i"], True, {}, None, None))
     raise SystemExit(code)
 
 
@@ -381,7 +383,9 @@ def diff(name: str | None, as_json: bool, stat: bool) -> None:
     store = _store()
     record = _resolve(store, name)
     result = compute_diff(_layers(record), protected=_protected(record))
-    _audit(store, record).append("workspace.diffed", actor="cli", details={"summary": result.summary()})
+    _audit(store, record).append(
+        "workspace.diffed", actor="cli", details={"summary": result.summary()}
+    )
     del AuditLog
     if as_json:
         click.echo(json.dumps(result.to_dict(include_patch=True), indent=2))
@@ -504,7 +508,8 @@ def audit(name: str | None, verify: bool, as_json: bool) -> None:
             target = f" {data.get('target')}" if data.get("target") else ""
             details = data.get("details") or {}
             extra = f" {json.dumps(details)}" if details else ""
-            click.echo(f"{data['seq']:>4} {data['time']} {data['actor']:<10} {data['action']}{target}{extra}")
+            head = f"{data['seq']:>4} {data['time']} {data['actor']:<10}"
+            click.echo(f"{head} {data['action']}{target}{extra}")
 
 
 @cli.command()
