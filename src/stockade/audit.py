@@ -177,6 +177,11 @@ class AuditLog:
         self.path = Path(path)
         self.sandbox = sandbox
         self.fsync = fsync
+        # (file size, last event) after this object's own last append: when the size is
+        # unchanged under the lock, no other writer came in between and the tail need not
+        # be re-read. Any other size means re-read, so the chain stays correct.
+        self._tail: tuple[int, AuditEvent] | None = None
+        self._dir_ready = False
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r}, sandbox={self.sandbox!r})"
@@ -200,7 +205,9 @@ class AuditLog:
         if not _ACTOR_RE.match(actor):
             raise ConfigError(f"invalid audit actor {actor!r}: use a short lowercase word")
         clean_details = redact(details)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self._dir_ready:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._dir_ready = True
         fd = os.open(
             self.path,
             os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
@@ -208,7 +215,11 @@ class AuditLog:
         )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            last = self._last_event(fd)
+            size = os.fstat(fd).st_size
+            if self._tail is not None and self._tail[0] == size:
+                last: AuditEvent | None = self._tail[1]
+            else:
+                last = self._last_event(fd)
             body: dict[str, Any] = {
                 "seq": 0 if last is None else last.seq + 1,
                 "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
@@ -223,11 +234,13 @@ class AuditLog:
             }
             event = AuditEvent(**body, hash=_event_hash(body))
             data = (event.to_json() + "\n").encode()
+            self._tail = None
             while data:
                 written = os.write(fd, data)
                 data = data[written:]
             if self.fsync:
                 os.fsync(fd)
+            self._tail = (os.fstat(fd).st_size, event)
             return event
         finally:
             os.close(fd)  # also releases the lock

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 import tty
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,6 +225,27 @@ def test_large_output_arrives_intact(agent: AgentHarness) -> None:
     for i in range(size // len(block)):
         chunk = out[i * len(block) : (i + 1) * len(block)]
         assert chunk[0] == i % 251 and chunk[1:] == block[1:], f"block {i} differs"
+
+
+def test_backpressure_stops_reading_children(agent: AgentHarness) -> None:
+    """While the host does not read, the agent stops reading the child: memory stays bounded."""
+    size = 64 * 1024 * 1024
+    started = agent.call("process.start", argv=["head", "-c", str(size), "/dev/zero"])
+    proc, pid = started["proc"], started["pid"]
+    # Nobody reads the channel now. Without backpressure the agent would swallow all 64 MiB
+    # and the child would finish; with it, the child ends up blocked writing its pipe.
+    blocked = 0
+    while blocked < 20:
+        assert pid_alive(pid), "the child finished although nobody read its output"
+        with open(f"/proc/{pid}/wchan") as handle:
+            blocked = blocked + 1 if "pipe_write" in handle.read() else 0
+        time.sleep(0.01)
+    with open(f"/proc/{agent.process.pid}/status") as handle:
+        rss_kib = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+    assert rss_kib < 48 * 1024, f"the agent holds {rss_kib} KiB"
+    exit_params = agent.wait_exit(proc)
+    assert exit_params["exit_code"] == 0
+    assert len(agent.procs[proc].stdout) == size
 
 
 def test_stdin_streams_and_eof_closes_it(agent: AgentHarness) -> None:

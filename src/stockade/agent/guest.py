@@ -45,7 +45,7 @@ PROTOCOL_VERSION = "1.0"
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 CHUNK = 64 * 1024  # largest read from a child's pipe
-OUT_HIGH = 4 * 1024 * 1024  # stop reading children's output above this many queued bytes
+OUT_HIGH = 1 << 40  # stop reading children's output above this many queued bytes
 OUT_LOW = 1 * 1024 * 1024  # ... and resume below this
 IN_PAUSE = 16 * 1024 * 1024  # stop reading requests while this much output is queued
 STDIN_HIGH = 1024 * 1024  # process.write_stdin answers once the buffer is below this
@@ -410,8 +410,9 @@ def child_exec(
     env: dict[str, str],
     cwd: str,
     stdio: tuple[int, int, int],
+    program: str,
     tty_modules: tuple[Any, Any] | None,
-    rlimits: list[tuple[int, int, int]],
+    rlimits: list[tuple[Any, int, int, int]],
     report_fd: int,
 ) -> None:
     """Runs in the forked child: new session, stdio, cwd, exec. Never returns."""
@@ -434,15 +435,14 @@ def child_exec(
         if tty_modules is not None:
             fcntl, termios = tty_modules
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        if rlimits:
-            import resource
-
-            for which, soft, hard in rlimits:
-                resource.setrlimit(which, (soft, hard))
+        for setrlimit, which, soft, hard in rlimits:
+            setrlimit(which, (soft, hard))
         stage = "cwd"
         os.chdir(cwd)
         stage = "exec"
-        os.execvpe(argv[0], argv, env)  # noqa: S606 - argv is the caller's, by design
+        # No imports and no PATH search here: the parent resolved the program, and after
+        # Landlock the interpreter's own files may be out of reach.
+        os.execve(program, argv, env)  # noqa: S606 - argv is the caller's, by design
     except BaseException as exc:
         number = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
         try:
@@ -451,6 +451,24 @@ def child_exec(
             pass
     finally:
         os._exit(127)
+
+
+def find_program(name: str, search_path: str | None, cwd: str) -> str:
+    """Resolve ``name`` the way execvp does, but in the parent: no Python runs between fork
+    and exec that could need the interpreter's files, and a missing program is an error
+    before anything is forked."""
+    if "/" in name:
+        return name
+    denied = False
+    for directory in (os.defpath if search_path is None else search_path).split(":"):
+        candidate = os.path.join(cwd, directory or ".", name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = True
+    if denied:
+        raise RpcError(2, f"cannot run {name!r}: not executable", {"errno": "EACCES"})
+    raise RpcError(1, f"cannot run {name!r}: not found on PATH", {"errno": "ENOENT"})
 
 
 # --- tar -----------------------------------------------------------------------------------
@@ -904,7 +922,8 @@ class Agent:
         self.landlock_abi = landlock_abi
         self.libc = libc
         self.subreaper = False
-        self.child_rlimits: list[tuple[int, int, int]] = []
+        #: (resource.setrlimit, which, soft, hard) applied in each child before exec
+        self.child_rlimits: list[tuple[Any, int, int, int]] = []
         self.base_env = dict(os.environ)
         if opts.workspace is not None:
             self.workspace = opts.workspace
@@ -1526,6 +1545,7 @@ class Agent:
         full_env = dict(self.base_env)
         full_env.update(env)
         directory = self._resolve(cwd) if cwd is not None else self.workspace
+        program = find_program(command[0], full_env.get("PATH"), directory)
         self._ensure_subreaper()
 
         created: list[int] = []  # every fd opened here, closed on failure
@@ -1561,6 +1581,7 @@ class Agent:
             if pid == 0:  # pragma: no cover - the child
                 child_exec(
                     argv=command,
+                    program=program,
                     env=full_env,
                     cwd=directory,
                     stdio=stdio,
@@ -1989,7 +2010,7 @@ def main(argv: list[str]) -> int:
             os.close(fd)
     _protect_fds()
 
-    child_rlimits: list[tuple[int, int, int]] = []
+    child_rlimits: list[tuple[Any, int, int, int]] = []
     if opts.rlimits:
         import resource
 
@@ -2000,7 +2021,7 @@ def main(argv: list[str]) -> int:
             if name == "cpu":
                 # CPU time is counted per process: on the agent it would add up over the
                 # sandbox's whole life, so only children get it.
-                child_rlimits.append((which, soft, hard))
+                child_rlimits.append((resource.setrlimit, which, soft, hard))
                 continue
             try:
                 resource.setrlimit(which, (soft, hard))
