@@ -298,3 +298,54 @@ def test_unprivileged_user(namespace_backend: str) -> None:
         shutil.rmtree(home, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "0 ['1000', 'a'] ['b.txt']"
+
+
+def test_pty_session(sb: Sandbox) -> None:
+    chunks: list[bytes] = []
+    handle = sb.pty.create(["/bin/sh", "-i"], rows=30, cols=100, on_data=chunks.append)
+    handle.send_stdin(b"stty size; tty; exit 5\n")
+    result = handle.wait()
+    output = b"".join(chunks).decode(errors="replace")
+    assert result.exit_code == 5
+    assert "30 100" in output
+    assert "/dev/pts/" in output
+
+
+def test_workspace_modes(namespace_backend: str, project: Path) -> None:
+    with Sandbox.create(project_dir=project, backend=namespace_backend, workspace_mode="none") as a:
+        assert a.commands.run("ls /workspace").exit_code != 0
+        assert a.commands.run("pwd").stdout.strip() == "/tmp/home"
+    with Sandbox.create(project_dir=project, backend=namespace_backend, workspace_mode="rw") as b:
+        assert b.commands.run("echo live > live.txt").exit_code == 0
+        assert b.commands.run("echo x > .git/hooks/pre-commit").exit_code != 0
+    assert (project / "live.txt").read_text() == "live\n"
+    assert not (project / ".git" / "hooks" / "pre-commit").exists()
+
+
+def test_files_api(sb: Sandbox) -> None:
+    sb.files.write("dir/note.txt", "hello files")
+    assert sb.files.read("dir/note.txt") == "hello files"
+    big = os.urandom(3 * 1024 * 1024)
+    sb.files.write("/tmp/big.bin", big)
+    assert sb.files.read("/tmp/big.bin", format="bytes") == big
+    names = [e.name for e in sb.files.list("dir")]
+    assert names == ["note.txt"]
+    assert sb.files.exists("dir/note.txt")
+    sb.files.remove("dir", recursive=True)
+    assert not sb.files.exists("dir/note.txt")
+    from stockade import SandboxFileNotFoundError, SandboxPermissionError
+
+    with pytest.raises(SandboxFileNotFoundError):
+        sb.files.read("missing.txt")
+    with pytest.raises(SandboxPermissionError):
+        sb.files.write("/usr/evil.txt", "x")
+
+
+def test_background_command_and_signals(sb: Sandbox) -> None:
+    handle = sb.commands.run("read line; echo got $line", background=True, stdin=b"")
+    handle.send_stdin("value\n")
+    assert handle.wait().stdout == "got value\n"
+    sleeper = sb.commands.run(["sleep", "60"], background=True)
+    sleeper.signal(15)
+    result = sleeper.wait()
+    assert result.signal == 15 or result.exit_code == 143

@@ -45,7 +45,7 @@ PROTOCOL_VERSION = "1.0"
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 CHUNK = 64 * 1024  # largest read from a child's pipe
-OUT_HIGH = 1 << 40  # stop reading children's output above this many queued bytes
+OUT_HIGH = 4 * 1024 * 1024  # stop reading children's output above this many queued bytes
 OUT_LOW = 1 * 1024 * 1024  # ... and resume below this
 IN_PAUSE = 16 * 1024 * 1024  # stop reading requests while this much output is queued
 STDIN_HIGH = 1024 * 1024  # process.write_stdin answers once the buffer is below this
