@@ -1,7 +1,7 @@
 """Shared fixtures: isolated state directories and backend gating.
 
 A test of an isolation boundary runs the real backend or skips with the backend's own probe
-reason. Backends named in ``STOCKADE_REQUIRE_BACKENDS`` (CI sets it) must be available: there
+reason. Backends named in ``STOCKADE_TEST_REQUIRE_BACKENDS`` (CI sets it) must be available: there
 a missing one fails the test instead of skipping it.
 """
 
@@ -15,7 +15,7 @@ import pytest
 
 
 def required_backends() -> set[str]:
-    return {b.strip() for b in os.environ.get("STOCKADE_REQUIRE_BACKENDS", "").split(",") if b}
+    return {b.strip() for b in os.environ.get("STOCKADE_TEST_REQUIRE_BACKENDS", "").split(",") if b}
 
 
 def require_backend(name: str) -> None:
@@ -29,7 +29,7 @@ def require_backend(name: str) -> None:
     if availability.fix:
         message += f" (fix: {availability.fix})"
     if name in required_backends():
-        pytest.fail(message + " -- required by STOCKADE_REQUIRE_BACKENDS")
+        pytest.fail(message + " -- required by STOCKADE_TEST_REQUIRE_BACKENDS")
     pytest.skip(message)
 
 

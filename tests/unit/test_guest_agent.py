@@ -389,7 +389,7 @@ def test_fs_error_codes(agent: AgentHarness, workspace: Path) -> None:
     (workspace / "file").write_text("x")
     (workspace / "full").mkdir()
     (workspace / "full" / "inner").write_text("x")
-    cases = [
+    cases: list[tuple[str, dict[str, object], int]] = [
         ("fs.read", {"path": "missing"}, 1),
         ("fs.stat", {"path": "missing"}, 1),
         ("fs.read", {"path": "full"}, 5),

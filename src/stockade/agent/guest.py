@@ -299,8 +299,10 @@ class Params:
             return value
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.bad(name, "must be an integer")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise self.bad(name, f"must be between {lo} and {hi}")
+        if lo is not None and value < lo:
+            raise self.bad(name, f"must be at least {lo}")
+        if hi is not None and value > hi:
+            raise self.bad(name, f"must be at most {hi}")
         return value
 
     def number(self, name: str, default: Any = _MISSING) -> Any:

@@ -56,7 +56,7 @@ PROJECT_FILE = "stockade.toml"
 PYPROJECT_FILE = "pyproject.toml"
 #: ``STOCKADE_*`` variables the runtime reads itself; they are not configuration keys.
 RUNTIME_ENV_VARS = frozenset({"STOCKADE_STATE_DIR", "STOCKADE_CONFIG", "STOCKADE_LOG"})
-RUNTIME_ENV_PREFIXES = ("STOCKADE_SECRET_", "STOCKADE_INTERNAL_")
+RUNTIME_ENV_PREFIXES = ("STOCKADE_SECRET_", "STOCKADE_INTERNAL_", "STOCKADE_TEST_")
 MIN_MEMORY = 32 * 2**20
 MIN_PIDS = 16
 #: A cpus value above this many times the host's cores is a typo (a percentage, say).
