@@ -1578,36 +1578,13 @@ class Agent:
                 err_r, err_w = pipe()
                 stdio = (stdin_r, out_w, err_w)
                 child_side = [fd for fd in stdio if fd != self.devnull]
-            report_r, report_w = pipe()
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child
-                child_exec(
-                    argv=command,
-                    program=program,
-                    env=full_env,
-                    cwd=directory,
-                    stdio=stdio,
-                    tty_modules=tty_modules,
-                    rlimits=self.child_rlimits,
-                    report_fd=report_w,
-                )
-            for fd in [*child_side, report_w]:
+            if tty_modules is None and not self.child_rlimits:
+                pid = self._spawn(command, program, full_env, directory, stdio)
+            else:
+                pid = self._fork_exec(command, program, full_env, directory, stdio, tty_modules)
+            for fd in child_side:
                 os.close(fd)
                 created.remove(fd)
-            report = b""
-            while True:  # EOF once exec succeeded (close-on-exec) or the child gave up
-                chunk = os.read(report_r, 256)
-                if not chunk:
-                    break
-                report += chunk
-            os.close(report_r)
-            created.remove(report_r)
-            if report:
-                os.waitpid(pid, 0)
-                number_text, _, stage = report.decode("ascii", "replace").partition(":")
-                number = int(number_text) if number_text.isdigit() else errno.EINVAL
-                what = f"cwd {directory!r}" if stage == "cwd" else f"cannot run {command[0]!r}"
-                raise os_error(OSError(number, os.strerror(number)), what)
         except BaseException:
             for fd in created:
                 try:
@@ -1615,7 +1592,94 @@ class Agent:
                 except OSError:
                     pass
             raise
+        return self._register_proc(
+            pid, pty_params, master, out_r, err_r, stdin_w, want_stdin, timeout
+        )
 
+    def _spawn(
+        self,
+        command: list[str],
+        program: str,
+        env: dict[str, str],
+        directory: str,
+        stdio: tuple[int, int, int],
+    ) -> int:
+        """posix_spawn (vfork + exec in libc): a few times cheaper than forking Python.
+
+        posix_spawn has no chdir, so the single-threaded agent changes its own directory
+        around the call. Signals Python ignores are reset to default for the child.
+        """
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+        reset = {_sig.SIGPIPE, _sig.SIGXFSZ, _sig.SIGCHLD, _sig.SIGTERM, _sig.SIGINT, _sig.SIGHUP}
+        here = os.getcwd()
+        try:
+            os.chdir(directory)
+        except OSError as exc:
+            raise os_error(exc, f"cwd {directory!r}") from None
+        try:
+            return os.posix_spawn(
+                program, command, env, file_actions=actions, setsid=True, setsigdef=reset
+            )
+        except OSError as exc:
+            raise os_error(exc, f"cannot run {command[0]!r}") from None
+        finally:
+            os.chdir(here)
+
+    def _fork_exec(
+        self,
+        command: list[str],
+        program: str,
+        env: dict[str, str],
+        directory: str,
+        stdio: tuple[int, int, int],
+        tty_modules: Any,
+    ) -> int:
+        """fork + exec from Python: needed for a controlling terminal or per-child rlimits."""
+        report_r, report_w = os.pipe()  # close-on-exec: EOF tells that exec succeeded
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                child_exec(
+                    argv=command,
+                    program=program,
+                    env=env,
+                    cwd=directory,
+                    stdio=stdio,
+                    tty_modules=tty_modules,
+                    rlimits=self.child_rlimits,
+                    report_fd=report_w,
+                )
+            os.close(report_w)
+            report_w = -1
+            report = b""
+            while True:  # EOF once exec succeeded (close-on-exec) or the child gave up
+                chunk = os.read(report_r, 256)
+                if not chunk:
+                    break
+                report += chunk
+        finally:
+            os.close(report_r)
+            if report_w >= 0:
+                os.close(report_w)
+        if report:
+            os.waitpid(pid, 0)
+            number_text, _, stage = report.decode("ascii", "replace").partition(":")
+            number = int(number_text) if number_text.isdigit() else errno.EINVAL
+            what = f"cwd {directory!r}" if stage == "cwd" else f"cannot run {command[0]!r}"
+            raise os_error(OSError(number, os.strerror(number)), what)
+        return pid
+
+    def _register_proc(
+        self,
+        pid: int,
+        pty_params: Any,
+        master: int,
+        out_r: int,
+        err_r: int,
+        stdin_w: int,
+        want_stdin: bool,
+        timeout: float | None,
+    ) -> dict[str, Any]:
         handle = self.next_handle
         self.next_handle += 1
         proc = Proc(handle, pid, pty_params is not None)
