@@ -229,3 +229,21 @@ def test_decoder_handles_split_frames() -> None:
         out += decoder.feed(bytes([byte]))
     assert out == [json.loads(frame[4:])]
     decoder.check_eof()
+
+
+async def test_late_answer_to_an_abandoned_call_is_dropped() -> None:
+    async def peer(s: SocketStream) -> None:
+        first = await read_request(s)
+        await anyio.sleep(0.3)  # the caller gives up before this answer arrives
+        await s.send(answer(first, HELLO))
+        second = await read_request(s)
+        await s.send(answer(second, HELLO))
+        await anyio.sleep(10)
+
+    async def body(client: AgentClient) -> None:
+        with anyio.move_on_after(0.1):
+            await client.hello()
+        info = await client.hello()  # the late first answer must not break the connection
+        assert info.hostname == "sandbox" and not client.closed
+
+    await run_with_peer(peer, body)

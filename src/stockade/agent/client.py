@@ -112,6 +112,9 @@ class AgentClient:
         self._decoder = FrameDecoder(max_frame)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
+        # Ids of calls the caller gave up on (cancelled, timed out): their late answers are
+        # expected and dropped. Bounded, oldest forgotten first.
+        self._abandoned: dict[int, None] = {}
         self._procs: dict[int, ProcessEvents] = {}
         self._read_lock = anyio.Lock()
         self._write_lock = anyio.Lock()
@@ -203,6 +206,10 @@ class AgentClient:
             await self._wait_for(lambda: pending.done)
         finally:
             self._pending.pop(request_id, None)
+            if not pending.done:
+                self._abandoned[request_id] = None
+                if len(self._abandoned) > 1024:
+                    del self._abandoned[next(iter(self._abandoned))]
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
@@ -314,6 +321,8 @@ class AgentClient:
         request_id = message["id"]
         pending = self._pending.get(request_id) if isinstance(request_id, int) else None
         if pending is None:
+            if isinstance(request_id, int) and self._abandoned.pop(request_id, 0) is None:
+                return  # the late answer to a call its caller abandoned
             raise AgentProtocolError(f"{self._peer} answered a call that was never made")
         if "method" in message:
             raise AgentProtocolError(f"{self._peer} sent a request; the host does not serve any")
