@@ -18,7 +18,7 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -119,7 +119,8 @@ class AsyncCommandHandle:
     async def wait(self, *, check: bool = False) -> CommandResult:
         """Wait for the command to end and return its result."""
         client = self._sandbox._require_client()
-        exit_params = await client.wait_process(self._events)
+        with self._sandbox._explained():
+            exit_params = await client.wait_process(self._events)
         client.forget_process(self.proc)
         result = CommandResult(
             stdout_bytes=bytes(self._events.stdout),
@@ -298,7 +299,8 @@ class AsyncCommands:
                 if handler is not None:
                     handler(chunk)
 
-        started, events = await client.start_process(params, on_output=on_output)
+        with sandbox._explained():
+            started, events = await client.start_process(params, on_output=on_output)
         text = _command_text(cmd)
         sandbox._audit("process.started", target=text, details={"pid": started.pid})
         handle = AsyncCommandHandle(sandbox, started.pid, events, text)
@@ -504,6 +506,7 @@ class AsyncSandbox:
         self._client: AgentClient | None = None
         self._closed = False
         self._timer: threading.Timer | None = None
+        self._expired: float | None = None
         self.agent_info: AgentHelloResult | None = None
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
@@ -677,6 +680,7 @@ class AsyncSandbox:
         pid = process.pid
 
         def expire() -> None:
+            self._expired = seconds
             logger.warning("sandbox %s reached its timeout of %ss", self.name, seconds)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -728,15 +732,34 @@ class AsyncSandbox:
         return self._client
 
     async def _call(self, method: str, params: Any) -> Any:
-        try:
+        with self._explained():
             return await self._require_client().call(method, params)
+
+    @contextlib.contextmanager
+    def _explained(self) -> Iterator[None]:
+        """Re-raise a lost-connection error with the reason the sandbox died, if known."""
+        try:
+            yield
         except SandboxStateError as exc:
-            if self._launched is not None and not self._launched.alive():
-                raise SandboxStateError(
-                    f"sandbox {self.name!r} is no longer running ({exc}); "
-                    "its timeout may have expired"
-                ) from exc
-            raise
+            better = self._explain_death(exc)
+            if better is exc:
+                raise
+            raise better from exc
+
+    def _explain_death(self, exc: SandboxStateError) -> SandboxStateError:
+        """Say why the sandbox went away, when we know (its timeout, a limit).
+
+        Returns ``exc`` itself when there is nothing to add; callers re-raise it as is.
+        """
+        if self._expired is not None:
+            return SandboxStateError(
+                f"sandbox {self.name!r} was stopped when its timeout of {self._expired:g}s "
+                "expired; pass timeout=... (CLI: --timeout) to allow longer"
+            )
+        events = {k: v for k, v in self.resource_events().items() if v}
+        if events:
+            return SandboxStateError(f"sandbox {self.name!r} stopped ({exc}); limits hit: {events}")
+        return exc
 
     def _audit(
         self, action: str, *, target: str | None = None, details: dict[str, Any] | None = None

@@ -349,3 +349,14 @@ def test_background_command_and_signals(sb: Sandbox) -> None:
     sleeper.signal(15)
     result = sleeper.wait()
     assert result.signal == 15 or result.exit_code == 143
+
+
+def test_sandbox_wall_clock_timeout(namespace_backend: str, project: Path) -> None:
+    from stockade import SandboxStateError
+
+    with Sandbox.create(project_dir=project, backend=namespace_backend, timeout=1) as sandbox:
+        t = time.perf_counter()
+        with pytest.raises(SandboxStateError, match="timeout"):
+            sandbox.commands.run(["sleep", "30"])
+        assert time.perf_counter() - t < 10
+        assert not sandbox.is_running()
