@@ -6,6 +6,7 @@ import ctypes
 import json
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import click
@@ -44,7 +45,52 @@ def host_facts() -> dict[str, Any]:
     }
 
 
-def run_doctor(as_json: bool) -> None:
+def measure_start(backend: str, runs: int = 3) -> float | None:
+    """Median ms of create + `true` + destroy on ``backend`` (no workspace), or None."""
+    import statistics
+    import tempfile
+    import time
+
+    import anyio
+
+    from stockade.backends.registry import get_backend_class
+    from stockade.config import load_config
+    from stockade.policy import compile_policy
+    from stockade.sandbox import AsyncSandbox
+
+    overrides: dict[str, Any] = {"backend": backend, "workspace.mode": "none"}
+    if backend == "host":
+        overrides["unsafe_host"] = True
+    with tempfile.TemporaryDirectory(prefix="stockade-doctor-") as tmp:
+        policy = compile_policy(load_config(Path(tmp), overrides=overrides))
+
+        async def once() -> float:
+            t = time.perf_counter()
+            sandbox = await AsyncSandbox._start_new(
+                policy,
+                get_backend_class(backend)(),
+                name=None,
+                keep=False,
+                state_dir=Path(tmp) / "state",
+                actor="doctor",
+            )
+            try:
+                await sandbox.commands.run(["true"])
+            finally:
+                await sandbox.aclose()
+            return time.perf_counter() - t
+
+        async def measure() -> float:
+            samples = [await once() for _ in range(runs)]
+            return statistics.median(samples) * 1000
+
+        try:
+            return anyio.run(measure)
+        except Exception:
+            return None
+
+
+def run_doctor(as_json: bool, measure: bool = True) -> None:
     from stockade.backends.registry import get_backend_class, probe_all
 
     rows: list[dict[str, Any]] = []
@@ -55,6 +101,9 @@ def run_doctor(as_json: bool) -> None:
             caps = get_backend_class(entry.name).capabilities
         if chosen is None and entry.auto and availability.ok:
             chosen = entry.name
+        latency = None
+        if measure and availability.ok and entry.built and entry.auto:
+            latency = measure_start(entry.name)
         rows.append(
             {
                 "backend": entry.name,
@@ -64,6 +113,7 @@ def run_doctor(as_json: bool) -> None:
                 "reason": availability.reason,
                 "fix": availability.fix,
                 "auto": entry.auto,
+                "start_ms": latency,
                 "enforces": list(caps.enforces) if caps else [],
                 "does_not_enforce": list(caps.does_not_enforce) if caps else [],
             }
@@ -76,7 +126,9 @@ def run_doctor(as_json: bool) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table("TIER", "BACKEND", "AVAILABLE", "WHY / HOW TO ENABLE", title="stockade doctor")
+    table = Table(
+        "TIER", "BACKEND", "AVAILABLE", "START", "WHY / HOW TO ENABLE", title="stockade doctor"
+    )
     for row in rows:
         ok = "[green]yes[/]" if row["available"] else "[red]no[/]"
         note = row["reason"]
@@ -84,9 +136,13 @@ def run_doctor(as_json: bool) -> None:
             note += f"\n[dim]fix: {row['fix']}[/]"
         if not row["auto"]:
             note += "\n[yellow]never chosen by auto; needs --unsafe-host[/]"
-        table.add_row(str(row["tier"]), row["backend"], ok, note)
+        start = f"{row['start_ms']:.0f} ms" if row["start_ms"] is not None else "-"
+        table.add_row(str(row["tier"]), row["backend"], ok, start, note)
     console.print(table)
     console.print(f"auto selects: [bold]{chosen or 'nothing (see above)'}[/]")
+    console.print(
+        "[dim]START: median of create + `true` + destroy, measured now on this machine[/]"
+    )
     cg = facts["cgroups"]
     console.print(
         f"host: kernel {facts['kernel']} ({facts['arch']}), uid {facts['user']}, "

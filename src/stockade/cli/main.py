@@ -115,6 +115,17 @@ def _resolve(store: Any, name: str | None) -> Any:
     return store.reconcile(newest)
 
 
+def _progress(message: str) -> Any:
+    """A spinner on stderr while something slow runs (only on a terminal)."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
 def _fail(exc: BaseException) -> None:
     click.secho(f"stockade: {exc}", fg="red", err=True)
     raise SystemExit(125)
@@ -215,7 +226,8 @@ def create(name: str | None, as_json: bool, **opts: Any) -> None:
     _warn_host(policy)
     from stockade.cli.supervise import spawn_supervisor
 
-    result = spawn_supervisor(policy, name)
+    with _progress("starting sandbox"):
+        result = spawn_supervisor(policy, name)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -514,11 +526,13 @@ def audit(name: str | None, verify: bool, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def doctor(as_json: bool) -> None:
+@click.option("--measure/--no-measure", default=True, help="Time a sandbox start on each backend.")
+def doctor(as_json: bool, measure: bool) -> None:
     """What each backend needs, and whether it runs on this machine."""
     from stockade.cli.doctor import run_doctor
 
-    run_doctor(as_json)
+    with _progress("measuring backends" if measure else "probing backends"):
+        run_doctor(as_json, measure)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
