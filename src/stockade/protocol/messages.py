@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "ERROR_CODES",
+    "HOST_NOTIFICATIONS",
     "METHODS",
     "NOTIFICATIONS",
     "PROTOCOL_VERSION",
+    "STREAM_WINDOW",
     "AgentHelloParams",
     "AgentHelloResult",
     "Empty",
@@ -34,6 +36,7 @@ __all__ = [
     "FsStatParams",
     "FsWriteParams",
     "FsWriteResult",
+    "NetAcceptParams",
     "ProcessExitParams",
     "ProcessOutputParams",
     "ProcessResizeParams",
@@ -44,6 +47,10 @@ __all__ = [
     "ProcessWaitResult",
     "ProcessWriteStdinParams",
     "PtySize",
+    "StreamAckParams",
+    "StreamCloseParams",
+    "StreamDataParams",
+    "StreamEofParams",
     "TarDownloadParams",
     "TarUploadParams",
     "TransferReadParams",
@@ -53,7 +60,7 @@ __all__ = [
     "TransferWriteResult",
 ]
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 
 #: Error codes the agent may return, and what they mean. The host maps them to exceptions
 #: through a fixed table (``stockade.agent.client``); anything else is an ``AgentError``.
@@ -296,6 +303,61 @@ class TransferReadResult(_Model):
     eof: bool = Field(description="True when the archive is complete.")
 
 
+# --- egress tunnel (net.* / stream.*), both directions, all notifications -------------------
+#
+# The agent listens inside the sandbox (an HTTP/SOCKS proxy port and one local port per raw
+# TCP rule) and announces each accepted connection with net.accept. Bytes then flow as
+# stream.data notifications in both directions. Flow control: a sender keeps at most
+# STREAM_WINDOW bytes of a stream unacknowledged; the receiver sends stream.ack once it has
+# delivered bytes (written them to the socket or handed them on). Exceeding the window is a
+# protocol violation. stream.eof half-closes (no more data from the sender); stream.close
+# ends the stream in both directions.
+
+#: Most unacknowledged bytes in flight per stream and direction.
+STREAM_WINDOW = 256 * 1024
+
+
+class NetAcceptParams(_Model):
+    """Notification (agent -> host): a connection was accepted inside the sandbox."""
+
+    stream: int = Field(ge=1, description="Agent-assigned stream id, unique per agent.")
+    kind: Literal["proxy", "forward"] = Field(
+        description="'proxy': the client speaks HTTP proxy or SOCKS5 on the stream; "
+        "'forward': a raw TCP forward to 'target'."
+    )
+    target: str | None = Field(
+        default=None, description="host:port of a raw TCP forward (kind 'forward')."
+    )
+    peer: str = Field(default="", description="Client address inside the sandbox.")
+
+
+class StreamDataParams(_Model):
+    """Notification (both directions): bytes of a stream."""
+
+    stream: int = Field(ge=1, description="Stream id.")
+    data: B64
+
+
+class StreamAckParams(_Model):
+    """Notification (both directions): the receiver delivered this many more bytes."""
+
+    stream: int = Field(ge=1, description="Stream id.")
+    bytes: int = Field(ge=1, le=STREAM_WINDOW, description="Bytes delivered since last ack.")
+
+
+class StreamEofParams(_Model):
+    """Notification (both directions): the sender will send no more data (half-close)."""
+
+    stream: int = Field(ge=1, description="Stream id.")
+
+
+class StreamCloseParams(_Model):
+    """Notification (both directions): the stream is gone in both directions."""
+
+    stream: int = Field(ge=1, description="Stream id.")
+    error: str | None = Field(default=None, description="Why, when it ended abnormally.")
+
+
 #: method name -> (params model, result model)
 METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "agent.hello": (AgentHelloParams, AgentHelloResult),
@@ -321,4 +383,17 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
 NOTIFICATIONS: dict[str, type[BaseModel]] = {
     "process.output": ProcessOutputParams,
     "process.exit": ProcessExitParams,
+    "net.accept": NetAcceptParams,
+    "stream.data": StreamDataParams,
+    "stream.ack": StreamAckParams,
+    "stream.eof": StreamEofParams,
+    "stream.close": StreamCloseParams,
+}
+
+#: notifications the host sends to the agent
+HOST_NOTIFICATIONS: dict[str, type[BaseModel]] = {
+    "stream.data": StreamDataParams,
+    "stream.ack": StreamAckParams,
+    "stream.eof": StreamEofParams,
+    "stream.close": StreamCloseParams,
 }

@@ -10,7 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stockade.protocol.messages import METHODS, NOTIFICATIONS, PROTOCOL_VERSION
+from stockade.protocol.messages import (
+    HOST_NOTIFICATIONS,
+    METHODS,
+    NOTIFICATIONS,
+    PROTOCOL_VERSION,
+)
 
 __all__ = ["protocol_schema", "render"]
 
@@ -30,6 +35,10 @@ def protocol_schema() -> dict[str, Any]:
         "notifications": {
             name: {"params": model.model_json_schema()}
             for name, model in sorted(NOTIFICATIONS.items())
+        },
+        "host_notifications": {
+            name: {"params": model.model_json_schema()}
+            for name, model in sorted(HOST_NOTIFICATIONS.items())
         },
     }
 
