@@ -28,6 +28,7 @@ from stockade._errors import (
     SandboxPermissionError,
     SandboxStateError,
 )
+from stockade.agent.tunnel import TunnelMux
 from stockade.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 from stockade.protocol.messages import (
     METHODS,
@@ -124,6 +125,8 @@ class AgentClient:
         self.hello_result: AgentHelloResult | None = None
         #: Called for notifications whose method this client does not know (supervisor use).
         self.on_unknown_notification: Callable[[str, dict[str, Any]], None] | None = None
+        #: Set to route the egress tunnel's net.*/stream.* notifications (egress enabled).
+        self.tunnel: TunnelMux | None = None
 
     # --- public API -------------------------------------------------------------------
 
@@ -357,6 +360,13 @@ class AgentClient:
             parsed = model.model_validate(params)
         except ValidationError as exc:
             raise AgentProtocolError(f"{self._peer} sent an invalid {method}: {exc}") from exc
+        if method.startswith(("net.", "stream.")):
+            if self.tunnel is None:
+                raise AgentProtocolError(
+                    f"{self._peer} sent {method}, but this sandbox has no network tunnel"
+                )
+            self.tunnel.dispatch(method, parsed)
+            return
         if isinstance(parsed, ProcessOutputParams):
             events = self._procs.get(parsed.proc)
             if events is None or events.exit is not None:
@@ -393,7 +403,14 @@ class AgentClient:
                 except Exception:
                     logger.debug("error closing a failed channel", exc_info=True)
 
+    async def notify(self, message: dict[str, Any]) -> None:
+        """Send a notification (no answer expected), e.g. the tunnel's stream.* traffic."""
+        self._check_usable()
+        await self._send(message)
+
     def _fail_pending(self, error: BaseException) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close_all(str(error))
         for pending in self._pending.values():
             if not pending.done:
                 pending.error = error

@@ -1,0 +1,194 @@
+"""Host side of the egress tunnel: each connection the agent accepts becomes a ByteStream.
+
+The agent announces a connection with ``net.accept``; bytes flow as ``stream.data``
+notifications, acknowledged with ``stream.ack`` once delivered, so neither side ever holds
+more than ``STREAM_WINDOW`` unacknowledged bytes of a stream. ``TunnelStream`` is an anyio
+``ByteStream``, so the egress proxy handles a tunnelled connection exactly like a socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from anyio.abc import ByteStream
+
+from stockade._errors import AgentProtocolError
+from stockade.protocol.messages import STREAM_WINDOW, NetAcceptParams
+
+__all__ = ["TunnelMux", "TunnelStream"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest stream.data chunk the host sends (base64 keeps frames far under the limit).
+CHUNK = 64 * 1024
+#: Acknowledge delivered bytes once this many have accumulated (or the buffer drains).
+ACK_BATCH = 64 * 1024
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class TunnelStream(ByteStream):
+    """One tunnelled connection, as seen by the host."""
+
+    def __init__(self, mux: TunnelMux, stream_id: int, accept: NetAcceptParams) -> None:
+        self._mux = mux
+        self.id = stream_id
+        self.accept = accept
+        self._buffer = bytearray()
+        self._peer_eof = False  # the sandbox side will send no more data
+        self._closed = False  # ended in both directions
+        self._error: str | None = None
+        self._readable = anyio.Event()
+        self._unacked_out = 0  # bytes we sent that the agent has not acknowledged
+        self._credit = anyio.Event()
+        self._delivered = 0  # bytes we handed to our reader, not yet acknowledged
+        self._sent_eof = False
+
+    # --- fed by the mux (synchronously, while a frame is dispatched) ---------------------
+
+    def _feed(self, data: bytes) -> None:
+        if self._closed or self._peer_eof:
+            return
+        if len(self._buffer) + self._delivered + len(data) > STREAM_WINDOW:
+            raise AgentProtocolError(
+                f"agent sent more than the {STREAM_WINDOW}-byte window on stream {self.id}"
+            )
+        self._buffer += data
+        self._wake_reader()
+
+    def _ack(self, count: int) -> None:
+        self._unacked_out = max(0, self._unacked_out - count)
+        self._credit.set()
+        self._credit = anyio.Event()
+
+    def _eof(self) -> None:
+        self._peer_eof = True
+        self._wake_reader()
+
+    def _close(self, error: str | None) -> None:
+        self._closed = True
+        self._error = error
+        self._wake_reader()
+        self._credit.set()
+
+    def _wake_reader(self) -> None:
+        self._readable.set()
+        self._readable = anyio.Event()
+
+    # --- ByteStream ------------------------------------------------------------------------
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while not self._buffer:
+            if self._closed and self._error:
+                raise anyio.BrokenResourceError(self._error)
+            if self._peer_eof or self._closed:
+                raise anyio.EndOfStream
+            await self._readable.wait()
+        data = bytes(self._buffer[:max_bytes])
+        del self._buffer[:max_bytes]
+        self._delivered += len(data)
+        if self._delivered >= ACK_BATCH or not self._buffer:
+            count, self._delivered = self._delivered, 0
+            if not self._closed:
+                await self._mux.send(
+                    {"jsonrpc": "2.0", "method": "stream.ack",
+                     "params": {"stream": self.id, "bytes": count}}
+                )  # fmt: skip
+        return data
+
+    async def send(self, item: bytes) -> None:
+        view = memoryview(item)
+        while view:
+            if self._closed:
+                raise anyio.BrokenResourceError(self._error or "stream closed")
+            if self._sent_eof:
+                raise anyio.ClosedResourceError
+            room = STREAM_WINDOW - self._unacked_out
+            if room <= 0:
+                await self._credit.wait()
+                continue
+            chunk = bytes(view[: min(room, CHUNK)])
+            view = view[len(chunk) :]
+            self._unacked_out += len(chunk)
+            await self._mux.send(
+                {"jsonrpc": "2.0", "method": "stream.data",
+                 "params": {"stream": self.id, "data": base64.b64encode(chunk).decode()}}
+            )  # fmt: skip
+
+    async def send_eof(self) -> None:
+        if self._sent_eof or self._closed:
+            return
+        self._sent_eof = True
+        await self._mux.send(
+            {"jsonrpc": "2.0", "method": "stream.eof", "params": {"stream": self.id}}
+        )
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._close(None)
+        self._mux.forget(self.id)
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._mux.send(
+                    {"jsonrpc": "2.0", "method": "stream.close", "params": {"stream": self.id}}
+                )
+            except Exception:
+                logger.debug("could not send stream.close for %s", self.id)
+
+
+class TunnelMux:
+    """Streams of one agent connection; routes stream.* notifications to them."""
+
+    MAX_STREAMS = 512
+
+    def __init__(self, send: Send, on_accept: Callable[[TunnelStream], None]) -> None:
+        self.send = send
+        self._on_accept = on_accept
+        self._streams: dict[int, TunnelStream] = {}
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+
+    def dispatch(self, method: str, params: Any) -> None:
+        """Handle one validated net.*/stream.* notification (called by the AgentClient)."""
+        if method == "net.accept":
+            assert isinstance(params, NetAcceptParams)
+            if params.stream in self._streams:
+                raise AgentProtocolError(f"agent reused stream id {params.stream}")
+            if len(self._streams) >= self.MAX_STREAMS:
+                raise AgentProtocolError("agent opened more streams than allowed")
+            stream = TunnelStream(self, params.stream, params)
+            self._streams[params.stream] = stream
+            self._on_accept(stream)
+            return
+        stream_id = params.stream
+        existing = self._streams.get(stream_id)
+        if existing is None:
+            return  # late traffic for a stream the host already closed
+        stream = existing
+        if method == "stream.data":
+            try:
+                data = base64.b64decode(params.data, validate=True)
+            except ValueError as exc:
+                raise AgentProtocolError("agent sent stream data that is not base64") from exc
+            stream._feed(data)
+        elif method == "stream.ack":
+            stream._ack(params.bytes)
+        elif method == "stream.eof":
+            stream._eof()
+        elif method == "stream.close":
+            stream._close(params.error)
+            self.forget(stream_id)
+
+    def close_all(self, error: str) -> None:
+        for stream in list(self._streams.values()):
+            stream._close(error)
+        self._streams.clear()
