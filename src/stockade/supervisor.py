@@ -52,19 +52,28 @@ class _Connection:
         self.stream = stream
         self.stop = stop
         self.out_send, self.out_recv = anyio.create_memory_object_stream[bytes](math.inf)
-        self.procs: set[int] = set()
+        self._writing = False
 
     def push(self, message: dict[str, Any]) -> None:
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self.out_send.send_nowait(encode_frame(message))
 
+    async def flushed(self, timeout: float = 2.0) -> None:
+        """Wait until queued frames reached the socket (before the supervisor exits)."""
+        with anyio.move_on_after(timeout):
+            while self.out_send.statistics().current_buffer_used or self._writing:
+                await anyio.sleep(0.005)
+
     async def writer(self) -> None:
         async with self.out_recv:
             async for frame in self.out_recv:
+                self._writing = True
                 try:
                     await self.stream.send(frame)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     return
+                finally:
+                    self._writing = False
 
     async def run(self) -> None:
         decoder = FrameDecoder(DEFAULT_MAX_FRAME)
@@ -126,8 +135,10 @@ class _Connection:
                 "agent": sandbox.agent_info.model_dump(mode="json") if sandbox.agent_info else {},
             }
         if method == "sandbox.stop":
+            self.push({"jsonrpc": "2.0", "id": request_id, "result": {}})
+            await self.flushed()
             self.stop.set()
-            return {}
+            return None
         if method == "workspace.reset":
             await sandbox.workspace.reset()
             return {}

@@ -172,3 +172,35 @@ def test_config_errors_name_the_key(project: Path) -> None:
     r = stockade("run", "--rm", "--", "true", cwd=project, check=False)
     assert r.returncode == 125
     assert "limts" in r.stderr and "limits" in r.stderr
+
+
+def test_shell_gets_a_terminal(namespace_backend: str, project: Path) -> None:
+    import pty
+    import select
+
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    stockade("create", "--name", name, "-C", str(project))
+    try:
+        pid, fd = pty.fork()
+        if pid == 0:  # child: the CLI on a real terminal
+            os.execvp(sys.executable, [sys.executable, "-m", "stockade.cli.main", "shell", name])
+        os.write(fd, b"tty; echo marker-$((40+2)); exit 4\n")
+        output = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        _, status = os.waitpid(pid, 0)
+        text = output.decode(errors="replace")
+        assert "marker-42" in text
+        assert "/dev/pts/" in text
+        assert os.WEXITSTATUS(status) == 4
+    finally:
+        stockade("rm", name, check=False)

@@ -26,6 +26,15 @@ from stockade.protocol.messages import (
 __all__ = ["attach", "attach_local", "attach_remote"]
 
 
+def _terminal_size(fd: int) -> tuple[int, int]:
+    """(rows, cols) of a terminal; 24x80 when it reports none (a fresh pty says 0x0)."""
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return 24, 80
+    return (size.lines or 24), (size.columns or 80)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -45,7 +54,8 @@ def _raw_terminal(fd: int) -> Iterator[None]:
 
     saved = termios.tcgetattr(fd)
     try:
-        tty.setraw(fd)
+        # TCSANOW, not setraw's default TCSAFLUSH: keep what the user typed ahead.
+        tty.setraw(fd, termios.TCSANOW)
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
@@ -93,10 +103,10 @@ async def _pump_stdin(client: AgentClient, proc: int) -> None:
 async def _pump_resize(client: AgentClient, proc: int) -> None:
     with anyio.open_signal_receiver(signal.SIGWINCH) as signals:
         async for _ in signals:
-            size = os.get_terminal_size(sys.stdout.fileno())
+            rows, cols = _terminal_size(sys.stdout.fileno())
             await client.call_raw(
                 "process.resize",
-                ProcessResizeParams(proc=proc, rows=size.lines, cols=size.columns).model_dump(),
+                ProcessResizeParams(proc=proc, rows=rows, cols=cols).model_dump(),
             )
 
 
@@ -118,8 +128,8 @@ async def attach(
     pty = None
     env = dict(env or {})
     if tty:
-        size = os.get_terminal_size(sys.stdout.fileno())
-        pty = PtySize(rows=size.lines, cols=size.columns)
+        rows, cols = _terminal_size(sys.stdout.fileno())
+        pty = PtySize(rows=rows, cols=cols)
         env.setdefault("TERM", os.environ.get("TERM", "xterm-256color"))
     params = ProcessStartParams(
         argv=command, env=env, cwd=cwd, stdin=stdin_usable, pty=pty, timeout=timeout

@@ -537,10 +537,13 @@ def doctor(as_json: bool, measure: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
-    if os.environ.get("STOCKADE_LOG"):
-        import logging
+    import logging
 
+    if os.environ.get("STOCKADE_LOG"):
         logging.basicConfig(level=os.environ["STOCKADE_LOG"].upper())
+    else:
+        # The CLI reports failures itself; library warnings would only repeat them.
+        logging.getLogger("stockade").setLevel(logging.ERROR)
     cli.main(args=list(argv) if argv is not None else None, prog_name="stockade")
 
 
