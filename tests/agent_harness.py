@@ -4,7 +4,9 @@ Every frame the agent sends is checked against the protocol models in
 ``stockade.protocol.messages`` (results against ``METHODS``, notifications against
 ``NOTIFICATIONS``), and the ordering rules are enforced as frames arrive: no output for a
 process before its process.start answer or after its process.exit, and no process.wait answer
-before the process.exit notification.
+before the process.exit notification. For the egress tunnel the harness plays the host: it
+records every stream, checks that no stream.* traffic precedes its net.accept or follows its
+stream.close, and that the agent never exceeds the window the test has acknowledged.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from stockade.protocol.framing import FrameDecoder, encode_frame
-from stockade.protocol.messages import ERROR_CODES, METHODS, NOTIFICATIONS, PROTOCOL_VERSION
+from stockade.protocol.messages import (
+    ERROR_CODES,
+    HOST_NOTIFICATIONS,
+    METHODS,
+    NOTIFICATIONS,
+    PROTOCOL_VERSION,
+    STREAM_WINDOW,
+)
 
 GUEST = Path(__file__).resolve().parents[1] / "src" / "stockade" / "agent" / "guest.py"
 #: The interpreter that runs the agent; point it at another Python (3.9+) to check the agent
@@ -52,6 +61,24 @@ class ProcRecord:
     exit: dict[str, Any] | None = None
 
 
+@dataclass
+class StreamRecord:
+    """Everything seen of one tunnel stream, and what the test (as the host) sent on it."""
+
+    accept: dict[str, Any]
+    data: bytearray = field(default_factory=bytearray)
+    eof: bool = False
+    close: dict[str, Any] | None = None  # the agent's stream.close params
+    acked_by_host: int = 0  # bytes of ``data`` the test acknowledged
+    sent_by_host: int = 0  # bytes the test sent as stream.data
+    acked_by_agent: int = 0  # of those, how many the agent acknowledged
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes the test sent that the agent has not acknowledged yet."""
+        return self.sent_by_host - self.acked_by_agent
+
+
 class AgentHarness:
     """Runs ``guest.py`` with ``args`` and talks to it over its stdin/stdout."""
 
@@ -77,6 +104,12 @@ class AgentHarness:
         self._wait_targets: dict[int, int] = {}  # process.wait request id -> proc
         self.procs: dict[int, ProcRecord] = {}
         self.eof = False
+        self.streams: dict[int, StreamRecord] = {}
+        #: Acknowledge every stream.data as soon as it arrives (tests of the window turn it off).
+        self.auto_ack = True
+        self.stream_bytes = 0  # stream.data bytes received so far, over all streams
+        #: request id -> ``stream_bytes`` when its answer arrived (orders answers and data)
+        self.stream_bytes_at_answer: dict[int, int] = {}
 
     # --- raw frames -------------------------------------------------------------------------
 
@@ -86,6 +119,17 @@ class AgentHarness:
     def send_bytes(self, data: bytes) -> None:
         self._in.write(data)
         self._in.flush()
+
+    def notify(self, method: str, params: dict[str, Any], *, check_params: bool = True) -> None:
+        """Send a host notification; by default its params must be valid."""
+        if check_params:
+            HOST_NOTIFICATIONS[method].model_validate(params)
+            record = self.streams.get(params["stream"])
+            if record is not None and method == "stream.data":
+                record.sent_by_host += len(base64.b64decode(params["data"]))
+            if record is not None and method == "stream.ack":
+                record.acked_by_host += params["bytes"]
+        self.send({"jsonrpc": "2.0", "method": method, "params": params})
 
     def request(self, method: str, params: dict[str, Any], *, check_params: bool = True) -> int:
         """Send a request; by default its params must be valid (catches mistakes in tests)."""
@@ -141,9 +185,13 @@ class AgentHarness:
                 assert isinstance(error["code"], int) and isinstance(error["message"], str)
                 assert error["code"] in ERROR_CODES, error
             self._answers[request_id] = message
+            self.stream_bytes_at_answer[request_id] = self.stream_bytes
             return
         method = message["method"]
         params = NOTIFICATIONS[method].model_validate(message["params"]).model_dump()
+        if method == "net.accept" or method.startswith("stream."):
+            self._dispatch_stream(method, params)
+            return
         record = self.procs.get(params["proc"])
         assert record is not None, f"{method} for a process never started: {params['proc']}"
         assert record.exit is None, f"{method} after process.exit for {params['proc']}"
@@ -152,6 +200,34 @@ class AgentHarness:
             (record.stdout if params["stream"] == "stdout" else record.stderr).extend(chunk)
         else:
             record.exit = params
+
+    def _dispatch_stream(self, method: str, params: dict[str, Any]) -> None:
+        if method == "net.accept":
+            assert params["stream"] not in self.streams, f"stream id reused: {params}"
+            assert (params["target"] is not None) == (params["kind"] == "forward"), params
+            self.streams[params["stream"]] = StreamRecord(params)
+            return
+        record = self.streams.get(params["stream"])
+        assert record is not None, f"{method} before net.accept: {params}"
+        assert record.close is None, f"{method} after stream.close: {params}"
+        if method == "stream.data":
+            assert not record.eof, f"stream.data after stream.eof: stream {params['stream']}"
+            chunk = base64.b64decode(params["data"], validate=True)
+            assert chunk, "empty stream.data"
+            record.data.extend(chunk)
+            self.stream_bytes += len(chunk)
+            unacked = len(record.data) - record.acked_by_host
+            assert unacked <= STREAM_WINDOW, f"agent exceeded the window: {unacked} unacked"
+            if self.auto_ack:
+                self.notify("stream.ack", {"stream": params["stream"], "bytes": len(chunk)})
+        elif method == "stream.ack":
+            record.acked_by_agent += params["bytes"]
+            assert record.acked_by_agent <= record.sent_by_host, "agent acked unsent bytes"
+        elif method == "stream.eof":
+            assert not record.eof, "stream.eof twice"
+            record.eof = True
+        else:
+            record.close = params
 
     # --- calls ------------------------------------------------------------------------------
 

@@ -814,10 +814,97 @@ def test_absurd_cpus_are_refused(world: World, cpus: float) -> None:
     refused(world, "limits.cpus", flags={"limits.cpus": cpus})
 
 
-@pytest.mark.parametrize("entry", ["*", "*.com", "*.*", "**.org", "a.*.org", "0.0.0.0/0", "::/0"])
+@pytest.mark.parametrize(
+    "entry", ["*", "*:443", "*.com", "*.co.uk", "*.github.io", "0.0.0.0/0", "::/0", "0.0.0.0/7"]
+)
 def test_too_broad_network_entries_are_refused(world: World, entry: str) -> None:
     message = refused(world, "network.allow", flags={"network.allow": [entry]})
     assert "too broad" in message
+    assert repr(entry) in message
+    assert "command-line option 'network.allow'" in message
+
+
+@pytest.mark.parametrize("key", ["network.deny", "network.tcp"])
+def test_too_broad_entries_are_refused_in_every_list(world: World, key: str) -> None:
+    path = world.write_project(f"[network]\n{key.split('.')[1]} = ['*.com:22']\n")
+    message = refused(world, key)
+    assert "too broad" in message
+    assert f"{path} [network]" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "entry", "fragment"),
+    [
+        ("network.allow", "*.*", "whole first label"),
+        ("network.allow", "**.org", "whole first label"),
+        ("network.allow", "a.*.org", "whole first label"),
+        ("network.allow", "", "empty"),
+        ("network.allow", "pypi.org:0", "1 to 65535"),
+        ("network.allow", "https://pypi.org/simple", "URL"),
+        ("network.deny", "10.0.0.1/8", "did you mean '10.0.0.0/8'"),
+        ("network.tcp", "github.com", "needs a port"),
+        ("network.presets", "pythn-packages", "did you mean 'python-packages'"),
+    ],
+)
+def test_malformed_network_entries_name_key_entry_and_reason(
+    world: World, key: str, entry: str, fragment: str
+) -> None:
+    path = world.write_project(f"[network]\n{key.split('.')[1]} = [{entry!r}]\n")
+    with pytest.raises(ConfigError) as info:
+        world.load()
+    message = str(info.value)
+    assert not isinstance(info.value, PolicyError)
+    assert f"for '{key}' in {path} [network]" in message
+    assert repr(entry) in message
+    assert fragment in message
+
+
+def test_network_entries_are_accepted_as_written(world: World) -> None:
+    world.write_project(
+        "[network]\ndeny = ['Evil.ORG.', '*.example.com:443', '10.0.0.0/8', '[::1]:80']\n"
+    )
+    config = world.load().config
+    assert config.network.deny == ("Evil.ORG.", "*.example.com:443", "10.0.0.0/8", "[::1]:80")
+
+
+def test_tcp_and_presets_keys_exist(world: World) -> None:
+    assert ENV_VAR_KEYS["STOCKADE_NETWORK_TCP"] == "network.tcp"
+    assert ENV_VAR_KEYS["STOCKADE_NETWORK_PRESETS"] == "network.presets"
+    config = world.load().config
+    assert config.network.tcp == ()
+    assert config.network.presets == ()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("network.allow", ["pypi.org"]),
+        ("network.tcp", ["github.com:22"]),
+        ("network.presets", ["github"]),
+    ],
+)
+def test_egress_lists_are_refused_while_egress_is_unavailable(
+    world: World, key: str, value: list[str]
+) -> None:
+    message = refused(world, key, flags={key: value})
+    assert "egress is not available yet" in message
+    assert f"remove {key}" in message
+
+
+def test_egress_lists_are_accepted_once_egress_is_available(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stockade.egress
+
+    monkeypatch.setattr(stockade.egress, "EGRESS_AVAILABLE", True)
+    config = world.load(
+        flags={
+            "network.allow": ["pypi.org"],
+            "network.tcp": ["github.com:22"],
+            "network.presets": ["github"],
+        }
+    ).config
+    assert config.network.presets == ("github",)
 
 
 def test_network_allow_is_not_available_yet(world: World) -> None:

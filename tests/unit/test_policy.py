@@ -389,3 +389,95 @@ def test_every_field_of_every_policy_model_has_a_description() -> None:
     for model in seen:
         for name, field in model.model_fields.items():
             assert field.description and field.description.strip(), f"{model.__name__}.{name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Network
+
+
+@pytest.fixture
+def egress_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stockade.egress
+
+    monkeypatch.setattr(stockade.egress, "EGRESS_AVAILABLE", True)
+
+
+@pytest.mark.usefixtures("egress_on")
+def test_compile_merges_presets_after_the_users_rules(
+    project: Path, environ: dict[str, str]
+) -> None:
+    policy = compile_with(
+        project,
+        environ,
+        network={
+            "allow": ["pypi.org", "github.com:443"],
+            "deny": ["evil.org"],
+            "tcp": ["db.internal:5432"],
+            "presets": ["github", "anthropic"],
+        },
+    )
+    network = policy.network
+    assert network.allow[:2] == ("pypi.org", "github.com:443")
+    assert network.allow.count("github.com:443") == 1
+    assert "api.anthropic.com:443" in network.allow
+    assert network.tcp == ("db.internal:5432", "github.com:22")
+    assert network.presets == ("github", "anthropic")
+    assert network.sources["api.github.com:443"] == "preset github"
+    assert network.sources["github.com:22"] == "preset github"
+    assert "github.com:443" not in network.sources  # the user's own rule
+    assert "pypi.org" not in network.sources
+    rules = network.rules()
+    assert len(rules.allow) == len(network.allow)
+    assert EffectivePolicy.from_json(policy.to_json()) == policy
+
+
+@pytest.mark.usefixtures("egress_on")
+def test_compile_reads_pip_configuration_of_the_host(
+    project: Path, environ: dict[str, str]
+) -> None:
+    # /dev/null: pip's own switch to read no config file, so the test machine's cannot leak in.
+    host = {
+        **environ,
+        "PIP_CONFIG_FILE": "/dev/null",
+        "PIP_INDEX_URL": "https://mirror.corp.example/simple",
+    }
+    loaded = load_config(project, environ=host, overrides={"network.presets": ["python-packages"]})
+    network = compile_policy(loaded, environ=host).network
+    assert network.allow == ("mirror.corp.example:443",)
+    assert network.sources == {"mirror.corp.example:443": "preset python-packages: PIP_INDEX_URL"}
+
+
+@pytest.mark.usefixtures("egress_on")
+def test_presets_change_the_hash(project: Path, environ: dict[str, str]) -> None:
+    plain = compile_with(project, environ)
+    with_github = compile_with(project, environ, network={"presets": ["github"]})
+    assert plain.policy_hash != with_github.policy_hash
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        {"allow": ["*"]},
+        {"allow": ["pypi.org"], "deny": ["*.com"]},
+        {"tcp": ["github.com"]},
+        {"presets": ["nope"]},
+        {"allow": ["pypi.org"], "sources": {"other.org": "preset x"}},
+    ],
+)
+def test_network_policy_read_back_is_revalidated(
+    project: Path, environ: dict[str, str], network: dict[str, Any]
+) -> None:
+    data = json.loads(compile_with(project, environ).to_json())
+    data["network"] = network
+    with pytest.raises(PolicyError):
+        EffectivePolicy.from_json(json.dumps(data))
+
+
+def test_hand_built_tcp_and_presets_are_refused_while_egress_is_unavailable(
+    project: Path, environ: dict[str, str]
+) -> None:
+    for network in ({"tcp": ["github.com:22"]}, {"presets": ["github"]}):
+        config = StockadeConfig.model_validate({"network": network})
+        loaded = LoadedConfig(config=config, project_root=project, sources=())
+        with pytest.raises(PolicyError, match="egress is not available yet"):
+            compile_policy(loaded, environ=environ)

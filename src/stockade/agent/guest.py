@@ -13,8 +13,9 @@ modules that are already loaded or cost almost nothing; ``json`` and ``signal`` 
 (they pull in ``re`` and ``enum``) in favour of their C halves, and everything else (ctypes,
 fcntl, termios, tarfile, resource) is imported where it is needed.
 
-The agent is single-threaded: one poll() loop over the channel, children's pipes and a
-signal wake-up pipe. Options: ``--help``.
+The agent is single-threaded: one poll() loop over the channel, children's pipes, a signal
+wake-up pipe and, with ``--net-proxy`` / ``--net-forward``, the egress tunnel's listening and
+accepted sockets (see ``Stream``). Options: ``--help``.
 """
 
 # Lazy imports are the point (startup time), and contextlib.suppress would cost an import.
@@ -41,7 +42,7 @@ else:
         import signal as _sig
 
 AGENT_VERSION = "0.1.0"
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 CHUNK = 64 * 1024  # largest read from a child's pipe
@@ -54,6 +55,10 @@ KEEP_FINISHED = 1024  # exit statuses remembered for late process.wait calls
 MAX_PROCS = 4096
 MAX_TRANSFERS = 64
 TAR_CHUNK = 256 * 1024
+STREAM_WINDOW = 256 * 1024  # unacknowledged bytes per stream and direction (the protocol's)
+MAX_STREAMS = 256  # open tunnel streams; further connections are accepted and closed
+ACCEPT_BATCH = 64  # connections accepted per poll event of a listener
+ACCEPT_RETRY = 0.1  # seconds the listeners rest after accept() ran out of descriptors
 
 CAPABILITIES = ("pty", "tar", "signals")
 
@@ -846,6 +851,10 @@ usage: python3 -S -I guest.py [options]
   --landlock-rw PATH       full access beneath PATH (repeatable)
   --landlock-scope         with ABI >= 6, scope signals and abstract unix sockets
   --rlimit NAME=SOFT[:HARD]  nproc, as, nofile, core, fsize, cpu (repeatable; 'unlimited')
+  --net-proxy PORT         listen on 127.0.0.1:PORT (and [::1]:PORT) and tunnel each
+                           connection to the host's egress proxy
+  --net-forward LPORT=HOST:PORT  listen on 127.0.0.1:LPORT (and [::1]:LPORT) and tunnel
+                           each connection to HOST:PORT through the host (repeatable)
 """
 
 
@@ -861,6 +870,8 @@ class Options:
         self.landlock_rw: list[str] = []
         self.landlock_scope = False
         self.rlimits: list[tuple[str, int, int]] = []
+        self.net_proxy: int | None = None
+        self.net_forwards: list[tuple[int, str]] = []  # (local port, "host:port")
 
 
 def parse_options(args: list[str]) -> Options:
@@ -904,9 +915,125 @@ def parse_options(args: list[str]) -> Options:
             opts.landlock_rw.append(value)
         elif name == "--rlimit":
             opts.rlimits.append(parse_rlimit(value))
+        elif name == "--net-proxy":
+            opts.net_proxy = _parse_port(value, name)
+        elif name == "--net-forward":
+            opts.net_forwards.append(parse_forward(value))
         else:
             raise ValueError(f"unknown option {name!r}")
+    ports = [port for port, _ in opts.net_forwards]
+    if opts.net_proxy is not None:
+        ports.append(opts.net_proxy)
+    if len(set(ports)) != len(ports):
+        raise ValueError("--net-proxy and --net-forward need distinct local ports")
     return opts
+
+
+def _parse_port(text: str, what: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{what}: {text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def parse_forward(spec: str) -> tuple[int, str]:
+    """``LPORT=HOST:PORT`` -> (LPORT, "HOST:PORT"); HOST may be a bracketed IPv6 address."""
+    local, sep, target = spec.partition("=")
+    host, colon, port = target.rpartition(":")
+    if not sep or not colon or not host or host.strip("[]") == "":
+        raise ValueError(f"--net-forward {spec!r}: expected LPORT=HOST:PORT")
+    if any(char.isspace() or char in "\0/@" for char in host):
+        raise ValueError(f"--net-forward {spec!r}: {host!r} is not a host name or address")
+    _parse_port(port, f"--net-forward {spec!r}")
+    return _parse_port(local, f"--net-forward {spec!r}"), target
+
+
+# --- egress tunnel: listeners and streams ------------------------------------------------
+#
+# Sockets come from ``_socket``, the C half of ``socket`` (which imports enum and selectors),
+# and are only created when a --net option is given: without one, startup is unchanged.
+
+
+class Listener:
+    """A listening socket inside the sandbox; its connections become streams of ``kind``."""
+
+    def __init__(self, sock: Any, kind: str, target: str | None, port: int) -> None:
+        self.sock = sock
+        self.fd: int = sock.fileno()
+        self.kind = kind  # "proxy" or "forward"
+        self.target = target  # "host:port" of a forward
+        self.port = port
+
+
+class Stream:
+    """One accepted connection, relayed to the host as stream.* notifications.
+
+    Sandbox -> host: read from the socket only while fewer than STREAM_WINDOW bytes are
+    unacknowledged. Host -> sandbox: ``outbuf`` holds what is not yet written (the host may
+    never have more than STREAM_WINDOW of it outstanding) and every write is acknowledged.
+    The stream is forgotten once both directions are done, or at once on an error or a
+    stream.close.
+    """
+
+    def __init__(self, ident: int, sock: Any) -> None:
+        self.id = ident
+        self.sock = sock
+        self.fd: int = sock.fileno()
+        self.unacked = 0  # bytes sent to the host and not acknowledged yet
+        self.read_done = False  # the socket reached EOF and stream.eof was sent
+        self.outbuf = bytearray()  # bytes from the host not yet written to the socket
+        self.host_eof = False  # the host sent stream.eof
+        self.write_done = False  # ... and everything before it was written: SHUT_WR done
+
+
+def open_listeners(opts: Options) -> list[Listener]:
+    """Listen on 127.0.0.1 (required) and [::1] (when there is one) for every --net port."""
+    import _socket
+
+    specs: list[tuple[int, str, str | None]] = [
+        (port, "forward", target) for port, target in opts.net_forwards
+    ]
+    if opts.net_proxy is not None:
+        specs.insert(0, (opts.net_proxy, "proxy", None))
+    listeners: list[Listener] = []
+    try:
+        for port, kind, target in specs:
+            listeners.append(
+                Listener(_listen(_socket.AF_INET, "127.0.0.1", port), kind, target, port)
+            )
+            try:
+                sock = _listen(_socket.AF_INET6, "::1", port)
+            except OSError:
+                continue  # no IPv6 loopback here (or no IPv6 at all): best effort
+            listeners.append(Listener(sock, kind, target, port))
+    except BaseException:
+        for listener in listeners:
+            listener.sock.close()
+        raise
+    return listeners
+
+
+def _listen(family: int, address: str, port: int) -> Any:
+    import _socket
+
+    sock = _socket.socket(family, _socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        if family == _socket.AF_INET6:
+            sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(MAX_STREAMS)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _peer_name(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
 
 
 # --- the agent -----------------------------------------------------------------------------
@@ -919,7 +1046,13 @@ def _noop_handler(signum: int, frame: Any) -> None:
 class Agent:
     """Serves the protocol on one channel; owns every process and transfer."""
 
-    def __init__(self, opts: Options, landlock_abi: int, libc: Any) -> None:
+    def __init__(
+        self,
+        opts: Options,
+        landlock_abi: int,
+        libc: Any,
+        listeners: list[Listener] | None = None,
+    ) -> None:
         self.max_frame = opts.max_frame
         self.landlock_abi = landlock_abi
         self.libc = libc
@@ -955,6 +1088,15 @@ class Agent:
         self.transfers: dict[int, Upload | Download] = {}
         self.tty: tuple[Any, Any] | None = None
 
+        self.listeners = list(listeners or ())
+        self.listener_fds = {listener.fd: listener for listener in self.listeners}
+        self.accept_paused_until: float | None = None  # out of descriptors: rest a moment
+        self.next_stream = 1
+        self.streams: dict[int, Stream] = {}
+        self.stream_fds: dict[int, Stream] = {}
+        # A stream.data frame (base64 plus ~100 bytes of JSON) must fit in a frame.
+        self.stream_chunk = min(CHUNK, (self.max_frame - 256) // 4 * 3)
+
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -963,6 +1105,8 @@ class Agent:
         for signum in (_sig.SIGCHLD, _sig.SIGTERM, _sig.SIGINT, _sig.SIGHUP):
             _sig.signal(signum, _noop_handler)
         self._watch(self.wake_r, _POLLIN)
+        for listener in self.listeners:
+            self._watch(listener.fd, _POLLIN)
         self._update_channel()
 
         self.methods: dict[str, Callable[[Any, Params], dict[str, Any] | None]] = {
@@ -983,6 +1127,16 @@ class Agent:
             "fs.download_tar": self.fs_download_tar,
             "transfer.write": self.transfer_write,
             "transfer.read": self.transfer_read,
+        }
+        #: Notifications the host may send. One that does not match its schema is a protocol
+        #: error (the agent exits, as for a malformed frame): byte accounting of a stream
+        #: cannot be trusted after that. Unknown ones are logged and ignored, as JSON-RPC
+        #: wants for notifications.
+        self.notifications: dict[str, Callable[[Params], None]] = {
+            "stream.data": self.stream_data,
+            "stream.ack": self.stream_ack,
+            "stream.eof": self.stream_eof,
+            "stream.close": self.stream_close,
         }
 
     def _take_channel(self, opts: Options) -> tuple[int, int]:
@@ -1050,10 +1204,12 @@ class Agent:
         except AgentExit as stop:
             if stop.status:
                 log(stop.reason)
+            self.close_network()
             self.kill_everything()
             return stop.status
         except BaseException as exc:  # a bug: still take every process down with us
             log(f"agent failed: {type(exc).__name__}: {exc}")
+            self.close_network()
             self.kill_everything()
             return 1
 
@@ -1073,6 +1229,14 @@ class Agent:
             proc = self.by_fd.get(fd)
             if proc is not None:
                 self._proc_event(proc, fd, event)
+                continue
+            stream = self.stream_fds.get(fd)
+            if stream is not None:
+                self._stream_event(stream, event)
+                continue
+            listener = self.listener_fds.get(fd)
+            if listener is not None:
+                self._accept(listener)
         if self.signals_seen:
             self._handle_signals()
         self._run_timers()
@@ -1095,6 +1259,9 @@ class Agent:
                 when = proc.grace_until
             if when is not None and (soonest is None or when < soonest):
                 soonest = when
+        when = self.accept_paused_until
+        if when is not None and (soonest is None or when < soonest):
+            soonest = when
         if soonest is None:
             return None
         return max(0, int((soonest - now) * 1000) + 1)
@@ -1139,6 +1306,10 @@ class Agent:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if self.accept_paused_until is not None and now >= self.accept_paused_until:
+            self.accept_paused_until = None
+            for listener in self.listeners:
+                self._watch(listener.fd, _POLLIN)
         for proc in list(self.procs.values()):
             if proc.status is None:
                 if proc.deadline is not None and not proc.timed_out and now >= proc.deadline:
@@ -1198,7 +1369,7 @@ class Agent:
         request_id = message.get("id")
         method = message.get("method")
         if "id" not in message:
-            log(f"ignoring a notification from the host: {str(method)[:100]!r}")
+            self._handle_notification(message)
             return
         if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
             self._reply_error(
@@ -1231,6 +1402,22 @@ class Agent:
         else:
             if result is not None:
                 self._reply(request_id, result)
+
+    def _handle_notification(self, message: dict[str, Any]) -> None:
+        method = message.get("method")
+        params = message.get("params", {})
+        if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            raise AgentExit(3, "host sent a notification without jsonrpc '2.0' and a method")
+        handler = self.notifications.get(method)
+        if handler is None:
+            log(f"ignoring an unknown notification from the host: {method[:100]!r}")
+            return
+        if not isinstance(params, dict):
+            raise AgentExit(3, f"host sent {method} with params that are not an object")
+        try:
+            handler(Params(method, params))
+        except RpcError as exc:
+            raise AgentExit(3, f"host sent an invalid notification: {exc.message}") from None
 
     def _reply(self, request_id: Any, result: dict[str, Any]) -> None:
         body = json_dumps({"jsonrpc": "2.0", "id": request_id, "result": result})
@@ -1299,6 +1486,8 @@ class Agent:
             self.paused = pause
             for proc in self.procs.values():
                 self._update_proc(proc)
+            for stream in self.streams.values():
+                self._update_stream(stream)
         self.input_paused = self.out_size > IN_PAUSE
 
     # --- process events --------------------------------------------------------------------
@@ -1463,6 +1652,196 @@ class Agent:
                     return
                 time.sleep(0.002)
 
+    # --- egress tunnel ---------------------------------------------------------------------
+
+    def _accept(self, listener: Listener) -> None:
+        import _socket
+
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, address = listener.sock._accept()  # not in the stubs, hence sock: Any
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The connection stays queued and the listener readable: rest, or spin.
+                    log(f"cannot accept on port {listener.port}: {exc.strerror}; retrying soon")
+                    self.accept_paused_until = time.monotonic() + ACCEPT_RETRY
+                    for each in self.listeners:
+                        self._watch(each.fd, 0)
+                    return
+                continue  # e.g. ECONNABORTED: that client is gone already
+            sock = _socket.socket(fileno=fd)
+            if len(self.streams) >= MAX_STREAMS:
+                log(f"refusing a connection on port {listener.port}: {MAX_STREAMS} streams open")
+                sock.close()
+                continue
+            sock.setblocking(False)
+            try:
+                # Relayed bytes go out at once: the tunnel must not add Nagle's delay.
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            stream = Stream(self.next_stream, sock)
+            self.next_stream += 1
+            self.streams[stream.id] = stream
+            self.stream_fds[stream.fd] = stream
+            params: dict[str, Any] = {
+                "stream": stream.id,
+                "kind": listener.kind,
+                "peer": _peer_name(address),
+            }
+            if listener.target is not None:
+                params["target"] = listener.target
+            self._notify("net.accept", params)
+            self._update_stream(stream)
+
+    def _update_stream(self, stream: Stream) -> None:
+        reading = not (self.paused or stream.read_done or stream.unacked >= STREAM_WINDOW)
+        writing = _POLLOUT if stream.outbuf else 0
+        self._watch(stream.fd, (_POLLIN if reading else 0) | writing)
+
+    def _stream_event(self, stream: Stream, event: int) -> None:
+        if stream.outbuf and event & (_POLLOUT | _POLLDONE):
+            self._stream_write(stream)
+        if (
+            self.streams.get(stream.id) is stream
+            and not (self.paused or stream.read_done or stream.unacked >= STREAM_WINDOW)
+            and event & (_POLLIN | _POLLDONE)
+        ):
+            self._stream_read(stream)
+
+    def _stream_read(self, stream: Stream) -> None:
+        try:
+            data = stream.sock.recv(min(self.stream_chunk, STREAM_WINDOW - stream.unacked))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop_stream(stream, f"read failed: {exc.strerror or exc}", tell_host=True)
+            return
+        if not data:
+            stream.read_done = True
+            self._notify("stream.eof", {"stream": stream.id})
+            if stream.write_done:
+                self._drop_stream(stream, None, tell_host=False)
+                return
+        else:
+            stream.unacked += len(data)
+            encoded = binascii.b2a_base64(data, newline=False)
+            self._queue(
+                b'{"jsonrpc":"2.0","method":"stream.data","params":{"stream":%d,"data":"%s"}}'
+                % (stream.id, encoded)
+            )
+        self._update_stream(stream)
+
+    def _stream_write(self, stream: Stream) -> None:
+        """Write what the host sent, acknowledge it, and half-close after its stream.eof."""
+        import _socket
+
+        written = 0
+        while stream.outbuf:
+            try:
+                count = stream.sock.send(stream.outbuf, _socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._drop_stream(stream, f"write failed: {exc.strerror or exc}", tell_host=True)
+                return
+            del stream.outbuf[:count]
+            written += count
+        if written:
+            self._notify("stream.ack", {"stream": stream.id, "bytes": written})
+        if stream.host_eof and not stream.outbuf and not stream.write_done:
+            stream.write_done = True
+            try:
+                stream.sock.shutdown(_socket.SHUT_WR)
+            except OSError as exc:
+                self._drop_stream(stream, f"shutdown failed: {exc.strerror or exc}", tell_host=True)
+                return
+            if stream.read_done:
+                self._drop_stream(stream, None, tell_host=False)
+                return
+        self._update_stream(stream)
+
+    def _drop_stream(self, stream: Stream, error: str | None, *, tell_host: bool) -> None:
+        """Close the socket and forget the stream; with ``tell_host``, send stream.close."""
+        if self.streams.get(stream.id) is not stream:
+            return
+        del self.streams[stream.id]
+        del self.stream_fds[stream.fd]
+        self._watch(stream.fd, 0)
+        stream.sock.close()
+        if tell_host:
+            params: dict[str, Any] = {"stream": stream.id}
+            if error is not None:
+                params["error"] = error[:1000]
+            self._notify("stream.close", params)
+
+    def _violation(self, stream: Stream, why: str) -> None:
+        """The host broke the stream protocol: end that stream, keep serving the others."""
+        log(f"stream {stream.id}: {why}; closing it")
+        self._drop_stream(stream, f"protocol violation: {why}", tell_host=True)
+
+    def close_network(self) -> None:
+        """Close every stream and listener (the channel is gone: nobody to tell)."""
+        for stream in list(self.streams.values()):
+            self._drop_stream(stream, None, tell_host=False)
+        for listener in self.listeners:
+            self._watch(listener.fd, 0)
+            listener.sock.close()
+        self.listeners = []
+        self.listener_fds = {}
+
+    # Host notifications. A stream id the agent does not know is one it already closed (the
+    # host's late traffic crossed our stream.close, or it acknowledges bytes of a finished
+    # stream): ignored.
+
+    def stream_data(self, p: Params) -> None:
+        ident: int = p.integer("stream", _MISSING, 1)
+        data: bytes = p.b64("data")
+        p.done()
+        stream = self.streams.get(ident)
+        if stream is None or not data:
+            return
+        if stream.host_eof:
+            self._violation(stream, "data after stream.eof")
+            return
+        if len(stream.outbuf) + len(data) > STREAM_WINDOW:
+            self._violation(stream, f"more than the {STREAM_WINDOW}-byte window unacknowledged")
+            return
+        stream.outbuf += data
+        self._stream_write(stream)
+
+    def stream_ack(self, p: Params) -> None:
+        ident: int = p.integer("stream", _MISSING, 1)
+        count: int = p.integer("bytes", _MISSING, 1, STREAM_WINDOW)
+        p.done()
+        stream = self.streams.get(ident)
+        if stream is None:
+            return
+        if count > stream.unacked:
+            self._violation(stream, f"acknowledged {count} bytes, only {stream.unacked} sent")
+            return
+        stream.unacked -= count
+        self._update_stream(stream)
+
+    def stream_eof(self, p: Params) -> None:
+        ident: int = p.integer("stream", _MISSING, 1)
+        p.done()
+        stream = self.streams.get(ident)
+        if stream is None or stream.host_eof:
+            return
+        stream.host_eof = True
+        self._stream_write(stream)
+
+    def stream_close(self, p: Params) -> None:
+        ident: int = p.integer("stream", _MISSING, 1)
+        p.string("error", None)
+        p.done()
+        stream = self.streams.get(ident)
+        if stream is not None:
+            self._drop_stream(stream, None, tell_host=False)
+
     # --- helpers ---------------------------------------------------------------------------
 
     def _resolve(self, path: str) -> str:
@@ -1501,6 +1880,8 @@ class Agent:
         capabilities = list(CAPABILITIES)
         if self.landlock_abi:
             capabilities.append("landlock")
+        if self.listeners:
+            capabilities.append("net")
         return {
             "protocol": PROTOCOL_VERSION,
             "agent_version": AGENT_VERSION,
@@ -2095,6 +2476,15 @@ def main(argv: list[str]) -> int:
                 log(f"--rlimit {name}: {exc}")
                 return 2
 
+    listeners: list[Listener] = []
+    if opts.net_proxy is not None or opts.net_forwards:
+        # Before Landlock: from ABI 4 on it can restrict binding TCP ports.
+        try:
+            listeners = open_listeners(opts)
+        except OSError as exc:
+            log(f"cannot listen for the network tunnel: {exc.strerror or exc}")
+            return 2
+
     libc = None
     landlock_abi = 0
     if opts.landlock != "off":
@@ -2125,7 +2515,7 @@ def main(argv: list[str]) -> int:
             log(f"{reason}; continuing without it (--landlock best-effort)")
 
     try:
-        agent = Agent(opts, landlock_abi, libc)
+        agent = Agent(opts, landlock_abi, libc, listeners)
     except OSError as exc:
         log(f"could not set up the channel: {exc}")
         return 2

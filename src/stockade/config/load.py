@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from stockade import egress
 from stockade._errors import ConfigError, PolicyError
 from stockade.config.models import (
     CONFIG_KEYS,
@@ -34,6 +35,7 @@ from stockade.config.models import (
     WorkspaceConfig,
 )
 from stockade.config.units import format_size
+from stockade.egress.rules import RuleError, parse_rule
 
 __all__ = [
     "MIN_MEMORY",
@@ -821,23 +823,35 @@ def check_safety(
                 f"set a number of cores, at most {cores}",
             )
 
-    for entry in config.network.allow:
-        reason = _too_broad(entry)
-        if reason:
-            raise refuse(
-                "network.allow",
-                entry,
-                f"too broad: {reason}",
-                "list the exact domains the sandbox needs, e.g. 'pypi.org' or '*.github.com'",
-            )
-    if config.network.allow:
-        raise refuse(
-            "network.allow",
-            list(config.network.allow),
-            "egress is not available yet in this version of stockade, so the sandbox network "
-            "stays closed and cannot honour an allow list",
-            "remove network.allow (network.deny may stay)",
-        )
+    network = config.network
+    network_fix = (
+        "list the exact destinations the sandbox needs, e.g. 'pypi.org', '*.github.com' "
+        "or '10.1.2.0/24'"
+    )
+    for key, entries in (
+        ("network.allow", network.allow),
+        ("network.deny", network.deny),
+        ("network.tcp", network.tcp),
+    ):
+        for entry in entries:
+            try:
+                parse_rule(entry, port_required=key == "network.tcp")
+            except RuleError as exc:
+                raise refuse(key, entry, exc.reason, network_fix) from exc
+    if not egress.EGRESS_AVAILABLE:
+        for key, entries in (
+            ("network.allow", network.allow),
+            ("network.tcp", network.tcp),
+            ("network.presets", network.presets),
+        ):
+            if entries:
+                raise refuse(
+                    key,
+                    list(entries),
+                    "egress is not available yet in this version of stockade, so the sandbox "
+                    "network stays closed and cannot honour it",
+                    f"remove {key} (network.deny may stay)",
+                )
 
 
 def _dangerous_workspace(path: Path, homes: tuple[Path, ...]) -> str | None:
@@ -876,22 +890,6 @@ def mount_problem(mount: str) -> str | None:
     for tree in _MOUNT_FORBIDDEN_TREES:
         if normal.startswith(tree + "/"):
             return f"{tree} is a kernel interface, not a place for the workspace"
-    return None
-
-
-def _too_broad(entry: str) -> str | None:
-    host = entry.lower()
-    if "/" in host:
-        _, _, prefix = host.partition("/")
-        if prefix.isdigit() and int(prefix) == 0:
-            return f"{entry!r} matches every address"
-    if "*" not in host:
-        return None
-    if host.count("*") > 1 or not host.startswith("*.") or host == "*.":
-        return f"{entry!r} matches far too much; wildcards are allowed only as a leading '*.'"
-    rest = host[2:].split(":", 1)[0]
-    if "." not in rest:
-        return f"{entry!r} matches every domain under the top-level domain '.{rest}'"
     return None
 
 

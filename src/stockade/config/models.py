@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from stockade.config.units import parse_duration, parse_size
+from stockade.egress.presets import PRESETS, preset_problem
+from stockade.egress.rules import RuleError, parse_rule
 
 __all__ = [
     "BACKENDS",
@@ -177,24 +179,73 @@ def _check_env_name(name: str) -> None:
 
 
 class NetworkConfig(_Model):
-    """``[network]``: which destinations the sandbox may reach; closed by default."""
+    """``[network]``: which destinations the sandbox may reach; closed by default.
+
+    Every entry is a rule of ``stockade.egress.rules``: ``pypi.org``, ``*.example.com``,
+    ``10.0.0.0/8``, ``[::1]:8080``, optionally with ``:PORT``.
+    """
 
     allow: tuple[str, ...] = Field(
         default=(),
-        description="Domains the sandbox may connect to, e.g. 'pypi.org' or '*.github.com'.",
+        description=(
+            "Destinations the sandbox may connect to: names ('pypi.org'), wildcards "
+            "('*.github.com'), addresses or networks ('10.1.2.3', '10.0.0.0/8'), each with an "
+            "optional ':PORT'."
+        ),
     )
     deny: tuple[str, ...] = Field(
         default=(),
-        description="Domains always refused, even when an allow entry matches them.",
+        description=(
+            "Destinations always refused, even when an allow entry matches them; same forms "
+            "as allow."
+        ),
+    )
+    tcp: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Raw TCP destinations forwarded into the sandbox, each HOST:PORT with the port "
+            "required, e.g. 'github.com:22' or 'db.internal:5432'."
+        ),
+    )
+    presets: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Named sets of allow rules: " + ", ".join(f"'{name}'" for name in PRESETS) + "."
+        ),
     )
 
     @field_validator("allow", "deny")
     @classmethod
     def _check_entries(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
         for entry in entries:
-            if not entry or entry != entry.strip() or any(c.isspace() for c in entry):
-                raise ValueError(f"{entry!r} is not a domain: it is empty or contains whitespace")
+            _check_rule(entry, port_required=False)
         return entries
+
+    @field_validator("tcp")
+    @classmethod
+    def _check_tcp_entries(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in entries:
+            _check_rule(entry, port_required=True)
+        return entries
+
+    @field_validator("presets")
+    @classmethod
+    def _check_presets(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            problem = preset_problem(name)
+            if problem:
+                raise ValueError(problem)
+        return names
+
+
+def _check_rule(entry: str, *, port_required: bool) -> None:
+    try:
+        parse_rule(entry, port_required=port_required)
+    except RuleError as exc:
+        # Too broad is a dangerous value, not a malformed one: check_safety refuses it with a
+        # PolicyError naming where it was set (and a hand-built config gets the same).
+        if not exc.too_broad:
+            raise
 
 
 def _check_hostname(name: str) -> str:

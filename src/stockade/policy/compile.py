@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from stockade._errors import ConfigError, PolicyError
 from stockade.config import LoadedConfig, check_safety, credential_reason
 from stockade.config.load import MIN_MEMORY, MIN_PIDS, mount_problem
+from stockade.egress.decide import NetworkRules, compile_rules
+from stockade.egress.presets import preset_problem, resolve_presets
 
 __all__ = [
     "BASE_ENV",
@@ -142,10 +144,43 @@ class LimitsPolicy(_Policy):
 
 
 class NetworkPolicy(_Policy):
-    """Egress rules; an empty allow list means the network is closed."""
+    """Egress rules, presets resolved; with no allow or tcp rule the network is closed."""
 
-    allow: tuple[str, ...] = Field(default=(), description="Domains the sandbox may reach.")
-    deny: tuple[str, ...] = Field(default=(), description="Domains always refused.")
+    allow: tuple[str, ...] = Field(
+        default=(),
+        description="Allow rules: [network] allow, then the rules the presets added.",
+    )
+    deny: tuple[str, ...] = Field(default=(), description="Deny rules; they win over allow.")
+    tcp: tuple[str, ...] = Field(
+        default=(),
+        description="HOST:PORT rules forwarded as raw TCP: [network] tcp, then the presets'.",
+    )
+    presets: tuple[str, ...] = Field(
+        default=(), description="Names of the presets whose rules were merged in."
+    )
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where each rule added by a preset came from, by rule: 'preset github'.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> NetworkPolicy:
+        try:
+            compile_rules(self.allow, self.deny, self.tcp)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        for name in self.presets:
+            problem = preset_problem(name)
+            if problem:
+                raise ValueError(problem)
+        stray = set(self.sources) - set(self.allow) - set(self.tcp)
+        if stray:
+            raise ValueError(f"sources names rules that are not in allow or tcp: {sorted(stray)}")
+        return self
+
+    def rules(self) -> NetworkRules:
+        """The parsed rules the egress proxy decides with."""
+        return compile_rules(self.allow, self.deny, self.tcp)
 
 
 class EffectivePolicy(_Policy):
@@ -246,10 +281,34 @@ def compile_policy(
                 timeout=limits.timeout,
             ),
             env=env,
-            network=NetworkPolicy(allow=config.network.allow, deny=config.network.deny),
+            network=_network_policy(loaded, env_source),
         )
     except ValidationError as exc:
         raise PolicyError(f"the configuration compiles to an invalid policy: {exc}") from exc
+
+
+def _network_policy(loaded: LoadedConfig, environ: Mapping[str, str]) -> NetworkPolicy:
+    """The [network] rules with the presets' rules merged in (after the user's own)."""
+    network = loaded.config.network
+    if not network.presets:
+        return NetworkPolicy(allow=network.allow, deny=network.deny, tcp=network.tcp)
+    home = environ.get("HOME", "")
+    found = resolve_presets(
+        network.presets,
+        environ=environ,
+        home=Path(home) if home and Path(home).is_absolute() else Path.home(),
+        project_dir=loaded.project_root,
+    )
+    allow = tuple(dict.fromkeys((*network.allow, *found.allow)))
+    tcp = tuple(dict.fromkeys((*network.tcp, *found.tcp)))
+    own = set(network.allow) | set(network.tcp)
+    return NetworkPolicy(
+        allow=allow,
+        deny=network.deny,
+        tcp=tcp,
+        presets=network.presets,
+        sources={rule: where for rule, where in found.sources.items() if rule not in own},
+    )
 
 
 def _workspace_dir(loaded: LoadedConfig) -> Path:
