@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import anyio
 
@@ -59,10 +59,16 @@ from stockade.protocol.messages import (
 from stockade.state import SandboxRecord, SandboxStatus, StateStore, process_start_time
 from stockade.workspace import ApplyResult, WorkspaceDiff, WorkspaceLayers
 
+if TYPE_CHECKING:
+    from stockade._background import BackgroundTasks
+    from stockade.egress.log import ConnectionRecord
+    from stockade.egress.runtime import EgressRuntime
+
 __all__ = [
     "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncFiles",
+    "AsyncNetwork",
     "AsyncPty",
     "AsyncSandbox",
     "AsyncWorkspace",
@@ -477,6 +483,36 @@ class AsyncWorkspace:
         await self._sandbox._reset_workspace()
 
 
+class AsyncNetwork:
+    """``sandbox.network``: change the egress policy live and see every connection."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    def _runtime(self) -> EgressRuntime:
+        runtime = self._sandbox._egress
+        if runtime is None:
+            raise SandboxStateError(
+                f"sandbox {self._sandbox.name!r} runs on the {self._sandbox.backend} backend, "
+                "which has no network policy"
+            )
+        return runtime
+
+    async def allow(self, entry: str) -> None:
+        """Allow a host, wildcard, address or CIDR (optionally :port) from now on."""
+        self._runtime().allow(entry)
+        self._sandbox._audit("network.allowed", target=entry)
+
+    async def deny(self, entry: str) -> None:
+        """Deny a host, wildcard, address or CIDR from now on (deny wins over allow)."""
+        self._runtime().deny(entry)
+        self._sandbox._audit("network.denied", target=entry)
+
+    async def log(self) -> list[dict[str, Any]]:
+        """Every connection so far: time, host, port, decision, rule, reason, bytes."""
+        return [record.to_dict() for record in self._runtime().log()]
+
+
 class AsyncSandbox:
     """A sandbox running in this process. Create with ``await AsyncSandbox.create(...)``."""
 
@@ -507,11 +543,14 @@ class AsyncSandbox:
         self._closed = False
         self._timer: threading.Timer | None = None
         self._expired: float | None = None
+        self._egress: EgressRuntime | None = None
+        self._background: BackgroundTasks | None = None
         self.agent_info: AgentHelloResult | None = None
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self.pty = AsyncPty(self)
         self.workspace = AsyncWorkspace(self)
+        self.network = AsyncNetwork(self)
 
     # --- construction ------------------------------------------------------------------
 
@@ -638,6 +677,12 @@ class AsyncSandbox:
         return sandbox
 
     async def _launch(self) -> None:
+        if self._egress is None and self._backend.capabilities.network_policy:
+            from stockade.egress.runtime import EgressRuntime
+
+            self._egress = EgressRuntime(
+                self.policy, sandbox=self.name, on_event=self._on_egress_event
+            )
         spec = LaunchSpec(
             sandbox_id=self._record.id,
             name=self._record.name,
@@ -645,9 +690,15 @@ class AsyncSandbox:
             state_dir=self._dir,
             workspace=self._layers,
             cache_dir=self._store.root / "cache",
+            egress=self._egress.launch if self._egress is not None else None,
         )
         self._launched = await self._backend.launch(spec)
         self._client = AgentClient(self._launched.channel)
+        if self._egress is not None:
+            from stockade._background import BackgroundTasks
+
+            self._background = BackgroundTasks(f"sandbox {self.name}")
+            self._egress.attach(self._client, self._background)
         try:
             with anyio.fail_after(START_TIMEOUT):
                 self.agent_info = await self._client.hello()
@@ -660,6 +711,9 @@ class AsyncSandbox:
         capture = getattr(self._launched, "capture_namespace_init", None)
         if capture is not None:
             capture()
+        if self._background is not None:
+            # Tunnelled connections must flow between calls: keep reading the agent.
+            self._background.start(self._client.serve_forever)
         if self.policy.limits.timeout:
             self._arm_timer(self.policy.limits.timeout)
         self._set_status(SandboxStatus.RUNNING)
@@ -762,12 +816,39 @@ class AsyncSandbox:
         return exc
 
     def _audit(
-        self, action: str, *, target: str | None = None, details: dict[str, Any] | None = None
+        self,
+        action: str,
+        *,
+        target: str | None = None,
+        details: dict[str, Any] | None = None,
+        decision: str | None = None,
+        rule: str | None = None,
     ) -> None:
         try:
-            self._audit_log.append(action, actor=self._actor, target=target, details=details)
+            self._audit_log.append(
+                action,
+                actor=self._actor,
+                target=target,
+                details=details,
+                decision=decision,
+                rule=rule,
+            )
         except OSError:
             logger.exception("could not write the audit log of sandbox %s", self.name)
+
+    def _on_egress_event(self, record: ConnectionRecord) -> None:
+        self._audit(
+            f"egress.{record.decision}",
+            target=f"{record.host}:{record.port}",
+            decision=record.decision,
+            rule=record.rule,
+            details={
+                "kind": record.kind,
+                "reason": record.reason,
+                "bytes_up": record.bytes_up,
+                "bytes_down": record.bytes_down,
+            },
+        )
 
     def _set_status(self, status: SandboxStatus, error: str | None = None) -> None:
         fields: dict[str, Any] = {"status": status}
@@ -800,6 +881,9 @@ class AsyncSandbox:
                     with contextlib.suppress(StockadeError):
                         await client.call("agent.shutdown", Empty())
                 await client.aclose()
+            background, self._background = self._background, None
+            if background is not None:
+                await background.aclose()
             launched, self._launched = self._launched, None
             if launched is not None:
                 await launched.terminate()

@@ -35,7 +35,15 @@ __all__ = ["CONTROL_METHODS", "connect_control", "main", "serve"]
 logger = logging.getLogger(__name__)
 
 #: Methods the supervisor answers itself (the rest are forwarded to the agent).
-CONTROL_METHODS = ("sandbox.info", "sandbox.stop", "workspace.reset", "agent.hello")
+CONTROL_METHODS = (
+    "sandbox.info",
+    "sandbox.stop",
+    "workspace.reset",
+    "agent.hello",
+    "net.allow",
+    "net.deny",
+    "net.log",
+)
 _FORWARDED_PREFIXES = ("process.", "fs.", "transfer.")
 
 
@@ -142,6 +150,17 @@ class _Connection:
         if method == "workspace.reset":
             await sandbox.workspace.reset()
             return {}
+        if method in ("net.allow", "net.deny"):
+            entry = params.get("entry")
+            if not isinstance(entry, str) or not entry:
+                raise AgentError("params.entry must be a host, address or CIDR", code=-32602)
+            if method == "net.allow":
+                await sandbox.network.allow(entry)
+            else:
+                await sandbox.network.deny(entry)
+            return {}
+        if method == "net.log":
+            return {"connections": await sandbox.network.log()}
         if method == "process.start":
             start = ProcessStartParams.model_validate(params)
 

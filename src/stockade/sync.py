@@ -21,6 +21,7 @@ from stockade.sandbox import (
     AsyncCommandHandle,
     AsyncCommands,
     AsyncFiles,
+    AsyncNetwork,
     AsyncPty,
     AsyncSandbox,
     AsyncWorkspace,
@@ -28,7 +29,7 @@ from stockade.sandbox import (
 )
 from stockade.workspace import ApplyResult, WorkspaceDiff
 
-__all__ = ["CommandHandle", "Commands", "Files", "Pty", "Sandbox", "Workspace"]
+__all__ = ["CommandHandle", "Commands", "Files", "Network", "Pty", "Sandbox", "Workspace"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -267,6 +268,24 @@ class Workspace(_PortalBound):
         self._run(self._workspace.reset)
 
 
+class Network(_PortalBound):
+    """``sandbox.network`` (blocking)."""
+
+    def __init__(self, portal: BlockingPortal, network: AsyncNetwork) -> None:
+        super().__init__(portal)
+        self._network = network
+
+    def allow(self, entry: str) -> None:
+        self._run(self._network.allow, entry)
+
+    def deny(self, entry: str) -> None:
+        self._run(self._network.deny, entry)
+
+    def log(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = self._run(self._network.log)
+        return records
+
+
 class Sandbox:
     """A sandbox with a blocking API. Create with ``Sandbox.create(...)``; ``close()`` it."""
 
@@ -283,6 +302,7 @@ class Sandbox:
         self.files = Files(portal, inner.files)
         self.pty = Pty(portal, inner.pty)
         self.workspace = Workspace(portal, inner.workspace)
+        self.network = Network(portal, inner.network)
 
     @classmethod
     def create(

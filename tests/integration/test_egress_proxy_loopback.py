@@ -288,7 +288,7 @@ async def test_socks5_and_denial_over_real_sockets() -> None:
                 await client.send(b"CONNECT 127.0.0.2:%d HTTP/1.1\r\n\r\n" % echo_port)
                 head, _ = await read_head(client)
         await wait_for_records(events, 2)
-    assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert head.startswith(b"HTTP/1.1 403 Forbidden by stockade network policy\r\n")
     assert b"X-Stockade-Denied: not allowed\r\nX-Stockade-Rule: none" in head
     assert [e.decision for e in events] == ["allowed", "denied"]
 
@@ -325,7 +325,7 @@ async def test_real_policy_refuses_a_name_rebound_to_loopback_until_the_address_
                 await client.send_eof()
                 answer = await count_bytes_and_tail(client)
         await wait_for_records(events, 2)
-    assert denied.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert denied.startswith(b"HTTP/1.1 403 Forbidden by stockade network policy\r\n")
     assert b"resolves to 127.0.0.1, a loopback address" in denied
     assert answer.endswith(b"HTTP/1.1 200 Connection established\r\n\r\nping")
     assert [(e.decision, e.rule) for e in events] == [

@@ -875,6 +875,14 @@ def test_tcp_and_presets_keys_exist(world: World) -> None:
     assert config.network.presets == ()
 
 
+@pytest.fixture
+def egress_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as a build without egress, whatever ``EGRESS_AVAILABLE`` says today."""
+    import stockade.egress
+
+    monkeypatch.setattr(stockade.egress, "EGRESS_AVAILABLE", False)
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [
@@ -884,7 +892,7 @@ def test_tcp_and_presets_keys_exist(world: World) -> None:
     ],
 )
 def test_egress_lists_are_refused_while_egress_is_unavailable(
-    world: World, key: str, value: list[str]
+    world: World, key: str, value: list[str], egress_off: None
 ) -> None:
     message = refused(world, key, flags={key: value})
     assert "egress is not available yet" in message
@@ -907,7 +915,7 @@ def test_egress_lists_are_accepted_once_egress_is_available(
     assert config.network.presets == ("github",)
 
 
-def test_network_allow_is_not_available_yet(world: World) -> None:
+def test_network_allow_is_not_available_yet(world: World, egress_off: None) -> None:
     path = world.write_project("[network]\nallow = ['pypi.org']\ndeny = ['evil.org']\n")
     message = refused(world, "network.allow")
     assert "egress is not available yet" in message

@@ -364,7 +364,7 @@ async def test_denied_connect_answers_403_with_reason_and_rule_headers() -> None
             seen_at_answer.append(len(events))
             body = await read_all(c)
         lines = head.decode().split("\r\n")
-        assert lines[0] == "HTTP/1.1 403 Forbidden"
+        assert lines[0] == "HTTP/1.1 403 Forbidden by stockade network policy"
         assert "X-Stockade-Denied: no rule allows this host" in lines
         assert "X-Stockade-Rule: none" in lines
         assert "Connection: close" in lines
@@ -411,7 +411,7 @@ async def test_denied_after_resolution_uses_the_resolved_addresses() -> None:
         async with client_of(proxy) as c:
             await c.send(b"CONNECT intranet.example:443 HTTP/1.1\r\n\r\n")
             head = await read_head(c)
-        assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+        assert head.startswith(b"HTTP/1.1 403 Forbidden by stockade network policy\r\n")
         assert b"resolves to a private address" in head
         assert net.connects == []
         assert events[0].addresses == ("10.0.0.5",)
@@ -796,7 +796,7 @@ async def test_allowed_name_resolving_to_loopback_is_refused_unless_address_allo
         async with client_of(proxy) as c:
             await c.send(b"CONNECT api.example.com:443 HTTP/1.1\r\n\r\n")
             head = await read_head(c)
-        assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+        assert head.startswith(b"HTTP/1.1 403 Forbidden by stockade network policy\r\n")
         assert b"loopback" in head and b"X-Stockade-Rule: none" in head
         async with client_of(proxy) as c:
             await socks_connect(c, socks_request(3, b"\x0fapi.example.com", 443))

@@ -474,8 +474,11 @@ def test_network_policy_read_back_is_revalidated(
 
 
 def test_hand_built_tcp_and_presets_are_refused_while_egress_is_unavailable(
-    project: Path, environ: dict[str, str]
+    project: Path, environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import stockade.egress
+
+    monkeypatch.setattr(stockade.egress, "EGRESS_AVAILABLE", False)
     for network in ({"tcp": ["github.com:22"]}, {"presets": ["github"]}):
         config = StockadeConfig.model_validate({"network": network})
         loaded = LoadedConfig(config=config, project_root=project, sources=())

@@ -68,6 +68,7 @@ PAIRS = [
     ("stockade.sandbox:AsyncPty", "stockade.sync:Pty"),
     ("stockade.sandbox:AsyncWorkspace", "stockade.sync:Workspace"),
     ("stockade.sandbox:AsyncCommandHandle", "stockade.sync:CommandHandle"),
+    ("stockade.sandbox:AsyncNetwork", "stockade.sync:Network"),
 ]
 
 

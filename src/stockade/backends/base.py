@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 from anyio.abc import ByteStream
 
 if TYPE_CHECKING:
+    from stockade.egress.runtime import EgressLaunch
     from stockade.policy import EffectivePolicy
     from stockade.workspace import WorkspaceLayers
 
@@ -77,6 +78,8 @@ class LaunchSpec:
     agent_source: Path = field(default_factory=guest_agent_source)
     #: Host directory for reusable artefacts (e.g. the agent compiled for the guest Python).
     cache_dir: Path | None = None
+    #: The agent's egress listeners and the sandbox's proxy environment; None: no egress.
+    egress: EgressLaunch | None = None
 
 
 class LaunchedSandbox(abc.ABC):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import anyio
 
-from stockade._errors import BackendUnavailableError, PolicyError, SandboxStartError
+from stockade._errors import BackendUnavailableError, SandboxStartError
 from stockade.backends._process import ProcessSandbox
 from stockade.backends.base import (
     AGENT_GUEST_PATH,
@@ -28,7 +28,6 @@ from stockade.backends.base import (
     Capabilities,
     LaunchSpec,
 )
-from stockade.policy import EffectivePolicy
 
 __all__ = ["BubblewrapBackend", "build_bwrap_argv"]
 
@@ -150,12 +149,14 @@ def _etc_dir(spec: LaunchSpec) -> Path:
     etc.mkdir(exist_ok=True)
     uid = SANDBOX_UID
     hostname = spec.policy.hostname
+    local_names = spec.egress.local_names if spec.egress is not None else ()
     files = {
         "passwd": "root:x:0:0:root:/root:/bin/sh\n"
         f"user:x:{uid}:{uid}:sandbox user:/tmp/home:/bin/sh\n"
         "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
         "group": f"root:x:0:\nuser:x:{uid}:\nnogroup:x:65534:\n",
-        "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n",
+        "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n"
+        + "".join(f"127.0.0.1\t{name}\n" for name in local_names),
         "hostname": hostname + "\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
     }
@@ -233,7 +234,10 @@ def build_bwrap_argv(
     argv += ["--chdir", cwd]
 
     argv += ["--clearenv"]
-    for key, value in sorted(policy.env.items()):
+    env = dict(policy.env)
+    if spec.egress is not None:
+        env.update(spec.egress.env)
+    for key, value in sorted(env.items()):
         argv += ["--setenv", key, value]
     argv += ["--remount-ro", "/", "--seccomp", str(seccomp_fd), "--info-fd", str(info_fd)]
 
@@ -249,6 +253,8 @@ def build_bwrap_argv(
         argv += ["--landlock-ro", guest_ws]
     for path in rw:
         argv += ["--landlock-rw", path]
+    if spec.egress is not None:
+        argv += spec.egress.agent_args()
     argv += ["--rlimit", "core=0"]
     if with_cgroup_rlimits:
         # No cgroups (unprivileged, or none on the host): per-process rlimits instead.
@@ -284,13 +290,6 @@ class BubblewrapBackend(Backend):
     @classmethod
     def probe(cls) -> Availability:
         return _probe_cached()
-
-    def check_policy(self, policy: EffectivePolicy) -> None:
-        if policy.network.allow:
-            raise PolicyError(
-                "network egress is not available on the namespace backend yet; "
-                "remove [network] allow entries"
-            )
 
     async def launch(self, spec: LaunchSpec) -> ProcessSandbox:
         from stockade.backends._cgroups import SandboxCgroup, probe_cgroups

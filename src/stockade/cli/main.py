@@ -489,6 +489,72 @@ def reset(name: str | None) -> None:
     click.echo(f"sandbox {record.name}: workspace reset", err=True)
 
 
+# --- network ----------------------------------------------------------------------------
+
+
+@cli.group()
+def net() -> None:
+    """Change a running sandbox's egress policy, and see its connections."""
+
+
+def _control_call(name: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    import anyio
+
+    from stockade.supervisor import connect_control
+
+    record = _running(name)
+
+    async def call() -> dict[str, Any]:
+        client = await connect_control(record.control_socket)
+        try:
+            return await client.call_raw(method, params)
+        finally:
+            await client.aclose()
+
+    result: dict[str, Any] = anyio.run(call)
+    return result
+
+
+@net.command("allow")
+@click.argument("name")
+@click.argument("entries", nargs=-1, required=True)
+def net_allow(name: str, entries: tuple[str, ...]) -> None:
+    """Allow hosts (pypi.org, *.example.com, 10.0.0.5, host:443) from now on."""
+    for entry in entries:
+        _control_call(name, "net.allow", {"entry": entry})
+        click.echo(f"allowed {entry}")
+
+
+@net.command("deny")
+@click.argument("name")
+@click.argument("entries", nargs=-1, required=True)
+def net_deny(name: str, entries: tuple[str, ...]) -> None:
+    """Deny hosts from now on (deny wins over allow)."""
+    for entry in entries:
+        _control_call(name, "net.deny", {"entry": entry})
+        click.echo(f"denied {entry}")
+
+
+@net.command("log")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+def net_log(name: str, as_json: bool) -> None:
+    """Every connection: time, host, port, decision, rule, bytes up/down."""
+    import datetime as dt
+
+    for row in _control_call(name, "net.log", {})["connections"]:
+        if as_json:
+            click.echo(json.dumps(row))
+            continue
+        when = dt.datetime.fromtimestamp(row["time"]).strftime("%H:%M:%S")
+        rule = row.get("rule") or "-"
+        click.echo(
+            f"{when} {row['decision']:<7} {row['host']}:{row['port']} rule={rule} "
+            f"up={row['bytes_up']} down={row['bytes_down']}"
+            + ("" if row["decision"] == "allowed" else f"  ({row['reason']})")
+        )
+
+
 # --- audit and doctor -------------------------------------------------------------------
 
 

@@ -38,4 +38,4 @@ __all__ = [
 #: ``[network] allow``, ``tcp`` or ``presets`` entry is refused (the network stays closed and
 #: could not honour it); ``deny`` entries are accepted. The lead flips this once the tunnel
 #: and proxy are wired into every backend.
-EGRESS_AVAILABLE = False
+EGRESS_AVAILABLE = True

@@ -194,6 +194,14 @@ def decide(
         category = special_category(address)
         if category is not None and not named(address):
             subject = f"{shown} is" if address == literal else f"{shown} resolves to {address},"
+            other_ports = [r for r in allow if r.is_address_rule and r.contains(address)]
+            if other_ports:
+                wanted = _with_port(str(address), address, port)
+                return _deny(
+                    f"{subject} {category} allowed only on port "
+                    f"{_ports(other_ports)} (rule '{other_ports[0].written}'), not {port}; "
+                    f"allow '{wanted}' to permit it"
+                )
             return _deny(
                 f"{subject} {category}; allow the address explicitly ('{address}') to permit it"
             )
@@ -207,9 +215,9 @@ def decide(
     target = _with_port(shown, literal, port)
     near = [r for r in allow if _names(r, name, literal)]
     if near:
-        ports = ", ".join(sorted({str(r.port) for r in near}))
         return _deny(
-            f"{shown} is allowed only on port {ports} (rule '{near[0].written}'), not {port}; "
+            f"{shown} is allowed only on port {_ports(near)} "
+            f"(rule '{near[0].written}'), not {port}; "
             f"add it with `stockade net allow NAME {target}` or [network] allow"
         )
     return _deny(
@@ -262,6 +270,10 @@ def _special_name(name: str) -> tuple[str, tuple[Address, ...]] | None:
 
 def _names(rule: Rule, name: str, literal: Address | None) -> bool:
     return rule.contains(literal) if literal is not None else rule.matches_name(name)
+
+
+def _ports(rules: Iterable[Rule]) -> str:
+    return ", ".join(str(p) for p in sorted({r.port for r in rules if r.port is not None}))
 
 
 def _with_port(shown: str, literal: Address | None, port: int) -> str:

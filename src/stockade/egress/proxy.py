@@ -100,7 +100,7 @@ _SOCKS_BAD_ADDRESS = 0x08
 
 _REASONS = {
     400: "Bad Request",
-    403: "Forbidden",
+    403: "Forbidden by stockade network policy",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",

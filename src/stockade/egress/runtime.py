@@ -1,0 +1,141 @@
+"""One sandbox's way out: the agent's listeners, the tunnel, and the host egress proxy.
+
+Every sandbox of a backend that enforces a network policy gets this, even with the default
+deny-all policy, so a denied request is answered with a 403 that says which rule to add
+instead of an opaque connection error. The sandbox sees ``HTTP_PROXY`` & co. pointing at the
+agent's listener on 127.0.0.1; each accepted connection is tunnelled over the agent channel
+to ``EgressProxy`` here, which decides, resolves, connects and relays.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from stockade.egress.decide import NetworkRules, compile_rules, decide, with_allowed, with_denied
+
+if TYPE_CHECKING:
+    from stockade._background import BackgroundTasks
+    from stockade.agent.client import AgentClient
+    from stockade.agent.tunnel import TunnelStream
+    from stockade.egress.log import ConnectionRecord
+    from stockade.egress.proxy import EgressProxy
+    from stockade.policy import EffectivePolicy
+
+__all__ = ["PROXY_PORT", "EgressLaunch", "EgressRuntime", "proxy_env"]
+
+logger = logging.getLogger(__name__)
+
+#: The agent's HTTP/SOCKS5 proxy port inside the sandbox (its own network namespace).
+PROXY_PORT = 3128
+
+
+def proxy_env(port: int = PROXY_PORT) -> dict[str, str]:
+    """Proxy variables for the sandbox, upper- and lower-case (tools read either)."""
+    url = f"http://127.0.0.1:{port}"
+    values = {
+        "HTTP_PROXY": url,
+        "HTTPS_PROXY": url,
+        "ALL_PROXY": f"socks5h://127.0.0.1:{port}",
+        "NO_PROXY": "localhost,127.0.0.1,::1",
+    }
+    return {**values, **{k.lower(): v for k, v in values.items()}}
+
+
+@dataclass(frozen=True)
+class EgressLaunch:
+    """What a backend must set up inside the sandbox for egress."""
+
+    proxy_port: int
+    #: (local port inside the sandbox, "host:port" target) per raw TCP rule
+    forwards: tuple[tuple[int, str], ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    #: names that must resolve to 127.0.0.1 inside (so a forward's host name just works)
+    local_names: tuple[str, ...] = ()
+
+    def agent_args(self) -> list[str]:
+        args = ["--net-proxy", str(self.proxy_port)]
+        for local, target in self.forwards:
+            args += ["--net-forward", f"{local}={target}"]
+        return args
+
+
+def _forwards(tcp: tuple[str, ...]) -> tuple[tuple[tuple[int, str], ...], tuple[str, ...]]:
+    """Local ports for the raw TCP rules: the same port when unprivileged, else 10000+port."""
+    forwards: list[tuple[int, str]] = []
+    names: list[str] = []
+    used = {PROXY_PORT}
+    for entry in tcp:
+        host, _, port_text = entry.rpartition(":")
+        port = int(port_text)
+        local = port if port >= 1024 else 10000 + port
+        while local in used:
+            local += 1
+        used.add(local)
+        forwards.append((local, entry))
+        bare = host.strip("[]")
+        try:
+            ipaddress.ip_address(bare)
+        except ValueError:
+            if local == port and not bare.startswith("*"):
+                names.append(bare)
+    return tuple(forwards), tuple(names)
+
+
+class EgressRuntime:
+    """The egress proxy of one sandbox and its connection to the agent's tunnel."""
+
+    def __init__(
+        self,
+        policy: EffectivePolicy,
+        *,
+        sandbox: str,
+        on_event: Callable[[ConnectionRecord], None] | None = None,
+    ) -> None:
+        from stockade.egress.proxy import EgressProxy
+
+        network = policy.network
+        self.rules: NetworkRules = compile_rules(network.allow, network.deny, network.tcp)
+        forwards, names = _forwards(network.tcp)
+        env = proxy_env()
+        if forwards:
+            env["STOCKADE_TCP_FORWARDS"] = ",".join(f"{t}=127.0.0.1:{p}" for p, t in forwards)
+        self.launch = EgressLaunch(PROXY_PORT, forwards, env, names)
+        self.proxy: EgressProxy = EgressProxy(
+            rules=self.rules, decide=decide, on_event=on_event, sandbox=sandbox
+        )
+
+    def attach(self, client: AgentClient, background: BackgroundTasks) -> None:
+        """Route the agent's accepted connections to the proxy, each in its own task."""
+        from stockade.agent.tunnel import TunnelMux
+
+        def on_accept(stream: TunnelStream) -> None:
+            accept = stream.accept
+            if accept.kind == "forward" and accept.target:
+                background.start(self._handle_forward, stream, accept.target, accept.peer)
+            else:
+                background.start(self._handle_proxy, stream, accept.peer)
+
+        client.tunnel = TunnelMux(client.notify, on_accept)
+
+    async def _handle_proxy(self, stream: TunnelStream, peer: str) -> None:
+        await self.proxy.handle_proxy_stream(stream, peer=peer)
+
+    async def _handle_forward(self, stream: TunnelStream, target: str, peer: str) -> None:
+        await self.proxy.handle_forward_stream(stream, target, peer=peer)
+
+    def allow(self, entry: str) -> None:
+        """Allow ``entry`` from the next connection on (``stockade net allow``)."""
+        self.rules = with_allowed(self.rules, entry)
+        self.proxy.set_rules(self.rules)
+
+    def deny(self, entry: str) -> None:
+        """Deny ``entry`` from the next connection on (``stockade net deny``)."""
+        self.rules = with_denied(self.rules, entry)
+        self.proxy.set_rules(self.rules)
+
+    def log(self) -> list[ConnectionRecord]:
+        return self.proxy.log()
