@@ -220,7 +220,6 @@ def test_network_rule_exempts_the_addresses_it_contains() -> None:
         ("224.0.0.1", "a multicast address"),
         ("ff02::1", "a multicast address"),
         ("255.255.255.255", "a reserved, non-public address"),
-        ("192.0.2.1", "a reserved, non-public address"),
         ("240.0.0.1", "a reserved, non-public address"),
         ("::ffff:127.0.0.1", "a loopback address"),
         ("::ffff:169.254.169.254", "a cloud metadata address"),
@@ -389,3 +388,16 @@ def test_random_labels_under_an_allowed_wildcard_are_allowed(
     policy = compile_rules([f"*.{suffix}"], [])
     assert decide(f"{prefix}.{suffix}", port, policy, resolved=PUBLIC).allowed
     assert not decide(suffix, port, policy, resolved=PUBLIC).allowed
+
+
+def test_documentation_ranges_are_refused_only_on_the_hosts_own_network() -> None:
+    """Some hosts use TEST-NET ranges for real: their own LAN there is special, the rest not."""
+    lan = ipaddress.ip_network("192.0.2.0/24")
+    policy = compile_rules(("pypi.org",), (), local_networks=(lan,))
+    on_lan = decide("pypi.org", 443, policy, resolved=("192.0.2.1",))
+    assert not on_lan.allowed and "this host's own network" in on_lan.reason
+    elsewhere = decide("pypi.org", 443, policy, resolved=("203.0.113.80",))
+    assert elsewhere.allowed
+    assert special_category(ipaddress.ip_address("10.1.2.3"), (lan,)) == "a private address"
+    allowed_lan = compile_rules(("pypi.org", "192.0.2.1"), (), local_networks=(lan,))
+    assert decide("pypi.org", 443, allowed_lan, resolved=("192.0.2.1",)).allowed

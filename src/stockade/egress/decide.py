@@ -10,6 +10,7 @@ to change.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from stockade._errors import PolicyError
 from stockade.egress.rules import (
     Address,
+    Network,
     Rule,
     RuleError,
     normalize_address,
@@ -58,6 +60,14 @@ _METADATA_V4 = ipaddress.IPv4Address("169.254.169.254")
 _LOOPBACK_V4 = ipaddress.IPv4Address("127.0.0.1")
 _LOOPBACK_V6 = ipaddress.IPv6Address("::1")
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+#: Ranges meant for documentation and benchmarks: not global, but not the host's either.
+_UNROUTED_BUT_USED = (
+    ipaddress.IPv4Network("192.0.2.0/24"),
+    ipaddress.IPv4Network("198.51.100.0/24"),
+    ipaddress.IPv4Network("203.0.113.0/24"),
+    ipaddress.IPv4Network("198.18.0.0/15"),
+    ipaddress.IPv6Network("2001:db8::/32"),
+)
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _PRIVATE = (
     ipaddress.IPv4Network("10.0.0.0/8"),
@@ -85,16 +95,24 @@ class NetworkRules:
     deny: tuple[Rule, ...] = ()
     #: host:port rules forwarded as raw TCP; they allow their port like allow rules do.
     tcp: tuple[Rule, ...] = ()
+    #: The host's own directly connected networks (its LAN): special like private ranges,
+    #: whatever range they are in (on some hosts the LAN is a documentation range).
+    local_networks: tuple[Network, ...] = ()
 
 
 def compile_rules(
-    allow: Iterable[str], deny: Iterable[str], tcp: Iterable[str] = ()
+    allow: Iterable[str],
+    deny: Iterable[str],
+    tcp: Iterable[str] = (),
+    *,
+    local_networks: Iterable[Network] = (),
 ) -> NetworkRules:
     """Parse every entry; raise PolicyError naming the list, the entry and the reason."""
     return NetworkRules(
         allow=_parse_all("allow", allow),
         deny=_parse_all("deny", deny),
         tcp=_parse_all("tcp", tcp, port_required=True),
+        local_networks=tuple(local_networks),
     )
 
 
@@ -107,7 +125,7 @@ def with_allowed(rules: NetworkRules, entry: str) -> NetworkRules:
     rule = _parse_one("allow", entry)
     allow = rules.allow if rule in rules.allow else (*rules.allow, rule)
     deny = tuple(r for r in rules.deny if r != rule)
-    return NetworkRules(allow=allow, deny=deny, tcp=rules.tcp)
+    return dataclasses.replace(rules, allow=allow, deny=deny)
 
 
 def with_denied(rules: NetworkRules, entry: str) -> NetworkRules:
@@ -115,7 +133,7 @@ def with_denied(rules: NetworkRules, entry: str) -> NetworkRules:
     rule = _parse_one("deny", entry)
     deny = rules.deny if rule in rules.deny else (*rules.deny, rule)
     allow = tuple(r for r in rules.allow if r != rule)
-    return NetworkRules(allow=allow, deny=deny, tcp=rules.tcp)
+    return dataclasses.replace(rules, allow=allow, deny=deny)
 
 
 def decide(
@@ -191,7 +209,7 @@ def decide(
                     f"('{first}') to permit it"
                 )
     for address in addresses:
-        category = special_category(address)
+        category = special_category(address, policy.local_networks)
         if category is not None and not named(address):
             subject = f"{shown} is" if address == literal else f"{shown} resolves to {address},"
             other_ports = [r for r in allow if r.is_address_rule and r.contains(address)]
@@ -226,19 +244,23 @@ def decide(
     )
 
 
-def special_category(address: Address) -> str | None:
+def special_category(address: Address, local_networks: Iterable[Network] = ()) -> str | None:
     """What makes ``address`` unfit for egress by name ("a loopback address", ...), or None.
 
-    Anything that is not a global unicast address is special; IPv4 addresses carried in
-    IPv6 (mapped, 6to4, NAT64) are judged as the IPv4 address they carry.
+    Anything that is not a global unicast address is special, and so is any address on the
+    host's own networks; IPv4 addresses carried in IPv6 (mapped, 6to4, NAT64) are judged as
+    the IPv4 address they carry. Documentation and benchmarking ranges are not special by
+    themselves: they route nowhere unless a network uses them, and then that network is one
+    of ``local_networks`` (some sandboxed hosts, CI machines among them, do).
     """
+    local_networks = tuple(local_networks)
     address = normalize_address(address)
     if isinstance(address, ipaddress.IPv6Address):
         embedded = address.sixtofour
         if embedded is None and address in _NAT64:
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if embedded is not None:
-            inner = special_category(embedded)
+            inner = special_category(embedded, local_networks)
             if inner is not None:
                 return f"{inner.removesuffix(' address')} address carried in IPv6"
     if address in METADATA_ADDRESSES:
@@ -255,6 +277,10 @@ def special_category(address: Address) -> str | None:
         return "a multicast address"
     if any(address.version == net.version and address in net for net in _PRIVATE):
         return "a private address"
+    if any(address.version == net.version and address in net for net in local_networks):
+        return "an address on this host's own network"
+    if any(address.version == net.version and address in net for net in _UNROUTED_BUT_USED):
+        return None
     if not address.is_global:
         return "a reserved, non-public address"
     return None

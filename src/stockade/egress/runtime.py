@@ -25,12 +25,44 @@ if TYPE_CHECKING:
     from stockade.egress.proxy import EgressProxy
     from stockade.policy import EffectivePolicy
 
-__all__ = ["PROXY_PORT", "EgressLaunch", "EgressRuntime", "proxy_env"]
+__all__ = ["PROXY_PORT", "EgressLaunch", "EgressRuntime", "host_networks", "proxy_env"]
 
 logger = logging.getLogger(__name__)
 
 #: The agent's HTTP/SOCKS5 proxy port inside the sandbox (its own network namespace).
 PROXY_PORT = 3128
+
+
+def host_networks() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """The host's directly connected networks (its LAN), from the kernel's routing tables.
+
+    A name that resolves into one of them is refused like a private address, whatever the
+    range: the sandbox must not reach the host's neighbours (or its gateway) by name.
+    """
+    found: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    try:
+        with open("/proc/net/route") as routes:
+            next(routes, None)
+            for line in routes:
+                fields = line.split()
+                if len(fields) < 8 or fields[2] != "00000000" or fields[1] == "00000000":
+                    continue
+                dest = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+                mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+                found.append(ipaddress.IPv4Network(f"{dest}/{mask}", strict=False))
+    except OSError:
+        logger.debug("no IPv4 routing table to read")
+    try:
+        with open("/proc/net/ipv6_route") as routes:
+            for line in routes:
+                fields = line.split()
+                if len(fields) < 10 or set(fields[4]) != {"0"} or int(fields[1], 16) == 0:
+                    continue
+                dest6 = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
+                found.append(ipaddress.IPv6Network(f"{dest6}/{int(fields[1], 16)}", strict=False))
+    except OSError:
+        logger.debug("no IPv6 routing table to read")
+    return tuple(dict.fromkeys(found))
 
 
 def proxy_env(port: int = PROXY_PORT) -> dict[str, str]:
@@ -98,7 +130,9 @@ class EgressRuntime:
         from stockade.egress.proxy import EgressProxy
 
         network = policy.network
-        self.rules: NetworkRules = compile_rules(network.allow, network.deny, network.tcp)
+        self.rules: NetworkRules = compile_rules(
+            network.allow, network.deny, network.tcp, local_networks=host_networks()
+        )
         forwards, names = _forwards(network.tcp)
         env = proxy_env()
         if forwards:

@@ -1,0 +1,184 @@
+"""Egress through the tunnel, end to end on the namespace backend (real bwrap, real proxy).
+
+Servers are on this machine's loopback only; the one exception is the pip check against the
+package index, which the egress issue allows.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from stockade import Sandbox
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"hello from the host"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def host_server() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+def write_config(project: Path, body: str) -> None:
+    (project / "stockade.toml").write_text(body)
+
+
+VIA_PROXY = 'curl -sS --noproxy "" -x http://127.0.0.1:3128'
+
+
+def test_default_policy_denies_everything_and_says_why(
+    namespace_backend: str, project: Path
+) -> None:
+    with Sandbox.create(project_dir=project, backend=namespace_backend) as sb:
+        env = sb.commands.run("env").stdout
+        assert "HTTPS_PROXY=http://127.0.0.1:3128" in env and "https_proxy=" in env
+        r = sb.commands.run("curl -sS -D - -o /dev/null http://example.com/")
+        assert "403 Forbidden by stockade network policy" in r.stdout
+        assert "X-Stockade-Denied: example.com is not in the allow list" in r.stdout
+        r = sb.commands.run("curl -sS https://example.com/")
+        assert r.exit_code != 0 and "403" in r.stderr
+        script = (
+            "import socket\n"
+            "try:\n"
+            "    socket.create_connection(('203.0.113.9', 443), timeout=3)\n"
+            "except OSError as e:\n"
+            "    print('refused', e.errno)\n"
+        )
+        assert sb.commands.run(["python3", "-c", script]).stdout.startswith("refused")
+        log = sb.network.log()
+        assert {(c["host"], c["decision"]) for c in log} >= {("example.com", "denied")}
+    events = [json.loads(line) for line in sb.audit_path.read_text().splitlines()]
+    denied = [e for e in events if e["action"] == "egress.denied"]
+    assert denied and denied[0]["target"].startswith("example.com:")
+
+
+def test_loopback_name_refused_unless_address_allowed(
+    namespace_backend: str, project: Path, host_server: int
+) -> None:
+    write_config(project, '[network]\nallow = ["localhost"]\n')
+    url = f"http://localhost:{host_server}/"
+    with Sandbox.create(project_dir=project, backend=namespace_backend) as sb:
+        r = sb.commands.run(f"{VIA_PROXY} -D - -o /dev/null {url}")
+        assert "403" in r.stdout and "loopback" in r.stdout
+        sb.network.allow("127.0.0.1")  # live change, no restart
+        r = sb.commands.run(f"{VIA_PROXY} {url}")
+        assert r.stdout == "hello from the host", r.stderr
+
+
+def test_live_allow_and_deny(namespace_backend: str, project: Path, host_server: int) -> None:
+    with Sandbox.create(project_dir=project, backend=namespace_backend) as sb:
+        url = f"http://127.0.0.1:{host_server}/"
+        assert "403" in sb.commands.run(f"{VIA_PROXY} -D - -o /dev/null {url}").stdout
+        sb.network.allow(f"127.0.0.1:{host_server}")
+        assert sb.commands.run(f"{VIA_PROXY} {url}").stdout == "hello from the host"
+        sb.network.deny("127.0.0.1")
+        assert "403" in sb.commands.run(f"{VIA_PROXY} -D - -o /dev/null {url}").stdout
+        records = sb.network.log()
+        assert [r["decision"] for r in records] == ["denied", "allowed", "denied"]
+        assert records[1]["bytes_down"] > 0
+
+
+def test_raw_tcp_forward(namespace_backend: str, project: Path, host_server: int) -> None:
+    write_config(project, f'[network]\nallow = ["127.0.0.1"]\ntcp = ["127.0.0.1:{host_server}"]\n')
+    with Sandbox.create(project_dir=project, backend=namespace_backend) as sb:
+        forwards = sb.commands.run("echo $STOCKADE_TCP_FORWARDS").stdout.strip()
+        local = forwards.rsplit(":", 1)[1]
+        r = sb.commands.run(f"curl -sS --noproxy '*' http://127.0.0.1:{local}/")
+        assert r.stdout == "hello from the host", r.stderr
+
+
+def test_cli_net_commands(namespace_backend: str, project: Path, host_server: int) -> None:
+    import os
+    import subprocess
+    import sys
+
+    def stockade(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stockade.cli.main", *args],
+            capture_output=True, text=True, timeout=60, env={**os.environ},
+        )  # fmt: skip
+
+    name = f"n-{uuid.uuid4().hex[:8]}"
+    assert stockade("create", "--name", name, "-C", str(project)).returncode == 0
+    try:
+        url = f"http://127.0.0.1:{host_server}/"
+        r = stockade(
+            "exec", name, "--", "sh", "-c", f"{VIA_PROXY} -o /dev/null -w '%{{http_code}}' {url}"
+        )
+        assert r.stdout == "403"
+        assert stockade("net", "allow", name, "127.0.0.1").returncode == 0
+        r = stockade("exec", name, "--", "sh", "-c", f"{VIA_PROXY} {url}")
+        assert r.stdout == "hello from the host"
+        log = stockade("net", "log", name).stdout
+        assert "denied" in log and "allowed" in log
+        rows = [
+            json.loads(line) for line in stockade("net", "log", name, "--json").stdout.splitlines()
+        ]
+        assert rows[-1]["decision"] == "allowed" and rows[-1]["rule"] == "127.0.0.1"
+    finally:
+        stockade("rm", name)
+
+
+def _pypi_reachable() -> str | None:
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+    except OSError as exc:
+        return f"pypi.org:443 is not reachable from this host ({exc})"
+    return None
+
+
+def test_pip_install_through_the_proxy(namespace_backend: str, project: Path) -> None:
+    problem = _pypi_reachable()
+    if problem:
+        pytest.skip(problem)
+    write_config(project, '[network]\npresets = ["python-packages"]\n')
+    with Sandbox.create(project_dir=project, backend=namespace_backend) as sb:
+        venv = sb.commands.run("python3 -m venv /tmp/v", timeout=120)
+        if venv.exit_code != 0:
+            pytest.skip(f"python3 -m venv does not work in the sandbox: {venv.stderr[-300:]}")
+        pip = "/tmp/v/bin/pip install --no-cache-dir --disable-pip-version-check"
+        r = sb.commands.run(f"{pip} six==1.16.0", timeout=150)
+        assert r.exit_code == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert (
+            sb.commands.run("/tmp/v/bin/python -c 'import six; print(six.__version__)'").stdout
+            == "1.16.0\n"
+        )
+        r = sb.commands.run("curl -sS -D - -o /dev/null http://example.com/")
+        assert "X-Stockade-Denied: example.com is not in the allow list" in r.stdout
+
+
+def test_pip_fails_with_the_policy_reason_by_default(namespace_backend: str, project: Path) -> None:
+    with Sandbox.create(project_dir=project, backend=namespace_backend) as sb:
+        venv = sb.commands.run("python3 -m venv /tmp/v", timeout=120)
+        if venv.exit_code != 0:
+            pytest.skip(f"python3 -m venv does not work in the sandbox: {venv.stderr[-300:]}")
+        r = sb.commands.run(
+            "/tmp/v/bin/pip install --no-cache-dir --retries 1 --timeout 5 six", timeout=120
+        )
+        assert r.exit_code != 0
+        assert "stockade network policy" in r.stdout + r.stderr
