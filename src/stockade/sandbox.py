@@ -681,7 +681,11 @@ class AsyncSandbox:
             from stockade.egress.runtime import EgressRuntime
 
             self._egress = EgressRuntime(
-                self.policy, sandbox=self.name, on_event=self._on_egress_event
+                self.policy,
+                sandbox=self.name,
+                state_dir=self._dir,
+                sandbox_id=self.id,
+                on_event=self._on_egress_event,
             )
         spec = LaunchSpec(
             sandbox_id=self._record.id,

@@ -182,3 +182,80 @@ def test_pip_fails_with_the_policy_reason_by_default(namespace_backend: str, pro
         )
         assert r.exit_code != 0
         assert "stockade network policy" in r.stdout + r.stderr
+
+
+class _RecordingHandler(BaseHTTPRequestHandler):
+    seen: list[tuple[str, str]] = []
+
+    def do_GET(self) -> None:
+        type(self).seen.append(
+            (self.headers.get("Host", ""), self.headers.get("Authorization", ""))
+        )
+        body = b"recorded"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_secret_reaches_only_its_host_and_never_the_sandbox(
+    namespace_backend: str, project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stockade.egress.tls import SandboxCA
+
+    # An HTTPS server on loopback with a certificate from a test CA the host trusts.
+    upstream_ca = SandboxCA.create(tmp_path / "upstream-ca", name="test upstream")
+    bundle = tmp_path / "host-trust.pem"
+    bundle.write_bytes(upstream_ca.cert_pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    _RecordingHandler.seen = []
+    servers = []
+    for host in ("127.0.0.1", "localhost"):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHandler)
+        server.socket = upstream_ca.leaf_context(host).wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    secret = f"real-secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("TEST_API_TOKEN", secret)
+    write_config(
+        project,
+        '[network]\nallow = ["127.0.0.1", "localhost"]\n'
+        '[secrets.API_TOKEN]\nenv = "TEST_API_TOKEN"\nhosts = ["127.0.0.1"]\n',
+    )
+    try:
+        with Sandbox.create(project_dir=project, backend=namespace_backend) as sb:
+            token = sb.commands.run("printf %s $API_TOKEN").stdout
+            assert token.startswith("stockade-secret-API_TOKEN-") and secret not in token
+            port_a, port_b = (s.server_address[1] for s in servers)
+            auth = '-H "Authorization: Bearer $API_TOKEN"'
+            r = sb.commands.run(f"{VIA_PROXY} {auth} https://127.0.0.1:{port_a}/")
+            assert r.stdout == "recorded", r.stderr
+            r = sb.commands.run(f"{VIA_PROXY} -k {auth} https://localhost:{port_b}/")
+            assert r.stdout == "recorded", r.stderr
+            assert _RecordingHandler.seen[0] == (f"127.0.0.1:{port_a}", f"Bearer {secret}")
+            assert _RecordingHandler.seen[1] == (f"localhost:{port_b}", f"Bearer {token}")
+            # Search for the value without ever writing it into the sandbox: two halves,
+            # joined only inside the search commands.
+            half = len(secret) // 2
+            halves = {"A": secret[:half], "B": secret[half:]}
+            in_env = sb.commands.run(
+                'cat /proc/[0-9]*/environ 2>/dev/null | tr "\\0" "\\n" | grep -c "$A$B"; true',
+                env=halves,
+            )
+            assert in_env.stdout.strip() == "0"
+            in_files = sb.commands.run(
+                'grep -rl "$A$B" / --exclude-dir=proc --exclude-dir=sys --exclude-dir=usr'
+                " 2>/dev/null; true",
+                env=halves,
+            )
+            assert in_files.stdout == ""
+        assert secret not in sb.audit_path.read_text()
+        for path in sb.state_dir.parent.rglob("*") if sb.state_dir.exists() else []:
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+    finally:
+        for server in servers:
+            server.shutdown()

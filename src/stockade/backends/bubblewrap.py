@@ -211,6 +211,9 @@ def build_bwrap_argv(
             argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     for name in _SYNTHETIC_ETC:
         argv += ["--ro-bind", str(etc / name), f"/etc/{name}"]
+    if spec.egress is not None:
+        for host_file, guest_file in spec.egress.files:
+            argv += ["--ro-bind", host_file, guest_file]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     tmp_size = policy.limits.disk_bytes or policy.limits.memory_bytes
     if tmp_size:

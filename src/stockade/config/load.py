@@ -137,10 +137,12 @@ def load_config(
         raise ConfigError(
             f"user config file {user_path} does not exist; create it or pass another path"
         )
+    secrets: dict[str, Any] = {}
     if user_path.is_file():
         # The user file serves every project: "." in it can only mean "this project".
+        user_data = _take_secrets(_read_toml(user_path), user_path, "", secrets)
         user_settings, user_profiles = _file_layer(
-            _read_toml(user_path), file=user_path, section="", base_dir=project_root, home=home
+            user_data, file=user_path, section="", base_dir=project_root, home=home
         )
         sources.append(str(user_path))
 
@@ -152,6 +154,7 @@ def load_config(
         if project_file.name == PYPROJECT_FILE:
             section = "tool.stockade"
             data = data["tool"]["stockade"]
+        data = _take_secrets(data, project_file, section, secrets)
         project_settings, project_profiles = _file_layer(
             data, file=project_file, section=section, base_dir=project_root, home=home
         )
@@ -186,7 +189,7 @@ def load_config(
     for layer in (env_settings, flag_settings, call_settings):
         merged.update(layer)
 
-    config = _build(merged, profiles, project_root)
+    config = _build(merged, profiles, project_root, secrets)
     origins = {key: setting.where for key, setting in merged.items()}
     check_safety(
         config,
@@ -564,10 +567,52 @@ def _nest(settings: _Layer) -> dict[str, Any]:
     return nested
 
 
-def _build(merged: _Layer, profiles: dict[str, _Layer], project_root: Path) -> StockadeConfig:
+def _take_secrets(
+    data: Mapping[str, Any], file: Path, section: str, into: dict[str, Any]
+) -> dict[str, Any]:
+    """Validate a file's [secrets.NAME] tables into ``into`` (later files win per name).
+
+    Secrets are declarations (where the value lives on the host, which hosts may get it);
+    their values are read only when a sandbox starts, never here.
+    """
+    from stockade.egress.secrets import SECRET_NAME_RE, SecretConfig
+
+    rest = {k: v for k, v in data.items() if k != "secrets"}
+    raw = data.get("secrets")
+    if raw is None:
+        return rest
+    where = _table_where(file, section, "")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'secrets' in {where} must be a table of tables: write [secrets.NAME]")
+    for name, table in raw.items():
+        if not SECRET_NAME_RE.match(name):
+            raise ConfigError(
+                f"secret name {name!r} in {where} is invalid: use upper-case letters, digits "
+                "and '_', starting with a letter (e.g. [secrets.GITHUB_TOKEN])"
+            )
+        try:
+            into[name] = SecretConfig.model_validate(table)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'table'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(
+                f"[secrets.{name}] in {where} is invalid: {problems}; give exactly one of "
+                "env / file / keyring, and hosts = [...]"
+            ) from None
+    return rest
+
+
+def _build(
+    merged: _Layer,
+    profiles: dict[str, _Layer],
+    project_root: Path,
+    secrets: dict[str, Any] | None = None,
+) -> StockadeConfig:
     data = _nest(merged)
     data.setdefault("workspace", {}).setdefault("path", project_root)
     data["profiles"] = {name: _nest(settings) for name, settings in profiles.items()}
+    data["secrets"] = dict(secrets or {})
     try:
         return StockadeConfig.model_validate(data)
     except ValidationError as exc:  # pragma: no cover - every value was validated already

@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from stockade.config.units import parse_duration, parse_size
 from stockade.egress.presets import PRESETS, preset_problem
 from stockade.egress.rules import RuleError, parse_rule
+from stockade.egress.secrets import SecretConfig
 
 __all__ = [
     "BACKENDS",
@@ -315,6 +316,13 @@ class StockadeConfig(_Model):
     profiles: dict[str, ProfileConfig] = Field(
         default_factory=dict,
         description="Named profiles, [profiles.NAME], each a partial configuration.",
+    )
+    secrets: dict[str, SecretConfig] = Field(
+        default_factory=dict,
+        description=(
+            "Credentials, [secrets.NAME]: where the value lives on the host and which hosts "
+            "may receive it. The sandbox only ever sees a placeholder."
+        ),
     )
 
     @field_validator("hostname")

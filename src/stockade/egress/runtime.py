@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Callable
+import os
+import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import ByteStream
 
 from stockade.egress.decide import NetworkRules, compile_rules, decide, with_allowed, with_denied
 
@@ -22,7 +28,9 @@ if TYPE_CHECKING:
     from stockade.agent.client import AgentClient
     from stockade.agent.tunnel import TunnelStream
     from stockade.egress.log import ConnectionRecord
-    from stockade.egress.proxy import EgressProxy
+    from stockade.egress.proxy import EgressProxy, RelayCounters
+    from stockade.egress.secrets import SecretSet
+    from stockade.egress.tls import SandboxCA
     from stockade.policy import EffectivePolicy
 
 __all__ = ["PROXY_PORT", "EgressLaunch", "EgressRuntime", "host_networks", "proxy_env"]
@@ -31,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 #: The agent's HTTP/SOCKS5 proxy port inside the sandbox (its own network namespace).
 PROXY_PORT = 3128
+#: Where the trust bundle (system CAs + the sandbox's CA) and the CA alone appear inside.
+SANDBOX_BUNDLE = "/etc/stockade/ca-bundle.pem"
+SANDBOX_CA = "/etc/stockade/ca.pem"
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def host_networks() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -87,6 +99,8 @@ class EgressLaunch:
     env: dict[str, str] = field(default_factory=dict)
     #: names that must resolve to 127.0.0.1 inside (so a forward's host name just works)
     local_names: tuple[str, ...] = ()
+    #: (host file, path inside) to mount read-only, e.g. the trust bundle with our CA
+    files: tuple[tuple[str, str], ...] = ()
 
     def agent_args(self) -> list[str]:
         args = ["--net-proxy", str(self.proxy_port)]
@@ -117,6 +131,29 @@ def _forwards(tcp: tuple[str, ...]) -> tuple[tuple[tuple[int, str], ...], tuple[
     return tuple(forwards), tuple(names)
 
 
+class PrefixedStream(ByteStream):
+    """A stream whose first bytes were already read: they are returned again first."""
+
+    def __init__(self, inner: ByteStream, prefix: bytes) -> None:
+        self._inner = inner
+        self._prefix = prefix
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
+            return data
+        return await self._inner.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class EgressRuntime:
     """The egress proxy of one sandbox and its connection to the agent's tunnel."""
 
@@ -125,6 +162,9 @@ class EgressRuntime:
         policy: EffectivePolicy,
         *,
         sandbox: str,
+        state_dir: Path,
+        sandbox_id: str = "",
+        environ: Mapping[str, str] | None = None,
         on_event: Callable[[ConnectionRecord], None] | None = None,
     ) -> None:
         from stockade.egress.proxy import EgressProxy
@@ -137,10 +177,106 @@ class EgressRuntime:
         env = proxy_env()
         if forwards:
             env["STOCKADE_TCP_FORWARDS"] = ",".join(f"{t}=127.0.0.1:{p}" for p, t in forwards)
-        self.launch = EgressLaunch(PROXY_PORT, forwards, env, names)
+        files: list[tuple[str, str]] = []
+        self.secrets: SecretSet | None = None
+        self.ca: SandboxCA | None = None
+        self._upstream_ssl: ssl.SSLContext | None = None
+        if policy.secrets:
+            env_files = self._prepare_secrets(
+                policy, state_dir, sandbox, sandbox_id, os.environ if environ is None else environ
+            )
+            env.update(env_files[0])
+            files += env_files[1]
+        self.launch = EgressLaunch(PROXY_PORT, forwards, env, names, tuple(files))
         self.proxy: EgressProxy = EgressProxy(
-            rules=self.rules, decide=decide, on_event=on_event, sandbox=sandbox
+            rules=self.rules,
+            decide=decide,
+            on_event=on_event,
+            sandbox=sandbox,
+            tunnel=self._tunnel if self.secrets is not None else None,
         )
+
+    def _prepare_secrets(
+        self,
+        policy: EffectivePolicy,
+        state_dir: Path,
+        sandbox: str,
+        sandbox_id: str,
+        environ: Mapping[str, str],
+    ) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        """Read the secrets on the host, make the sandbox's CA, and what the sandbox gets."""
+        from stockade.egress.intercept import upstream_context
+        from stockade.egress.secrets import SecretSet
+        from stockade.egress.tls import SandboxCA, trust_env
+
+        secrets = SecretSet.load(
+            policy.secrets, environ, Path(environ.get("HOME") or Path.home()),
+            sandbox_id=sandbox_id,
+        )  # fmt: skip
+        ca_dir = state_dir / "ca"
+        if (ca_dir / "ca.pem").exists():
+            ca = SandboxCA.load(ca_dir)
+        else:
+            ca = SandboxCA.create(
+                ca_dir, name=sandbox, permitted_hosts=secrets.hosts_needing_interception()
+            )
+        bundle = state_dir / "ca-bundle.pem"
+        bundle.write_bytes(ca.trust_bundle())
+        bundle.chmod(0o644)
+        self.secrets, self.ca = secrets, ca
+        self._upstream_ssl = upstream_context()
+        env = {**trust_env(SANDBOX_BUNDLE, SANDBOX_CA), **secrets.sandbox_env()}
+        files = [(str(bundle), SANDBOX_BUNDLE), (str(ca.cert_path), SANDBOX_CA)]
+        if Path(SYSTEM_BUNDLE).exists():
+            files.append((str(bundle), SYSTEM_BUNDLE))  # for tools that ignore the variables
+        return env, files
+
+    async def _tunnel(
+        self,
+        client: ByteStream,
+        upstream: ByteStream,
+        *,
+        kind: str,
+        host: str,
+        port: int,
+        counters: RelayCounters,
+    ) -> None:
+        """Intercept TLS only towards hosts a secret may be sent to; tunnel the rest.
+
+        Whether the client speaks TLS is read from its first bytes (a TLS handshake record),
+        not guessed from the port, so SSH to a host that also has an API secret still works.
+        """
+        from stockade.egress.intercept import intercept_https
+        from stockade.egress.proxy import relay
+
+        secrets, ca = self.secrets, self.ca
+        if (
+            secrets is not None
+            and ca is not None
+            and kind in ("connect", "socks5")
+            and secrets.needs_interception(host)
+        ):
+            try:
+                first = await client.receive(self.proxy.buffer_size)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                await client.aclose()
+                await upstream.aclose()
+                return
+            replayed = PrefixedStream(client, first)
+            if first[:1] == b"\x16":  # TLS handshake record: a ClientHello
+                await intercept_https(
+                    replayed,
+                    host,
+                    port,
+                    upstream,
+                    ca=ca,
+                    secrets=secrets,
+                    upstream_ssl=self._upstream_ssl,
+                    counters=counters,
+                )
+                return
+            client = replayed
+        await relay(client, upstream, buffer_size=self.proxy.buffer_size, counters=counters)
 
     def attach(self, client: AgentClient, background: BackgroundTasks) -> None:
         """Route the agent's accepted connections to the proxy, each in its own task."""

@@ -22,6 +22,7 @@ from stockade.config import LoadedConfig, check_safety, credential_reason
 from stockade.config.load import MIN_MEMORY, MIN_PIDS, mount_problem
 from stockade.egress.decide import NetworkRules, compile_rules
 from stockade.egress.presets import preset_problem, resolve_presets
+from stockade.egress.secrets import SecretConfig
 
 __all__ = [
     "BASE_ENV",
@@ -197,6 +198,10 @@ class EffectivePolicy(_Policy):
     limits: LimitsPolicy = Field(description="Resource limits.")
     env: dict[str, str] = Field(description="Environment every command in the sandbox starts with.")
     network: NetworkPolicy = Field(description="Egress rules.")
+    secrets: dict[str, SecretConfig] = Field(
+        default_factory=dict,
+        description="Secret declarations (source and allowed hosts, never values).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EffectivePolicy:
@@ -282,6 +287,7 @@ def compile_policy(
             ),
             env=env,
             network=_network_policy(loaded, env_source),
+            secrets=dict(config.secrets),
         )
     except ValidationError as exc:
         raise PolicyError(f"the configuration compiles to an invalid policy: {exc}") from exc
