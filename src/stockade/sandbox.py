@@ -881,6 +881,7 @@ class AsyncSandbox:
                 self._timer = None
             client, self._client = self._client, None
             if client is not None and not client.closed:
+                client.expect_close()
                 with anyio.move_on_after(1.0):
                     with contextlib.suppress(StockadeError):
                         await client.call("agent.shutdown", Empty())

@@ -122,6 +122,7 @@ class AgentClient:
         self._progress = anyio.Event()
         self._failure: BaseException | None = None
         self._closed = False
+        self._closing = False  # we asked the peer to go away: its EOF is no news
         self.hello_result: AgentHelloResult | None = None
         #: Called for notifications whose method this client does not know (supervisor use).
         self.on_unknown_notification: Callable[[str, dict[str, Any]], None] | None = None
@@ -245,6 +246,10 @@ class AgentClient:
             await self._wait_for(lambda: False)
         except (AgentProtocolError, SandboxStateError):
             return
+
+    def expect_close(self) -> None:
+        """The peer is about to end the connection on purpose (agent.shutdown)."""
+        self._closing = True
 
     async def aclose(self) -> None:
         if self._closed:
@@ -395,7 +400,8 @@ class AgentClient:
     async def _fail(self, error: BaseException) -> None:
         if self._failure is None:
             self._failure = error
-            logger.warning("closing connection to the %s: %s", self._peer, error)
+            level = logging.DEBUG if self._closing else logging.WARNING
+            logger.log(level, "closing connection to the %s: %s", self._peer, error)
             self._fail_pending(error)
             with anyio.CancelScope(shield=True):
                 try:

@@ -411,6 +411,20 @@ class Proc:
         return {"exit_code": self.status[0], "signal": self.status[1], "timed_out": self.timed_out}
 
 
+def _grow_pipe(fd: int) -> None:
+    """Give a pipe channel room for whole frames (the 64 KiB default splits every tunnel
+    frame into several wake-ups); best effort, pipes only."""
+    import stat as _stat
+
+    try:
+        if _stat.S_ISFIFO(os.fstat(fd).st_mode):
+            import fcntl
+
+            fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ; the unprivileged maximum is 1 MiB
+    except OSError:
+        pass
+
+
 def child_exec(
     *,
     argv: list[str],
@@ -1156,6 +1170,7 @@ class Agent:
         os.dup2(self.devnull, 1)
         for fd in {in_fd, out_fd}:
             os.set_blocking(fd, False)
+            _grow_pipe(fd)
         return in_fd, out_fd
 
     # --- poll bookkeeping ------------------------------------------------------------------
