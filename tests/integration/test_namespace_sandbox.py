@@ -278,7 +278,9 @@ def test_unprivileged_user(namespace_backend: str) -> None:
         f"with Sandbox.create(project_dir={str(home / 'project')!r}, backend='namespace', "
         "pids=128) as sb:\n"
         "    r = sb.commands.run('id -u; echo b > b.txt; cat a.txt')\n"
-        "    print(r.exit_code, r.stdout.split(), sorted(c.path for c in sb.workspace.diff()))\n"
+        "    net = sb.commands.run('curl -s -o /dev/null -w %{http_code} http://example.com/')\n"
+        "    print(r.exit_code, r.stdout.split(), sorted(c.path for c in sb.workspace.diff()),\n"
+        "          net.stdout)\n"
     )
     env = {
         "PATH": os.environ["PATH"],
@@ -297,7 +299,8 @@ def test_unprivileged_user(namespace_backend: str) -> None:
     finally:
         shutil.rmtree(home, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip() == "0 ['1000', 'a'] ['b.txt']"
+    # The egress proxy answers for the unprivileged user's sandbox too (403: denied).
+    assert r.stdout.strip() == "0 ['1000', 'a'] ['b.txt'] 403"
 
 
 def test_pty_session(sb: Sandbox) -> None:
