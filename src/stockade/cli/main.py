@@ -389,7 +389,6 @@ def _protected(record: Any) -> tuple[str, ...]:
 @click.option("--stat", is_flag=True, help="Only list the changed files.")
 def diff(name: str | None, as_json: bool, stat: bool) -> None:
     """Show what the sandbox changed in the workspace (default: newest sandbox here)."""
-    from stockade.audit import AuditLog
     from stockade.workspace import compute_diff
 
     store = _store()
@@ -398,7 +397,6 @@ def diff(name: str | None, as_json: bool, stat: bool) -> None:
     _audit(store, record).append(
         "workspace.diffed", actor="cli", details={"summary": result.summary()}
     )
-    del AuditLog
     if as_json:
         click.echo(json.dumps(result.to_dict(include_patch=True), indent=2))
         return
