@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import anyio
@@ -33,8 +34,9 @@ class Harness:
         self.accepted: list[TunnelStream] = []
         self.mux = TunnelMux(self.send, self.accepted.append)
 
-    async def send(self, message: dict[str, Any]) -> None:
-        self.sent.append(message)
+    async def send(self, message: dict[str, Any] | bytes) -> None:
+        # Bulk data arrives pre-encoded; decode it so every message is checked alike.
+        self.sent.append(json.loads(message) if isinstance(message, bytes) else message)
 
     def open(self, stream: int = 1) -> TunnelStream:
         self.mux.dispatch("net.accept", NetAcceptParams(stream=stream, kind="proxy"))

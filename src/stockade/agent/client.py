@@ -29,7 +29,7 @@ from stockade._errors import (
     SandboxStateError,
 )
 from stockade.agent.tunnel import TunnelMux
-from stockade.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from stockade.protocol.framing import DEFAULT_MAX_FRAME, HEADER, FrameDecoder, encode_frame
 from stockade.protocol.messages import (
     METHODS,
     NOTIFICATIONS,
@@ -267,8 +267,13 @@ class AgentClient:
         if self._closed:
             raise SandboxStateError(f"connection to the {self._peer} is closed")
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        frame = encode_frame(message, self._max_frame)
+    async def _send(self, message: dict[str, Any] | bytes) -> None:
+        if isinstance(message, bytes):  # an already encoded JSON body (hot path: tunnel data)
+            if len(message) > self._max_frame:
+                raise ValueError(f"frame of {len(message)} bytes exceeds the limit")
+            frame = HEADER.pack(len(message)) + message
+        else:
+            frame = encode_frame(message, self._max_frame)
         async with self._write_lock:
             try:
                 await self._channel.send(frame)
@@ -409,8 +414,11 @@ class AgentClient:
                 except Exception:
                     logger.debug("error closing a failed channel", exc_info=True)
 
-    async def notify(self, message: dict[str, Any]) -> None:
-        """Send a notification (no answer expected), e.g. the tunnel's stream.* traffic."""
+    async def notify(self, message: dict[str, Any] | bytes) -> None:
+        """Send a notification (no answer expected), e.g. the tunnel's stream.* traffic.
+
+        ``message`` may be the JSON body already encoded, for bulk data.
+        """
         self._check_usable()
         await self._send(message)
 
