@@ -8,26 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from layer_helpers import needs_root, whiteout, write
 from stockade._errors import WorkspaceConflictError, WorkspaceError
 from stockade.workspace import FileChange, WorkspaceDiff, WorkspaceLayers, apply_diff, compute_diff
-
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="whiteouts are made with mknod(S_IFCHR 0/0), which needs root"
-)
-
-
-def write(path: Path, data: str | bytes = "", mode: int = 0o644) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        data = data.encode()
-    path.write_bytes(data)
-    os.chmod(path, mode)
-    return path
-
-
-def whiteout(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
 
 
 def copy_dir(layers: WorkspaceLayers, rel: str) -> Path:
