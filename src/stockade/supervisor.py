@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -237,10 +238,19 @@ async def serve(sandbox: AsyncSandbox, socket_path: Path, ready: Any = None) -> 
             if sandbox._client is current:  # not a reset's restart: the sandbox is gone
                 stop.set()
 
+    async def watch_signals() -> None:
+        # SIGTERM / SIGINT / SIGHUP: stop the sandbox in order, as `stockade stop` would.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                logger.info("received signal %d; stopping the sandbox", signum)
+                stop.set()
+                return
+
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, handle)
             tg.start_soon(watch_agent)
+            tg.start_soon(watch_signals)
             if ready is not None:
                 ready()
             await stop.wait()

@@ -204,3 +204,26 @@ def test_shell_gets_a_terminal(namespace_backend: str, project: Path) -> None:
         assert os.WEXITSTATUS(status) == 4
     finally:
         stockade("rm", name, check=False)
+
+
+def test_sigterm_to_supervisor_stops_the_sandbox_in_order(
+    namespace_backend: str, project: Path
+) -> None:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    stockade("create", "--name", name, "-C", str(project))
+    try:
+        from stockade.state import StateStore
+
+        pid = StateStore().get(name).supervisor_pid
+        assert pid
+        marker = str(10**6 + uuid.uuid4().int % 10**6)
+        stockade("exec", name, "--", "sh", "-c",
+                 f"setsid sleep {marker} >/dev/null 2>&1 </dev/null &")  # fmt: skip
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while status_of(name) == "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status_of(name) == "stopped"  # an orderly stop, not a crash
+        assert pids_with_marker(f"sleep\x00{marker}") == []
+    finally:
+        stockade("rm", name, check=False)
