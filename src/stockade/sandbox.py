@@ -10,6 +10,7 @@ cancellation, and repeatable.
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import dataclasses
 import logging
@@ -24,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import anyio
+from pydantic import BaseModel
 
 from stockade._errors import (
     CommandFailedError,
@@ -55,6 +57,13 @@ from stockade.protocol.messages import (
     ProcessStartParams,
     ProcessWriteStdinParams,
     PtySize,
+    TarDownloadParams,
+    TarUploadParams,
+    TransferReadParams,
+    TransferReadResult,
+    TransferResult,
+    TransferWriteParams,
+    TransferWriteResult,
 )
 from stockade.state import SandboxRecord, SandboxStatus, StateStore, process_start_time
 from stockade.workspace import ApplyResult, WorkspaceDiff, WorkspaceLayers
@@ -429,6 +438,95 @@ class AsyncFiles:
 
     async def make_dir(self, path: str, *, mode: int = 0o755) -> None:
         await self._sandbox._call("fs.mkdir", FsMkdirParams(path=self._abs(path), mode=mode))
+
+    async def upload(self, source: str | Path, dest: str = ".") -> int:
+        """Copy a host file into the sandbox directory ``dest``, or a host directory's
+        contents into ``dest`` (like ``download``, the other way); returns the member count.
+
+        Streamed as a tar archive (spooled to disk past 8 MiB, so memory stays bounded).
+        """
+        import tarfile
+        import tempfile
+
+        src = Path(source)
+        if not src.exists():
+            raise FileNotFoundError(f"{src} does not exist on the host")
+
+        target = self._abs(dest)
+        with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
+
+            def pack() -> None:
+                with tarfile.open(fileobj=spool, mode="w") as tar:
+                    if src.is_dir():
+                        for child in sorted(src.iterdir()):
+                            tar.add(child, arcname=child.name)
+                    else:
+                        tar.add(src, arcname=src.name)
+                spool.seek(0)
+
+            await anyio.to_thread.run_sync(pack)
+            opened = await self._sandbox._call("fs.upload_tar", TarUploadParams(path=target))
+            assert isinstance(opened, TransferResult)
+            result: BaseModel | None = None
+            while True:
+                chunk = spool.read(FILE_CHUNK)
+                result = await self._sandbox._call(
+                    "transfer.write",
+                    TransferWriteParams(transfer=opened.transfer, data=_b64(chunk), eof=not chunk),
+                )
+                if not chunk:
+                    break
+        assert isinstance(result, TransferWriteResult)
+        self._sandbox._audit(
+            "file.uploaded", target=target, details={"source": str(src), "files": result.files}
+        )
+        return result.files
+
+    async def download(self, path: str, dest: str | Path) -> builtins.list[Path]:
+        """Copy a sandbox file into the host directory ``dest``, or a sandbox directory's
+        contents into ``dest``; returns the paths written.
+
+        The archive comes from the guest, which is not trusted: it is unpacked with
+        tarfile's 'data' filter (no absolute paths, no escapes, no devices, no setuid).
+        """
+        import tarfile
+        import tempfile
+
+        out = Path(dest)
+        out.mkdir(parents=True, exist_ok=True)
+        opened = await self._sandbox._call(
+            "fs.download_tar", TarDownloadParams(path=self._abs(path))
+        )
+        assert isinstance(opened, TransferResult)
+        with tempfile.TemporaryFile() as spool:
+            while True:
+                result = await self._sandbox._call(
+                    "transfer.read", TransferReadParams(transfer=opened.transfer)
+                )
+                assert isinstance(result, TransferReadResult)
+                spool.write(base64.b64decode(result.data))
+                if result.eof:
+                    break
+            spool.seek(0)
+
+            written: builtins.list[Path] = []
+
+            def safe(member: tarfile.TarInfo, root: str) -> tarfile.TarInfo | None:
+                try:
+                    kept = tarfile.data_filter(member, root)
+                except tarfile.FilterError as exc:
+                    logger.warning("download from %s skipped %s: %s", self._sandbox.name,
+                                   member.name, exc)  # fmt: skip
+                    return None
+                written.append(out / kept.name)
+                return kept
+
+            def unpack() -> builtins.list[Path]:
+                with tarfile.open(fileobj=spool, mode="r") as tar:
+                    tar.extractall(out, filter=safe)  # noqa: S202 - every member passes data_filter
+                return written
+
+            return await anyio.to_thread.run_sync(unpack)
 
 
 class AsyncWorkspace:

@@ -6,6 +6,7 @@ blocking portal), so two sandboxes with different policies live side by side in 
 
 from __future__ import annotations
 
+import builtins
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -247,6 +248,14 @@ class Files(_PortalBound):
 
     def make_dir(self, path: str, *, mode: int = 0o755) -> None:
         self._run(self._files.make_dir, path, mode=mode)
+
+    def upload(self, source: str | Path, dest: str = ".") -> int:
+        files: int = self._run(self._files.upload, source, dest)
+        return files
+
+    def download(self, path: str, dest: str | Path) -> builtins.list[Path]:
+        paths: builtins.list[Path] = self._run(self._files.download, path, dest)
+        return paths
 
 
 class Workspace(_PortalBound):

@@ -363,3 +363,23 @@ def test_sandbox_wall_clock_timeout(namespace_backend: str, project: Path) -> No
             sandbox.commands.run(["sleep", "30"])
         assert time.perf_counter() - t < 10
         assert not sandbox.is_running()
+
+
+def test_upload_and_download_directories(sb: Sandbox, tmp_path: Path) -> None:
+    src = tmp_path / "bundle"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha\n")
+    (src / "sub" / "b.bin").write_bytes(os.urandom(2 * 1024 * 1024))
+    assert sb.files.upload(src, "/tmp/bundle") >= 3  # a directory's contents go into dest
+    assert sb.commands.run("cat /tmp/bundle/a.txt").stdout == "alpha\n"
+    sb.commands.run("echo made-inside > /tmp/bundle/sub/c.txt")
+    out = tmp_path / "back"
+    sb.files.download("/tmp/bundle", out)
+    assert (out / "a.txt").read_text() == "alpha\n"
+    assert (out / "sub" / "b.bin").read_bytes() == (src / "sub" / "b.bin").read_bytes()
+    assert (out / "sub" / "c.txt").read_text() == "made-inside\n"
+    # A link the guest made pointing outside is skipped, never recreated on the host.
+    sb.commands.run("ln -s /etc/passwd /tmp/bundle/escape")
+    written = sb.files.download("/tmp/bundle", tmp_path / "again")
+    assert not os.path.lexists(tmp_path / "again" / "escape")
+    assert tmp_path / "again" / "a.txt" in written
