@@ -30,6 +30,7 @@ from stockade.egress.log import (
     ConnectionLog,
     ConnectionRecord,
 )
+from stockade.egress.rules import is_ip_literal
 
 if TYPE_CHECKING:
     from stockade.egress.decide import NetworkRules
@@ -696,7 +697,7 @@ class EgressProxy:
         """
         rules = self.rules  # one connection, one policy, even if it changes meanwhile
         host, port = conn.host, conn.port
-        if _is_ip(host):
+        if is_ip_literal(host):
             addresses: tuple[str, ...] = (host,)
         else:
             # Decide on the name first: a denied name is never looked up, so the sandbox
@@ -917,11 +918,3 @@ async def _socks_send(stream: ByteStream, data: bytes, *, strict: bool = False) 
 async def _socks_reply(stream: ByteStream, code: int, *, strict: bool = False) -> None:
     reply = bytes([_SOCKS_VERSION, code, 0x00, 0x01, 0, 0, 0, 0, 0, 0])
     await _socks_send(stream, reply, strict=strict)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

@@ -343,6 +343,15 @@ def _parse_wildcard(text: str, host: str, port: int | None) -> Rule:
     return Rule("wildcard", name=suffix, port=port, text=text)
 
 
+def is_ip_literal(text: str) -> bool:
+    """True when ``text`` (``[::1]`` included) is an IP address rather than a name."""
+    try:
+        ipaddress.ip_address(text.strip().removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
 def parse_ip_literal(host: str) -> Address | None:
     """The address ``host`` spells (``[::1]`` included), None for a name; ValueError if bad."""
     text = host.strip()

@@ -22,6 +22,7 @@ import anyio
 from anyio.abc import ByteStream
 
 from stockade.egress.decide import NetworkRules, compile_rules, decide, with_allowed, with_denied
+from stockade.egress.rules import is_ip_literal
 
 if TYPE_CHECKING:
     from stockade._background import BackgroundTasks
@@ -123,11 +124,8 @@ def _forwards(tcp: tuple[str, ...]) -> tuple[tuple[tuple[int, str], ...], tuple[
         used.add(local)
         forwards.append((local, entry))
         bare = host.strip("[]")
-        try:
-            ipaddress.ip_address(bare)
-        except ValueError:
-            if local == port and not bare.startswith("*"):
-                names.append(bare)
+        if not is_ip_literal(bare) and local == port and not bare.startswith("*"):
+            names.append(bare)
     return tuple(forwards), tuple(names)
 
 

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from stockade._errors import ConfigError
+from stockade.egress.rules import is_ip_literal
 
 __all__ = [
     "PLACEHOLDER_RE",
@@ -90,7 +91,7 @@ def secret_host_problem(pattern: str) -> str | None:
     """
     if pattern != pattern.strip() or not pattern:
         return f"{pattern!r} is empty or has surrounding spaces"
-    if ":" in pattern and not _is_ip(pattern):
+    if ":" in pattern and not is_ip_literal(pattern):
         return f"{pattern!r} has a port; list the host name only"
     if "*" in pattern:
         if pattern.count("*") > 1 or not pattern.startswith("*."):
@@ -99,20 +100,12 @@ def secret_host_problem(pattern: str) -> str | None:
         if rest.count(".") < 1:
             return f"{pattern!r} matches every domain under '.{rest}'; use '*.example.{rest}'"
         pattern = rest
-    if _is_ip(pattern):
+    if is_ip_literal(pattern):
         return None
     labels = pattern.lower().split(".")
     if len(pattern) > 253 or not all(_LABEL_RE.match(label) for label in labels):
         return f"{pattern!r} is not a host name, '*.domain' pattern or IP address"
     return None
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def _canonical_host(host: str) -> str:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from stockade._errors import ConfigError
+from stockade.egress.rules import is_ip_literal
 
 __all__ = [
     "CA_CERT_FILE",
@@ -73,14 +74,6 @@ def normalize_host(host: str) -> str:
     return text
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -91,7 +84,7 @@ def _name_constraints(permitted: Iterable[str]) -> x509.NameConstraints:
     for pattern in permitted:
         wildcard = pattern.startswith("*.")
         host = normalize_host(pattern[2:] if wildcard else pattern)
-        if _is_ip(host):
+        if is_ip_literal(host):
             ips.append(x509.IPAddress(ipaddress.ip_network(host)))
         else:
             # A DNS constraint "example.com" covers example.com and every name under it.
@@ -311,7 +304,9 @@ class SandboxCA:
         """A fresh leaf certificate for ``host`` (uncached; ``leaf_context`` uses it)."""
         host = normalize_host(host)
         san: x509.GeneralName = (
-            x509.IPAddress(ipaddress.ip_address(host)) if _is_ip(host) else x509.DNSName(host)
+            x509.IPAddress(ipaddress.ip_address(host))
+            if is_ip_literal(host)
+            else x509.DNSName(host)
         )
         now = _now()
         public = self._leaf_key.public_key()
