@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from layer_helpers import snapshot
 from stockade.workspace import WorkspaceLayers, apply_diff, compute_diff
 
 NOBODY = 65534
@@ -83,22 +83,6 @@ def make_project(root: Path) -> None:
     for dirpath, dirnames, _ in os.walk(root):
         for name in dirnames:
             os.chmod(Path(dirpath) / name, 0o755)
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int, bytes | str | None]]:
-    out: dict[str, tuple[str, int, bytes | str | None]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = os.lstat(path)
-            rel = path.relative_to(root).as_posix()
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("symlink", 0, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode), None)
-            else:
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
-    return out
 
 
 def overlay_argv(layers: WorkspaceLayers, merged: Path, script: str) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from layer_helpers import needs_root, whiteout, write
+from layer_helpers import needs_root, snapshot, whiteout, write
 from stockade._errors import WorkspaceConflictError, WorkspaceError
 from stockade.workspace import FileChange, WorkspaceDiff, WorkspaceLayers, apply_diff, compute_diff
 
@@ -19,23 +19,6 @@ def copy_dir(layers: WorkspaceLayers, rel: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, stat.S_IMODE(os.stat(layers.lower / rel).st_mode))
     return path
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int, bytes | str | None]]:
-    """Every entry under root: type, permission bits, content or link target."""
-    out: dict[str, tuple[str, int, bytes | str | None]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("symlink", 0, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode), None)
-            else:
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
-    return out
 
 
 def temp_files(root: Path) -> list[str]:
