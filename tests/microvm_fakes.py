@@ -278,7 +278,9 @@ class FakeFirecracker:
         self.snapshots: dict[str, dict[str, Any]] = {}
         self._server = _UnixHTTPServer(str(api_socket), _Handler)
         self._server.owner = self
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), daemon=True
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -357,3 +359,64 @@ def short_tmp() -> Iterator[Path]:
     """A short directory for unix sockets (their paths are limited to 107 bytes)."""
     with tempfile.TemporaryDirectory(prefix="stk-", dir="/tmp") as name:
         yield Path(name)
+
+
+class FakeCloudHypervisor:
+    """Cloud Hypervisor's REST API (the endpoints the driver uses) on a unix socket, with
+    the state checks the VMM makes: pause before snapshot, restore only on an empty VMM."""
+
+    def __init__(self, api_socket: Path, *, vm: str = "Running") -> None:
+        self.api_socket = api_socket
+        self.vm = vm  # "None" (bare VMM), "Running", "Paused"
+        self.calls: list[tuple[str, str, Any]] = []
+        self.state = FakeFirecrackerState()  # only .refused is used
+        self._server = _UnixHTTPServer(str(api_socket), _Handler)
+        self._server.owner = self  # type: ignore[assignment]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if not path.startswith("/api/v1/"):
+            raise SpecViolation(f"Cloud Hypervisor serves /api/v1/..., not {path}")
+        endpoint = path.removeprefix("/api/v1/")
+        if (method, endpoint) == ("GET", "vmm.ping"):
+            return 200, {"version": "fake", "build_version": "fake"}
+        self.calls.append((method, endpoint, body))
+        if method != "PUT":
+            raise SpecViolation(f"{endpoint} takes PUT, not {method}")
+        if endpoint == "vm.pause":
+            if self.vm != "Running":
+                raise SpecViolation("the VM is not running")
+            self.vm = "Paused"
+        elif endpoint == "vm.resume":
+            if self.vm != "Paused":
+                raise SpecViolation("the VM is not paused")
+            self.vm = "Running"
+        elif endpoint == "vm.snapshot":
+            if self.vm != "Paused" or set(body) != {"destination_url"}:
+                raise SpecViolation("snapshot needs a paused VM and a destination_url")
+            target = Path(body["destination_url"].removeprefix("file://"))
+            (target / "config.json").write_text(
+                json.dumps({"vsock": {"cid": 3, "socket": "/old/agent.vsock"},
+                            "serial": {"mode": "File", "file": "/old/console.log"},
+                            "memory": {"size": 536870912}})
+            )  # fmt: skip
+            (target / "state.json").write_text("{}")
+            (target / "memory-ranges").write_bytes(b"\0" * 4096)
+        elif endpoint == "vm.restore":
+            if self.vm != "None" or not body["source_url"].startswith("file://"):
+                raise SpecViolation("restore needs an empty VMM and a file:// source_url")
+            source = Path(body["source_url"].removeprefix("file://"))
+            self.restored_config = json.loads((source / "config.json").read_text())
+            self.vm = "Paused"
+        elif endpoint == "vmm.shutdown":
+            self.vm = "None"
+        else:
+            raise SpecViolation(f"the fake does not implement {endpoint}")
+        return 204, None

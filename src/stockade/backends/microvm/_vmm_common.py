@@ -97,10 +97,15 @@ _REBOOT = re.compile(rb"reboot: Restarting system")
 class VmmProcess:
     """One VMM child process (its own session), its console log and a verified stop."""
 
-    def __init__(self, name: str, process: Process, console_path: Path) -> None:
+    def __init__(
+        self, name: str, process: Process, console_path: Path, serial_path: Path | None = None
+    ) -> None:
         self.name = name
         self.process = process
+        #: The VMM's stdout and stderr (for Firecracker also the guest's serial console).
         self.console_path = console_path
+        #: The guest's serial console when the VMM writes it to a file of its own.
+        self.serial_path = serial_path
         self._pidfd: int | None = None
         self._stopped_by_us = False
         self._gone = False
@@ -110,7 +115,9 @@ class VmmProcess:
                 self._pidfd = os.pidfd_open(process.pid)
 
     @classmethod
-    async def start(cls, name: str, argv: list[str], console_path: Path) -> VmmProcess:
+    async def start(
+        cls, name: str, argv: list[str], console_path: Path, serial_path: Path | None = None
+    ) -> VmmProcess:
         """Start ``argv`` in a new session with stdout+stderr appended to ``console_path``."""
         fd = os.open(console_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -128,7 +135,7 @@ class VmmProcess:
         finally:
             os.close(fd)
         logger.debug("started %s pid %d: %s", name, process.pid, argv)
-        return cls(name, process, console_path)
+        return cls(name, process, console_path, serial_path)
 
     @property
     def pid(self) -> int:
@@ -143,7 +150,11 @@ class VmmProcess:
         return self.process.returncode is None
 
     def console(self, limit: int = 4000) -> str:
-        return tail(self.console_path, limit)
+        """Tail of the guest console, then of the VMM's own output when that is separate."""
+        if self.serial_path is None:
+            return tail(self.console_path, limit)
+        parts = [tail(self.serial_path, limit), tail(self.console_path, limit // 2)]
+        return f"\n--- {self.name} ---\n".join(p for p in parts if p)
 
     def exit_reason(self) -> str | None:
         """Why the VMM ended, from the guest console and its exit status."""

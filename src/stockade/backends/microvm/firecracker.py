@@ -77,6 +77,8 @@ __all__ = [
     "machine_config_request",
     "memory_file_for",
     "pause_request",
+    "plan_layout",
+    "probe_firecracker",
     "resume_request",
     "snapshot_create_request",
     "snapshot_load_request",
