@@ -420,3 +420,62 @@ class FakeCloudHypervisor:
         else:
             raise SpecViolation(f"the fake does not implement {endpoint}")
         return 204, None
+
+
+# --------------------------------------------------------------------------- fake VMM processes
+
+
+def _serve_until_terminated(banner: str) -> None:
+    import signal
+    import sys
+
+    print(banner, flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    print("terminated", flush=True)
+    sys.exit(0)
+
+
+def fake_firecracker_main(argv: list[str]) -> None:
+    """``firecracker --api-sock PATH --id ID``: the fake API (spec-checked) in a process."""
+    api = Path(argv[argv.index("--api-sock") + 1])
+    FakeFirecracker(api, FirecrackerSpec())
+    _serve_until_terminated(f"fake firecracker {argv}")
+
+
+def fake_cloud_hypervisor_main(argv: list[str]) -> None:
+    """``cloud-hypervisor --api-socket path=P [--vsock cid=N,socket=S ...]`` in a process."""
+    api = Path(argv[argv.index("--api-socket") + 1].removeprefix("path="))
+    if "--vsock" in argv:
+        options = dict(kv.split("=", 1) for kv in argv[argv.index("--vsock") + 1].split(","))
+        HybridVsockPeer(Path(options["socket"]))
+        FakeCloudHypervisor(api, vm="Running")
+    else:
+        fake = FakeCloudHypervisor(api, vm="None")
+        original = fake.handle
+
+        def handle(method: str, path: str, body: Any) -> tuple[int, Any]:
+            answer = original(method, path, body)
+            if path.endswith("/vm.restore"):  # the restored VM's vsock socket appears
+                HybridVsockPeer(Path(fake.restored_config["vsock"]["socket"]))
+            return answer
+
+        fake.handle = handle  # type: ignore[method-assign]
+    _serve_until_terminated(f"fake cloud-hypervisor {argv}")
+
+
+def write_fake_vmm(directory: Path, name: str, entry: str) -> Path:
+    """An executable ``directory/name`` that runs ``entry`` of this module with its argv."""
+    import sys
+
+    script = directory / name
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        f"from microvm_fakes import {entry}\n"
+        f"{entry}(sys.argv[1:])\n"
+    )
+    script.chmod(0o755)
+    return script

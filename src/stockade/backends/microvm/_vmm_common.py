@@ -14,6 +14,7 @@ import re
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -79,14 +80,17 @@ def prepare_workdir(workdir: Path) -> None:
 
 def remove_stale_socket(path: Path) -> None:
     """VMMs refuse to bind a socket path that exists; remove a leftover socket only."""
-    with contextlib.suppress(FileNotFoundError):
-        if path.is_socket():
-            path.unlink()
-        else:
-            raise SandboxStartError(
-                f"{path} exists and is not a socket; the VMM needs that path for its socket. "
-                "Remove it or use a fresh VM directory"
-            )
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(mode):
+        path.unlink()
+    else:
+        raise SandboxStartError(
+            f"{path} exists and is not a socket; the VMM needs that path for its socket. "
+            "Remove it or use a fresh VM directory"
+        )
 
 
 _PANIC = re.compile(rb"Kernel panic - not syncing")
@@ -207,6 +211,7 @@ class VmmProcess:
         pgid = self.pid  # start_new_session: the VMM leads its own group
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+        members: list[int] | None = None
         for _ in range(100):
             try:
                 os.killpg(pgid, 0)
@@ -214,23 +219,27 @@ class VmmProcess:
                 return []
             except PermissionError:
                 break
+            # Killed members linger as zombies until their new parent reaps them.
+            members = _group_members(pgid)
+            if members == []:
+                return []
             select.select([], [], [], 0.05)
-        return _group_members(pgid)
+        return members or [pgid]
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Pids still in process group ``pgid`` (Linux /proc; empty elsewhere)."""
+def _group_members(pgid: int) -> list[int] | None:
+    """Live (non-zombie) pids in process group ``pgid``; None where /proc cannot tell."""
     if not sys.platform.startswith("linux"):
-        return [pgid]
+        return None
     members: list[int] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            text = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[-1].split()
+        fields = text.rsplit(")", 1)[-1].split()
         if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
             members.append(int(entry.name))
     return members
