@@ -479,3 +479,19 @@ def write_fake_vmm(directory: Path, name: str, entry: str) -> Path:
     )
     script.chmod(0o755)
     return script
+
+
+def fake_vfkit_main(argv: list[str]) -> None:
+    """``vfkit ... --device virtio-vsock,port=P,socketURL=S,listen``: the "guest" dials S."""
+    vsock = next(a for a in argv if a.startswith("virtio-vsock,"))
+    options = dict(kv.split("=", 1) for kv in vsock.split(",")[1:] if "=" in kv)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(options["socketURL"])
+    print(f"fake vfkit {argv}", flush=True)
+
+    def echo() -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    _serve_until_terminated("guest connected")

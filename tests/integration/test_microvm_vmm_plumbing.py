@@ -21,6 +21,7 @@ from stockade.backends.microvm._vmm_common import VmmProcess
 from stockade.backends.microvm.cloud_hypervisor import CloudHypervisorDriver
 from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmSpec
 from stockade.backends.microvm.firecracker import FirecrackerDriver, memory_file_for
+from stockade.backends.microvm.vfkit import VfkitDriver
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -189,3 +190,27 @@ async def test_cloud_hypervisor_boot_snapshot_restore_stop(tmp: Path) -> None:
     finally:
         await restored.stop()
     assert gone(restored.process.pid)
+
+
+# --------------------------------------------------------------------------- vfkit
+
+
+async def test_vfkit_listens_first_and_the_guest_connection_is_the_channel(tmp: Path) -> None:
+    binary = write_fake_vmm(tmp, "vfkit", "fake_vfkit_main")
+    spec = make_spec(tmp)
+    vm = await VfkitDriver(binary, boot_timeout=20).boot(spec)
+    try:
+        assert await echo(vm.channel, b"agent?") == b"agent?"
+        assert "virtio-vsock,port=1024" in vm.console()
+    finally:
+        await vm.stop(grace=0.5)
+    assert gone(vm.process.pid)
+    assert vm.exit_reason() == "stopped"
+
+
+async def test_vfkit_that_exits_before_the_guest_connects(tmp: Path) -> None:
+    binary = tmp / "vfkit"
+    binary.write_text("#!/bin/sh\necho 'VZErrorDomain: not supported (fake)'\nexit 1\n")
+    binary.chmod(0o755)
+    with pytest.raises(SandboxStartError, match=r"vfkit exited[\s\S]*not supported"):
+        await VfkitDriver(binary).boot(make_spec(tmp))

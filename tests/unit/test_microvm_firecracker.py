@@ -15,7 +15,7 @@ import pytest
 from microvm_fakes import FakeFirecracker, FirecrackerSpec, SpecViolation, short_tmp
 from stockade._errors import SandboxStartError
 from stockade.backends.microvm import firecracker as fc
-from stockade.backends.microvm._vmm_common import kvm_status
+from stockade.backends.microvm._vmm_common import kvm_status, remove_stale_socket
 from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmSpec
 from stockade.backends.microvm.hybrid_vsock import wait_hybrid_vsock
 
@@ -430,6 +430,16 @@ def test_kvm_status_tells_pvm_from_hardware_kvm(tmp: Path) -> None:
     assert not pvm.ok and "kvm_pvm" in pvm.reason and "kvm_intel or kvm_amd" in pvm.reason
     (modules / "kvm_intel").mkdir()
     assert kvm_status(dev, modules).ok
+
+
+def test_socket_paths_that_cannot_be_bound_are_refused(tmp: Path) -> None:
+    with pytest.raises(SandboxStartError, match=r"longer than the 10[37] a unix socket"):
+        remove_stale_socket(tmp / ("d" * 120) / "agent.vsock")
+    (tmp / "file").write_text("")
+    with pytest.raises(SandboxStartError, match="exists and is not a socket"):
+        remove_stale_socket(tmp / "file")
+    remove_stale_socket(tmp / "missing.sock")  # nothing to do
+    assert not (tmp / "missing.sock").exists()
 
 
 async def test_boot_without_a_binary_says_how_to_install(

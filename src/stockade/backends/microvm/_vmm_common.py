@@ -27,6 +27,7 @@ from stockade._errors import SandboxStartError, SandboxStateError
 from stockade.backends._process import tail
 
 __all__ = [
+    "MAX_SOCKET_PATH",
     "KvmStatus",
     "VmmProcess",
     "find_binary",
@@ -78,8 +79,20 @@ def prepare_workdir(workdir: Path) -> None:
     os.chmod(workdir, 0o700)
 
 
+#: sun_path is 108 bytes on Linux (104 on macOS) including the terminating NUL.
+MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
+
+
 def remove_stale_socket(path: Path) -> None:
-    """VMMs refuse to bind a socket path that exists; remove a leftover socket only."""
+    """Check that ``path`` can be a unix socket and remove a leftover socket there.
+
+    VMMs refuse to bind a path that exists; anything but a socket is left alone.
+    """
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise SandboxStartError(
+            f"the socket path {path} is {len(os.fsencode(path))} bytes, longer than the "
+            f"{MAX_SOCKET_PATH} a unix socket address holds; use a shorter VM directory"
+        )
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
