@@ -3,6 +3,7 @@ and the driver table that ``doctor`` reads. No vfkit binary runs here."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -105,3 +106,20 @@ def test_probe_drivers_reports_every_driver_and_never_raises(
     for name in ("firecracker", "cloud-hypervisor", "vfkit"):
         assert not results[name].ok and results[name].fix
     assert probe_drivers(["nope"])[0][1].reason.startswith("the nope driver cannot be loaded")
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "stockade.backends.microvm._vmm_common",
+        "stockade.backends.microvm.cloud_hypervisor",
+        "stockade.backends.microvm.drivers",
+        "stockade.backends.microvm.firecracker",
+        "stockade.backends.microvm.hybrid_vsock",
+        "stockade.backends.microvm.vfkit",
+    ],
+)
+def test_every_name_in_all_exists(module: str) -> None:
+    mod = importlib.import_module(module)
+    missing = [name for name in mod.__all__ if not hasattr(mod, name)]
+    assert missing == []
