@@ -663,6 +663,15 @@ def reap_container(runtime: OciRuntime, sandbox_id: str) -> None:
     runtime.delete(CONTAINER_PREFIX + sandbox_id)
 
 
+def stockade_containers(runtime: str) -> list[str]:
+    """Sandbox ids of the containers ``runtime`` knows under stockade's root."""
+    binary = which(runtime)
+    if binary is None:
+        return []
+    listed = OciRuntime(runtime, binary, runtime_state_root(runtime)).container_ids()
+    return [c.removeprefix(CONTAINER_PREFIX) for c in listed if c.startswith(CONTAINER_PREFIX)]
+
+
 def write_bundle(state_dir: Path, config: dict[str, Any]) -> Path:
     bundle = state_dir / "bundle"
     bundle.mkdir(exist_ok=True, mode=0o700)

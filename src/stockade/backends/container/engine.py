@@ -395,6 +395,7 @@ def _create(spec: LaunchSpec, engine: str, log_path: Path) -> tuple[Any, str, st
             nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None,
             ulimits=ulimits,
             init=False,
+            runtime=runtime,
         )
         argv = agent_argv(
             spec, python="/usr/bin/python3", guest_agent=guest_agent, cwd=cwd, landlock=True
@@ -413,7 +414,6 @@ def _create(spec: LaunchSpec, engine: str, log_path: Path) -> tuple[Any, str, st
             stdin_open=True,
             tty=False,
             host_config=host_config,
-            runtime=runtime,
             name=f"stockade-{spec.sandbox_id}",
         )
         container_id = str(created["Id"])
