@@ -489,7 +489,22 @@ class OciRuntime:
         return [str(c.get("id")) for c in data if isinstance(c, dict)]
 
     def exists(self, container_id: str) -> bool:
-        return self.run("state", container_id).returncode == 0
+        """Whether the runtime still keeps state for the container under our root.
+
+        Read from the root directory (runc/crun: a directory per container; runsc: files
+        prefixed with the id) instead of spawning ``<runtime> state``: teardown asks this
+        for every sandbox, and the answer is the runtime's own record either way.
+        """
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return False
+        return any(
+            name == container_id
+            or name.startswith(f"{container_id}_")
+            or name == f"runsc-{container_id}.sock"
+            for name in names
+        )
 
     def delete(self, container_id: str) -> bool:
         """Kill and delete a container; False (and quiet) when it does not exist."""
@@ -569,8 +584,10 @@ class OciContainerSandbox(ProcessSandbox):
         container_id: str,
         sandbox_id: str,
         watchdog: subprocess.Popen[bytes] | None,
+        cgroups_path: str | None = None,
     ) -> None:
         super().__init__(process, log_path)
+        self.cgroups_path = cgroups_path
         self.runtime = runtime
         self.container_id = container_id
         self.sandbox_id = sandbox_id
@@ -578,10 +595,24 @@ class OciContainerSandbox(ProcessSandbox):
         self._cgroup_cache: Any = None
 
     def _cgroup(self) -> Any:
-        from stockade.backends._cgroups import SandboxCgroup
+        """The container's cgroup, looked up at the path we gave the runtime (no search)."""
+        from stockade.backends._cgroups import SandboxCgroup, _discover
 
-        if self._cgroup_cache is None:
-            self._cgroup_cache = SandboxCgroup.find(self.sandbox_id)
+        if self._cgroup_cache is None and self.cgroups_path is not None:
+            dirs: list[Path] = []
+            controllers: dict[str, Path] = {}
+            unified = None
+            for hierarchy in _discover():
+                path = hierarchy.mount / self.cgroups_path.lstrip("/")
+                if not path.is_dir():
+                    continue
+                dirs.append(path)
+                if hierarchy.version == "v2":
+                    unified = path
+                for controller in hierarchy.controllers:
+                    controllers.setdefault(controller, path)
+            if dirs:
+                self._cgroup_cache = SandboxCgroup(self.sandbox_id, dirs, controllers, unified)
         return self._cgroup_cache
 
     def resource_events(self) -> dict[str, bool]:
@@ -638,9 +669,18 @@ class OciContainerSandbox(ProcessSandbox):
             problems.append(str(exc))
         if deleted and self.runtime.exists(self.container_id):
             problems.append(f"`{self.runtime.name} state {self.container_id}` still finds it")
-        left = remove_stale_cgroups(self.sandbox_id)
-        if left:
-            problems.append(f"processes {sorted(left)} are still in its cgroup")
+        group = self._cgroup()
+        if group is not None:
+            # The runtime removes the cgroup when the container goes; anything still in it
+            # is killed and reported.
+            left = group.pids()
+            group.destroy()
+            if left:
+                problems.append(f"processes {sorted(left)} were still in its cgroup")
+        elif self.cgroups_path is None:
+            left = remove_stale_cgroups(self.sandbox_id)
+            if left:
+                problems.append(f"processes {sorted(left)} are still in its cgroup")
         self._stop_watchdog()
         return "; ".join(problems)
 
@@ -675,7 +715,7 @@ def stockade_containers(runtime: str) -> list[str]:
 def write_bundle(state_dir: Path, config: dict[str, Any]) -> Path:
     bundle = state_dir / "bundle"
     bundle.mkdir(exist_ok=True, mode=0o700)
-    (bundle / "config.json").write_text(json.dumps(config, indent=1))
+    (bundle / "config.json").write_text(json.dumps(config, separators=(",", ":")))
     return bundle
 
 

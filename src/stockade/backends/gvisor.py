@@ -185,12 +185,13 @@ class GvisorBackend(Backend):
             else (spec.agent_source)
         )
         prefix, merged = overlay_prefix(spec)
+        cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)
         config = build_config(
             spec,
             rootfs=rootfs,
             workspace_source=merged,
             agent=agent,
-            cgroups_path=None if rootless else sandbox_cgroup_path(spec.sandbox_id),
+            cgroups_path=cgroups_path,
             seccomp=False,  # the Sentry is the kernel; the host side is filtered by runsc
             landlock=False,  # gVisor has no Landlock; its own kernel is the boundary
             user_space_kernel=True,
@@ -213,4 +214,5 @@ class GvisorBackend(Backend):
             container_id=container_id,
             sandbox_id=spec.sandbox_id,
             watchdog=watchdog,
+            cgroups_path=cgroups_path,
         )

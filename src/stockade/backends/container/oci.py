@@ -161,12 +161,13 @@ async def launch_oci(spec: LaunchSpec, engine: str) -> OciContainerSandbox:
     )
     prefix, merged = overlay_prefix(spec, extra=_crun_fix() if engine == "crun" else "")
     rootless = os.getuid() != 0
+    cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)
     config = build_config(
         spec,
         rootfs=rootfs,
         workspace_source=merged,
         agent=agent,
-        cgroups_path=None if rootless else sandbox_cgroup_path(spec.sandbox_id),
+        cgroups_path=cgroups_path,
         seccomp=True,
         landlock=True,
     )
@@ -190,4 +191,5 @@ async def launch_oci(spec: LaunchSpec, engine: str) -> OciContainerSandbox:
         container_id=container_id,
         sandbox_id=spec.sandbox_id,
         watchdog=watchdog,
+        cgroups_path=cgroups_path,
     )
