@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 import anyio
 import pytest
 
 from stockade._errors import AgentProtocolError
-from stockade.agent.tunnel import ACK_BATCH, TunnelMux, TunnelStream
+from stockade.agent.tunnel import ACK_BATCH, BINARY_CHUNK, TunnelMux, TunnelStream
+from stockade.protocol.framing import FrameDecoder, StreamChunk
 from stockade.protocol.messages import (
     STREAM_WINDOW,
     NetAcceptParams,
@@ -31,12 +31,22 @@ def anyio_backend() -> str:
 class Harness:
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
+        self.chunks: list[StreamChunk] = []  # binary stream frames the host sent
         self.accepted: list[TunnelStream] = []
         self.mux = TunnelMux(self.send, self.accepted.append)
+        self._decoder = FrameDecoder(binary=True)
 
     async def send(self, message: dict[str, Any] | bytes) -> None:
-        # Bulk data arrives pre-encoded; decode it so every message is checked alike.
-        self.sent.append(json.loads(message) if isinstance(message, bytes) else message)
+        # Bulk data and acks arrive as whole frames; decode them as the agent would.
+        if not isinstance(message, bytes):
+            self.sent.append(message)
+            return
+        for frame in self._decoder.feed_frames(message):
+            if isinstance(frame, StreamChunk):
+                self.chunks.append(frame)
+            else:
+                self.sent.append(frame)
+        assert not self._decoder.pending, "a frame was sent in pieces"
 
     def open(self, stream: int = 1) -> TunnelStream:
         self.mux.dispatch("net.accept", NetAcceptParams(stream=stream, kind="proxy"))
@@ -49,7 +59,7 @@ class Harness:
     def sent_data(self) -> bytes:
         return b"".join(
             base64.b64decode(m["params"]["data"]) for m in self.sent if m["method"] == "stream.data"
-        )
+        ) + b"".join(chunk.data for chunk in self.chunks)
 
 
 async def test_receive_acknowledges_delivered_bytes() -> None:
@@ -109,3 +119,44 @@ async def test_host_close_tells_the_agent() -> None:
     await stream.aclose()
     assert h.sent[-1] == {"jsonrpc": "2.0", "method": "stream.close", "params": {"stream": 3}}
     h.data(3, b"late")  # late data for a closed stream is dropped, not an error
+
+
+async def test_binary_mode_sends_frames_within_the_agents_window() -> None:
+    h = Harness()
+    h.mux.binary = True
+    h.mux.send_window = 4 * BINARY_CHUNK  # what the agent's hello answer granted
+    stream = h.open(5)
+    payload = bytes(range(256)) * (5 * BINARY_CHUNK // 256)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stream.send, payload)
+        await anyio.sleep(0.05)
+        assert len(h.sent_data()) == 4 * BINARY_CHUNK  # blocked on credit
+        assert all(c.stream == 5 and len(c.data) <= BINARY_CHUNK for c in h.chunks)
+        assert not [m for m in h.sent if m["method"] == "stream.data"]
+        h.mux.dispatch("stream.ack", StreamAckParams(stream=5, bytes=BINARY_CHUNK))
+    assert h.sent_data() == payload
+
+
+async def test_binary_chunks_are_handed_on_whole_and_acknowledged() -> None:
+    h = Harness()
+    h.mux.recv_window = 1024 * 1024
+    stream = h.open(2)
+    big = b"a" * (512 * 1024)
+    h.mux.feed(2, big)
+    h.mux.feed(2, b"b" * 100)
+    first = await stream.receive(1024 * 1024)
+    assert first is big  # no copy on the way to the proxy
+    assert await stream.receive(10) == b"b" * 10
+    assert await stream.receive() == b"b" * 90
+    acks = [m["params"]["bytes"] for m in h.sent if m["method"] == "stream.ack"]
+    assert sum(acks) == len(big) + 100
+    h.mux.feed(99, b"late")  # an unknown (closed) stream: dropped
+
+
+async def test_agent_exceeding_the_negotiated_window_is_a_protocol_error() -> None:
+    h = Harness()
+    h.mux.recv_window = 512 * 1024
+    h.open()
+    h.mux.feed(1, b"x" * (512 * 1024))
+    with pytest.raises(AgentProtocolError):
+        h.mux.feed(1, b"y")

@@ -42,7 +42,7 @@ else:
         import signal as _sig
 
 AGENT_VERSION = "0.1.0"
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 CHUNK = 64 * 1024  # largest read from a child's pipe
@@ -56,6 +56,10 @@ MAX_PROCS = 4096
 MAX_TRANSFERS = 64
 TAR_CHUNK = 256 * 1024
 STREAM_WINDOW = 256 * 1024  # unacknowledged bytes per stream and direction (the protocol's)
+MAX_STREAM_WINDOW = 16 * 1024 * 1024  # the most agent.hello may set
+RECV_WINDOW = 2 * 1024 * 1024  # what this agent buffers per stream from the host (1.2 hosts)
+BINARY_FLAG = 0x80000000  # length word of a binary stream frame (protocol 1.2)
+BINARY_CHUNK = 256 * 1024  # largest binary stream frame this agent sends (data bytes)
 MAX_STREAMS = 256  # open tunnel streams; further connections are accepted and closed
 ACCEPT_BATCH = 64  # connections accepted per poll event of a listener
 ACCEPT_RETRY = 0.1  # seconds the listeners rest after accept() ran out of descriptors
@@ -981,9 +985,10 @@ class Listener:
 class Stream:
     """One accepted connection, relayed to the host as stream.* notifications.
 
-    Sandbox -> host: read from the socket only while fewer than STREAM_WINDOW bytes are
-    unacknowledged. Host -> sandbox: ``outbuf`` holds what is not yet written (the host may
-    never have more than STREAM_WINDOW of it outstanding) and every write is acknowledged.
+    Sandbox -> host: read from the socket only while fewer than the host's window of bytes
+    are unacknowledged. Host -> sandbox: ``outbuf`` holds what is not yet written (the host
+    may never have more than the agent's window of it outstanding) and every write is
+    acknowledged.
     The stream is forgotten once both directions are done, or at once on an error or a
     stream.close.
     """
@@ -1110,6 +1115,11 @@ class Agent:
         self.stream_fds: dict[int, Stream] = {}
         # A stream.data frame (base64 plus ~100 bytes of JSON) must fit in a frame.
         self.stream_chunk = min(CHUNK, (self.max_frame - 256) // 4 * 3)
+        # Set by agent.hello (protocol 1.2): binary stream frames both ways, and the windows.
+        self.greeted = False
+        self.binary_streams = False
+        self.send_window = STREAM_WINDOW  # the host's buffer per stream
+        self.recv_window = RECV_WINDOW  # ours (a 1.1 host sends at most STREAM_WINDOW)
 
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -1356,23 +1366,50 @@ class Agent:
             if self.inbuf:
                 raise AgentExit(3, "host closed the channel in the middle of a frame")
             raise AgentExit(0, "host closed the channel")
-        self.inbuf += data
-        buf = self.inbuf
+        if self.inbuf:
+            self.inbuf += data
+            buf: bytes | bytearray = self.inbuf
+        else:
+            buf = data  # the common case: frames are cut out of what was read, one copy less
         offset = 0
-        while len(buf) - offset >= 4:
-            size = int.from_bytes(buf[offset : offset + 4], "big")
-            if size > self.max_frame:
-                raise AgentExit(
-                    3, f"host announced a {size}-byte frame; the limit is {self.max_frame}"
-                )
-            if len(buf) - offset - 4 < size:
-                break
-            body = bytes(buf[offset + 4 : offset + 4 + size])
-            offset += 4 + size
-            self._handle_frame(body)
-            if self.shutdown_requested:
-                break  # nothing after agent.shutdown is served
-        del buf[:offset]
+        end = len(buf)
+        with memoryview(buf) as view:
+            while end - offset >= 4:
+                size = int.from_bytes(view[offset : offset + 4], "big")
+                binary = size & BINARY_FLAG
+                if binary:
+                    size ^= BINARY_FLAG
+                    if not self.binary_streams:
+                        raise AgentExit(3, "host sent a binary frame, which it did not offer")
+                if size > self.max_frame:
+                    raise AgentExit(
+                        3, f"host announced a {size}-byte frame; the limit is {self.max_frame}"
+                    )
+                start = offset + 4
+                if end - start < size:
+                    break
+                offset = start + size
+                if binary:
+                    self._binary_frame(view[start:offset])
+                else:
+                    self._handle_frame(view[start:offset].tobytes())
+                if self.shutdown_requested:
+                    break  # nothing after agent.shutdown is served
+        if buf is self.inbuf:
+            del self.inbuf[:offset]
+        elif offset < end:
+            self.inbuf += data[offset:]
+
+    def _binary_frame(self, body: memoryview) -> None:
+        """Stream data from the host: 4-byte stream id, then the bytes (protocol 1.2)."""
+        if len(body) < 5:
+            raise AgentExit(3, "host sent a binary stream frame without data")
+        ident = int.from_bytes(body[:4], "big")
+        if not ident:
+            raise AgentExit(3, "host sent a binary stream frame for stream 0")
+        stream = self.streams.get(ident)
+        if stream is not None:  # else it is one we already closed
+            self._host_data(stream, body[4:])
 
     def _handle_frame(self, body: bytes) -> None:
         try:
@@ -1712,7 +1749,7 @@ class Agent:
             self._update_stream(stream)
 
     def _update_stream(self, stream: Stream) -> None:
-        reading = not (self.paused or stream.read_done or stream.unacked >= STREAM_WINDOW)
+        reading = not (self.paused or stream.read_done or stream.unacked >= self.send_window)
         writing = _POLLOUT if stream.outbuf else 0
         self._watch(stream.fd, (_POLLIN if reading else 0) | writing)
 
@@ -1721,14 +1758,20 @@ class Agent:
             self._stream_write(stream)
         if (
             self.streams.get(stream.id) is stream
-            and not (self.paused or stream.read_done or stream.unacked >= STREAM_WINDOW)
+            and not (self.paused or stream.read_done or stream.unacked >= self.send_window)
             and event & (_POLLIN | _POLLDONE)
         ):
             self._stream_read(stream)
 
     def _stream_read(self, stream: Stream) -> None:
+        room = self.send_window - stream.unacked
+        if self.binary_streams:
+            # A quarter of the window per frame keeps several in flight before an ack.
+            size = min(room, BINARY_CHUNK, self.send_window // 4, self.max_frame - 4)
+        else:
+            size = min(room, self.stream_chunk)
         try:
-            data = stream.sock.recv(min(self.stream_chunk, STREAM_WINDOW - stream.unacked))
+            data = stream.sock.recv(size)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -1740,6 +1783,12 @@ class Agent:
             if stream.write_done:
                 self._drop_stream(stream, None, tell_host=False)
                 return
+        elif self.binary_streams:
+            stream.unacked += len(data)
+            # Header and data go to writev() as they are: no copy into one frame.
+            self.out.append(((BINARY_FLAG | (len(data) + 4)) << 32 | stream.id).to_bytes(8, "big"))
+            self.out.append(data)
+            self.out_size += 8 + len(data)
         else:
             stream.unacked += len(data)
             encoded = binascii.b2a_base64(data, newline=False)
@@ -1765,7 +1814,7 @@ class Agent:
             del stream.outbuf[:count]
             written += count
         if written:
-            self._notify("stream.ack", {"stream": stream.id, "bytes": written})
+            self._ack(stream, written)
         if stream.host_eof and not stream.outbuf and not stream.write_done:
             stream.write_done = True
             try:
@@ -1776,6 +1825,39 @@ class Agent:
             if stream.read_done:
                 self._drop_stream(stream, None, tell_host=False)
                 return
+        self._update_stream(stream)
+
+    def _ack(self, stream: Stream, count: int) -> None:
+        self._queue(
+            b'{"jsonrpc":"2.0","method":"stream.ack","params":{"stream":%d,"bytes":%d}}'
+            % (stream.id, count)
+        )
+
+    def _host_data(self, stream: Stream, data: memoryview | bytes) -> None:
+        """Bytes from the host: written at once if the socket takes them, else buffered."""
+        if stream.host_eof:
+            self._violation(stream, "data after stream.eof")
+            return
+        if len(stream.outbuf) + len(data) > self.recv_window:
+            self._violation(stream, f"more than the {self.recv_window}-byte window unacknowledged")
+            return
+        if stream.outbuf:
+            stream.outbuf += data
+            self._stream_write(stream)
+            return
+        import _socket
+
+        try:
+            count = stream.sock.send(data, _socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            count = 0
+        except OSError as exc:
+            self._drop_stream(stream, f"write failed: {exc.strerror or exc}", tell_host=True)
+            return
+        if count:
+            self._ack(stream, count)
+        if count < len(data):
+            stream.outbuf += data[count:]
         self._update_stream(stream)
 
     def _drop_stream(self, stream: Stream, error: str | None, *, tell_host: bool) -> None:
@@ -1818,18 +1900,11 @@ class Agent:
         stream = self.streams.get(ident)
         if stream is None or not data:
             return
-        if stream.host_eof:
-            self._violation(stream, "data after stream.eof")
-            return
-        if len(stream.outbuf) + len(data) > STREAM_WINDOW:
-            self._violation(stream, f"more than the {STREAM_WINDOW}-byte window unacknowledged")
-            return
-        stream.outbuf += data
-        self._stream_write(stream)
+        self._host_data(stream, data)
 
     def stream_ack(self, p: Params) -> None:
         ident: int = p.integer("stream", _MISSING, 1)
-        count: int = p.integer("bytes", _MISSING, 1, STREAM_WINDOW)
+        count: int = p.integer("bytes", _MISSING, 1, MAX_STREAM_WINDOW)
         p.done()
         stream = self.streams.get(ident)
         if stream is None:
@@ -1889,7 +1964,15 @@ class Agent:
     def agent_hello(self, request_id: Any, p: Params) -> dict[str, Any]:
         p.string("protocol")
         p.string("client", "stockade")
+        binary: bool = p.boolean("stream_binary", False)
+        window: int = p.integer("stream_window", STREAM_WINDOW, STREAM_WINDOW, MAX_STREAM_WINDOW)
         p.done()
+        if not self.greeted:
+            # The first hello sets the connection's framing and window; a later one (a
+            # liveness check) changes nothing under streams already flowing.
+            self.greeted = True
+            self.binary_streams = binary
+            self.send_window = window
         uname = os.uname()
         self.idle_init = not self.subreaper
         capabilities = list(CAPABILITIES)
@@ -1897,6 +1980,8 @@ class Agent:
             capabilities.append("landlock")
         if self.listeners:
             capabilities.append("net")
+        if self.binary_streams:
+            capabilities.append("stream-binary")
         return {
             "protocol": PROTOCOL_VERSION,
             "agent_version": AGENT_VERSION,
@@ -1907,6 +1992,7 @@ class Agent:
             "hostname": uname.nodename,
             "python": ".".join(str(part) for part in sys.version_info[:3]),
             "landlock_abi": self.landlock_abi,
+            "stream_window": self.recv_window,
         }
 
     def agent_shutdown(self, request_id: Any, p: Params) -> dict[str, Any]:

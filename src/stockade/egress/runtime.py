@@ -44,6 +44,8 @@ PROXY_PORT = 3128
 SANDBOX_BUNDLE = "/etc/stockade/ca-bundle.pem"
 SANDBOX_CA = "/etc/stockade/ca.pem"
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+#: Bytes per read of each relayed direction (the host holds at most this much per direction).
+RELAY_BUFFER = 256 * 1024
 
 
 def host_networks() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -188,6 +190,8 @@ class EgressRuntime:
         self.launch = EgressLaunch(PROXY_PORT, forwards, env, names, tuple(files))
         self.proxy: EgressProxy = EgressProxy(
             rules=self.rules,
+            # One tunnel frame per read: fewer trips through the event loop per byte.
+            buffer_size=RELAY_BUFFER,
             decide=decide,
             on_event=on_event,
             sandbox=sandbox,
