@@ -36,11 +36,13 @@ class Harness:
         self.mux = TunnelMux(self.send, self.accepted.append)
         self._decoder = FrameDecoder(binary=True)
 
-    async def send(self, message: dict[str, Any] | bytes) -> None:
+    async def send(self, message: dict[str, Any] | bytes | list[bytes]) -> None:
         # Bulk data and acks arrive as whole frames; decode them as the agent would.
-        if not isinstance(message, bytes):
+        if isinstance(message, dict):
             self.sent.append(message)
             return
+        if isinstance(message, list):
+            message = b"".join(message)
         for frame in self._decoder.feed_frames(message):
             if isinstance(frame, StreamChunk):
                 self.chunks.append(frame)

@@ -127,7 +127,8 @@ class AgentClient:
         self._abandoned: dict[int, None] = {}
         self._procs: dict[int, ProcessEvents] = {}
         self._read_lock = anyio.Lock()
-        self._write_lock = anyio.Lock()
+        # Taken for every frame: uncontended, it must not cost a trip through the event loop.
+        self._write_lock = anyio.Lock(fast_acquire=True)
         self._progress = anyio.Event()
         self._failure: BaseException | None = None
         self._closed = False
@@ -306,16 +307,24 @@ class AgentClient:
         if self._closed:
             raise SandboxStateError(f"connection to the {self._peer} is closed")
 
-    async def _send(self, message: dict[str, Any] | bytes) -> None:
-        if isinstance(message, bytes):  # whole frames, encoded already (hot path: tunnel data)
-            if len(message) > self._max_frame + HEADER.size:
-                raise ValueError(f"frame of {len(message)} bytes exceeds the limit")
-            frame = message
+    async def _send(self, message: dict[str, Any] | bytes | list[bytes]) -> None:
+        # bytes: whole frames, encoded already (the tunnel's hot path); a list: the pieces of
+        # frames, written back to back under the lock (a frame header, then its data).
+        if isinstance(message, dict):
+            parts = [encode_frame(message, self._max_frame)]
         else:
-            frame = encode_frame(message, self._max_frame)
+            parts = [message] if isinstance(message, bytes) else message
+            if sum(map(len, parts)) > self._max_frame + HEADER.size:
+                raise ValueError(f"frame of {sum(map(len, parts))} bytes exceeds the limit")
         async with self._write_lock:
             try:
-                await self._channel.send(frame)
+                if len(parts) == 1:
+                    await self._channel.send(parts[0])
+                else:
+                    # Cancelled between the pieces, the channel would carry half a frame.
+                    with anyio.CancelScope(shield=True):
+                        for part in parts:
+                            await self._channel.send(part)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 error = SandboxStateError(
                     f"the {self._peer} is gone (sandbox stopped or crashed): {exc}"
@@ -457,10 +466,11 @@ class AgentClient:
                 except Exception:
                     logger.debug("error closing a failed channel", exc_info=True)
 
-    async def notify(self, message: dict[str, Any] | bytes) -> None:
+    async def notify(self, message: dict[str, Any] | bytes | list[bytes]) -> None:
         """Send a notification (no answer expected), e.g. the tunnel's stream.* traffic.
 
-        ``message`` may be whole frames already encoded (header included), for bulk data.
+        ``message`` may be whole frames already encoded (header included), for bulk data, or
+        a list of pieces that together are whole frames.
         """
         self._check_usable()
         await self._send(message)

@@ -33,8 +33,9 @@ BINARY_CHUNK = 256 * 1024
 #: Acknowledge delivered bytes once this many have accumulated (or the buffer drains).
 ACK_BATCH = 64 * 1024
 
-#: Sends one message: a dict to encode, or bytes that are whole frames already.
-Send = Callable[[dict[str, Any] | bytes], Awaitable[None]]
+#: Sends one message: a dict to encode, or whole frames already encoded (as one bytes, or
+#: as pieces that must reach the channel back to back).
+Send = Callable[[dict[str, Any] | bytes | list[bytes]], Awaitable[None]]
 
 
 def _ack_frame(stream: int, count: int) -> bytes:
@@ -42,6 +43,12 @@ def _ack_frame(stream: int, count: int) -> bytes:
         stream,
         count,
     )
+    return HEADER.pack(len(body)) + body
+
+
+def _frame(method: bytes, stream: int) -> bytes:
+    """stream.eof / stream.close without an error, encoded by hand (once per connection)."""
+    body = b'{"jsonrpc":"2.0","method":"%s","params":{"stream":%d}}' % (method, stream)
     return HEADER.pack(len(body)) + body
 
 
@@ -133,7 +140,14 @@ class TunnelStream(ByteStream):
                 continue
             if mux.binary:
                 chunk = view[: min(room, BINARY_CHUNK)]
-                frame = encode_stream_header(self.id, len(chunk)) + chunk
+                size = len(chunk)
+                # Header and data as two writes: no copy of the data into one frame (the
+                # whole item, in the common case of a read that fits the window and chunk).
+                data = item if size == len(item) else chunk.tobytes()
+                view = view[size:]
+                self._unacked_out += size
+                await mux.send([encode_stream_header(self.id, size), data])
+                continue
             else:
                 chunk = view[: min(room, CHUNK)]
                 # Encoded by hand: base64 needs no JSON escaping, and json.dumps of a large
@@ -151,9 +165,7 @@ class TunnelStream(ByteStream):
         if self._sent_eof or self._closed:
             return
         self._sent_eof = True
-        await self._mux.send(
-            {"jsonrpc": "2.0", "method": "stream.eof", "params": {"stream": self.id}}
-        )
+        await self._mux.send(_frame(b"stream.eof", self.id))
 
     async def aclose(self) -> None:
         if self._closed:
@@ -162,9 +174,7 @@ class TunnelStream(ByteStream):
         self._mux.forget(self.id)
         with anyio.CancelScope(shield=True):
             try:
-                await self._mux.send(
-                    {"jsonrpc": "2.0", "method": "stream.close", "params": {"stream": self.id}}
-                )
+                await self._mux.send(_frame(b"stream.close", self.id))
             except Exception:
                 logger.debug("could not send stream.close for %s", self.id)
 
