@@ -62,14 +62,24 @@ def test_default_policy_denies_everything_and_says_why(
         assert "X-Stockade-Denied: example.com is not in the allow list" in r.stdout
         r = sb.commands.run("curl -sS https://example.com/")
         assert r.exit_code != 0 and "403" in r.stderr
+        # A raw socket reaches nothing outside: the namespace sends every direct connection
+        # to the agent, which answers with the policy's refusal and closes.
         script = (
             "import socket\n"
-            "try:\n"
-            "    socket.create_connection(('203.0.113.9', 443), timeout=3)\n"
-            "except OSError as e:\n"
-            "    print('refused', e.errno)\n"
+            "s = socket.create_connection(('203.0.113.9', 443), timeout=3)\n"
+            "data = b''\n"
+            "while chunk := s.recv(4096):\n"
+            "    data += chunk\n"
+            "print(data.decode())\n"
         )
-        assert sb.commands.run(["python3", "-c", script]).stdout.startswith("refused")
+        r = sb.commands.run(["python3", "-c", script])
+        assert r.stdout.startswith("HTTP/1.1 403 Forbidden by stockade network policy"), r
+        assert "network policy denied a direct connection to 203.0.113.9:443" in r.stdout
+        r = sb.commands.run("curl -sS -f --noproxy '*' http://198.51.100.7:8080/")
+        assert r.exit_code != 0 and "403" in r.stderr
+        # ...and the sandbox cannot change how its namespace routes: it does not own it.
+        for cmd in ("/usr/sbin/ip route add default dev lo", "/usr/sbin/iptables -t nat -F"):
+            assert sb.commands.run(cmd).exit_code != 0, cmd
         log = sb.network.log()
         assert {(c["host"], c["decision"]) for c in log} >= {("example.com", "denied")}
     events = [json.loads(line) for line in sb.audit_path.read_text().splitlines()]

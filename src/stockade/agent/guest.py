@@ -63,6 +63,9 @@ BINARY_CHUNK = 256 * 1024  # largest binary stream frame this agent sends (data 
 MAX_STREAMS = 256  # open tunnel streams; further connections are accepted and closed
 ACCEPT_BATCH = 64  # connections accepted per poll event of a listener
 ACCEPT_RETRY = 0.1  # seconds the listeners rest after accept() ran out of descriptors
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: where a redirected connection was going
+MAX_DENIED = 64  # refused direct connections kept open at once (to let the answer arrive)
+DENIED_LINGER = 1.0  # seconds a refused connection is drained before it is closed
 
 CAPABILITIES = ("pty", "tar", "signals")
 
@@ -1113,6 +1116,9 @@ class Agent:
         self.next_stream = 1
         self.streams: dict[int, Stream] = {}
         self.stream_fds: dict[int, Stream] = {}
+        #: Direct connections the sandbox's netns redirected to us: answered with the
+        #: refusal, then drained until EOF or a deadline (fd -> (socket, deadline)).
+        self.denied: dict[int, tuple[Any, float]] = {}
         # A stream.data frame (base64 plus ~100 bytes of JSON) must fit in a frame.
         self.stream_chunk = min(CHUNK, (self.max_frame - 256) // 4 * 3)
         # Set by agent.hello (protocol 1.2): binary stream frames both ways, and the windows.
@@ -1262,6 +1268,9 @@ class Agent:
             listener = self.listener_fds.get(fd)
             if listener is not None:
                 self._accept(listener)
+                continue
+            if fd in self.denied:
+                self._drain_denied(fd)
         if self.signals_seen:
             self._handle_signals()
         self._run_timers()
@@ -1287,6 +1296,9 @@ class Agent:
         when = self.accept_paused_until
         if when is not None and (soonest is None or when < soonest):
             soonest = when
+        for _, when in self.denied.values():
+            if soonest is None or when < soonest:
+                soonest = when
         if soonest is None:
             return None
         return max(0, int((soonest - now) * 1000) + 1)
@@ -1331,6 +1343,9 @@ class Agent:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        for fd, (_, when) in list(self.denied.items()):
+            if now >= when:
+                self._close_denied(fd)
         if self.accept_paused_until is not None and now >= self.accept_paused_until:
             self.accept_paused_until = None
             for listener in self.listeners:
@@ -1729,6 +1744,8 @@ class Agent:
                 sock.close()
                 continue
             sock.setblocking(False)
+            if listener.kind == "proxy" and self._refuse_direct(sock, listener):
+                continue
             try:
                 # Relayed bytes go out at once: the tunnel must not add Nagle's delay.
                 sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
@@ -1747,6 +1764,71 @@ class Agent:
                 params["target"] = listener.target
             self._notify("net.accept", params)
             self._update_stream(stream)
+
+    def _refuse_direct(self, sock: Any, listener: Listener) -> bool:
+        """Answer a direct connection that the netns redirected here; False for proxy clients.
+
+        The launch chain redirects every TCP connection to a non-loopback address to the
+        proxy port (the sandbox has no route out), so that the program that tried it learns
+        why it cannot connect: an HTTP 403 in the proxy's words, which a raw socket reads as
+        text and HTTP clients show as the answer.
+        """
+        import _socket
+
+        try:
+            raw = sock.getsockopt(_socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        except OSError:
+            return False  # not redirected (no connection tracking here): a proxy client
+        port = int.from_bytes(raw[2:4], "big")
+        address = ".".join(str(part) for part in raw[4:8])
+        if address.startswith("127.") and port == listener.port:
+            return False
+        target = f"{address}:{port}"
+        log(f"refused a direct connection to {target}")
+        text = (
+            f"stockade: the network policy denied a direct connection to {target}: the "
+            "sandbox has no route out. Connect through the proxy at "
+            f"http://127.0.0.1:{listener.port} (HTTP_PROXY, HTTPS_PROXY and ALL_PROXY are "
+            "set), and allow the host on the host side: stockade net allow NAME HOST\n"
+        ).encode()
+        head = (
+            "HTTP/1.1 403 Forbidden by stockade network policy\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(text)}\r\n"
+            "Connection: close\r\n"
+            "X-Stockade-Denied: direct connections are denied by the network policy; "
+            "use the proxy\r\n\r\n"
+        ).encode()
+        try:
+            sock.send(head + text, _socket.MSG_NOSIGNAL)  # small: fits the socket buffer
+            sock.shutdown(_socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return True
+        if len(self.denied) >= MAX_DENIED:
+            sock.close()
+            return True
+        # Closing with unread request bytes would reset the connection and could lose the
+        # answer: read and drop what the client sends for a moment.
+        self.denied[sock.fileno()] = (sock, time.monotonic() + DENIED_LINGER)
+        self._watch(sock.fileno(), _POLLIN)
+        return True
+
+    def _drain_denied(self, fd: int) -> None:
+        sock = self.denied[fd][0]
+        try:
+            if sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close_denied(fd)
+
+    def _close_denied(self, fd: int) -> None:
+        sock, _ = self.denied.pop(fd)
+        self._watch(fd, 0)
+        sock.close()
 
     def _update_stream(self, stream: Stream) -> None:
         reading = not (self.paused or stream.read_done or stream.unacked >= self.send_window)
@@ -1881,6 +1963,8 @@ class Agent:
 
     def close_network(self) -> None:
         """Close every stream and listener (the channel is gone: nobody to tell)."""
+        for fd in list(self.denied):
+            self._close_denied(fd)
         for stream in list(self.streams.values()):
             self._drop_stream(stream, None, tell_host=False)
         for listener in self.listeners:
