@@ -63,6 +63,7 @@ BINARY_CHUNK = 256 * 1024  # largest binary stream frame this agent sends (data 
 MAX_STREAMS = 256  # open tunnel streams; further connections are accepted and closed
 ACCEPT_BATCH = 64  # connections accepted per poll event of a listener
 ACCEPT_RETRY = 0.1  # seconds the listeners rest after accept() ran out of descriptors
+ACK_BATCH = 64 * 1024  # written bytes acknowledged together (below every window)
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: where a redirected connection was going
 MAX_DENIED = 64  # refused direct connections kept open at once (to let the answer arrive)
 DENIED_LINGER = 1.0  # seconds a refused connection is drained before it is closed
@@ -1001,6 +1002,7 @@ class Stream:
         self.sock = sock
         self.fd: int = sock.fileno()
         self.unacked = 0  # bytes sent to the host and not acknowledged yet
+        self.to_ack = 0  # bytes from the host written to the socket, not acknowledged yet
         self.read_done = False  # the socket reached EOF and stream.eof was sent
         self.outbuf = bytearray()  # bytes from the host not yet written to the socket
         self.host_eof = False  # the host sent stream.eof
@@ -1910,10 +1912,18 @@ class Agent:
         self._update_stream(stream)
 
     def _ack(self, stream: Stream, count: int) -> None:
+        """Acknowledge written bytes in batches: a short answer costs no ack frame at all.
+
+        Holding back less than ACK_BATCH never stalls the host: its window is larger.
+        """
+        stream.to_ack += count
+        if stream.to_ack < ACK_BATCH:
+            return
         self._queue(
             b'{"jsonrpc":"2.0","method":"stream.ack","params":{"stream":%d,"bytes":%d}}'
-            % (stream.id, count)
+            % (stream.id, stream.to_ack)
         )
+        stream.to_ack = 0
 
     def _host_data(self, stream: Stream, data: memoryview | bytes) -> None:
         """Bytes from the host: written at once if the socket takes them, else buffered."""

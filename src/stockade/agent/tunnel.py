@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 #: Largest binary stream frame the host sends (data bytes).
 BINARY_CHUNK = 256 * 1024
-#: Acknowledge delivered bytes once this many have accumulated (or the buffer drains).
+#: Acknowledge delivered bytes once this many have accumulated. Less than the window, so
+#: what is held back never stalls the agent; a short request costs no ack frame at all.
 ACK_BATCH = 64 * 1024
 
 #: Sends one message: a dict to encode, or whole frames already encoded (as one bytes, or
@@ -120,7 +121,7 @@ class TunnelStream(ByteStream):
             data, self._buffer[0] = data[:max_bytes], data[max_bytes:]
         self._buffered -= len(data)
         self._delivered += len(data)
-        if self._delivered >= self._mux.ack_batch or not self._buffer:
+        if self._delivered >= self._mux.ack_batch:
             count, self._delivered = self._delivered, 0
             if not self._closed:
                 await self._mux.send(_ack_frame(self.id, count))
@@ -170,8 +171,13 @@ class TunnelStream(ByteStream):
     async def aclose(self) -> None:
         if self._closed:
             return
+        both_ended = self._sent_eof and self._peer_eof
         self._close(None)
         self._mux.forget(self.id)
+        if both_ended:
+            # Both sides half-closed: the agent forgets the stream once it has written
+            # everything; a stream.close now would only cut that short.
+            return
         with anyio.CancelScope(shield=True):
             try:
                 await self._mux.send(_frame(b"stream.close", self.id))
