@@ -75,6 +75,10 @@ def test_default_policy_denies_everything_and_says_why(
         r = sb.commands.run(["python3", "-c", script])
         assert r.stdout.startswith("HTTP/1.1 403 Forbidden by stockade network policy"), r
         assert "network policy denied a direct connection to 203.0.113.9:443" in r.stdout
+        if sb.commands.run("test -e /proc/net/if_inet6").exit_code == 0:  # IPv6 here too
+            v6 = script.replace("'203.0.113.9'", "'2001:db8::9'")
+            r = sb.commands.run(["python3", "-c", v6])
+            assert "denied a direct connection to [2001:db8::9]:443" in r.stdout, r
         r = sb.commands.run("curl -sS -f --noproxy '*' http://198.51.100.7:8080/")
         assert r.exit_code != 0 and "403" in r.stderr
         # ...and the sandbox cannot change how its namespace routes: it does not own it.

@@ -1777,15 +1777,20 @@ class Agent:
         """
         import _socket
 
+        v6 = sock.family == _socket.AF_INET6
         try:
-            raw = sock.getsockopt(_socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        except OSError:
+            if v6:  # a sockaddr_in6: family, port, flow info, address
+                raw = sock.getsockopt(_socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+                address = _socket.inet_ntop(_socket.AF_INET6, raw[8:24])
+            else:
+                raw = sock.getsockopt(_socket.SOL_IP, SO_ORIGINAL_DST, 16)
+                address = _socket.inet_ntop(_socket.AF_INET, raw[4:8])
+        except (OSError, ValueError):
             return False  # not redirected (no connection tracking here): a proxy client
         port = int.from_bytes(raw[2:4], "big")
-        address = ".".join(str(part) for part in raw[4:8])
-        if address.startswith("127.") and port == listener.port:
+        if port == listener.port and (address == "::1" or address.startswith("127.")):
             return False
-        target = f"{address}:{port}"
+        target = f"[{address}]:{port}" if v6 else f"{address}:{port}"
         log(f"refused a direct connection to {target}")
         text = (
             f"stockade: the network policy denied a direct connection to {target}: the "

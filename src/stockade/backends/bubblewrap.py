@@ -176,13 +176,16 @@ def _etc_dir(spec: LaunchSpec) -> Path:
 #: the proxy port as $1: loopback up (bwrap does it when it makes the namespace itself);
 #: then, best effort, every TCP connection to a non-loopback address is redirected to the
 #: agent's proxy port, and only after that every address becomes local (a route, so that a
-#: connect() gets that far instead of failing with "Network is unreachable"). Packets never
-#: leave the namespace either way: it has no other device.
+#: connect() gets that far instead of failing with "Network is unreachable"); IPv4, then
+#: IPv6 where the host has it. Packets never leave the namespace either way: it has no
+#: other device.
 DIRECT_DENIAL_SETUP = (
     "ip link set lo up || exit 1; "
     "{ iptables -w -t nat -A OUTPUT -p tcp ! -d 127.0.0.0/8 -j REDIRECT --to-ports $1 && "
     "ip route add local 0.0.0.0/0 dev lo table local; } >/dev/null 2>&1 || "
     'echo "stockade: direct connections will fail without the policy notice" >&2; '
+    "{ ip6tables -w -t nat -A OUTPUT -p tcp ! -d ::1/128 -j REDIRECT --to-ports $1 && "
+    "ip -6 route add local ::/0 dev lo table local; } >/dev/null 2>&1; "
     "shift; "
 )
 
