@@ -112,6 +112,7 @@ class AgentHarness:
         self.procs: dict[int, ProcRecord] = {}
         self.eof = False
         self.streams: dict[int, StreamRecord] = {}
+        self.direct: list[dict[str, Any]] = []  # net.direct reports
         #: Acknowledge every stream.data as soon as it arrives (tests of the window turn it off).
         self.auto_ack = True
         self.stream_bytes = 0  # stream.data bytes received so far, over all streams
@@ -223,6 +224,9 @@ class AgentHarness:
             record.exit = params
 
     def _dispatch_stream(self, method: str, params: dict[str, Any]) -> None:
+        if method == "net.direct":
+            self.direct.append(params)
+            return
         if method == "net.accept":
             assert params["stream"] not in self.streams, f"stream id reused: {params}"
             assert (params["target"] is not None) == (params["kind"] == "forward"), params

@@ -86,9 +86,13 @@ def test_default_policy_denies_everything_and_says_why(
             assert sb.commands.run(cmd).exit_code != 0, cmd
         log = sb.network.log()
         assert {(c["host"], c["decision"]) for c in log} >= {("example.com", "denied")}
+        direct = [c for c in log if c["kind"] == "direct"]
+        assert direct and direct[0]["host"] == "203.0.113.9" and direct[0]["port"] == 443
+        assert direct[0]["decision"] == "denied" and direct[0]["bytes_up"] == 0
     events = [json.loads(line) for line in sb.audit_path.read_text().splitlines()]
     denied = [e for e in events if e["action"] == "egress.denied"]
     assert denied and denied[0]["target"].startswith("example.com:")
+    assert "203.0.113.9:443" in {e["target"] for e in denied}  # the direct attempt too
 
 
 def test_loopback_name_refused_unless_address_allowed(

@@ -14,6 +14,7 @@ from stockade.protocol.framing import FrameDecoder, StreamChunk
 from stockade.protocol.messages import (
     STREAM_WINDOW,
     NetAcceptParams,
+    NetDirectParams,
     StreamAckParams,
     StreamCloseParams,
     StreamDataParams,
@@ -166,3 +167,10 @@ async def test_agent_exceeding_the_negotiated_window_is_a_protocol_error() -> No
     h.mux.feed(1, b"x" * (512 * 1024))
     with pytest.raises(AgentProtocolError):
         h.mux.feed(1, b"y")
+
+
+async def test_direct_connection_reports_reach_the_callback_only() -> None:
+    reports: list[NetDirectParams] = []
+    mux = TunnelMux(Harness().send, lambda stream: None, reports.append)
+    mux.dispatch("net.direct", NetDirectParams(target="203.0.113.9:443", peer="127.0.0.1:5"))
+    assert [r.target for r in reports] == ["203.0.113.9:443"] and len(mux) == 0

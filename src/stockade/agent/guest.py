@@ -1053,6 +1053,13 @@ def _listen(family: int, address: str, port: int) -> Any:
     return sock
 
 
+def _minor(version: str) -> int:
+    """The minor number of a MAJOR.MINOR protocol version (-1 when it is not one)."""
+    major, _, minor = version.partition(".")
+    ours = PROTOCOL_VERSION.partition(".")[0]
+    return int(minor) if major == ours and minor.isdigit() else -1
+
+
 def _peer_name(address: Any) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
@@ -1125,6 +1132,7 @@ class Agent:
         self.stream_chunk = min(CHUNK, (self.max_frame - 256) // 4 * 3)
         # Set by agent.hello (protocol 1.2): binary stream frames both ways, and the windows.
         self.greeted = False
+        self.host_reports = False  # the host speaks 1.2: it takes net.direct reports
         self.binary_streams = False
         self.send_window = STREAM_WINDOW  # the host's buffer per stream
         self.recv_window = RECV_WINDOW  # ours (a 1.1 host sends at most STREAM_WINDOW)
@@ -1746,7 +1754,7 @@ class Agent:
                 sock.close()
                 continue
             sock.setblocking(False)
-            if listener.kind == "proxy" and self._refuse_direct(sock, listener):
+            if listener.kind == "proxy" and self._refuse_direct(sock, listener, address):
                 continue
             try:
                 # Relayed bytes go out at once: the tunnel must not add Nagle's delay.
@@ -1767,7 +1775,7 @@ class Agent:
             self._notify("net.accept", params)
             self._update_stream(stream)
 
-    def _refuse_direct(self, sock: Any, listener: Listener) -> bool:
+    def _refuse_direct(self, sock: Any, listener: Listener, peer: Any) -> bool:
         """Answer a direct connection that the netns redirected here; False for proxy clients.
 
         The launch chain redirects every TCP connection to a non-loopback address to the
@@ -1792,6 +1800,8 @@ class Agent:
             return False
         target = f"[{address}]:{port}" if v6 else f"{address}:{port}"
         log(f"refused a direct connection to {target}")
+        if self.host_reports:  # for the connection log and the audit, on the host
+            self._notify("net.direct", {"target": target, "peer": _peer_name(peer)})
         text = (
             f"stockade: the network policy denied a direct connection to {target}: the "
             "sandbox has no route out. Connect through the proxy at "
@@ -2061,7 +2071,7 @@ class Agent:
     # --- agent.* ---------------------------------------------------------------------------
 
     def agent_hello(self, request_id: Any, p: Params) -> dict[str, Any]:
-        p.string("protocol")
+        protocol: str = p.string("protocol")
         p.string("client", "stockade")
         binary: bool = p.boolean("stream_binary", False)
         window: int = p.integer("stream_window", STREAM_WINDOW, STREAM_WINDOW, MAX_STREAM_WINDOW)
@@ -2070,6 +2080,7 @@ class Agent:
             # The first hello sets the connection's framing and window; a later one (a
             # liveness check) changes nothing under streams already flowing.
             self.greeted = True
+            self.host_reports = _minor(protocol) >= 2
             self.binary_streams = binary
             self.send_window = window
         uname = os.uname()

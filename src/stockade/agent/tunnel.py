@@ -20,7 +20,7 @@ from anyio.abc import ByteStream
 
 from stockade._errors import AgentProtocolError
 from stockade.protocol.framing import HEADER, encode_stream_header
-from stockade.protocol.messages import STREAM_WINDOW, NetAcceptParams
+from stockade.protocol.messages import STREAM_WINDOW, NetAcceptParams, NetDirectParams
 
 __all__ = ["TunnelMux", "TunnelStream"]
 
@@ -196,9 +196,15 @@ class TunnelMux:
 
     MAX_STREAMS = 512
 
-    def __init__(self, send: Send, on_accept: Callable[[TunnelStream], None]) -> None:
+    def __init__(
+        self,
+        send: Send,
+        on_accept: Callable[[TunnelStream], None],
+        on_direct: Callable[[NetDirectParams], None] | None = None,
+    ) -> None:
         self.send = send
         self._on_accept = on_accept
+        self._on_direct = on_direct
         self._streams: dict[int, TunnelStream] = {}
         self.recv_window = STREAM_WINDOW
         self.send_window = STREAM_WINDOW
@@ -231,6 +237,11 @@ class TunnelMux:
             stream = TunnelStream(self, params.stream, params)
             self._streams[params.stream] = stream
             self._on_accept(stream)
+            return
+        if method == "net.direct":
+            assert isinstance(params, NetDirectParams)
+            if self._on_direct is not None:
+                self._on_direct(params)
             return
         stream_id = params.stream
         existing = self._streams.get(stream_id)

@@ -532,6 +532,21 @@ class EgressProxy:
             await _close_quietly(stream)
             self._finish(conn)
 
+    def record_direct(self, target: str, *, peer: str = "") -> None:
+        """Record a direct connection the sandbox tried (refused inside it: no route out)."""
+        conn = self._start("direct", peer)
+        try:
+            parsed = _parse_authority(target, default_port=None)
+            conn.host, conn.port = parsed.host, parsed.port
+        except _Refusal:
+            conn.host = ""  # the agent's report did not parse; the record still counts
+        conn.decision = "denied"
+        conn.reason = (
+            "direct connections bypass the proxy and are always denied (the sandbox has no "
+            "route out); connect through the proxy instead"
+        )
+        self._finish(conn)
+
     # --- HTTP -----------------------------------------------------------------------------
 
     async def _serve_http(

@@ -283,6 +283,7 @@ class EgressRuntime:
     def attach(self, client: AgentClient, background: BackgroundTasks) -> None:
         """Route the agent's accepted connections to the proxy, each in its own task."""
         from stockade.agent.tunnel import TunnelMux
+        from stockade.protocol.messages import NetDirectParams
 
         def on_accept(stream: TunnelStream) -> None:
             accept = stream.accept
@@ -291,7 +292,10 @@ class EgressRuntime:
             else:
                 background.start(self._handle_proxy, stream, accept.peer)
 
-        client.tunnel = TunnelMux(client.notify, on_accept)
+        def on_direct(report: NetDirectParams) -> None:
+            self.proxy.record_direct(report.target, peer=report.peer)
+
+        client.tunnel = TunnelMux(client.notify, on_accept, on_direct)
 
     async def _handle_proxy(self, stream: TunnelStream, peer: str) -> None:
         await self.proxy.handle_proxy_stream(stream, peer=peer)

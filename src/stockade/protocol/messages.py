@@ -40,6 +40,7 @@ __all__ = [
     "FsWriteParams",
     "FsWriteResult",
     "NetAcceptParams",
+    "NetDirectParams",
     "ProcessExitParams",
     "ProcessOutputParams",
     "ProcessResizeParams",
@@ -358,6 +359,18 @@ class NetAcceptParams(_Model):
     peer: str = Field(default="", description="Client address inside the sandbox.")
 
 
+class NetDirectParams(_Model):
+    """Notification (agent -> host, protocol 1.2): the sandbox tried a direct connection.
+
+    The network namespace sends every TCP connection to a non-loopback address to the agent,
+    which answers it with the policy's refusal and reports it here (for the connection log
+    and the audit); nothing is tunnelled.
+    """
+
+    target: str = Field(max_length=300, description="host:port the sandbox tried to reach.")
+    peer: str = Field(default="", max_length=300, description="Client address inside.")
+
+
 class StreamDataParams(_Model):
     """Notification (both directions): bytes of a stream."""
 
@@ -411,6 +424,7 @@ NOTIFICATIONS: dict[str, type[BaseModel]] = {
     "process.output": ProcessOutputParams,
     "process.exit": ProcessExitParams,
     "net.accept": NetAcceptParams,
+    "net.direct": NetDirectParams,
     "stream.data": StreamDataParams,
     "stream.ack": StreamAckParams,
     "stream.eof": StreamEofParams,
