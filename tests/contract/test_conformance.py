@@ -402,3 +402,15 @@ def test_close_leaves_nothing(target: str, tmp_path: Path) -> None:
     assert host_pids(f"sleep\x00{marker}") == []
     assert _leftovers(target, sandbox_id, state_dir) == []
     assert not state_dir.exists()
+
+
+def test_sandbox_wall_clock_timeout(target: str, tmp_path: Path) -> None:
+    from stockade import SandboxStateError
+
+    project = make_project(tmp_path / "project")
+    with fresh(target, project, timeout=1) as sb:
+        t = time.monotonic()
+        with pytest.raises(SandboxStateError, match="timeout"):
+            sb.commands.run(["sleep", "30"])
+        assert time.monotonic() - t < 20
+        assert not sb.is_running()

@@ -22,9 +22,11 @@ import json
 import logging
 import os
 import posixpath
+import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -588,11 +590,24 @@ class OciContainerSandbox(ProcessSandbox):
     ) -> None:
         super().__init__(process, log_path)
         self.cgroups_path = cgroups_path
+        with contextlib.suppress(OSError):
+            # If the runtime process dies (the sandbox's wall-clock timer kills it, or it
+            # crashes), the container must not live on without it.
+            pidfd = os.pidfd_open(process.pid)
+            threading.Thread(target=self._lifeline, args=(pidfd,), daemon=True).start()
         self.runtime = runtime
         self.container_id = container_id
         self.sandbox_id = sandbox_id
         self._watchdog = watchdog
         self._cgroup_cache: Any = None
+
+    def _lifeline(self, pidfd: int) -> None:
+        try:
+            select.select([pidfd], [], [])
+        finally:
+            os.close(pidfd)
+        if not self._terminated and self.runtime.exists(self.container_id):
+            self.runtime.run("kill", self.container_id, "KILL")
 
     def _cgroup(self) -> Any:
         """The container's cgroup, looked up at the path we gave the runtime (no search)."""

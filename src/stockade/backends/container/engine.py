@@ -30,6 +30,7 @@ import socket
 import struct
 import subprocess
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -480,6 +481,29 @@ class EngineSandbox(LaunchedSandbox):
         self._watchdog = watchdog
         self._terminated = False
         self._oom: bool | None = None
+        if watchdog is not None:
+            # The watchdog doubles as the sandbox's lifeline process: whoever kills it (the
+            # sandbox's wall-clock timer does) takes the container down with it.
+            threading.Thread(target=self._lifeline, args=(watchdog,), daemon=True).start()
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The lifeline: killing this process stops the container (None without a CLI)."""
+        return self._watchdog
+
+    def _lifeline(self, watchdog: subprocess.Popen[bytes]) -> None:
+        from docker.errors import DockerException
+
+        watchdog.wait()
+        if self._terminated or watchdog.returncode == 0:
+            return  # our own teardown, or the watchdog did its job
+        client = client_for(self.engine, timeout=30)
+        try:
+            client.api.kill(self.container_id)
+        except DockerException:
+            pass
+        finally:
+            client.close()
 
     def _state(self) -> dict[str, Any] | None:
         from docker.errors import DockerException, NotFound
