@@ -54,6 +54,7 @@ __all__ = [
     "overlay_prefix",
     "runtime_state_root",
     "sandbox_cgroup_path",
+    "unshare_prefix",
 ]
 
 logger = logging.getLogger(__name__)
@@ -293,8 +294,10 @@ def _tmpfs(dest: str, *options: str) -> dict[str, Any]:
 
 def _id_mappings(caller: int) -> list[dict[str, int]]:
     if os.getuid() != 0:
-        # Unprivileged: the kernel lets us map only ourselves.
-        return [{"containerID": GUEST_UID, "hostID": caller, "size": 1}]
+        # Unprivileged: only ourselves, who are root in the user namespace the runtime
+        # runs in (see unshare_prefix).
+        # The runtime insists on a mapped root, so the one id is 0 (no capabilities).
+        return [{"containerID": 0, "hostID": 0, "size": 1}]
     return [
         {"containerID": 0, "hostID": _SUBID_BASE, "size": GUEST_UID},
         {"containerID": GUEST_UID, "hostID": caller, "size": 1},
@@ -328,6 +331,8 @@ def build_config(
     policy = spec.policy
     limits = policy.limits
     ws = policy.workspace
+    # Unprivileged, only one id can be mapped (see _id_mappings): the sandbox runs as it.
+    uid = GUEST_UID if os.getuid() == 0 else 0
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         _tmpfs("/dev", "nosuid", "strictatime", "mode=755", "size=65536k"),
@@ -354,9 +359,7 @@ def build_config(
     tmp_size = limits.disk_bytes or limits.memory_bytes
     size = [f"size={tmp_size}"] if tmp_size else []
     mounts.append(_tmpfs("/tmp", "nosuid", "nodev", "mode=1777", *size))
-    mounts.append(
-        _tmpfs("/tmp/home", "nosuid", "nodev", "mode=700", f"uid={GUEST_UID}", f"gid={GUEST_UID}")
-    )
+    mounts.append(_tmpfs("/tmp/home", "nosuid", "nodev", "mode=700", f"uid={uid}", f"gid={uid}"))
     mounts.append(_tmpfs("/run", "nosuid", "nodev", "mode=755", "uid=0", "gid=0", "size=16m"))
     guest_agent = AGENT_GUEST_PATH + ("c" if agent.suffix == ".pyc" else "")
     # The agent's whole directory read-only: a mount point made inside a writable /run
@@ -413,14 +416,15 @@ def build_config(
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": GUEST_UID, "gid": GUEST_UID},
+            "user": {"uid": uid, "gid": uid},
             "args": agent_argv(
                 spec,
                 python=rootfs.python,
                 guest_agent=guest_agent,
                 cwd=cwd,
                 landlock=landlock,
-                rlimits=user_space_kernel,
+                # No cgroup (unprivileged on cgroup v1): per-process rlimits instead.
+                rlimits=user_space_kernel or cgroups_path is None,
             ),
             "env": [f"{k}={v}" for k, v in sorted(env.items())],
             "cwd": cwd,
@@ -435,6 +439,17 @@ def build_config(
     }
 
 
+def unshare_prefix() -> list[str]:
+    """A private mount namespace; unprivileged, inside a user namespace where we are root.
+
+    The runtime then runs "rootless" in that namespace, and the bundle's id mappings are
+    relative to it (the caller is 0 there).
+    """
+    if os.getuid() == 0:
+        return ["unshare", "--mount", "--propagation", "private"]
+    return ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
+
+
 def overlay_prefix(spec: LaunchSpec, *, extra: str = "") -> tuple[list[str], Path | None]:
     """``unshare -m sh -c 'mount overlay; exec "$@"'`` and the merged directory, or ([], None).
 
@@ -442,10 +457,9 @@ def overlay_prefix(spec: LaunchSpec, *, extra: str = "") -> tuple[list[str], Pat
     The overlay uses ``userxattr`` so its whiteouts look like the namespace backend's.
     """
     if spec.policy.workspace.mode != "cow" or spec.workspace is None:
-        if not extra:
+        if not extra and os.getuid() == 0:
             return [], None
-        return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-                f'{extra}; exec "$@"', "sh"], None  # fmt: skip
+        return [*unshare_prefix(), "/bin/sh", "-c", f'{extra or ":"}; exec "$@"', "sh"], None
     merged = spec.state_dir / "merged"
     merged.mkdir(exist_ok=True)
     lower_link = spec.state_dir / "lower"
@@ -457,7 +471,7 @@ def overlay_prefix(spec: LaunchSpec, *, extra: str = "") -> tuple[list[str], Pat
         '&& shift 4 && exec "$@"'
     )
     layers = [lower_link, spec.workspace.upper, spec.workspace.work, merged]
-    prefix = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh"]
+    prefix = [*unshare_prefix(), "/bin/sh", "-c", script, "sh"]
     prefix += [str(path) for path in layers]
     return prefix, merged.resolve()
 

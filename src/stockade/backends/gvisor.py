@@ -30,6 +30,7 @@ from stockade.backends._oci import (
     runtime_state_root,
     sandbox_cgroup_path,
     start_watchdog,
+    unshare_prefix,
     which,
     write_bundle,
 )
@@ -80,7 +81,8 @@ def _runtime(platform: str, *, rootless: bool) -> OciRuntime:
     runsc, _version = runsc_platforms()
     flags = ["--network=none", f"--platform={platform}"]
     if rootless:
-        flags += ["--rootless", "--ignore-cgroups"]
+        # Run inside our own user namespace (see _oci._unshare), where we are root.
+        flags += ["--ignore-cgroups"]
     return OciRuntime("runsc", runsc, runtime_state_root("runsc"), tuple(flags))
 
 
@@ -108,7 +110,17 @@ def _probe_cached() -> Availability:
     with tempfile.TemporaryDirectory(prefix="stockade-runsc-probe-") as tmp:
         try:
             proc = subprocess.run(
-                [runtime.binary, "--root", tmp, *runtime.global_flags, "do", "true"],
+                # The same namespaces as a launch (see _oci._unshare), so auto never picks
+                # gvisor where a start would fail.
+                [
+                    *unshare_prefix(),
+                    runtime.binary,
+                    "--root",
+                    tmp,
+                    *runtime.global_flags,
+                    "do",
+                    "true",
+                ],
                 capture_output=True,
                 timeout=30,
                 check=False,
@@ -145,7 +157,8 @@ class GvisorBackend(Backend):
         does_not_enforce=(
             "hardware isolation: a bug in gVisor itself or in the ~70 host syscalls it uses "
             "could escape (use microvm for that)",
-            "cgroup limits when unprivileged (runsc --rootless --ignore-cgroups)",
+            "cgroup limits when unprivileged (runsc --ignore-cgroups in a user namespace; "
+            "rlimits instead)",
         ),
     )
 
