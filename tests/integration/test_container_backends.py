@@ -171,7 +171,9 @@ def _engine_leftovers(target: str, sandbox_id: str) -> list[str]:
     return left
 
 
-@pytest.mark.parametrize("target", ["gvisor", "container/runc", "container/docker"])
+@pytest.mark.parametrize(
+    "target", ["gvisor", "container/runc", "container/crun", "container/docker", "container/podman"]
+)
 def test_kill_9_of_supervisor_then_rm_leaves_nothing(target: str, project: Path) -> None:
     require_backend(target)
     backend, _, engine = target.partition("/")

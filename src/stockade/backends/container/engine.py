@@ -161,6 +161,16 @@ def _hostview_tar() -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()[:16]
 
 
+def _retag(client: docker.DockerClient, repo: str, tag: str) -> None:
+    """Podman's Docker-compatible import ignores the tag (it names the image ':latest')."""
+    from docker.errors import ImageNotFound
+
+    try:
+        client.images.get(f"{repo}:{tag}")
+    except ImageNotFound:
+        client.images.get(f"{repo}:latest").tag(repo, tag)
+
+
 def _ensure_image(client: docker.DockerClient, image: str) -> tuple[str, bool]:
     """(image reference, host view?) for ``[container] image``; imports what is missing."""
     from docker.errors import ImageNotFound
@@ -174,6 +184,7 @@ def _ensure_image(client: docker.DockerClient, image: str) -> tuple[str, bool]:
             client.api.import_image_from_data(
                 data, repository=_HOSTVIEW_REPO, tag=tag, changes=["LABEL stockade.image=hostview"]
             )
+            _retag(client, _HOSTVIEW_REPO, tag)
         return ref, True
     if image.isidentifier():  # an image-builder profile
         try:
@@ -192,6 +203,7 @@ def _ensure_image(client: docker.DockerClient, image: str) -> tuple[str, bool]:
             client.api.import_image_from_file(
                 str(built.tar), repository=repo, tag=tag, changes=["LABEL stockade.image=rootfs"]
             )
+            _retag(client, repo, tag)
         return ref, False
     try:
         client.images.get(image)
@@ -269,9 +281,13 @@ def _watchdog(engine: str, container: str, volume: str | None) -> subprocess.Pop
         url = _engine_url("podman")
         if url is not None:
             env["CONTAINER_HOST"] = url
-    rm = f"{shlex.quote(cli)} rm -f -v {shlex.quote(container)} >/dev/null 2>&1"
+    base = shlex.quote(cli)
+    if engine == "podman":
+        # The service's own storage, not the CLI's local default.
+        base += f" --remote --url {shlex.quote(env.get('CONTAINER_HOST', ''))}"
+    rm = f"{base} rm -f -v {shlex.quote(container)} >/dev/null 2>&1"
     if volume is not None:
-        rm += f"; {shlex.quote(cli)} volume rm -f {shlex.quote(volume)} >/dev/null 2>&1"
+        rm += f"; {base} volume rm -f {shlex.quote(volume)} >/dev/null 2>&1"
     script = f'read line; [ "$line" = done ] && exit 0; {rm}; exit 0'
     return subprocess.Popen(
         ["/bin/sh", "-c", script],
@@ -373,7 +389,9 @@ def _create(spec: LaunchSpec, engine: str, log_path: Path) -> tuple[Any, str, st
         size = f",size={tmp_size}" if tmp_size else ""
         tmpfs = {
             "/tmp": f"rw,nosuid,nodev,mode=1777{size}",
-            "/tmp/home": f"rw,nosuid,nodev,mode=700,uid={uid},gid={gid}",
+            # Podman refuses uid=/gid= here; its tmpfs belongs to the container's user anyway.
+            "/tmp/home": "rw,nosuid,nodev,mode=700"
+            + ("" if engine == "podman" else f",uid={uid},gid={gid}"),
             "/run": "rw,nosuid,nodev,mode=755,size=16m",
         }
         ulimits = [Ulimit(name="core", soft=0, hard=0)]
@@ -383,12 +401,23 @@ def _create(spec: LaunchSpec, engine: str, log_path: Path) -> tuple[Any, str, st
                 Ulimit(name="nofile", soft=4096, hard=4096),
                 Ulimit(name="nproc", soft=4096, hard=4096),
             ]
+        security_opt = ["no-new-privileges:true"]
+        if engine == "podman":
+            # Podman's default profile lets a process create user namespaces (Docker's does
+            # not); ours refuses them, like every other backend on the host kernel.
+            import json
+
+            from stockade.backends._oci import oci_seccomp
+
+            profile = spec.state_dir / "seccomp.json"
+            profile.write_text(json.dumps(oci_seccomp(), separators=(",", ":")))
+            security_opt.append(f"seccomp={profile}")  # podman reads a path, not the JSON
         host_config = client.api.create_host_config(
             mounts=mounts,
             tmpfs=tmpfs,
             network_mode="none",
             cap_drop=["ALL"],
-            security_opt=["no-new-privileges:true"],
+            security_opt=security_opt,
             read_only=True,
             pids_limit=limits.pids or None,
             mem_limit=limits.memory_bytes or None,
