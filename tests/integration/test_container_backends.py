@@ -260,3 +260,42 @@ def test_unprivileged_user(target: str, tmp_path: Path) -> None:
         shutil.rmtree(home, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "0 ['a'] ['b.txt'] 403"
+
+
+@pytest.fixture(scope="module")
+def base_image() -> Any:
+    """The image builder's 'base' rootfs (built once if missing; needs mmdebstrap)."""
+    import shutil
+
+    from stockade.images import ensure_rootfs, find_rootfs
+
+    found = find_rootfs("base")
+    if found is None and shutil.which("mmdebstrap") is None:
+        pytest.skip(
+            "image 'base' is not built and mmdebstrap is missing (apt-get install mmdebstrap)"
+        )
+    return found or ensure_rootfs("base")
+
+
+@pytest.mark.parametrize(
+    "target", ["gvisor", "container/runc", "container/crun", "container/docker", "container/podman"]
+)
+def test_image_rootfs(target: str, project: Path, base_image: Any) -> None:
+    """An image-builder rootfs instead of the host's /usr; the shared tree is never written."""
+    require_backend(target)
+    backend, _, engine = target.partition("/")
+    config: dict[str, Any] = {f"{backend}.image": "base"}
+    if engine:
+        config["container.engine"] = engine
+    before = sorted(p.name for p in base_image.tree.iterdir())
+    with Sandbox.create(project_dir=project, backend=backend, config=config) as sb:
+        version = sb.commands.run("cat /etc/debian_version").stdout.strip()
+        assert version == (base_image.tree / "etc" / "debian_version").read_text().strip()
+        if "curl" not in base_image.packages and Path("/usr/bin/curl").exists():
+            # The host has curl, the image does not: the root really is the image's.
+            assert sb.commands.run("command -v curl").exit_code != 0
+        assert sb.commands.run("touch /usr/x").exit_code != 0
+        assert sb.commands.run("echo x > new.txt").exit_code == 0
+        assert [c.path for c in sb.workspace.diff()] == ["new.txt"]
+    assert sorted(p.name for p in base_image.tree.iterdir()) == before
+    assert not (base_image.tree / "workspace").exists()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import json
 import logging
 import os
@@ -102,6 +101,9 @@ class RootfsView:
     host_usr: bool  # True: the host's /usr and a curated /etc are bound in
     python: str = "/usr/bin/python3"
     label: str = "host"  # 'host', an image profile or a directory, for messages
+    #: A shared image tree mounted read-only under ``path`` with a private upper layer
+    #: (mount points the runtime creates land there, never in the shared tree).
+    lower: Path | None = None
 
 
 def host_rootfs(state_dir: Path) -> RootfsView:
@@ -128,25 +130,29 @@ def host_rootfs(state_dir: Path) -> RootfsView:
     return RootfsView(root, host_usr=True)
 
 
-def image_rootfs(image: str) -> RootfsView:
-    """The root filesystem of an image-builder profile (built on first use) or a directory."""
+def image_rootfs(image: str, state_dir: Path) -> RootfsView:
+    """An image-builder profile's tree (built on first use) or a rootfs directory, overlaid.
+
+    The tree is shared by every sandbox of that image and never written: the sandbox's root
+    is an overlay of it with an upper layer in the sandbox's state directory, mounted (like
+    the workspace) in the sandbox's private mount namespace by ``overlay_prefix``.
+    """
     if image.startswith("/"):
-        path = Path(image)
-        if not (path / "usr" / "bin" / "python3").exists():
-            raise SandboxStartError(
-                f"rootfs directory {image!r} has no /usr/bin/python3, which the guest agent "
-                "needs; build one with `stockade image build` or install python3 in it"
-            )
-        return RootfsView(path.resolve(), host_usr=False, label=image)
-    try:
-        ensure_rootfs = importlib.import_module("stockade.images").ensure_rootfs
-    except (ImportError, AttributeError) as exc:
+        tree = Path(image).resolve()
+    else:
+        from stockade.images import ensure_rootfs
+
+        tree = Path(ensure_rootfs(image).tree).resolve()
+    if not (tree / "usr" / "bin" / "python3").exists():
         raise SandboxStartError(
-            f"image {image!r} needs the image builder, which this version of stockade lacks; "
-            "use image = 'host' (the host's /usr, no build)"
-        ) from exc
-    built = ensure_rootfs(image)
-    return RootfsView(Path(built.tree).resolve(), host_usr=False, label=image)
+            f"root filesystem {str(tree)!r} (image {image!r}) has no /usr/bin/python3, which "
+            "the guest agent needs; use an image profile such as 'base' or install python3"
+        )
+    root = (state_dir / "rootfs").resolve()
+    root.mkdir(exist_ok=True, mode=0o755)
+    for name in ("root-upper", "root-work"):
+        (state_dir / name).mkdir(exist_ok=True, mode=0o755)
+    return RootfsView(root, host_usr=False, label=image, lower=tree)
 
 
 def runtime_state_root(runtime: str) -> Path:
@@ -450,30 +456,44 @@ def unshare_prefix() -> list[str]:
     return ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
 
 
-def overlay_prefix(spec: LaunchSpec, *, extra: str = "") -> tuple[list[str], Path | None]:
-    """``unshare -m sh -c 'mount overlay; exec "$@"'`` and the merged directory, or ([], None).
+def overlay_prefix(
+    spec: LaunchSpec, *, extra: str = "", rootfs: RootfsView | None = None
+) -> tuple[list[str], Path | None]:
+    """``unshare -m sh -c 'mount overlays; exec "$@"'`` and the merged workspace, or ([], None).
 
-    ``extra`` is shell run in the same private mount namespace first (crun's cgroup fix).
-    The overlay uses ``userxattr`` so its whiteouts look like the namespace backend's.
+    Mounts, in a private mount namespace, the image root's overlay (when ``rootfs`` has a
+    shared tree) and the workspace's (mode cow). ``extra`` is shell run there first (crun's
+    cgroup fix). The overlays use ``userxattr`` so whiteouts look like the namespace
+    backend's (and so it works inside an unprivileged user namespace).
     """
-    if spec.policy.workspace.mode != "cow" or spec.workspace is None:
-        if not extra and os.getuid() == 0:
-            return [], None
-        return [*unshare_prefix(), "/bin/sh", "-c", f'{extra or ":"}; exec "$@"', "sh"], None
-    merged = spec.state_dir / "merged"
-    merged.mkdir(exist_ok=True)
-    lower_link = spec.state_dir / "lower"
-    if not lower_link.is_symlink():
-        lower_link.symlink_to(spec.workspace.lower)
-    script = (
-        (f"{extra}; " if extra else "")
-        + 'mount -t overlay stockade -o "lowerdir=$1,upperdir=$2,workdir=$3,userxattr" "$4" '
-        '&& shift 4 && exec "$@"'
-    )
-    layers = [lower_link, spec.workspace.upper, spec.workspace.work, merged]
-    prefix = [*unshare_prefix(), "/bin/sh", "-c", script, "sh"]
-    prefix += [str(path) for path in layers]
-    return prefix, merged.resolve()
+    steps = [extra] if extra else []
+    if rootfs is not None and rootfs.lower is not None:
+        state = rootfs.path.parent
+        steps.append(
+            _mount_overlay(rootfs.lower, state / "root-upper", state / "root-work", rootfs.path)
+        )
+    merged: Path | None = None
+    if spec.policy.workspace.mode == "cow" and spec.workspace is not None:
+        merged = spec.state_dir / "merged"
+        merged.mkdir(exist_ok=True)
+        lower_link = spec.state_dir / "lower"
+        if not lower_link.is_symlink():
+            lower_link.symlink_to(spec.workspace.lower)
+        steps.append(_mount_overlay(lower_link, spec.workspace.upper, spec.workspace.work, merged))
+        merged = merged.resolve()
+    if not steps and os.getuid() == 0:
+        return [], None
+    script = " && ".join([*steps, 'exec "$@"']) if steps else 'exec "$@"'
+    return [*unshare_prefix(), "/bin/sh", "-c", script, "sh"], merged
+
+
+def _mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> str:
+    import shlex
+
+    # Paths with ',' or ':' would split the option string: the lower is a symlink we made
+    # where it matters (the project directory), the others live in our state directory.
+    options = f"lowerdir={lower},upperdir={upper},workdir={work},userxattr"
+    return f"mount -t overlay stockade -o {shlex.quote(options)} {shlex.quote(str(target))}"
 
 
 @dataclass(frozen=True)

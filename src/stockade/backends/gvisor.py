@@ -190,14 +190,16 @@ class GvisorBackend(Backend):
         rootless = os.getuid() != 0
         runtime = _runtime(platform, rootless=rootless)
         image = spec.policy.gvisor.image
-        rootfs = host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image)
+        rootfs = (
+            host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image, spec.state_dir)
+        )
         # The agent compiled by the host's Python only runs on the same interpreter.
         agent = (
             compiled_agent(spec.agent_source, spec.cache_dir)
             if rootfs.host_usr
             else (spec.agent_source)
         )
-        prefix, merged = overlay_prefix(spec)
+        prefix, merged = overlay_prefix(spec, rootfs=rootfs)
         cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)
         config = build_config(
             spec,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib
 import io
 import logging
 import os
@@ -187,13 +186,8 @@ def _ensure_image(client: docker.DockerClient, image: str) -> tuple[str, bool]:
             _retag(client, _HOSTVIEW_REPO, tag)
         return ref, True
     if image.isidentifier():  # an image-builder profile
-        try:
-            ensure_rootfs = importlib.import_module("stockade.images").ensure_rootfs
-        except (ImportError, AttributeError) as exc:
-            raise SandboxStartError(
-                f"image profile {image!r} needs the image builder, which this version of "
-                "stockade lacks; use image = 'host' or a local image such as 'debian:bookworm'"
-            ) from exc
+        from stockade.images import ensure_rootfs
+
         built = ensure_rootfs(image)
         ref = f"stockade/rootfs-{image}:{built.key[:16]}"
         try:

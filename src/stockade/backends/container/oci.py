@@ -159,11 +159,13 @@ async def launch_oci(spec: LaunchSpec, engine: str) -> OciContainerSandbox:
     except FileNotFoundError as exc:
         raise SandboxStartError(f"{engine} not found on PATH; {_FIX[engine]}") from exc
     image = spec.policy.container.image
-    rootfs = host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image)
+    rootfs = host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image, spec.state_dir)
     agent = (
         compiled_agent(spec.agent_source, spec.cache_dir) if rootfs.host_usr else spec.agent_source
     )
-    prefix, merged = overlay_prefix(spec, extra=_crun_fix() if engine == "crun" else "")
+    prefix, merged = overlay_prefix(
+        spec, extra=_crun_fix() if engine == "crun" else "", rootfs=rootfs
+    )
     rootless = os.getuid() != 0
     cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)
     config = build_config(
