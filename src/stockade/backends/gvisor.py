@@ -11,6 +11,7 @@ with the host's upper layer, so diff/apply/reset work as for the namespace backe
 from __future__ import annotations
 
 import functools
+import os
 import re
 import subprocess
 import tempfile
@@ -81,7 +82,7 @@ def _runtime(platform: str, *, rootless: bool) -> OciRuntime:
     runsc, _version = runsc_platforms()
     flags = ["--network=none", f"--platform={platform}"]
     if rootless:
-        # Run inside our own user namespace (see _oci._unshare), where we are root.
+        # Run inside our own user namespace (see _oci.unshare_prefix), where we are root.
         flags += ["--ignore-cgroups"]
     return OciRuntime("runsc", runsc, runtime_state_root("runsc"), tuple(flags))
 
@@ -103,14 +104,12 @@ def _probe_cached() -> Availability:
     if Path("/proc/self/ns/user").exists() and not Path("/proc/sys/kernel").exists():
         return Availability(False, "/proc is not mounted", "run on a normal Linux host")
     platform = choose_platform("auto", version)
-    import os
-
     rootless = os.getuid() != 0
     runtime = _runtime(platform, rootless=rootless)
     with tempfile.TemporaryDirectory(prefix="stockade-runsc-probe-") as tmp:
         try:
             proc = subprocess.run(
-                # The same namespaces as a launch (see _oci._unshare), so auto never picks
+                # The same namespaces as a launch (see _oci.unshare_prefix), so auto never picks
                 # gvisor where a start would fail.
                 [
                     *unshare_prefix(),
@@ -151,7 +150,8 @@ class GvisorBackend(Backend):
             "no network device but loopback (runsc --network=none)",
             "host files invisible except read-only /usr and a curated /etc (or an image)",
             "workspace copy-on-write through overlayfs, served by runsc's gofer",
-            "no capabilities, no_new_privs, user 1000 in a user namespace",
+            "no capabilities, no_new_privs, a user namespace (user 1000 as root, the caller's "
+            "own uid as 0 when unprivileged)",
             "memory, pids and cpu limits through the sandbox's cgroup (root)",
         ),
         does_not_enforce=(
@@ -170,19 +170,14 @@ class GvisorBackend(Backend):
     def reap(sandbox_id: str) -> None:
         """Delete what is left of a sandbox whose owner died (``stockade rm``)."""
         try:
-            runsc, version = runsc_platforms()
+            _runsc, version = runsc_platforms()
         except (FileNotFoundError, OSError, subprocess.TimeoutExpired):
             return
-        del runsc
-        import os
-
         reap_container(
             _runtime(choose_platform("auto", version), rootless=os.getuid() != 0), sandbox_id
         )
 
     async def launch(self, spec: LaunchSpec) -> OciContainerSandbox:
-        import os
-
         from stockade.backends.bubblewrap import compiled_agent
 
         _runsc, version = runsc_platforms()
@@ -197,7 +192,7 @@ class GvisorBackend(Backend):
         agent = (
             compiled_agent(spec.agent_source, spec.cache_dir)
             if rootfs.host_usr
-            else (spec.agent_source)
+            else spec.agent_source
         )
         prefix, merged = overlay_prefix(spec, rootfs=rootfs)
         cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)

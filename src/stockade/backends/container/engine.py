@@ -295,7 +295,7 @@ def _watchdog(engine: str, container: str, volume: str | None) -> subprocess.Pop
     )
 
 
-def _create(spec: LaunchSpec, engine: str, log_path: Path) -> tuple[Any, str, str | None, Any]:
+def _create(spec: LaunchSpec, engine: str) -> tuple[Any, str, str | None, Any]:
     """Create the volume and container (not started); returns (client, id, volume, socket)."""
     from docker.errors import APIError, DockerException
     from docker.types import Ulimit
@@ -623,9 +623,7 @@ async def launch_api_engine(spec: LaunchSpec, engine: str) -> EngineSandbox:
     from docker.errors import DockerException
 
     log_path = spec.state_dir / "sandbox.log"
-    client, container_id, volume, sock = await anyio.to_thread.run_sync(
-        _create, spec, engine, log_path
-    )
+    client, container_id, volume, sock = await anyio.to_thread.run_sync(_create, spec, engine)
     watchdog = _watchdog(engine, container_id, volume)
     try:
         stream = await SocketStream.from_socket(_raw_socket(sock))
