@@ -410,7 +410,9 @@ def build_config(
         ],
         "uidMappings": _id_mappings(caller),
         "gidMappings": _id_mappings(os.getgid()),
-        "maskedPaths": list(_MASKED_PATHS),
+        # The sandbox user is the caller on the host, root when stockade runs as root: a
+        # root-only directory inside a bound /etc entry (private TLS keys) must not show.
+        "maskedPaths": list(_MASKED_PATHS) + (["/etc/ssl/private"] if rootfs.host_usr else []),
         "readonlyPaths": list(_READONLY_PATHS),
     }
     if cgroups_path is not None:

@@ -388,6 +388,9 @@ def _create(spec: LaunchSpec, engine: str) -> tuple[Any, str, str | None, Any]:
             + ("" if engine == "podman" else f",uid={uid},gid={gid}"),
             "/run": "rw,nosuid,nodev,mode=755,size=16m",
         }
+        if host_view and os.path.isdir("/etc/ssl/private"):
+            # The sandbox runs as the caller (root when stockade is): hide private TLS keys.
+            tmpfs["/etc/ssl/private"] = "ro,nosuid,nodev,noexec,mode=700,size=4k"
         ulimits = [Ulimit(name="core", soft=0, hard=0)]
         if engine == "podman":
             # Podman asks for rlimits above the hard limit when CAP_SYS_RESOURCE is missing.
