@@ -190,12 +190,16 @@ DIRECT_DENIAL_SETUP = (
 )
 
 
+#: PATH of the launch chain (unprivileged users often lack the sbin directories in theirs).
+LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 def _own_netns(spec: LaunchSpec) -> bool:
     """Whether the launch chain makes (and sets up) the network namespace before bwrap."""
     return (
         spec.egress is not None
-        and shutil.which("ip") is not None
-        and shutil.which("iptables") is not None
+        and shutil.which("ip", path=LAUNCH_PATH) is not None
+        and shutil.which("iptables", path=LAUNCH_PATH) is not None
     )
 
 
@@ -423,7 +427,7 @@ class BubblewrapBackend(Backend):
                     stdout=subprocess.PIPE,
                     stderr=log,
                     pass_fds=(seccomp_fd, info_w),
-                    env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                    env={"PATH": LAUNCH_PATH, "LANG": "C.UTF-8"},
                     cwd="/",
                 )
         except OSError as exc:
