@@ -192,7 +192,7 @@ def net(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NetAgent]:
 
 def test_hello_announces_net_only_with_a_listener(tmp_path: Path, net: NetAgent) -> None:
     hello = net.harness.hello()
-    assert hello["protocol"] == PROTOCOL_VERSION == "1.2"
+    assert hello["protocol"] == PROTOCOL_VERSION == "1.3"
     assert "net" in hello["capabilities"]
     with AgentHarness("--workspace", str(tmp_path)) as plain:
         assert "net" not in plain.hello()["capabilities"]
@@ -263,6 +263,7 @@ def test_accept_announces_proxy_and_forward_connections(net: NetAgent) -> None:
         "kind": "forward",
         "target": FORWARD_TARGET,
         "peer": f"127.0.0.1:{forward.getsockname()[1]}",
+        "fd": False,  # relayed as stream frames: the harness channel is pipes
     }
     assert forward_stream != stream
     client.close()

@@ -12,12 +12,13 @@ from __future__ import annotations
 import base64
 import itertools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, UNIXSocketStream
 from pydantic import BaseModel, ValidationError
 
 from stockade._errors import (
@@ -42,6 +43,7 @@ from stockade.protocol.messages import (
     PROTOCOL_VERSION,
     AgentHelloParams,
     AgentHelloResult,
+    NetAcceptParams,
     ProcessExitParams,
     ProcessOutputParams,
     ProcessStartParams,
@@ -138,6 +140,11 @@ class AgentClient:
         self.on_unknown_notification: Callable[[str, dict[str, Any]], None] | None = None
         #: Set to route the egress tunnel's net.*/stream.* notifications (egress enabled).
         self.tunnel: TunnelMux | None = None
+        # Descriptors are read from the channel once the host offered 'stream-fd'; before,
+        # a plain read makes the kernel discard any the agent sends. Received ones wait here
+        # for the net.accept they came with.
+        self._fd_reads = False
+        self._fds: list[int] = []
 
     # --- public API -------------------------------------------------------------------
 
@@ -154,14 +161,17 @@ class AgentClient:
         tunnel = self.tunnel
         params = AgentHelloParams(protocol=PROTOCOL_VERSION, client=client)
         if tunnel is not None:
+            offer_fd = tunnel.offer_fd and isinstance(self._channel, UNIXSocketStream)
             params = AgentHelloParams(
                 protocol=PROTOCOL_VERSION,
                 client=client,
                 stream_binary=True,
                 stream_window=tunnel.recv_window,
+                stream_fd=offer_fd,
             )
             # From now on the agent may use them: accept them before it can answer.
             self._decoder.binary = True
+            self._fd_reads = self._fd_reads or offer_fd
         holder: list[AgentHelloResult] = []
 
         def agreed(raw: dict[str, Any]) -> None:
@@ -174,6 +184,7 @@ class AgentClient:
             if tunnel is not None:
                 tunnel.send_window = result.stream_window
                 tunnel.binary = "stream-binary" in result.capabilities
+                tunnel.fd_streams = self._fd_reads and "stream-fd" in result.capabilities
             holder.append(result)
 
         # Defaults left out: without a tunnel the request is exactly what 1.1 agents accept.
@@ -348,9 +359,70 @@ class AgentClient:
                     self._progress.set()
                     self._progress = anyio.Event()
 
+    async def _receive(self) -> bytes:
+        if not self._fd_reads:
+            return await self._channel.receive(READ_SIZE)
+        assert isinstance(self._channel, UNIXSocketStream)
+        try:
+            # Two, to see a message that carries more than the one a net.accept may have
+            # (the kernel closes any beyond the second).
+            data, fds = await self._channel.receive_fds(READ_SIZE, 2)
+        except RuntimeError as exc:  # ancillary data other than descriptors
+            raise AgentProtocolError(f"{self._peer} sent unexpected ancillary data") from exc
+        for fd in fds:
+            os.set_inheritable(fd, False)  # received without close-on-exec
+        self._fds += fds
+        if len(fds) > 1:
+            self._close_fds()
+            raise AgentProtocolError(
+                f"{self._peer} sent {len(fds)} descriptors in one message; a net.accept "
+                "carries exactly one"
+            )
+        agreed = self.tunnel is not None and self.tunnel.fd_streams
+        # Before the answer to agent.hello the agreement is not known yet: _check_fds and
+        # accept_fd judge those descriptors once it is.
+        if fds and not agreed and self.hello_result is not None:
+            self._close_fds()
+            raise AgentProtocolError(
+                f"{self._peer} sent a descriptor, which agent.hello did not agree on"
+            )
+        if not data:
+            self._close_fds()
+            raise AgentProtocolError(f"{self._peer} sent a descriptor without data")
+        return data
+
+    def _take_fd(self) -> int:
+        if not self._fds:
+            raise AgentProtocolError(
+                f"{self._peer} sent net.accept with fd, but no descriptor came with it"
+            )
+        return self._fds.pop(0)
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                logger.debug("could not close descriptor %d", fd)
+
+    def _check_fds(self) -> None:
+        """After a read's frames are dispatched: a descriptor not taken by its net.accept
+        may only wait for the rest of a frame that is still coming (at most one)."""
+        if self._fds and (self._decoder.pending == 0 or len(self._fds) > 1):
+            count = len(self._fds)
+            self._close_fds()
+            raise AgentProtocolError(
+                f"{self._peer} sent {count} descriptor(s) with frames other than net.accept "
+                "with fd; they were closed"
+            )
+
     async def _read_once(self) -> None:
         try:
-            data = await self._channel.receive(READ_SIZE)
+            data = await self._receive()
+        except AgentProtocolError as exc:
+            await self._fail(exc)
+            raise
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             try:
                 self._decoder.check_eof()
@@ -370,6 +442,8 @@ class AgentClient:
                     self.tunnel.feed(message.stream, message.data)
                 else:
                     self._dispatch(message)
+            if self._fd_reads:
+                self._check_fds()
         except AgentProtocolError as exc:
             await self._fail(exc)
             raise
@@ -427,7 +501,10 @@ class AgentClient:
                 raise AgentProtocolError(
                     f"{self._peer} sent {method}, but this sandbox has no network tunnel"
                 )
-            self.tunnel.dispatch(method, parsed)
+            if isinstance(parsed, NetAcceptParams) and parsed.fd and self._fd_reads:
+                self.tunnel.accept_fd(parsed, self._take_fd())
+            else:
+                self.tunnel.dispatch(method, parsed)
             return
         if isinstance(parsed, ProcessOutputParams):
             events = self._procs.get(parsed.proc)
@@ -476,6 +553,7 @@ class AgentClient:
         await self._send(message)
 
     def _fail_pending(self, error: BaseException) -> None:
+        self._close_fds()
         if self.tunnel is not None:
             self.tunnel.close_all(str(error))
         for pending in self._pending.values():

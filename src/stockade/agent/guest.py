@@ -42,7 +42,7 @@ else:
         import signal as _sig
 
 AGENT_VERSION = "0.1.0"
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 CHUNK = 64 * 1024  # largest read from a child's pipe
@@ -431,6 +431,24 @@ def _grow_pipe(fd: int) -> None:
             fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ; the unprivileged maximum is 1 MiB
     except OSError:
         pass
+
+
+def _unix_socket(fd: int) -> Any:
+    """A socket object for ``fd`` when it is an AF_UNIX stream socket, else None."""
+    import stat as _stat
+
+    try:
+        if not _stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return None
+        import _socket
+
+        sock = _socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    if sock.family != _socket.AF_UNIX or sock.type != _socket.SOCK_STREAM:
+        sock.close()
+        return None
+    return sock
 
 
 def child_exec(
@@ -1097,6 +1115,7 @@ class Agent:
             self.workspace = "/workspace" if os.path.isdir("/workspace") else "/"
 
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        self.chan_sock: Any = None
         self.in_fd, self.out_fd = self._take_channel(opts)
 
         self.poller = select.poll()
@@ -1134,6 +1153,10 @@ class Agent:
         self.greeted = False
         self.host_reports = False  # the host speaks 1.2: it takes net.direct reports
         self.binary_streams = False
+        #: Set by agent.hello (1.3): accepted sockets go to the host with net.accept (fd).
+        self.fd_streams = False
+        #: Frames queued in ``out`` that carry a socket, in order: (frame, socket).
+        self.out_fds: list[tuple[bytes, Any]] = []
         self.send_window = STREAM_WINDOW  # the host's buffer per stream
         self.recv_window = RECV_WINDOW  # ours (a 1.1 host sends at most STREAM_WINDOW)
 
@@ -1180,7 +1203,11 @@ class Agent:
         }
 
     def _take_channel(self, opts: Options) -> tuple[int, int]:
-        """Move the channel away from 0/1 so children never inherit it."""
+        """Move the channel away from 0/1 so children never inherit it.
+
+        A channel that is one AF_UNIX stream socket (the namespace backend's socketpair)
+        can also carry descriptors: ``chan_sock`` is set then, for net.accept with fd.
+        """
         if opts.device is not None:
             fd = os.open(opts.device, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
             if os.isatty(fd):
@@ -1197,6 +1224,7 @@ class Agent:
         for fd in {in_fd, out_fd}:
             os.set_blocking(fd, False)
             _grow_pipe(fd)
+        self.chan_sock = _unix_socket(out_fd)
         return in_fd, out_fd
 
     # --- poll bookkeeping ------------------------------------------------------------------
@@ -1525,7 +1553,17 @@ class Agent:
 
     def _flush(self) -> None:
         while self.out:
-            batch: list[bytes | memoryview] = list(self.out[:512])
+            count = 512
+            if self.out_fds:
+                # A frame that carries a socket goes alone through sendmsg: the descriptor is
+                # attached to its first byte, and what precedes it is written first.
+                marked = self.out_fds[0][0]
+                if self.out[0] is marked and not self.out_offset:
+                    if not self._send_fd_frame():
+                        return
+                    continue
+                count = next((i for i, item in enumerate(self.out[:512]) if item is marked), 512)
+            batch: list[bytes | memoryview] = list(self.out[:count])
             if self.out_offset:
                 batch[0] = memoryview(self.out[0])[self.out_offset :]
             try:
@@ -1542,6 +1580,31 @@ class Agent:
                 index += 1
             del self.out[:index]
             self.out_offset = written
+
+    def _send_fd_frame(self) -> bool:
+        """Send the frame at the head of ``out`` with its socket; False if it must wait."""
+        import _socket
+
+        frame, sock = self.out_fds[0]
+        fds = sock.fileno().to_bytes(4, sys.byteorder)
+        try:
+            written = self.chan_sock.sendmsg(
+                [frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)], _socket.MSG_NOSIGNAL
+            )
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise AgentExit(0, f"channel write failed (host gone?): {exc}") from None
+        # The host has its own reference now (or never will: the channel is gone); this
+        # copy must go, or the connection would outlive the host's end of it.
+        del self.out_fds[0]
+        sock.close()
+        self.out_size -= written
+        if written < len(frame):
+            self.out_offset = written  # the rest is plain bytes
+        else:
+            del self.out[0]
+        return True
 
     def _flush_blocking(self, limit: float) -> None:
         deadline = time.monotonic() + limit
@@ -1761,6 +1824,9 @@ class Agent:
                 sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+            if self.fd_streams:
+                self._hand_over(sock, listener, address)
+                continue
             stream = Stream(self.next_stream, sock)
             self.next_stream += 1
             self.streams[stream.id] = stream
@@ -1774,6 +1840,27 @@ class Agent:
                 params["target"] = listener.target
             self._notify("net.accept", params)
             self._update_stream(stream)
+
+    def _hand_over(self, sock: Any, listener: Listener, address: Any) -> None:
+        """Give the host the socket itself (protocol 1.3, a channel on the same kernel).
+
+        The host then relays between two real sockets; this agent keeps no stream for it
+        and closes its copy once the frame carrying it is sent.
+        """
+        params: dict[str, Any] = {
+            "stream": self.next_stream,
+            "kind": listener.kind,
+            "peer": _peer_name(address),
+            "fd": True,
+        }
+        self.next_stream += 1
+        if listener.target is not None:
+            params["target"] = listener.target
+        body = json_dumps({"jsonrpc": "2.0", "method": "net.accept", "params": params})
+        frame = len(body).to_bytes(4, "big") + body
+        self.out.append(frame)
+        self.out_size += len(frame)
+        self.out_fds.append((frame, sock))
 
     def _refuse_direct(self, sock: Any, listener: Listener, peer: Any) -> bool:
         """Answer a direct connection that the netns redirected here; False for proxy clients.
@@ -1988,6 +2075,9 @@ class Agent:
 
     def close_network(self) -> None:
         """Close every stream and listener (the channel is gone: nobody to tell)."""
+        for _, sock in self.out_fds:
+            sock.close()
+        self.out_fds = []
         for fd in list(self.denied):
             self._close_denied(fd)
         for stream in list(self.streams.values()):
@@ -2075,6 +2165,7 @@ class Agent:
         p.string("client", "stockade")
         binary: bool = p.boolean("stream_binary", False)
         window: int = p.integer("stream_window", STREAM_WINDOW, STREAM_WINDOW, MAX_STREAM_WINDOW)
+        fd_streams: bool = p.boolean("stream_fd", False)
         p.done()
         if not self.greeted:
             # The first hello sets the connection's framing and window; a later one (a
@@ -2083,6 +2174,7 @@ class Agent:
             self.host_reports = _minor(protocol) >= 2
             self.binary_streams = binary
             self.send_window = window
+            self.fd_streams = fd_streams and self.chan_sock is not None
         uname = os.uname()
         self.idle_init = not self.subreaper
         capabilities = list(CAPABILITIES)
@@ -2092,6 +2184,8 @@ class Agent:
             capabilities.append("net")
         if self.binary_streams:
             capabilities.append("stream-binary")
+        if self.fd_streams:
+            capabilities.append("stream-fd")
         return {
             "protocol": PROTOCOL_VERSION,
             "agent_version": AGENT_VERSION,

@@ -5,15 +5,21 @@ The agent announces a connection with ``net.accept``; bytes flow as binary strea
 acknowledged with ``stream.ack`` once delivered, so neither side ever holds more than the
 receiver's window of unacknowledged bytes of a stream. ``TunnelStream`` is an anyio
 ``ByteStream``, so the egress proxy handles a tunnelled connection exactly like a socket.
+
+On a channel that shares the host kernel (a UNIX socket: the namespace backend), protocol 1.3
+lets the agent hand over the accepted socket itself (``net.accept`` with ``fd``, agreed as
+``stream-fd``): ``TunnelMux.accept_fd`` checks it and passes on a ``GuestSocketStream``,
+which the proxy relays in the kernel. No stream.* traffic exists for those.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import ByteStream
@@ -21,6 +27,9 @@ from anyio.abc import ByteStream
 from stockade._errors import AgentProtocolError
 from stockade.protocol.framing import HEADER, encode_stream_header
 from stockade.protocol.messages import STREAM_WINDOW, NetAcceptParams, NetDirectParams
+
+if TYPE_CHECKING:
+    from stockade.egress.fastpath import GuestSocketStream
 
 __all__ = ["TunnelMux", "TunnelStream"]
 
@@ -206,7 +215,7 @@ class TunnelMux:
     def __init__(
         self,
         send: Send,
-        on_accept: Callable[[TunnelStream], None],
+        on_accept: Callable[[TunnelStream | GuestSocketStream], None],
         on_direct: Callable[[NetDirectParams], None] | None = None,
     ) -> None:
         self.send = send
@@ -216,6 +225,14 @@ class TunnelMux:
         self.recv_window = STREAM_WINDOW
         self.send_window = STREAM_WINDOW
         self.binary = False
+        #: Offer 'stream-fd' when the channel can carry descriptors (off: framed streams
+        #: only, e.g. to measure that path on the namespace backend).
+        self.offer_fd = True
+        #: Agreed in agent.hello: the agent may send accepted sockets.
+        self.fd_streams = False
+        #: Connections handed over as sockets: in total, and open now (bounded).
+        self.fd_accepted = 0
+        self.fd_open = 0
 
     @property
     def ack_batch(self) -> int:
@@ -233,10 +250,39 @@ class TunnelMux:
         if stream is not None:  # else late traffic for a stream the host already closed
             stream._feed(data)
 
+    def accept_fd(self, params: NetAcceptParams, fd: int) -> None:
+        """A connection whose socket came with its net.accept; ``fd`` is ours to close.
+
+        Anything but an accepted TCP socket is refused (closed, AgentProtocolError). Over
+        MAX_STREAMS such connections open, the connection is closed at once: the client in
+        the sandbox sees a reset, as when the agent's own stream table is full.
+        """
+        from stockade.egress.fastpath import GuestSocketStream, adopt_guest_socket
+
+        if not self.fd_streams:
+            os.close(fd)
+            raise AgentProtocolError("agent sent a socket, which was not agreed in agent.hello")
+        sock = adopt_guest_socket(fd)
+        if self.fd_open >= self.MAX_STREAMS:
+            logger.warning(
+                "closing a connection the agent handed over: %d are open (the limit)",
+                self.fd_open,
+            )
+            sock.close()
+            return
+        self.fd_open += 1
+        self.fd_accepted += 1
+        self._on_accept(GuestSocketStream(sock, params.stream, params, self._fd_closed))
+
+    def _fd_closed(self) -> None:
+        self.fd_open -= 1
+
     def dispatch(self, method: str, params: Any) -> None:
         """Handle one validated net.*/stream.* notification (called by the AgentClient)."""
         if method == "net.accept":
             assert isinstance(params, NetAcceptParams)
+            if params.fd:
+                raise AgentProtocolError("agent sent net.accept with fd but no descriptor came")
             if params.stream in self._streams:
                 raise AgentProtocolError(f"agent reused stream id {params.stream}")
             if len(self._streams) >= self.MAX_STREAMS:

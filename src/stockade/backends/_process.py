@@ -1,4 +1,8 @@
-"""A sandbox that is one host process tree talking over its stdio (namespace and host modes)."""
+"""A sandbox that is one host process tree talking over its stdio (namespace and host modes).
+
+The agent's stdin/stdout are either two pipes or, with ``socket_channel``, one end of an
+AF_UNIX socketpair: a channel that can also carry descriptors (the egress fast path).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ import logging
 import os
 import select
 import signal
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import Process
+from anyio.abc import ByteStream, Process, UNIXSocketStream
 from anyio.streams.stapled import StapledByteStream
 
 from stockade._errors import SandboxStateError
@@ -20,7 +25,7 @@ from stockade.backends.base import LaunchedSandbox
 if TYPE_CHECKING:
     from stockade.backends._cgroups import SandboxCgroup
 
-__all__ = ["ProcessSandbox", "tail"]
+__all__ = ["ProcessSandbox", "socket_channel", "tail"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,19 @@ def tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
+def socket_channel() -> tuple[socket.socket, socket.socket]:
+    """(host end, agent end) of a stream socketpair; pass the agent end as stdin and stdout
+    of the launcher, close it in the host after the launch, and give the host end to
+    ``ProcessSandbox`` as ``channel_socket``."""
+    host, agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Room for whole tunnel frames, as _grow_pipe gives a pipe channel (best effort).
+    for sock in (host, agent):
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, 1 << 20)
+    return host, agent
+
+
 class ProcessSandbox(LaunchedSandbox):
     """Owns the launcher process, its cgroup and (when known) the pid-namespace init."""
 
@@ -47,10 +65,15 @@ class ProcessSandbox(LaunchedSandbox):
         *,
         cgroup: SandboxCgroup | None = None,
         info_fd: int | None = None,
+        channel: UNIXSocketStream | None = None,
     ) -> None:
-        assert process.stdin is not None and process.stdout is not None
         self.process = process
-        self.channel = StapledByteStream(process.stdin, process.stdout)
+        self.channel: ByteStream
+        if channel is not None:
+            self.channel = channel
+        else:
+            assert process.stdin is not None and process.stdout is not None
+            self.channel = StapledByteStream(process.stdin, process.stdout)
         self.log_path = log_path
         self.cgroup = cgroup
         self._info_fd = info_fd

@@ -25,9 +25,10 @@ import subprocess
 from pathlib import Path
 
 import anyio
+from anyio.abc import UNIXSocketStream
 
 from stockade._errors import BackendUnavailableError, SandboxStartError
-from stockade.backends._process import ProcessSandbox
+from stockade.backends._process import ProcessSandbox, socket_channel
 from stockade.backends.base import (
     AGENT_GUEST_PATH,
     Availability,
@@ -406,6 +407,9 @@ class BubblewrapBackend(Backend):
             ]
 
         seccomp_fd = os.memfd_create("stockade-seccomp", 0)
+        # One socket for the agent's stdin and stdout: the host kernel is shared, so the
+        # agent can hand tunnelled connections' sockets over it (egress fast path).
+        host_end, agent_end = socket_channel()
         info_r, info_w = os.pipe()
         os.set_blocking(info_r, False)
         log_path = spec.state_dir / "sandbox.log"
@@ -423,8 +427,8 @@ class BubblewrapBackend(Backend):
             with log_path.open("ab") as log:
                 process = await anyio.open_process(
                     argv,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
+                    stdin=agent_end.fileno(),
+                    stdout=agent_end.fileno(),
                     stderr=log,
                     pass_fds=(seccomp_fd, info_w),
                     env={"PATH": LAUNCH_PATH, "LANG": "C.UTF-8"},
@@ -432,10 +436,13 @@ class BubblewrapBackend(Backend):
                 )
         except OSError as exc:
             os.close(info_r)
+            host_end.close()
             if cgroup is not None:
                 cgroup.destroy()
             raise SandboxStartError(f"could not start bwrap: {exc}") from exc
         finally:
             os.close(seccomp_fd)
             os.close(info_w)
-        return ProcessSandbox(process, log_path, cgroup=cgroup, info_fd=info_r)
+            agent_end.close()
+        channel = await UNIXSocketStream.from_socket(host_end)
+        return ProcessSandbox(process, log_path, cgroup=cgroup, info_fd=info_r, channel=channel)

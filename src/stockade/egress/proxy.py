@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
-from anyio.abc import ByteStream, SocketStream
+from anyio.abc import ByteStream
 
+from stockade.egress.fastpath import SocketByteStream, splice_relay
 from stockade.egress.log import (
     DEFAULT_LOG_SIZE,
     ConnectionDecision,
@@ -193,20 +194,34 @@ async def connect_tcp(address: str, port: int) -> ByteStream:
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise OSError(error, os.strerror(error)) from None
-        return await SocketStream.from_socket(sock)
+        # No read-ahead: a relay between two such sockets can then run in the kernel.
+        return SocketByteStream(sock)
     except BaseException:
         sock.close()
         raise
 
 
-async def relay(a: ByteStream, b: ByteStream, *, buffer_size: int, counters: RelayCounters) -> None:
+async def relay(
+    a: ByteStream,
+    b: ByteStream,
+    *,
+    buffer_size: int,
+    counters: RelayCounters,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> None:
     """Copy ``a`` -> ``b`` (``bytes_up``) and ``b`` -> ``a`` (``bytes_down``) until both end.
 
-    At most ``buffer_size`` bytes per direction are held at once. End of stream on one side
-    becomes ``send_eof`` on the other (where the stream supports half-closing), so a client
+    Between two plain sockets (a connection the guest handed over, and the upstream) and with
+    a thread ``limiter``, the bytes are copied in the kernel (``fastpath.splice_relay``).
+    Otherwise at most ``buffer_size`` bytes per direction are held at once. End of stream on
+    one side becomes ``send_eof`` on the other (where the stream supports half-closing), so a client
     that half-closes still gets its answer. An error on either side ends both directions.
     Both streams are closed on return.
     """
+
+    if limiter is not None and type(b) is SocketByteStream and isinstance(a, SocketByteStream):
+        await splice_relay(a, b, counters=counters, limiter=limiter)
+        return
 
     async def pump(src: ByteStream, dst: ByteStream, *, up: bool) -> None:
         while True:
@@ -452,6 +467,8 @@ class EgressProxy:
         self._tunnel = tunnel
         self._log = ConnectionLog(log_size)
         self._active = 0
+        #: Worker threads of kernel-copy relays (fd-carried connections): one per connection.
+        self.relay_threads = anyio.CapacityLimiter(max_connections)
 
     # --- public ---------------------------------------------------------------------------
 
@@ -817,7 +834,13 @@ class EgressProxy:
                 counters=conn.counters,
             )
         else:
-            await relay(client, upstream, buffer_size=self.buffer_size, counters=conn.counters)
+            await relay(
+                client,
+                upstream,
+                buffer_size=self.buffer_size,
+                counters=conn.counters,
+                limiter=self.relay_threads,
+            )
 
     # --- bookkeeping ----------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ from stockade.egress.rules import is_ip_literal
 if TYPE_CHECKING:
     from stockade._background import BackgroundTasks
     from stockade.agent.client import AgentClient
-    from stockade.agent.tunnel import TunnelStream
+    from stockade.agent.tunnel import TunnelMux, TunnelStream
+    from stockade.egress.fastpath import GuestSocketStream
     from stockade.egress.log import ConnectionRecord
     from stockade.egress.proxy import EgressProxy, RelayCounters
     from stockade.egress.secrets import SecretSet
@@ -170,6 +171,13 @@ class EgressRuntime:
         from stockade.egress.proxy import EgressProxy
 
         network = policy.network
+        source = os.environ if environ is None else environ
+        #: Let the agent hand accepted sockets over where the channel allows it (the
+        #: namespace backend). STOCKADE_INTERNAL_EGRESS_FD=0 keeps every connection on framed
+        #: streams (to measure or test that path there).
+        self.fd_passing = source.get("STOCKADE_INTERNAL_EGRESS_FD", "1") != "0"
+        #: The agent connection's tunnel, once attached (its counters show the path taken).
+        self.tunnel: TunnelMux | None = None
         self.rules: NetworkRules = compile_rules(
             network.allow, network.deny, network.tcp, local_networks=host_networks()
         )
@@ -278,14 +286,20 @@ class EgressRuntime:
                 )
                 return
             client = replayed
-        await relay(client, upstream, buffer_size=self.proxy.buffer_size, counters=counters)
+        await relay(
+            client,
+            upstream,
+            buffer_size=self.proxy.buffer_size,
+            counters=counters,
+            limiter=self.proxy.relay_threads,
+        )
 
     def attach(self, client: AgentClient, background: BackgroundTasks) -> None:
         """Route the agent's accepted connections to the proxy, each in its own task."""
         from stockade.agent.tunnel import TunnelMux
         from stockade.protocol.messages import NetDirectParams
 
-        def on_accept(stream: TunnelStream) -> None:
+        def on_accept(stream: TunnelStream | GuestSocketStream) -> None:
             accept = stream.accept
             if accept.kind == "forward" and accept.target:
                 background.start(self._handle_forward, stream, accept.target, accept.peer)
@@ -295,12 +309,14 @@ class EgressRuntime:
         def on_direct(report: NetDirectParams) -> None:
             self.proxy.record_direct(report.target, peer=report.peer)
 
-        client.tunnel = TunnelMux(client.notify, on_accept, on_direct)
+        mux = TunnelMux(client.notify, on_accept, on_direct)
+        mux.offer_fd = self.fd_passing
+        client.tunnel = self.tunnel = mux
 
-    async def _handle_proxy(self, stream: TunnelStream, peer: str) -> None:
+    async def _handle_proxy(self, stream: ByteStream, peer: str) -> None:
         await self.proxy.handle_proxy_stream(stream, peer=peer)
 
-    async def _handle_forward(self, stream: TunnelStream, target: str, peer: str) -> None:
+    async def _handle_forward(self, stream: ByteStream, target: str, peer: str) -> None:
         await self.proxy.handle_forward_stream(stream, target, peer=peer)
 
     def allow(self, entry: str) -> None:

@@ -64,7 +64,7 @@ __all__ = [
     "TransferWriteResult",
 ]
 
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 
 #: Error codes the agent may return, and what they mean. The host maps them to exceptions
 #: through a fixed table (``stockade.agent.client``); anything else is an ``AgentError``.
@@ -122,6 +122,12 @@ class AgentHelloParams(_Model):
         le=MAX_STREAM_WINDOW,
         description="Unacknowledged bytes per stream the agent may send the host (1.2; the "
         "host's receive buffer per stream).",
+    )
+    stream_fd: bool = Field(
+        default=False,
+        description="The host reads file descriptors on the channel (1.3; a UNIX socket "
+        "shared with the host kernel): the agent may hand each accepted connection's socket "
+        "to the host with net.accept instead of relaying its bytes as stream frames.",
     )
 
 
@@ -357,6 +363,12 @@ class NetAcceptParams(_Model):
         default=None, description="host:port of a raw TCP forward (kind 'forward')."
     )
     peer: str = Field(default="", description="Client address inside the sandbox.")
+    fd: bool = Field(
+        default=False,
+        description="The connection's socket itself is attached to this frame (SCM_RIGHTS, "
+        "1.3, only after agent.hello agreed on 'stream-fd'); no stream.* traffic follows and "
+        "the stream id is only a name for it.",
+    )
 
 
 class NetDirectParams(_Model):
