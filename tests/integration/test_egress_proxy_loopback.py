@@ -7,6 +7,7 @@ Throughput is printed (run with ``-s``), never asserted.
 
 from __future__ import annotations
 
+import socket
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Sequence
@@ -18,6 +19,7 @@ import pytest
 from anyio.abc import ByteStream, SocketAttribute
 
 from stockade.egress.decide import compile_rules, decide, with_allowed
+from stockade.egress.fastpath import SocketByteStream
 from stockade.egress.log import ConnectionRecord
 from stockade.egress.proxy import EgressProxy
 
@@ -136,15 +138,48 @@ async def serve(handler: object) -> AsyncIterator[int]:
             tg.cancel_scope.cancel()
 
 
+@pytest.fixture(params=["stream", "socket"])
+def client_kind(request: pytest.FixtureRequest) -> str:
+    """How client connections reach the proxy: as a ByteStream (what the framed tunnel
+    gives it), or as the plain socket itself (what the fd path gives it: kernel relay)."""
+    kind: str = request.param
+    return kind
+
+
 @asynccontextmanager
-async def proxy_listener(proxy: EgressProxy) -> AsyncIterator[int]:
+async def proxy_listener(proxy: EgressProxy, kind: str = "stream") -> AsyncIterator[int]:
     """The proxy behind a loopback socket: the socket plays the agent tunnel."""
 
     async def handle(stream: ByteStream) -> None:
         await proxy.handle_proxy_stream(stream, peer="loopback")
 
-    async with serve(handle) as port:
-        yield port
+    if kind == "stream":
+        async with serve(handle) as port:
+            yield port
+        return
+    # The socket itself, as a connection handed over by the agent arrives.
+    listener = socket.create_server((LOOPBACK, 0))
+    listener.setblocking(False)
+
+    async def accept_forever() -> None:
+        async with anyio.create_task_group() as tg:
+            while True:
+                await anyio.wait_readable(listener)
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    continue
+                tg.start_soon(handle, SocketByteStream(conn))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(accept_forever)
+            try:
+                yield listener.getsockname()[1]
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        listener.close()
 
 
 def make_proxy() -> tuple[EgressProxy, list[ConnectionRecord]]:
@@ -182,9 +217,9 @@ async def wait_for_records(events: list[ConnectionRecord], count: int) -> None:
 # --- tests ----------------------------------------------------------------------------------
 
 
-async def test_connect_streams_50_mb_each_way_in_bounded_memory() -> None:
+async def test_connect_streams_50_mb_each_way_in_bounded_memory(client_kind: str) -> None:
     proxy, events = make_proxy()
-    async with serve(echo) as echo_port, proxy_listener(proxy) as proxy_port:
+    async with serve(echo) as echo_port, proxy_listener(proxy, client_kind) as proxy_port:
         async with measured() as peak:
             started = time.perf_counter()
             with anyio.fail_after(90):
@@ -215,10 +250,12 @@ async def test_connect_streams_50_mb_each_way_in_bounded_memory() -> None:
     assert record.addresses == (LOOPBACK,)
 
 
-async def test_plain_http_download_and_upload_50_mb_in_bounded_memory() -> None:
+async def test_plain_http_download_and_upload_50_mb_in_bounded_memory(
+    client_kind: str,
+) -> None:
     proxy, events = make_proxy()
     server = HttpServer()
-    async with serve(server) as http_port, proxy_listener(proxy) as proxy_port:
+    async with serve(server) as http_port, proxy_listener(proxy, client_kind) as proxy_port:
         async with measured() as peak:
             started = time.perf_counter()
             with anyio.fail_after(90):
@@ -265,9 +302,9 @@ async def test_plain_http_download_and_upload_50_mb_in_bounded_memory() -> None:
     assert events[0].bytes_down > TOTAL and events[1].bytes_up > TOTAL
 
 
-async def test_socks5_and_denial_over_real_sockets() -> None:
+async def test_socks5_and_denial_over_real_sockets(client_kind: str) -> None:
     proxy, events = make_proxy()
-    async with serve(echo) as echo_port, proxy_listener(proxy) as proxy_port:
+    async with serve(echo) as echo_port, proxy_listener(proxy, client_kind) as proxy_port:
         with anyio.fail_after(10):
             client = await anyio.connect_tcp(LOOPBACK, proxy_port)
             async with client:
@@ -293,9 +330,9 @@ async def test_socks5_and_denial_over_real_sockets() -> None:
     assert [e.decision for e in events] == ["allowed", "denied"]
 
 
-async def test_real_policy_refuses_a_name_rebound_to_loopback_until_the_address_is_allowed() -> (
-    None
-):
+async def test_real_policy_refuses_a_name_rebound_to_loopback_until_the_address_is_allowed(
+    client_kind: str,
+) -> None:
     """An allowed name resolving to 127.0.0.1 is refused; allowing 127.0.0.1 permits it."""
 
     async def resolver(host: str, port: int) -> list[str]:
@@ -310,7 +347,7 @@ async def test_real_policy_refuses_a_name_rebound_to_loopback_until_the_address_
         on_event=events.append,
         sandbox="it",
     )
-    async with serve(echo) as echo_port, proxy_listener(proxy) as proxy_port:
+    async with serve(echo) as echo_port, proxy_listener(proxy, client_kind) as proxy_port:
         request = b"CONNECT api.example.com:%d HTTP/1.1\r\n\r\n" % echo_port
         with anyio.fail_after(10):
             client = await anyio.connect_tcp(LOOPBACK, proxy_port)

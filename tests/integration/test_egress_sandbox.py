@@ -44,6 +44,15 @@ def host_server() -> Iterator[int]:
         server.shutdown()
 
 
+@pytest.fixture(autouse=True, params=["fd", "framed"])
+def egress_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both paths of the namespace backend: sockets handed to the host
+    (protocol 1.3, the default there) and framed streams (the path of every other backend)."""
+    path: str = request.param
+    monkeypatch.setenv("STOCKADE_INTERNAL_EGRESS_FD", "1" if path == "fd" else "0")
+    return path
+
+
 def write_config(project: Path, body: str) -> None:
     (project / "stockade.toml").write_text(body)
 
@@ -277,3 +286,71 @@ def test_secret_reaches_only_its_host_and_never_the_sandbox(
     finally:
         for server in servers:
             server.shutdown()
+
+
+class _PatternHandler(BaseHTTPRequestHandler):
+    """GET /N answers N bytes of a fixed pattern; POST answers the sha256 of its body."""
+
+    def do_GET(self) -> None:
+        size = int(self.path.strip("/"))
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        block = bytes(range(256)) * 4096
+        while size:
+            piece = block[: min(size, len(block))]
+            self.wfile.write(piece)
+            size -= len(piece)
+
+    def do_POST(self) -> None:
+        import hashlib
+
+        digest = hashlib.sha256(self.rfile.read(int(self.headers["Content-Length"])))
+        body = digest.hexdigest().encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_agreed_path_carries_every_connection_intact(
+    namespace_backend: str, project: Path, egress_path: str
+) -> None:
+    import hashlib
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PatternHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    size = 20 * 1024 * 1024 + 12345
+    block = bytes(range(256)) * 4096
+    expected = hashlib.sha256((block * (size // len(block) + 1))[:size]).hexdigest()
+    write_config(project, f'[network]\nallow = ["127.0.0.1"]\ntcp = ["127.0.0.1:{port}"]\n')
+    try:
+        with Sandbox.create(project_dir=project, backend=namespace_backend) as sb:
+            url = f"http://127.0.0.1:{port}"
+            r = sb.commands.run(f"{VIA_PROXY} {url}/{size} | sha256sum")
+            assert r.stdout.split()[0] == expected, r.stderr
+            # CONNECT (curl's -p), a POST of 5 MB, and the raw TCP forward.
+            r = sb.commands.run(
+                f"head -c 5000000 /dev/zero | {VIA_PROXY} -p --data-binary @- {url}/"
+            )
+            assert r.stdout == hashlib.sha256(bytes(5000000)).hexdigest(), r.stderr
+            local = sb.commands.run("echo $STOCKADE_TCP_FORWARDS").stdout.strip().rsplit(":")[-1]
+            r = sb.commands.run(f"curl -sS --noproxy '*' http://127.0.0.1:{local}/1000 | wc -c")
+            assert r.stdout.strip() == "1000", r.stderr
+            runtime = sb._inner._egress
+            assert runtime is not None and runtime.tunnel is not None
+            tunnel = runtime.tunnel
+            if egress_path == "fd":
+                assert tunnel.fd_streams and tunnel.fd_accepted == 3
+            else:
+                assert not tunnel.fd_streams and tunnel.fd_accepted == 0
+            assert len(tunnel) == 0  # no framed stream left open (none existed on fd)
+            records = sb.network.log()
+            assert [r["decision"] for r in records] == ["allowed"] * 3
+            assert records[0]["bytes_down"] > size and records[1]["bytes_up"] > 5000000
+    finally:
+        server.shutdown()
