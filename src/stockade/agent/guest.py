@@ -1812,7 +1812,9 @@ class Agent:
                     return
                 continue  # e.g. ECONNABORTED: that client is gone already
             sock = _socket.socket(fileno=fd)
-            if len(self.streams) >= MAX_STREAMS:
+            # Sockets waiting to be handed over count too: a host that does not read must
+            # not make this agent hold descriptors without bound.
+            if len(self.streams) + len(self.out_fds) >= MAX_STREAMS:
                 log(f"refusing a connection on port {listener.port}: {MAX_STREAMS} streams open")
                 sock.close()
                 continue
