@@ -19,7 +19,8 @@ between them, so it cannot reach that row; the fd path runs none. The goal is ag
 direct loopback. The HTTP server
 is a separate process, like a real upstream.
 
-Every number is a median: of ``--repeat`` downloads, and of ``--requests`` requests. The
+Every number is a median: of ``--repeat`` downloads, and of ``--requests`` requests, times
+``--rounds`` interleaved rounds. The
 server runs on 127.0.0.1 on this machine; the sandbox reaches it because the policy allows
 the address explicitly.
 """
@@ -171,9 +172,16 @@ def main() -> None:
         default="both",
         help="tunnel path(s) to measure on the namespace backend (default: both)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of every measurement, interleaved; medians are over all of them",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     paths = ["fd", "framed"] if args.path == "both" else [args.path]
+    load_before = os.getloadavg()[0]
 
     work = Path(tempfile.mkdtemp(prefix="stockade-bench-egress-"))
     os.environ.setdefault("STOCKADE_STATE_DIR", str(work / "state"))
@@ -190,21 +198,30 @@ def main() -> None:
     port = int(server.stdout.readline())
     relay_port = start_relay(("127.0.0.1", port))
     argv = ["127.0.0.1", str(port), str(args.mb), str(args.requests), str(args.repeat)]
-    tunnels: dict[str, dict[str, list[float]]] = {}
+    tunnels: dict[str, dict[str, list[float]]] = {p: {"rates": [], "latencies": []} for p in paths}
+    direct: dict[str, list[float]] = {"rates": [], "latencies": []}
+    relayed: dict[str, list[float]] = {"rates": [], "latencies": []}
     handed: dict[str, int] = {}
+
+    def add(into: dict[str, list[float]], got: dict[str, list[float]]) -> None:
+        for key, values in got.items():
+            into[key] += values
+
     try:
         with contextlib.ExitStack() as stack:
             boxes = {path: stack.enter_context(create(project, path)) for path in paths}
-            # Interleaved, so a noisy neighbour on this shared machine hits all alike.
-            direct = host_client(script, argv, port)
-            relayed = host_client(script, argv, relay_port)
+            # Interleaved rounds, so a noisy neighbour on this shared machine hits all alike.
+            for _ in range(args.rounds):
+                add(direct, host_client(script, argv, port))
+                add(relayed, host_client(script, argv, relay_port))
+                for path, sb in boxes.items():
+                    add(tunnels[path], tunnel_client(sb, argv))
             for path, sb in boxes.items():
-                tunnels[path] = tunnel_client(sb, argv)
                 handed[path] = fd_connections(sb)
     finally:
         server.kill()
         server.wait()
-    connections = args.repeat + args.requests
+    connections = (args.repeat + args.requests) * args.rounds
     if "fd" in handed and handed["fd"] < connections:
         raise SystemExit(f"the fd path carried only {handed['fd']} of {connections} connections")
     if handed.get("framed"):
@@ -220,8 +237,9 @@ def main() -> None:
         return statistics.median(r["latencies"]) * 1000
 
     title = (
-        f"stockade egress bench, namespace backend ({args.repeat} x {args.mb} MB, "
-        f"{args.requests} requests; medians; load {os.getloadavg()[0]:.2f})"
+        f"stockade egress bench, namespace backend ({args.rounds} rounds of {args.repeat} x "
+        f"{args.mb} MB and {args.requests} requests; medians; load "
+        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after)"
     )
     table = Table("measurement", "path", "through tunnel", "direct loopback", "ratio", "goal",
                   title=title)  # fmt: skip
@@ -242,7 +260,7 @@ def main() -> None:
             labels[path],
             f"{latency(tunnel):.2f} ms",
             f"{latency(direct):.2f} ms",
-            f"+{added:.2f} ms",
+            f"{added:+.2f} ms",
             "< +2 ms",
         )
     table.add_row(
@@ -258,7 +276,7 @@ def main() -> None:
         "1 Python relay hop (reference)",
         f"{latency(relayed):.2f} ms",
         f"{latency(direct):.2f} ms",
-        f"+{latency(relayed) - latency(direct):.2f} ms",
+        f"{latency(relayed) - latency(direct):+.2f} ms",
         "",
     )
     Console(width=150).print(table)

@@ -48,6 +48,9 @@ _F_SETPIPE_SZ = 1031
 _SPLICE_FLAGS = 1 | 2  # SPLICE_F_MOVE | SPLICE_F_NONBLOCK (the pipe side never blocks)
 _DONTWAIT = socket.MSG_DONTWAIT
 _NOSIGNAL = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+#: Bytes a connection moves on the event loop before its relay goes to splice threads.
+PROMOTE_AFTER = 1024 * 1024
+_LOOP_CHUNK = 256 * 1024
 #: How long a relay thread waits in one poll before it looks at its stop flag again.
 _POLL_MS = 1000
 
@@ -259,20 +262,80 @@ class _Handoff:
 
 
 def _relay_both(
-    a: socket.socket, b: socket.socket, counters: RelayCounters, handoff: _Handoff
+    a: socket.socket,
+    b: socket.socket,
+    counters: RelayCounters,
+    handoff: _Handoff,
+    directions: tuple[bool, ...],
 ) -> None:
-    upward = threading.Thread(
-        target=_pump,
-        args=(a, b, counters, True, handoff.stop),
-        name="stockade-splice",
-        daemon=True,
-    )
-    upward.start()
+    """Splice the directions still open (True: a -> b) in this thread and one more."""
+    others = [
+        threading.Thread(
+            target=_pump,
+            args=(a if up else b, b if up else a, counters, up, handoff.stop),
+            name="stockade-splice",
+            daemon=True,
+        )
+        for up in directions[1:]
+    ]
+    for thread in others:
+        thread.start()
     try:
-        _pump(b, a, counters, False, handoff.stop)
+        if directions:
+            up = directions[0]
+            _pump(a if up else b, b if up else a, counters, up, handoff.stop)
     finally:
-        upward.join()
+        for thread in others:
+            thread.join()
         handoff.threads_done()
+
+
+class _Loop:
+    """The first bytes of a connection, relayed on the event loop (see splice_relay)."""
+
+    def __init__(self, a: socket.socket, b: socket.socket, counters: RelayCounters) -> None:
+        self.a, self.b, self.counters = a, b, counters
+        self.moved = 0
+        self.promote = False
+        self.open = {True: True, False: True}  # direction (True: a -> b) not at EOF yet
+        self.waiting: dict[bool, anyio.CancelScope] = {}
+
+    async def pump(self, up: bool) -> None:
+        src, dst = (self.a, self.b) if up else (self.b, self.a)
+        while not self.promote:
+            data = b""
+            with anyio.CancelScope() as scope:
+                # The only place a promotion interrupts: no byte is held here.
+                self.waiting[up] = scope
+                while True:
+                    try:
+                        data = src.recv(_LOOP_CHUNK, _DONTWAIT)
+                        break
+                    except BlockingIOError:
+                        await anyio.wait_readable(src)
+            self.waiting.pop(up, None)
+            if scope.cancelled_caught:
+                return
+            if not data:
+                self.open[up] = False
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+                return
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[dst.send(view, _NOSIGNAL) :]
+                except BlockingIOError:
+                    await anyio.wait_writable(dst)
+            if up:
+                self.counters.bytes_up += len(data)
+            else:
+                self.counters.bytes_down += len(data)
+            self.moved += len(data)
+            if self.moved >= PROMOTE_AFTER and not self.promote:
+                self.promote = True
+                for other in list(self.waiting.values()):
+                    other.cancel()
 
 
 async def splice_relay(
@@ -282,16 +345,31 @@ async def splice_relay(
     counters: RelayCounters,
     limiter: anyio.CapacityLimiter,
 ) -> None:
-    """Copy ``a`` -> ``b`` (``bytes_up``) and back (``bytes_down``) in the kernel until both
-    directions end; both streams are closed on return (as ``proxy.relay`` does)."""
+    """Copy ``a`` -> ``b`` (``bytes_up``) and back (``bytes_down``) until both directions
+    end; both streams are closed on return (as ``proxy.relay`` does).
+
+    The first ``PROMOTE_AFTER`` bytes go through the event loop (a short request must not
+    pay for waking two threads); a connection that carries more is promoted to splice
+    threads for the rest, at a point where no byte is held in Python.
+    """
     handoff = _Handoff(a.socket, b.socket)
     a._relaying = b._relaying = True
     finished = False
     try:
-        await anyio.to_thread.run_sync(
-            _relay_both, a.socket, b.socket, counters, handoff, limiter=limiter,
-            abandon_on_cancel=True,
-        )  # fmt: skip
+        loop = _Loop(a.socket, b.socket, counters)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(loop.pump, True)
+                await loop.pump(False)
+        except* OSError as group:  # reset, broken pipe: the connection is over
+            logger.debug("relay ended: %s", group.exceptions[0])
+            loop.open = {True: False, False: False}
+        directions = tuple(up for up in (True, False) if loop.open[up])
+        if directions:
+            await anyio.to_thread.run_sync(
+                _relay_both, a.socket, b.socket, counters, handoff, directions,
+                limiter=limiter, abandon_on_cancel=True,
+            )  # fmt: skip
         finished = True
     finally:
         if finished:
