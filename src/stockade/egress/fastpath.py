@@ -99,6 +99,9 @@ class SocketByteStream(ByteStream):
     """A connected stream socket as an anyio ``ByteStream``, reading nothing ahead."""
 
     def __init__(self, sock: socket.socket) -> None:
+        # No Python-level timeout: with one, recv/send wait inside the call (MSG_DONTWAIT
+        # notwithstanding), on the event loop.
+        sock.setblocking(False)
         self.socket = sock
         self._closed = False
         self._relaying = False  # handed to splice_relay: its threads own the descriptor
@@ -229,18 +232,28 @@ def _pump(
 
 class _Handoff:
     """Who closes the sockets: the event loop after the threads end, or, when the caller was
-    cancelled (and stopped waiting), the last thread out."""
+    cancelled (and stopped waiting) while they run, the last thread out. Threads that had not
+    started yet never touch the sockets."""
 
     def __init__(self, *socks: socket.socket) -> None:
         self.socks = socks
         self.stop = threading.Event()
         self._lock = threading.Lock()
+        self._started = False
         self._done = False
         self._abandoned = False
 
     def close(self) -> None:
         for sock in self.socks:
-            sock.close()
+            sock.close()  # idempotent
+
+    def begin(self) -> bool:
+        """Called by the relay thread before it uses the sockets; False: it must not."""
+        with self._lock:
+            if self._abandoned:
+                return False
+            self._started = True
+            return True
 
     def threads_done(self) -> None:
         with self._lock:
@@ -256,8 +269,8 @@ class _Handoff:
                 sock.shutdown(socket.SHUT_RDWR)
         with self._lock:
             self._abandoned = True
-            if not self._done:
-                return
+            if self._started and not self._done:
+                return  # the last thread out closes them
         self.close()
 
 
@@ -269,6 +282,8 @@ def _relay_both(
     directions: tuple[bool, ...],
 ) -> None:
     """Splice the directions still open (True: a -> b) in this thread and one more."""
+    if not handoff.begin():
+        return
     others = [
         threading.Thread(
             target=_pump,
