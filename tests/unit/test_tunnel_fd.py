@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -295,6 +296,19 @@ async def test_anything_but_an_accepted_tcp_socket_is_refused_and_closed(
         assert isinstance(error, AgentProtocolError) and why in str(error), error
         assert not host.accepted
         assert not held(ino)
+
+
+async def test_a_connection_reset_before_the_host_took_it_is_no_protocol_error() -> None:
+    async with fd_host() as host:
+        outer, inner = tcp_pair()
+        outer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        outer.close()  # RST: the accepted end is no longer connected
+        await host.send(accept(1), [inner.fileno()])
+        inner.close()
+        assert await host.failure() is None
+        [stream] = host.accepted
+        with pytest.raises((anyio.BrokenResourceError, anyio.EndOfStream)):
+            await stream.receive()
 
 
 async def test_two_descriptors_in_one_message_are_both_closed() -> None:

@@ -78,15 +78,19 @@ def adopt_guest_socket(fd: int) -> socket.socket:
             socket.AF_INET,
             socket.AF_INET6,
         ):
+            family = getattr(sock.family, "name", f"family {int(sock.family)}")
+            kind = getattr(sock.type, "name", f"type {int(sock.type)}")
             raise AgentProtocolError(
-                f"guest agent sent a {sock.family.name} {sock.type.name} socket with "
-                "net.accept; only an accepted TCP connection (SOCK_STREAM) is taken"
+                f"guest agent sent a {family} {kind} socket with net.accept; only an "
+                "accepted TCP connection (SOCK_STREAM) is taken"
             )
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise AgentProtocolError(
                 "guest agent sent a listening socket with net.accept; only an accepted "
                 "connection is taken"
             )
+        # Not checked: that it is still connected. A client that reset its connection before
+        # the host took it is no protocol error; the proxy just sees it gone.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
         sock.setblocking(False)
     except BaseException:
