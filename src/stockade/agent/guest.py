@@ -1594,7 +1594,16 @@ class Agent:
         except BlockingIOError:
             return False
         except OSError as exc:
-            raise AgentExit(0, f"channel write failed (host gone?): {exc}") from None
+            if exc.errno != errno.ETOOMANYREFS:
+                raise AgentExit(0, f"channel write failed (host gone?): {exc}") from None
+            # More descriptors in flight than this process's RLIMIT_NOFILE allows (the host
+            # lags behind): drop this connection, as when the stream table is full.
+            log("refusing a connection: too many sockets on their way to the host")
+            del self.out_fds[0]
+            del self.out[0]
+            self.out_size -= len(frame)
+            sock.close()
+            return True
         # The host has its own reference now (or never will: the channel is gone); this
         # copy must go, or the connection would outlive the host's end of it.
         del self.out_fds[0]
