@@ -99,7 +99,7 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
         caps = None
         if entry.built:
             caps = get_backend_class(entry.name).capabilities
-        if chosen is None and entry.auto and availability.ok:
+        if chosen is None and entry.auto and availability.ok and availability.auto:
             chosen = entry.name
         latency = None
         if measure and availability.ok and entry.built and entry.auto:
@@ -112,7 +112,8 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
                 "available": availability.ok,
                 "reason": availability.reason,
                 "fix": availability.fix,
-                "auto": entry.auto,
+                "auto": entry.auto and availability.auto,
+                "details": list(availability.details),
                 "start_ms": latency,
                 "enforces": list(caps.enforces) if caps else [],
                 "does_not_enforce": list(caps.does_not_enforce) if caps else [],
@@ -134,8 +135,12 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
         note = row["reason"]
         if not row["available"] and row["fix"]:
             note += f"\n[dim]fix: {row['fix']}[/]"
-        if not row["auto"]:
+        for detail in row["details"]:
+            note += f"\n[dim]{detail}[/]"
+        if not row["auto"] and row["backend"] == "host":
             note += "\n[yellow]never chosen by auto; needs --unsafe-host[/]"
+        elif not row["auto"] and row["available"]:
+            note += f"\n[yellow]not chosen by auto; ask for it: --backend {row['backend']}[/]"
         start = f"{row['start_ms']:.0f} ms" if row["start_ms"] is not None else "-"
         table.add_row(str(row["tier"]), row["backend"], ok, start, note)
     console.print(table)

@@ -599,6 +599,15 @@ def doctor(as_json: bool, measure: bool) -> None:
         run_doctor(as_json, measure)
 
 
+def _register_extensions() -> None:
+    from stockade.cli.microvm import register
+
+    register(cli)
+
+
+_register_extensions()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
     import logging
