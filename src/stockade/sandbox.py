@@ -815,6 +815,7 @@ class AsyncSandbox:
         capture = getattr(self._launched, "capture_namespace_init", None)
         if capture is not None:
             capture()
+        await self._launched.after_connect(self._client)
         if self._background is not None:
             # Tunnelled connections must flow between calls: keep reading the agent.
             self._background.start(self._client.serve_forever)

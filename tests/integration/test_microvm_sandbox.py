@@ -368,3 +368,60 @@ def test_restored_vms_get_fresh_clock_and_entropy(microvm: str, project: Path) -
             assert abs(int(lines[0]) - time.time()) < 30
             outputs.append(lines[1])
     assert outputs[0] != outputs[1]
+
+
+def test_snapshot_restore_fork_sdk(microvm: str, project: Path) -> None:
+    from stockade.backends.microvm.snapshots import (
+        fork_sandbox,
+        restore_sandbox,
+        snapshot_sandbox,
+    )
+
+    with Sandbox.create(project_dir=project, backend=microvm) as sb:
+        portal = sb._portal  # type: ignore[attr-defined]
+        inner = sb._inner  # type: ignore[attr-defined]
+        assert sb.commands.run("echo one > state.txt; echo ram > /tmp/mem").exit_code == 0
+        portal.call(snapshot_sandbox, inner, "t1")
+        sb.commands.run("echo two > state.txt; rm /tmp/mem")
+        portal.call(restore_sandbox, inner, "t1")
+        r = sb.commands.run("cat state.txt /tmp/mem")
+        assert r.stdout == "one\nram\n", r.stderr
+        forked = portal.call(fork_sandbox, inner)
+        try:
+            run = forked.commands.run
+            assert portal.call(run, "cat state.txt").stdout == "one\n"
+            assert abs(int(portal.call(run, "date +%s").stdout) - time.time()) < 30
+            portal.call(run, "echo fork-only > f.txt")
+            assert sb.commands.run("test -e f.txt").exit_code != 0  # they diverge
+            kinds = {c.path: c.kind for c in portal.call(forked.workspace.diff)}
+            assert kinds == {"state.txt": "added", "f.txt": "added"}
+        finally:
+            portal.call(forked.aclose)
+        assert {c.path for c in sb.workspace.diff()} == {"state.txt"}
+    assert not (project / "state.txt").exists()
+
+
+def test_snapshot_restore_fork_cli(microvm: str, project: Path) -> None:
+    def cli(*args: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "stockade.cli.main", *args],
+            capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+        return r.stdout
+
+    name = cli("create", "--backend", "microvm", "-C", str(project)).strip()
+    forked = ""
+    try:
+        cli("exec", name, "--", "sh", "-c", "echo a > f")
+        cli("snapshot", name, "t")
+        cli("exec", name, "--", "sh", "-c", "echo b > f")
+        cli("restore", name, "t")
+        assert cli("exec", name, "--", "cat", "f") == "a\n"
+        forked = cli("fork", name).strip()
+        assert cli("exec", forked, "--", "cat", "f") == "a\n"
+        assert "A f" in cli("diff", forked, "--stat")
+        cli("apply", forked, "f")
+        assert (project / "f").read_text() == "a\n"
+    finally:
+        cli("rm", *(n for n in (name, forked) if n))

@@ -111,6 +111,9 @@ class LaunchedSandbox(abc.ABC):
         """Why the unit ended by itself, when known (e.g. 'guest poweroff', 'kernel panic')."""
         return None
 
+    async def after_connect(self, client: AgentClient) -> None:  # noqa: B027 - optional hook
+        """Called once the agent answered the handshake (e.g. a resumed VM sets its clock)."""
+
     async def sync_workspace(self, client: AgentClient) -> None:  # noqa: B027 - optional hook
         """Bring the sandbox's writes into ``LaunchSpec.workspace.upper`` before a diff or an
         apply. A no-op where the upper layer already is that host directory (overlayfs)."""

@@ -377,6 +377,12 @@ def _layers(record: Any) -> Any:
     return WorkspaceLayers.at(record.dir, record.workspace)
 
 
+def _sync_running(record: Any) -> None:
+    """A running microVM keeps its writes inside the guest: bring them to the host first."""
+    if record.status == "running" and record.control_socket and record.backend == "microvm":
+        _control_call(record.name, "workspace.sync", {})
+
+
 def _protected(record: Any) -> tuple[str, ...]:
     from stockade.policy import EffectivePolicy
 
@@ -393,6 +399,7 @@ def diff(name: str | None, as_json: bool, stat: bool) -> None:
 
     store = _store()
     record = _resolve(store, name)
+    _sync_running(record)
     result = compute_diff(_layers(record), protected=_protected(record))
     _audit(store, record).append(
         "workspace.diffed", actor="cli", details={"summary": result.summary()}
@@ -443,6 +450,7 @@ def apply(name: str | None, paths: tuple[str, ...], force: bool, as_json: bool) 
 
     store = _store()
     record = _resolve(store, name)
+    _sync_running(record)
     result = apply_diff(
         _layers(record), paths=list(paths) or None, protected=_protected(record), force=force
     )

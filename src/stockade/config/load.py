@@ -57,8 +57,21 @@ logger = logging.getLogger(__name__)
 PROJECT_FILE = "stockade.toml"
 PYPROJECT_FILE = "pyproject.toml"
 #: ``STOCKADE_*`` variables the runtime reads itself; they are not configuration keys.
-RUNTIME_ENV_VARS = frozenset({"STOCKADE_STATE_DIR", "STOCKADE_CONFIG", "STOCKADE_LOG"})
-RUNTIME_ENV_PREFIXES = ("STOCKADE_SECRET_", "STOCKADE_INTERNAL_", "STOCKADE_TEST_")
+RUNTIME_ENV_VARS = frozenset(
+    {
+        "STOCKADE_STATE_DIR",
+        "STOCKADE_CONFIG",
+        "STOCKADE_LOG",
+        "STOCKADE_IMAGE_DIR",
+        "STOCKADE_DEBIAN_MIRROR",
+    }
+)
+RUNTIME_ENV_PREFIXES = (
+    "STOCKADE_SECRET_",
+    "STOCKADE_INTERNAL_",
+    "STOCKADE_TEST_",
+    "STOCKADE_MICROVM_",
+)
 MIN_MEMORY = 32 * 2**20
 MIN_PIDS = 16
 #: A cpus value above this many times the host's cores is a typo (a percentage, say).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -80,18 +81,18 @@ class VmImage:
 def find_host_kernel() -> tuple[Path, str]:
     """The newest installed Debian kernel with its modules: (bzImage path, version).
 
-    ``STOCKADE_VM_KERNEL`` may name a bzImage or vmlinux explicitly (its version is taken
+    ``STOCKADE_MICROVM_KERNEL`` may name a bzImage or vmlinux explicitly (its version is taken
     from the file name ``vmlinuz-VERSION``).
     """
-    explicit = os.environ.get("STOCKADE_VM_KERNEL")
+    explicit = os.environ.get("STOCKADE_MICROVM_KERNEL")
     if explicit:
         path = Path(explicit)
         version = path.name.partition("-")[2]
         if not path.is_file() or not (Path("/lib/modules") / version).is_dir():
             raise ImageBuildError(
-                f"STOCKADE_VM_KERNEL={explicit!r} is not a kernel file named vmlinuz-VERSION "
+                f"STOCKADE_MICROVM_KERNEL={explicit!r} is not a kernel file named vmlinuz-VERSION "
                 f"with modules in /lib/modules/VERSION",
-                fix="unset STOCKADE_VM_KERNEL or point it at /boot/vmlinuz-<version>",
+                fix="unset STOCKADE_MICROVM_KERNEL or point it at /boot/vmlinuz-<version>",
             )
         return path, version
     candidates: list[tuple[tuple[int, ...], bool, Path, str]] = []
@@ -121,7 +122,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
         raise ImageBuildError(
             "the kernel image is not LZ4-compressed (no LZ4 frame magic found); stockade "
             "extracts the uncompressed vmlinux from Debian's LZ4 bzImage",
-            fix="use Debian's linux-image-cloud-amd64, or set STOCKADE_VM_KERNEL to a vmlinux",
+            fix="use Debian's linux-image-cloud-amd64, or set STOCKADE_MICROVM_KERNEL to a vmlinux",
         )
     lz4 = shutil.which("lz4")
     if lz4 is None:
@@ -146,6 +147,15 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
 
 def module_load_order(version: str, modules: tuple[str, ...]) -> list[Path]:
     """Module files for ``modules`` and their dependencies, each once, dependencies first."""
+    try:
+        stamp = os.stat(Path("/lib/modules") / version / "modules.dep").st_mtime_ns
+    except OSError:
+        stamp = 0
+    return list(_module_load_order(version, modules, stamp))
+
+
+@functools.lru_cache(maxsize=16)
+def _module_load_order(version: str, modules: tuple[str, ...], _stamp: int) -> tuple[Path, ...]:
     modprobe = shutil.which("modprobe") or "/usr/sbin/modprobe"
     order: list[Path] = []
     for name in modules:
@@ -169,7 +179,7 @@ def module_load_order(version: str, modules: tuple[str, ...]) -> list[Path]:
         if path not in seen:
             seen.add(path)
             unique.append(path)
-    return unique
+    return tuple(unique)
 
 
 def parse_show_depends(text: str) -> list[Path]:
@@ -190,8 +200,15 @@ def _sha(*parts: bytes) -> str:
 
 
 def _file_sha(path: Path) -> bytes:
+    st = os.stat(path)
+    return _file_sha_cached(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha_cached(path: str, size: int, mtime_ns: int, inode: int) -> bytes:
+    """Content hash, memoised by identity: probes recompute image keys on every call."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.digest()
@@ -215,11 +232,11 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def _kernel(cache: Path, say: Progress) -> tuple[Path, str]:
     bzimage, version = find_host_kernel()
-    data = bzimage.read_bytes()
-    key = _sha(data, str(VM_RECIPE_VERSION).encode())
+    key = _sha(_file_sha(bzimage), str(VM_RECIPE_VERSION).encode())
     final = cache / f"vmlinux-{version}-{key}"
     if final.is_file():
         return final, version
+    data = bzimage.read_bytes()
     say(f"extracting the guest kernel {version} from {bzimage}")
     tmp = cache / f".{final.name}.tmp-{os.getpid()}"
     try:
@@ -391,6 +408,30 @@ def _root_image(cache: Path, tree: Path, rootfs_key: str, say: Progress) -> Path
     return final
 
 
+def _prune(cache: Path, *, keep: set[str], image_key: str) -> None:
+    """Drop kernels, initramfs images and snapshots that an earlier build left behind.
+
+    Root images of other profiles stay (they are other recipes). A VM still running from a
+    removed file keeps it open, so this never breaks a sandbox.
+    """
+    for path in [*cache.glob("vmlinux-*"), *cache.glob("initramfs-*")]:
+        if path.name not in keep:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    snapshots = cache / "snapshots"
+    if snapshots.is_dir():
+        keys = {image_key}
+        for current in cache.glob("current-*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                keys.add(str(json.loads(current.read_text())["key"]))
+        for entry in snapshots.iterdir():
+            if entry.name not in keys:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
 def _vm_key(kernel: Path, initrd: Path, rootfs: Path) -> str:
     return _sha(kernel.name.encode(), initrd.name.encode(), rootfs.name.encode())
 
@@ -416,6 +457,7 @@ def ensure_vm_image(
         initrd=initrd,
         rootfs=root,
     )
+    _prune(cache, keep={kernel.name, initrd.name}, image_key=image.key)
     (cache / f"current-{profile}.json").write_text(
         json.dumps({k: str(v) for k, v in image.__dict__.items()}, indent=1) + "\n"
     )

@@ -78,7 +78,7 @@ GUEST_EXPORT = "/run/stockade/ws-export.tar"
 
 
 def _image_profile() -> str:
-    return os.environ.get("STOCKADE_VM_PROFILE", "base")
+    return os.environ.get("STOCKADE_MICROVM_PROFILE", "base")
 
 
 def vm_size(policy: Any) -> tuple[int, int]:
@@ -114,8 +114,9 @@ def _host_tsc() -> int | None:
     return host_tsc_khz()
 
 
-def snapshot_path(key: str) -> Path:
-    return snapshot_dir() / f"{key}.mig"
+def snapshot_path(image: VmImage, key: str) -> Path:
+    """Snapshots live per image (``stockade image build`` prunes the other images' ones)."""
+    return snapshot_dir() / image.key / f"{key}.mig"
 
 
 # --- the guest configuration ----------------------------------------------------------
@@ -289,6 +290,8 @@ class MicrovmSandbox(LaunchedSandbox):
         self.spec = spec
         self.extra_files = extra_files
         self.restored = False
+        #: Resumed from a named snapshot: the agent was already configured and running.
+        self.resumed = False
         self.boot_seconds = 0.0
         self.process = getattr(vm, "process", None)
         self._terminated = False
@@ -314,6 +317,55 @@ class MicrovmSandbox(LaunchedSandbox):
             for path in self.extra_files:
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+    def resume_info(self) -> dict[str, Any]:
+        """What a later restore of this VM's state needs (same machine, same files)."""
+        spec: VmSpec = self.vm.spec  # type: ignore[attr-defined]
+        return {
+            "vm": {
+                "kernel": str(spec.kernel),
+                "initrd": str(spec.initrd),
+                "rootfs": str(spec.disks[0].path),
+                "vcpus": spec.vcpus,
+                "memory_mib": spec.memory_mib,
+                "cmdline": spec.cmdline,
+                "accel": spec.options.get("accel", "tcg"),
+                "workspace_disk": len(spec.disks) > 1,
+            }
+        }
+
+    async def save_state(self, dest: Path) -> None:
+        """Write the VM's memory and devices (and a copy of its workspace disk) to ``dest``;
+        the VM runs on afterwards."""
+        from stockade.backends.microvm.snapshots import copy_sparse
+
+        spec: VmSpec = self.vm.spec  # type: ignore[attr-defined]
+        qmp = getattr(self.vm, "qmp", None)
+        try:
+            await self.vm.snapshot(dest / "vm.mig")
+            if len(spec.disks) > 1:
+                await anyio.to_thread.run_sync(
+                    copy_sparse, spec.disks[1].path, dest / "workspace.ext4"
+                )
+        finally:
+            if qmp is not None:
+                await anyio.to_thread.run_sync(qmp.command, "cont")
+
+    async def after_connect(self, client: AgentClient) -> None:
+        if not self.resumed:
+            return
+        from stockade.backends.microvm.snapshots import guest_reseed_argv
+
+        _, events = await client.start_process(
+            _process_params(guest_reseed_argv(time.time_ns(), os.urandom(64)))
+        )
+        result = await client.wait_process(events)
+        client.forget_process(events.proc)
+        if result.exit_code != 0:
+            raise SandboxStartError(
+                "could not set the clock and reseed entropy in the resumed VM: "
+                f"{bytes(events.stderr).decode(errors='replace')[-500:]}"
+            )
 
     async def sync_workspace(self, client: AgentClient) -> None:
         """Copy the guest's overlay upper layer into the host's ``WorkspaceLayers.upper``."""
@@ -422,6 +474,13 @@ class MicrovmBackend(Backend):
         ),
     )
 
+    def __init__(
+        self, *, resume: Path | None = None, resume_meta: dict[str, Any] | None = None
+    ) -> None:
+        #: A named snapshot (``snapshots.py``) to resume instead of booting or configuring.
+        self.resume = resume
+        self.resume_meta = resume_meta or {}
+
     @classmethod
     def probe(cls) -> Availability:
         from stockade.backends.microvm.accel import probe_microvm
@@ -501,15 +560,67 @@ class MicrovmBackend(Backend):
             options={"accel": accel},
         )
         disk_size = disk.stat().st_size if disk is not None else 0
-        snap = snapshot_path(snapshot_key(image, accel, vcpus, memory, disk_size))
+        snap: Path | None = snapshot_path(
+            image, snapshot_key(image, accel, vcpus, memory, disk_size)
+        )
+        if os.environ.get("STOCKADE_MICROVM_SNAPSHOTS", "1") == "0":
+            snap = None  # always boot cold, take no snapshot (benchmarks, debugging)
         return _Plan(image, accel, vm, workspace, stream, disk, snap)
+
+    def _resume_spec(self, spec: LaunchSpec) -> tuple[VmSpec, tuple[Path, ...]]:
+        assert self.resume is not None
+        meta = self.resume_meta["vm"]
+        workdir = spec.state_dir / "vm"
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for key in ("kernel", "initrd", "rootfs"):
+            if not Path(meta[key]).is_file():
+                raise SandboxStartError(
+                    f"snapshot {self.resume} needs {meta[key]}, which is gone (the image was "
+                    "rebuilt since); snapshots restore only on the image they were taken on"
+                )
+        disks = [DiskSpec(Path(meta["rootfs"]), True, "root")]
+        extra: tuple[Path, ...] = ()
+        if meta.get("workspace_disk"):
+            from stockade.backends.microvm.snapshots import copy_sparse
+
+            disk = workdir / "workspace.ext4"
+            copy_sparse(self.resume / "workspace.ext4", disk)
+            disks.append(DiskSpec(disk, False, "workspace"))
+            extra = (disk,)
+        vm = VmSpec(
+            kernel=Path(meta["kernel"]),
+            initrd=Path(meta["initrd"]),
+            disks=tuple(disks),
+            vcpus=int(meta["vcpus"]),
+            memory_mib=int(meta["memory_mib"]),
+            cmdline=str(meta["cmdline"]),
+            workdir=workdir,
+            agent=AgentTransport("virtio-serial", workdir / "agent.sock"),
+            options={"accel": str(meta["accel"])},
+        )
+        return vm, extra
+
+    async def _launch_resumed(self, spec: LaunchSpec) -> MicrovmSandbox:
+        from stockade.backends.microvm.qemu import QemuDriver
+
+        assert self.resume is not None
+        vm_spec, extra = await anyio.to_thread.run_sync(self._resume_spec, spec)
+        started = time.monotonic()
+        vm = await QemuDriver(vm_spec.options["accel"]).restore(vm_spec, self.resume / "vm.mig")
+        sandbox = MicrovmSandbox(vm, spec, extra_files=extra)
+        sandbox.restored = sandbox.resumed = True
+        sandbox.boot_seconds = time.monotonic() - started
+        return sandbox
 
     async def launch(self, spec: LaunchSpec) -> MicrovmSandbox:
         from stockade.backends.microvm.qemu import QemuDriver
 
-        plan = await anyio.to_thread.run_sync(self._plan, spec)
-        driver = QemuDriver(plan.accel)
+        if self.resume is not None:
+            return await self._launch_resumed(spec)
         started = time.monotonic()
+        plan = await anyio.to_thread.run_sync(self._plan, spec)
+        planned = time.monotonic()
+        driver = QemuDriver(plan.accel)
         restored = False
         vm: VmHandle
         if plan.snapshot is not None and plan.snapshot.is_file():
@@ -523,6 +634,7 @@ class MicrovmBackend(Backend):
                 vm = await driver.boot(plan.vm)
         else:
             vm = await driver.boot(plan.vm)
+        vm_ready = time.monotonic()
         extra = tuple(p for p in (plan.stream, plan.disk) if p is not None)
         sandbox = MicrovmSandbox(vm, spec, extra_files=extra)
         sandbox.restored = restored
@@ -545,7 +657,15 @@ class MicrovmBackend(Backend):
                         await vm.channel.send(block)
             with anyio.fail_after(READY_TIMEOUT):
                 answer = await reader.frame()
-            logger.debug("guest launcher: %s", answer)
+            logger.debug(
+                "microvm %s: plan %.0f ms, %s %.0f ms, configured %.0f ms; guest: %s",
+                spec.name,
+                (planned - started) * 1000,
+                "restore" if restored else "boot",
+                (vm_ready - planned) * 1000,
+                (time.monotonic() - vm_ready) * 1000,
+                answer,
+            )
             if "error" in answer:
                 raise SandboxStartError(f"the guest could not be configured: {answer['error']}")
         except BaseException as exc:

@@ -62,7 +62,7 @@ CONNECT_TIMEOUT = 10.0
 
 
 def qemu_binary() -> str | None:
-    return os.environ.get("STOCKADE_QEMU") or shutil.which("qemu-system-x86_64")
+    return os.environ.get("STOCKADE_MICROVM_QEMU") or shutil.which("qemu-system-x86_64")
 
 
 def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
