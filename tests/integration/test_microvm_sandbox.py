@@ -425,3 +425,34 @@ def test_snapshot_restore_fork_cli(microvm: str, project: Path) -> None:
         assert (project / "f").read_text() == "a\n"
     finally:
         cli("rm", *(n for n in (name, forked) if n))
+
+
+def test_warm_pool(microvm: str, project: Path) -> None:
+    import anyio
+
+    from stockade.backends.microvm.pool import WarmPool
+
+    async def scenario() -> list[int]:
+        pids = []
+        async with WarmPool(size=1) as pool:
+            for _ in range(2):
+                with anyio.fail_after(120):
+                    while pool.ready_count() < 1:
+                        await anyio.sleep(0.05)
+                sandbox = await pool.create(project_dir=project)
+                try:
+                    vm = sandbox._launched.vm  # type: ignore[union-attr]
+                    assert "stockade-pool-" in str(vm.spec.workdir)  # taken from the pool
+                    pids.append(vm.pid)
+                    r = await sandbox.commands.run("cat README.md; echo x > y.txt")
+                    assert r.stdout == "hello\n"
+                    assert {c.path for c in await sandbox.workspace.diff()} == {"y.txt"}
+                finally:
+                    await sandbox.aclose()
+                assert _gone(pids[-1])
+            pids.append(pool._ready[0].pid if pool._ready else 0)  # type: ignore[attr-defined]
+        return pids
+
+    pids = anyio.run(scenario)
+    assert len(set(pids[:2])) == 2
+    assert all(_gone(pid) for pid in pids if pid)  # the pool's spare VM too

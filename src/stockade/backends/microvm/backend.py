@@ -53,6 +53,7 @@ from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmHandle,
 
 if TYPE_CHECKING:
     from stockade.agent.client import AgentClient
+    from stockade.backends.microvm.pool import WarmPool
     from stockade.images.vm import VmImage
 
 __all__ = [
@@ -475,11 +476,17 @@ class MicrovmBackend(Backend):
     )
 
     def __init__(
-        self, *, resume: Path | None = None, resume_meta: dict[str, Any] | None = None
+        self,
+        *,
+        resume: Path | None = None,
+        resume_meta: dict[str, Any] | None = None,
+        pool: WarmPool | None = None,
     ) -> None:
         #: A named snapshot (``snapshots.py``) to resume instead of booting or configuring.
         self.resume = resume
         self.resume_meta = resume_meta or {}
+        #: Restored, warmed VMs to take instead of starting one (``pool.py``).
+        self.pool = pool
 
     @classmethod
     def probe(cls) -> Availability:
@@ -622,8 +629,15 @@ class MicrovmBackend(Backend):
         planned = time.monotonic()
         driver = QemuDriver(plan.accel)
         restored = False
-        vm: VmHandle
-        if plan.snapshot is not None and plan.snapshot.is_file():
+        vm: VmHandle | None = None
+        if (
+            self.pool is not None
+            and plan.disk is None
+            and self.pool.matches(plan.image.key, plan.accel, plan.vm.vcpus, plan.vm.memory_mib)
+        ):
+            vm = await self.pool.take()
+            restored = vm is not None
+        if vm is None and plan.snapshot is not None and plan.snapshot.is_file():
             try:
                 vm = await driver.restore(plan.vm, plan.snapshot)
                 restored = True
@@ -631,8 +645,7 @@ class MicrovmBackend(Backend):
                 logger.warning("restore from %s failed, booting cold: %s", plan.snapshot, exc)
                 with contextlib.suppress(OSError):
                     plan.snapshot.unlink()
-                vm = await driver.boot(plan.vm)
-        else:
+        if vm is None:
             vm = await driver.boot(plan.vm)
         vm_ready = time.monotonic()
         extra = tuple(p for p in (plan.stream, plan.disk) if p is not None)
