@@ -26,7 +26,9 @@ def stockade(*args: str, cwd: Path | None = None, check: bool = True, timeout: f
         text=True,
         timeout=timeout,
         input=input,
-        env={**os.environ},
+        # These tests look at the namespace backend's host processes; auto would pick gVisor
+        # where runsc works (test_container_backends.py covers the CLI on the others).
+        env={"STOCKADE_BACKEND": "namespace", **os.environ},
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"stockade {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")

@@ -17,7 +17,16 @@ from stockade.backends.base import Availability, Backend
 if TYPE_CHECKING:
     from stockade.policy import EffectivePolicy
 
-__all__ = ["BACKENDS", "BackendEntry", "get_backend_class", "probe_all", "select_backend"]
+__all__ = [
+    "BACKENDS",
+    "BackendEntry",
+    "check_docker_inside",
+    "get_backend_class",
+    "probe",
+    "probe_all",
+    "select_backend",
+    "variants",
+]
 
 
 @dataclass(frozen=True)
@@ -43,13 +52,14 @@ BACKENDS: tuple[BackendEntry, ...] = (
         "own guest kernel (Firecracker, Cloud Hypervisor, QEMU microvm, vfkit)",
         "stockade.backends.microvm.backend:MicrovmBackend",
     ),
-    BackendEntry("gvisor", 1.5, "user-space kernel (runsc)", None, "the gVisor/containers issue"),
+    BackendEntry(
+        "gvisor", 1.5, "user-space kernel (runsc)", "stockade.backends.gvisor:GvisorBackend"
+    ),
     BackendEntry(
         "container",
         2,
         "hardened OCI container (runc/crun, Docker, Podman)",
-        None,
-        "the gVisor/containers issue",
+        "stockade.backends.container:ContainerBackend",
     ),
     BackendEntry(
         "namespace",
@@ -94,7 +104,23 @@ def get_backend_class(name: str) -> type[Backend]:
     return cls
 
 
+def variants(name: str) -> tuple[str, ...]:
+    """Sub-backends probed and tested one by one (the container backend's engines)."""
+    entry = _entry(name)
+    if entry.target is None:
+        return ()
+    return tuple(getattr(get_backend_class(name), "variants", ()))
+
+
 def probe(name: str) -> Availability:
+    """Availability of a backend, or of one variant of it: ``container/docker``."""
+    name, _, variant = name.partition("/")
+    if variant:
+        if variant not in variants(name):
+            return Availability(False, f"{name} has no variant {variant!r}")
+        probe_variant = getattr(get_backend_class(name), "probe_variant")  # noqa: B009
+        result: Availability = probe_variant(variant)
+        return result
     entry = _entry(name)
     if entry.target is None:
         return Availability(
@@ -111,6 +137,22 @@ def probe(name: str) -> Availability:
 def probe_all() -> list[tuple[BackendEntry, Availability]]:
     """Every backend of the design with its availability on this machine, strongest first."""
     return [(entry, probe(entry.name)) for entry in BACKENDS]
+
+
+def check_docker_inside(policy: EffectivePolicy, backend: Backend) -> None:
+    """Refuse ``docker = true`` on a backend without a private Docker daemon inside."""
+    if not policy.docker:
+        return
+    provides = getattr(backend, "provides_docker", None)
+    if provides(policy) if provides is not None else backend.capabilities.docker_inside:
+        return
+    raise PolicyError(
+        f"docker = true needs a private Docker daemon inside the sandbox, which the "
+        f"{backend.name} backend cannot provide (and the host's Docker socket is never "
+        "shared); use backend = 'microvm' (dockerd in the guest), or backend = 'container' "
+        "with container.engine = 'docker' and container.runtime = 'sysbox-runc' where "
+        "sysbox is installed"
+    )
 
 
 def select_backend(policy: EffectivePolicy) -> Backend:
@@ -131,6 +173,7 @@ def select_backend(policy: EffectivePolicy) -> Backend:
             )
         backend = get_backend_class(policy.backend)()
         backend.check_policy(policy)
+        check_docker_inside(policy, backend)
         return backend
     reasons: list[str] = []
     for entry in BACKENDS:
@@ -144,6 +187,7 @@ def select_backend(policy: EffectivePolicy) -> Backend:
             backend = get_backend_class(entry.name)()
             try:
                 backend.check_policy(policy)
+                check_docker_inside(policy, backend)
             except PolicyError as exc:
                 reasons.append(f"{entry.name}: {exc}")
                 continue

@@ -45,7 +45,9 @@ def host_facts() -> dict[str, Any]:
     }
 
 
-def measure_start(backend: str, runs: int = 3) -> float | None:
+def measure_start(
+    backend: str, runs: int = 3, config: dict[str, Any] | None = None
+) -> float | None:
     """Median ms of create + `true` + destroy on ``backend`` (no workspace), or None."""
     import statistics
     import tempfile
@@ -58,7 +60,7 @@ def measure_start(backend: str, runs: int = 3) -> float | None:
     from stockade.policy import compile_policy
     from stockade.sandbox import AsyncSandbox
 
-    overrides: dict[str, Any] = {"backend": backend, "workspace.mode": "none"}
+    overrides: dict[str, Any] = {"backend": backend, "workspace.mode": "none", **(config or {})}
     if backend == "host":
         overrides["unsafe_host"] = True
     with tempfile.TemporaryDirectory(prefix="stockade-doctor-") as tmp:
@@ -90,8 +92,31 @@ def measure_start(backend: str, runs: int = 3) -> float | None:
             return None
 
 
+def _variant_rows(backend: str, measure: bool) -> list[dict[str, Any]]:
+    """One row per engine of a backend with variants (the container backend's engines)."""
+    from stockade.backends.registry import probe, variants
+
+    rows = []
+    for variant in variants(backend):
+        availability = probe(f"{backend}/{variant}")
+        latency = None
+        if measure and availability.ok:
+            latency = measure_start(backend, config={f"{backend}.engine": variant})
+        rows.append(
+            {
+                "name": variant,
+                "available": availability.ok,
+                "reason": availability.reason,
+                "fix": availability.fix,
+                "details": list(availability.details),
+                "start_ms": latency,
+            }
+        )
+    return rows
+
+
 def run_doctor(as_json: bool, measure: bool = True) -> None:
-    from stockade.backends.registry import get_backend_class, probe_all
+    from stockade.backends.registry import get_backend_class, probe_all, variants
 
     rows: list[dict[str, Any]] = []
     chosen = None
@@ -102,7 +127,12 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
         if chosen is None and entry.auto and availability.ok and availability.auto:
             chosen = entry.name
         latency = None
-        if measure and availability.ok and entry.built and entry.auto:
+        engines: list[dict[str, Any]] = []
+        if entry.built and variants(entry.name):
+            engines = _variant_rows(entry.name, measure)
+            timed = [e["start_ms"] for e in engines if e["start_ms"] is not None]
+            latency = timed[0] if timed else None
+        elif measure and availability.ok and entry.built and entry.auto:
             latency = measure_start(entry.name)
         rows.append(
             {
@@ -113,8 +143,9 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
                 "reason": availability.reason,
                 "fix": availability.fix,
                 "auto": entry.auto and availability.auto,
-                "details": list(availability.details),
                 "start_ms": latency,
+                "engines": engines,
+                "details": list(availability.details),
                 "enforces": list(caps.enforces) if caps else [],
                 "does_not_enforce": list(caps.does_not_enforce) if caps else [],
             }
@@ -135,14 +166,24 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
         note = row["reason"]
         if not row["available"] and row["fix"]:
             note += f"\n[dim]fix: {row['fix']}[/]"
-        for detail in row["details"]:
-            note += f"\n[dim]{detail}[/]"
         if not row["auto"] and row["backend"] == "host":
             note += "\n[yellow]never chosen by auto; needs --unsafe-host[/]"
         elif not row["auto"] and row["available"]:
             note += f"\n[yellow]not chosen by auto; ask for it: --backend {row['backend']}[/]"
         start = f"{row['start_ms']:.0f} ms" if row["start_ms"] is not None else "-"
         table.add_row(str(row["tier"]), row["backend"], ok, start, note)
+        for engine in row["engines"]:
+            ok = "[green]yes[/]" if engine["available"] else "[red]no[/]"
+            note = engine["reason"] + (
+                f"\n[dim]fix: {engine['fix']}[/]"
+                if not engine["available"] and engine["fix"]
+                else ""
+            )
+            note += "".join(f"\n[dim]{detail}[/]" for detail in engine["details"])
+            start = f"{engine['start_ms']:.0f} ms" if engine["start_ms"] is not None else "-"
+            table.add_row("", f"  {row['backend']}/{engine['name']}", ok, start, note)
+        for detail in row["details"] if not row["engines"] else []:
+            table.add_row("", "", "", "", f"[dim]{detail}[/]")
     console.print(table)
     console.print(f"auto selects: [bold]{chosen or 'nothing (see above)'}[/]")
     console.print(

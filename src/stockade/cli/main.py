@@ -334,6 +334,11 @@ def ls(as_json: bool) -> None:
             dt.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S"),
         )
     Console().print(table)
+    leftovers = _orphans(store)
+    if leftovers:
+        click.echo("left behind by sandboxes without a record (remove with `stockade rm --all`):")
+        for leftover in leftovers:
+            click.echo(f"  {leftover['what']}")
 
 
 @cli.command()
@@ -357,11 +362,54 @@ def rm(names: tuple[str, ...], all_: bool) -> None:
 
     store = _store()
     targets = [r.name for r in store.list()] if all_ else list(names)
-    if not targets:
+    if not targets and not all_:
         raise click.UsageError("name a sandbox to remove, or pass --all")
     for name in targets:
-        remove_sandbox(store, store.get(name))
+        record = store.get(name)
+        remove_sandbox(store, record)
+        _reap_backend(record.backend, record.id)
         click.echo(name)
+    if all_:
+        for leftover in _orphans(store):
+            _reap_backend(leftover["backend"], leftover["sandbox"])
+            click.echo(f"{leftover['what']} (no sandbox record)")
+
+
+def _reap_backend(backend: str, sandbox_id: str) -> None:
+    """Delete what a backend may have left of a sandbox outside its state directory
+    (runsc/runc containers, Docker containers and volumes) when its supervisor died."""
+    from stockade.backends.registry import get_backend_class
+
+    try:
+        cls = get_backend_class(backend)
+    except StockadeError:
+        return
+    reap = getattr(cls, "reap", None)
+    if reap is not None:
+        reap(sandbox_id)
+
+
+def _orphans(store: Any) -> list[dict[str, str]]:
+    """Engine containers labelled or named by stockade whose sandbox has no record."""
+    from stockade.backends._oci import stockade_containers
+
+    known = {r.id for r in store.list()}
+    found: list[dict[str, str]] = []
+    for runtime, backend in (("runsc", "gvisor"), ("runc", "container"), ("crun", "container")):
+        for sandbox in stockade_containers(runtime):
+            if sandbox not in known:
+                found.append({"backend": backend, "sandbox": sandbox,
+                              "what": f"{runtime} container stockade-{sandbox}"})  # fmt: skip
+    try:
+        from stockade.backends.container.engine import orphans
+    except ImportError:
+        return found
+    for engine in ("docker", "podman"):
+        for row in orphans(engine):
+            if row["sandbox"] and row["sandbox"] not in known:
+                found.append({"backend": "container", "sandbox": row["sandbox"],
+                              "what": f"{engine} container {row['container']}"})  # fmt: skip
+    return found
 
 
 # --- workspace --------------------------------------------------------------------------

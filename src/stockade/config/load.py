@@ -28,7 +28,9 @@ from stockade._errors import ConfigError, PolicyError
 from stockade.config.models import (
     CONFIG_KEYS,
     ENV_VAR_KEYS,
+    ContainerConfig,
     EnvConfig,
+    GvisorConfig,
     LimitsConfig,
     NetworkConfig,
     StockadeConfig,
@@ -82,6 +84,8 @@ _TABLES: dict[str, type[BaseModel]] = {
     "limits": LimitsConfig,
     "env": EnvConfig,
     "network": NetworkConfig,
+    "container": ContainerConfig,
+    "gvisor": GvisorConfig,
 }
 _ENV_SET = "env.set"
 _TOP_LEVEL = "top level"

@@ -23,11 +23,14 @@ from stockade.egress.secrets import SecretConfig
 __all__ = [
     "BACKENDS",
     "CONFIG_KEYS",
+    "CONTAINER_ENGINES",
     "ENV_VAR_KEYS",
     "WORKSPACE_MODES",
     "Backend",
     "ConfigKey",
+    "ContainerConfig",
     "EnvConfig",
+    "GvisorConfig",
     "LimitsConfig",
     "NetworkConfig",
     "ProfileConfig",
@@ -40,6 +43,8 @@ Backend = Literal["auto", "microvm", "gvisor", "container", "namespace", "host"]
 WorkspaceMode = Literal["cow", "ro", "rw", "none"]
 BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 WORKSPACE_MODES: tuple[str, ...] = typing.get_args(WorkspaceMode)
+ContainerEngine = Literal["auto", "runc", "crun", "docker", "podman"]
+CONTAINER_ENGINES: tuple[str, ...] = typing.get_args(ContainerEngine)
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HOSTNAME_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -249,6 +254,84 @@ def _check_rule(entry: str, *, port_required: bool) -> None:
             raise
 
 
+_IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
+
+
+def _check_image(value: str) -> str:
+    if value.startswith("/") or value in ("host",) or _IMAGE_RE.fullmatch(value):
+        return value
+    raise ValueError(
+        f"{value!r} is not 'host', an image profile such as 'base', an absolute rootfs "
+        "directory or an image reference such as 'debian:bookworm'"
+    )
+
+
+class ContainerConfig(_Model):
+    """``[container]``: which engine runs a ``backend = "container"`` sandbox, and from what."""
+
+    engine: ContainerEngine = Field(
+        default="auto",
+        description=(
+            "Container engine: 'runc' or 'crun' (daemonless, stockade's own OCI bundle), "
+            "'docker' or 'podman' (through their API), or 'auto' (the first that works, in "
+            "that order)."
+        ),
+    )
+    runtime: str | None = Field(
+        default=None,
+        description=(
+            "OCI runtime a docker/podman engine runs the container with, e.g. 'runsc' or "
+            "'sysbox-runc'; unset for the engine's default."
+        ),
+    )
+    image: str = Field(
+        default="host",
+        description=(
+            "Root filesystem: 'host' (the host's /usr read-only, no build), an image profile "
+            "of `stockade image build` such as 'base', an absolute rootfs directory, or for "
+            "docker/podman any local image such as 'debian:bookworm'."
+        ),
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str) -> str:
+        return _check_image(value)
+
+    @field_validator("runtime")
+    @classmethod
+    def _check_runtime(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+            raise ValueError(f"{value!r} is not a runtime name such as 'runsc'")
+        return value
+
+
+class GvisorConfig(_Model):
+    """``[gvisor]``: how a ``backend = "gvisor"`` sandbox runs."""
+
+    platform: Literal["auto", "systrap", "ptrace"] = Field(
+        default="auto",
+        description=(
+            "gVisor platform: 'systrap' (fast, needs runsc >= 2023), 'ptrace', or 'auto' "
+            "(systrap when this runsc has it). 'kvm' is never used."
+        ),
+    )
+    image: str = Field(
+        default="host",
+        description=(
+            "Root filesystem: 'host' (the host's /usr read-only, no build), an image profile "
+            "of `stockade image build` such as 'base', or an absolute rootfs directory."
+        ),
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str) -> str:
+        if value != "host" and not value.startswith("/") and not value.isidentifier():
+            raise ValueError(f"{value!r} is not 'host', an image profile or an absolute path")
+        return value
+
+
 def _check_hostname(name: str) -> str:
     if len(name) > 253 or not all(_HOSTNAME_LABEL_RE.fullmatch(p) for p in name.split(".")):
         raise ValueError(
@@ -278,6 +361,13 @@ class ProfileConfig(_Model):
     network: NetworkConfig | None = Field(
         default=None, description="[network] keys the profile sets."
     )
+    docker: bool | None = Field(
+        default=None, description="Whether the profile needs Docker inside the sandbox."
+    )
+    container: ContainerConfig | None = Field(
+        default=None, description="[container] keys the profile sets."
+    )
+    gvisor: GvisorConfig | None = Field(default=None, description="[gvisor] keys the profile sets.")
 
     @field_validator("hostname")
     @classmethod
@@ -313,6 +403,18 @@ class StockadeConfig(_Model):
     network: NetworkConfig = Field(
         default_factory=NetworkConfig, description="The [network] table."
     )
+    docker: bool = Field(
+        default=False,
+        description=(
+            "Give the sandbox its own private Docker daemon (docker build / docker run inside, "
+            "never the host's socket); needs backend 'microvm' (or 'container' with "
+            "runtime 'sysbox-runc')."
+        ),
+    )
+    container: ContainerConfig = Field(
+        default_factory=ContainerConfig, description="The [container] table."
+    )
+    gvisor: GvisorConfig = Field(default_factory=GvisorConfig, description="The [gvisor] table.")
     profiles: dict[str, ProfileConfig] = Field(
         default_factory=dict,
         description="Named profiles, [profiles.NAME], each a partial configuration.",

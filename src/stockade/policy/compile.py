@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from stockade._errors import ConfigError, PolicyError
 from stockade.config import LoadedConfig, check_safety, credential_reason
 from stockade.config.load import MIN_MEMORY, MIN_PIDS, mount_problem
+from stockade.config.models import ContainerConfig, GvisorConfig
 from stockade.egress.decide import NetworkRules, compile_rules
 from stockade.egress.presets import preset_problem, resolve_presets
 from stockade.egress.secrets import SecretConfig
@@ -202,6 +203,15 @@ class EffectivePolicy(_Policy):
         default_factory=dict,
         description="Secret declarations (source and allowed hosts, never values).",
     )
+    docker: bool = Field(
+        default=False, description="A private Docker daemon inside the sandbox is required."
+    )
+    container: ContainerConfig = Field(
+        default_factory=ContainerConfig, description="Engine, runtime and image of 'container'."
+    )
+    gvisor: GvisorConfig = Field(
+        default_factory=GvisorConfig, description="Platform and image of 'gvisor'."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EffectivePolicy:
@@ -288,6 +298,9 @@ def compile_policy(
             env=env,
             network=_network_policy(loaded, env_source),
             secrets=dict(config.secrets),
+            docker=config.docker,
+            container=config.container,
+            gvisor=config.gvisor,
         )
     except ValidationError as exc:
         raise PolicyError(f"the configuration compiles to an invalid policy: {exc}") from exc

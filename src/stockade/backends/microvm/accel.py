@@ -161,6 +161,24 @@ def chosen_accel(image: VmImage) -> str:
     return _decide(image)[0]
 
 
+def _other_drivers() -> list[str]:
+    """One line per other VMM driver: available or not, and how to get it."""
+    try:
+        from stockade.backends.microvm.drivers import probe_drivers
+    except ImportError:
+        return []
+    lines = []
+    for name, availability in probe_drivers():
+        if name == "qemu":
+            continue
+        state = "available" if availability.ok else "not available"
+        line = f"driver {name}: {state}: {availability.reason}"
+        if not availability.ok and availability.fix:
+            line += f" (fix: {availability.fix})"
+        lines.append(line)
+    return lines
+
+
 def probe_microvm(profile: str) -> Availability:
     from stockade.backends.microvm.qemu import qemu_binary
     from stockade.images.vm import find_vm_image
@@ -189,7 +207,11 @@ def probe_microvm(profile: str) -> Availability:
         accel, why = forced, "forced by STOCKADE_MICROVM_ACCEL"
     else:
         accel, why = _decide(image)
-    details = (f"kernel {image.kernel_version}", f"{qemu_version()}", f"accel {accel}: {why}")
+    details = (
+        f"driver qemu: {qemu_version()}, accel {accel} ({why}), guest kernel "
+        f"{image.kernel_version}",
+        *_other_drivers(),
+    )
     if accel == "kvm":
         return Availability(True, f"QEMU microvm with KVM ({why})", details=details)
     return Availability(

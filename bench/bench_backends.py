@@ -1,0 +1,220 @@
+"""Per-backend start cost and exec latency, each against the raw tool measured in the same run.
+
+    python bench/bench_backends.py [--runs N] [--only gvisor,container/runc] [--json out.json]
+
+For every backend that runs here (the registry's, with the container engines one by one):
+  1. SDK create + first exec `true` + destroy (copy-on-write workspace, default limits)
+     vs the raw tool starting the same kind of root (host /usr read-only) and running
+     `python3 -S -c pass` to the end: `runsc run`, `runc run`, `crun run`,
+     `docker run --rm`, `bwrap`. Goal: within 1.5x of the raw tool.
+  2. warm exec round trip of `true` in a running sandbox vs a plain subprocess `true`.
+Docker needs a daemon: set DOCKER_HOST (e.g. from `.ci/dockerd.sh start DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from stockade import AsyncSandbox
+
+PY_PASS = ["/usr/bin/python3", "-S", "-c", "pass"]
+RAW_BWRAP = [
+    "bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+    "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+    "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+    "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+    "--", *PY_PASS,
+]  # fmt: skip
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def time_cmd(argv: list[str], runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, cwd="/")
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def raw_bundle(work: Path) -> Path:
+    """A minimal OCI bundle: host /usr read-only, fresh namespaces, `python3 -S -c pass`."""
+    from stockade.backends._oci import host_rootfs
+
+    bundle = work / "raw-bundle"
+    bundle.mkdir(exist_ok=True)
+    rootfs = host_rootfs(bundle)
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": PY_PASS,
+                    "cwd": "/", "env": ["PATH=/usr/bin"], "noNewPrivileges": True,
+                    "capabilities": {}},
+        "root": {"path": str(rootfs.path), "readonly": True},
+        "mounts": [{"destination": "/usr", "type": "bind", "source": "/usr",
+                    "options": ["rbind", "ro"]},
+                   {"destination": "/proc", "type": "proc", "source": "proc"},
+                   {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}],
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "network", "ipc", "uts")]},
+    }  # fmt: skip
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def raw_runtime(runtime: str, bundle: Path, runs: int, work: Path) -> list[float]:
+    from stockade.backends._oci import which
+
+    binary = which(runtime)
+    assert binary is not None
+    root = work / f"raw-root-{runtime}"
+    flags = ["--network=none", "--platform=systrap"] if runtime == "runsc" else []
+    prefix: list[str] = []
+    if runtime == "crun":
+        from stockade.backends.container.oci import _crun_fix
+
+        fix = _crun_fix()
+        if fix:
+            prefix = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+                      f'{fix}; exec "$@"', "sh"]  # fmt: skip
+    out = []
+    for i in range(runs):
+        argv = [*prefix, binary, "--root", str(root), *flags, "run", "--bundle", str(bundle),
+                f"raw-{os.getpid()}-{i}"]  # fmt: skip
+        t = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, cwd="/")
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def raw_docker(runs: int) -> list[float]:
+    import docker
+
+    from stockade.backends.container.engine import _ensure_image, client_for
+
+    client = client_for("docker")
+    try:
+        image, _ = _ensure_image(client, "host")
+    finally:
+        client.close()
+    del docker
+    argv = ["docker", "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
+            "-v", "/usr:/usr:ro", image, *PY_PASS]  # fmt: skip
+    return time_cmd(argv, runs)
+
+
+def create_kwargs(target: str) -> dict[str, Any]:
+    backend, _, variant = target.partition("/")
+    config = {"container.engine": variant} if variant else {}
+    return {"backend": backend, "config": config}
+
+
+async def sdk_lifecycle(target: str, project: Path, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sb = await AsyncSandbox.create(project_dir=project, **create_kwargs(target))
+        await sb.commands.run(["true"])
+        await sb.aclose()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def warm_exec(target: str, project: Path, runs: int) -> list[float]:
+    async with await AsyncSandbox.create(project_dir=project, **create_kwargs(target)) as sb:
+        for _ in range(5):
+            await sb.commands.run(["true"])
+        out = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            await sb.commands.run(["true"])
+            out.append(time.perf_counter() - t)
+        return out
+
+
+def targets() -> list[str]:
+    from stockade.backends.registry import BACKENDS, probe, variants
+
+    found = []
+    for entry in BACKENDS:
+        if not entry.built or not entry.auto:
+            continue
+        names = [f"{entry.name}/{v}" for v in variants(entry.name)] or [entry.name]
+        found += [n for n in names if probe(n).ok]
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--only", help="comma-separated backends, e.g. gvisor,container/runc")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="stockade-bench-backends-"))
+    os.environ.setdefault("STOCKADE_STATE_DIR", str(work / "state"))
+    project = work / "project"
+    project.mkdir()
+    (project / "README.md").write_text("bench\n")
+    bundle = raw_bundle(work)
+    runs = args.runs
+    chosen = args.only.split(",") if args.only else targets()
+
+    plain_true = median_ms(time_cmd(["true"], runs * 3))
+    results: list[dict[str, Any]] = []
+    for target in chosen:
+        backend, _, variant = target.partition("/")
+        if backend == "gvisor":
+            raw_name, raw = "runsc run (systrap)", raw_runtime("runsc", bundle, runs, work)
+        elif variant in ("runc", "crun"):
+            raw_name, raw = f"{variant} run", raw_runtime(variant, bundle, runs, work)
+        elif variant == "docker":
+            raw_name, raw = "docker run --rm", raw_docker(runs)
+        elif backend == "namespace":
+            raw_name, raw = "bwrap", time_cmd(RAW_BWRAP, runs)
+        else:
+            raw_name, raw = "-", []
+        # One untimed round first: caches (compiled agent, images, probes) are warm in use.
+        anyio.run(sdk_lifecycle, target, project, 1)
+        ours = median_ms(anyio.run(sdk_lifecycle, target, project, runs))
+        warm = median_ms(anyio.run(warm_exec, target, project, runs * 3))
+        raw_ms = median_ms(raw) if raw else float("nan")
+        results.append({"backend": target, "lifecycle_ms": ours, "raw": raw_name,
+                        "raw_ms": raw_ms, "ratio": ours / raw_ms if raw else float("nan"),
+                        "warm_exec_ms": warm, "subprocess_true_ms": plain_true})  # fmt: skip
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("backend", "create+exec+destroy", "raw tool", "raw (median)", "ratio",
+                  "goal", "warm exec `true`", "subprocess `true`",
+                  title=f"stockade backends bench ({runs} runs each, medians)")  # fmt: skip
+    for r in results:
+        table.add_row(
+            r["backend"],
+            f"{r['lifecycle_ms']:.0f} ms",
+            r["raw"],
+            f"{r['raw_ms']:.0f} ms",
+            f"{r['ratio']:.2f}x",
+            "<= 1.5x",
+            f"{r['warm_exec_ms']:.2f} ms",
+            f"{r['subprocess_true_ms']:.2f} ms",
+        )
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,740 @@
+"""OCI bundles shared by the gvisor and container backends, and the daemonless runtime driver.
+
+One ``config.json`` builder serves runsc, runc and crun: the host's ``/usr`` read-only with a
+curated ``/etc`` (like the namespace backend) or an image's root filesystem, a user namespace
+in which the sandbox user 1000 is the caller on the host, no capabilities, ``no_new_privs``,
+masked ``/proc`` paths, the seccomp deny list of the namespace backend, a fresh network
+namespace, and memory/pids/cpu limits in a cgroup named ``stockade-<sandbox id>`` nested
+under the caller's own. The workspace overlay is mounted in a private mount namespace just
+before the runtime starts, so it never appears on the host and vanishes with the sandbox.
+
+``OciContainerSandbox`` owns the foreground ``<runtime> run`` process (the agent talks over
+its stdio), a watchdog that deletes the container if the owning process dies, and a teardown
+that is verified: the runtime no longer knows the container and its cgroup holds no process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import Process
+
+from stockade._errors import SandboxStartError, SandboxStateError
+from stockade.backends._process import ProcessSandbox
+from stockade.backends.base import AGENT_GUEST_PATH, LaunchSpec
+
+__all__ = [
+    "CONTAINER_PREFIX",
+    "GUEST_UID",
+    "OciContainerSandbox",
+    "OciRuntime",
+    "RootfsView",
+    "agent_argv",
+    "build_config",
+    "host_rootfs",
+    "image_rootfs",
+    "oci_seccomp",
+    "overlay_prefix",
+    "runtime_state_root",
+    "sandbox_cgroup_path",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The unprivileged user commands run as inside (mapped to the caller's uid on the host).
+GUEST_UID = 1000
+#: Container ids are ``stockade-<sandbox id>``; the cgroup has the same name.
+CONTAINER_PREFIX = "stockade-"
+#: Host ids for the container's other users (0-999, 1001-65535) when run as root: far above
+#: any real account, so a process that escaped its namespaces owns nothing on the host.
+_SUBID_BASE = 2_000_000_000
+_SUBID_SIZE = 65536
+
+#: Headroom in the cgroup for gVisor's own Sentry and gofer (threads, page tables, caches).
+_KERNEL_MEMORY = 256 * 2**20
+_KERNEL_PIDS = 512
+
+_MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+_READONLY_PATHS = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
+
+
+@dataclass(frozen=True)
+class RootfsView:
+    """The root filesystem of a bundle and how the guest agent runs from it."""
+
+    path: Path  # absolute, no symlink (runc insists)
+    host_usr: bool  # True: the host's /usr and a curated /etc are bound in
+    python: str = "/usr/bin/python3"
+    label: str = "host"  # 'host', an image profile or a directory, for messages
+
+
+def host_rootfs(state_dir: Path) -> RootfsView:
+    """An empty root with the mount points and the merged-/usr symlinks of the host.
+
+    Made per sandbox (a handful of inodes): the root is mounted read-only, so every mount
+    point must exist before the runtime starts.
+    """
+    root = (state_dir / "rootfs").resolve()
+    root.mkdir(exist_ok=True, mode=0o755)
+    for name in ("usr", "etc", "proc", "dev", "tmp", "run", "sys"):
+        (root / name).mkdir(exist_ok=True)
+    # runc gives a tmpfs the mode of the directory it covers.
+    (root / "tmp").chmod(0o1777)
+    for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        host = Path("/") / top
+        target = root / top
+        if os.path.lexists(target):
+            continue
+        if host.is_symlink():
+            target.symlink_to(os.readlink(host))
+        elif host.is_dir():
+            target.mkdir()
+    return RootfsView(root, host_usr=True)
+
+
+def image_rootfs(image: str) -> RootfsView:
+    """The root filesystem of an image-builder profile (built on first use) or a directory."""
+    if image.startswith("/"):
+        path = Path(image)
+        if not (path / "usr" / "bin" / "python3").exists():
+            raise SandboxStartError(
+                f"rootfs directory {image!r} has no /usr/bin/python3, which the guest agent "
+                "needs; build one with `stockade image build` or install python3 in it"
+            )
+        return RootfsView(path.resolve(), host_usr=False, label=image)
+    try:
+        ensure_rootfs = importlib.import_module("stockade.images").ensure_rootfs
+    except (ImportError, AttributeError) as exc:
+        raise SandboxStartError(
+            f"image {image!r} needs the image builder, which this version of stockade lacks; "
+            "use image = 'host' (the host's /usr, no build)"
+        ) from exc
+    built = ensure_rootfs(image)
+    return RootfsView(Path(built.tree).resolve(), host_usr=False, label=image)
+
+
+def runtime_state_root(runtime: str) -> Path:
+    """The runtime's ``--root`` for stockade's containers: one per user, shared by sandboxes.
+
+    Shared (not per sandbox) so that ``<runtime> --root DIR list`` shows every container of
+    stockade on this machine, and a leftover can be found by its id.
+    """
+    uid = os.getuid()
+    if uid == 0:
+        base = Path("/run/stockade")
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "stockade"
+    else:
+        base = Path(f"/tmp/stockade-{uid}")
+    root = base / runtime
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return root
+
+
+def sandbox_cgroup_path(sandbox_id: str) -> str:
+    """``cgroupsPath``: ``stockade-<id>`` under the caller's own cgroup (memory's on v1).
+
+    Nested, so the host's accounting of the caller still covers the sandbox, and named like
+    the namespace backend's groups so ``remove_stale_cgroups`` finds leftovers.
+    """
+    own = "/"
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _id, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            own = path
+            break
+        if _id == "0" and controllers == "":
+            own = path
+    return f"{own.rstrip('/')}/{CONTAINER_PREFIX}{sandbox_id}"
+
+
+def oci_seccomp() -> dict[str, Any]:
+    """The namespace backend's deny list as an OCI seccomp profile (allow by default)."""
+    from stockade.backends._seccomp import (
+        _CLONE_NAMESPACE_FLAGS,
+        _DENIED,
+        _PTRACE,
+        _TIOCLINUX,
+        _TIOCSTI,
+    )
+
+    names = sorted({name for _why, group in (*_DENIED, _PTRACE) for name in group})
+    rules: list[dict[str, Any]] = [
+        {"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM},
+        {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS},
+    ]
+    for _flag_name, flag in _CLONE_NAMESPACE_FLAGS:
+        rules.append(
+            {
+                "names": ["clone"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": errno.EPERM,
+                "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
+            }
+        )
+    for request in (_TIOCSTI, _TIOCLINUX):
+        rules.append(
+            {
+                "names": ["ioctl"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": errno.EPERM,
+                "args": [
+                    {
+                        "index": 1,
+                        "value": 0xFFFFFFFF,
+                        "valueTwo": request,
+                        "op": "SCMP_CMP_MASKED_EQ",
+                    }
+                ],
+            }
+        )
+    return {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
+        "syscalls": rules,
+    }
+
+
+def agent_argv(
+    spec: LaunchSpec,
+    *,
+    python: str,
+    guest_agent: str,
+    cwd: str,
+    landlock: bool,
+    rlimits: bool = False,
+) -> list[str]:
+    """The guest agent's command line inside a bundle (stdio is the channel)."""
+    ws = spec.policy.workspace
+    argv = [python, "-S", "-I", guest_agent, "--workspace", cwd]
+    if landlock:
+        argv += ["--landlock", "best-effort", "--landlock-scope"]
+        for path in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/proc", "/run/stockade"):
+            argv += ["--landlock-ro", path]
+        rw = ["/tmp", "/dev"]
+        if ws.mode in ("cow", "rw") and ws.host_path is not None:
+            rw.append(ws.guest_path)
+        elif ws.mode == "ro" and ws.host_path is not None:
+            argv += ["--landlock-ro", ws.guest_path]
+        for path in rw:
+            argv += ["--landlock-rw", path]
+    if spec.egress is not None:
+        argv += spec.egress.agent_args()
+    argv += ["--rlimit", "core=0"]
+    limits = spec.policy.limits
+    if rlimits and limits.pids:
+        argv += ["--rlimit", f"nproc={limits.pids}"]
+    if rlimits and limits.memory_bytes:
+        argv += ["--rlimit", f"as={limits.memory_bytes}"]
+    return argv
+
+
+def agent_dir(state_dir: Path, agent: Path, guest_agent: str) -> Path:
+    """A directory holding only the agent under its guest name (a hard link when possible)."""
+    directory = state_dir / "agent"
+    directory.mkdir(exist_ok=True, mode=0o755)
+    target = directory / posixpath.basename(guest_agent)
+    if not target.exists():
+        try:
+            os.link(agent, target)
+        except OSError:
+            shutil.copyfile(agent, target)
+            target.chmod(0o644)
+    return directory
+
+
+def _bind(source: str | Path, dest: str, *, ro: bool = True) -> dict[str, Any]:
+    options = ["rbind", "nosuid", "nodev", "ro" if ro else "rw"]
+    return {"destination": dest, "type": "bind", "source": str(source), "options": options}
+
+
+def _tmpfs(dest: str, *options: str) -> dict[str, Any]:
+    return {"destination": dest, "type": "tmpfs", "source": "tmpfs", "options": list(options)}
+
+
+def _id_mappings(caller: int) -> list[dict[str, int]]:
+    if os.getuid() != 0:
+        # Unprivileged: the kernel lets us map only ourselves.
+        return [{"containerID": GUEST_UID, "hostID": caller, "size": 1}]
+    return [
+        {"containerID": 0, "hostID": _SUBID_BASE, "size": GUEST_UID},
+        {"containerID": GUEST_UID, "hostID": caller, "size": 1},
+        {
+            "containerID": GUEST_UID + 1,
+            "hostID": _SUBID_BASE + GUEST_UID + 1,
+            "size": _SUBID_SIZE - GUEST_UID - 1,
+        },
+    ]
+
+
+def build_config(
+    spec: LaunchSpec,
+    *,
+    rootfs: RootfsView,
+    workspace_source: Path | None,
+    agent: Path,
+    cgroups_path: str | None,
+    seccomp: bool,
+    landlock: bool,
+    user_space_kernel: bool = False,
+) -> dict[str, Any]:
+    """The OCI ``config.json`` of one sandbox (runtime-neutral).
+
+    ``user_space_kernel`` (gVisor): the cgroup holds the Sentry and gofer too, whose threads
+    and memory count against it; it gets headroom, and the sandbox's own processes are held
+    to the policy's numbers by rlimits that the Sentry enforces.
+    """
+    from stockade.backends.bubblewrap import _SYNTHETIC_ETC, ETC_ALLOWLIST, _etc_dir
+
+    policy = spec.policy
+    limits = policy.limits
+    ws = policy.workspace
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        _tmpfs("/dev", "nosuid", "strictatime", "mode=755", "size=65536k"),
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+        },
+        _tmpfs("/dev/shm", "nosuid", "noexec", "nodev", "mode=1777", "size=65536k"),
+    ]
+    if rootfs.host_usr:
+        mounts.append(_bind("/usr", "/usr"))
+        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            host = Path("/") / top
+            if host.is_dir() and not host.is_symlink():
+                mounts.append(_bind(host, f"/{top}"))
+        for name in ETC_ALLOWLIST:
+            if os.path.lexists(f"/etc/{name}"):
+                mounts.append(_bind(f"/etc/{name}", f"/etc/{name}"))
+    etc = _etc_dir(spec)
+    for name in _SYNTHETIC_ETC:
+        mounts.append(_bind(etc / name, f"/etc/{name}"))
+    tmp_size = limits.disk_bytes or limits.memory_bytes
+    size = [f"size={tmp_size}"] if tmp_size else []
+    mounts.append(_tmpfs("/tmp", "nosuid", "nodev", "mode=1777", *size))
+    mounts.append(
+        _tmpfs("/tmp/home", "nosuid", "nodev", "mode=700", f"uid={GUEST_UID}", f"gid={GUEST_UID}")
+    )
+    mounts.append(_tmpfs("/run", "nosuid", "nodev", "mode=755", "uid=0", "gid=0", "size=16m"))
+    guest_agent = AGENT_GUEST_PATH + ("c" if agent.suffix == ".pyc" else "")
+    # The agent's whole directory read-only: a mount point made inside a writable /run
+    # would belong to whoever the runtime creates it as (the sandbox user, under gVisor).
+    mounts.append(
+        _bind(agent_dir(spec.state_dir, agent, guest_agent), posixpath.dirname(guest_agent))
+    )
+    if spec.egress is not None:
+        for host_file, guest_file in spec.egress.files:
+            mounts.append(_bind(host_file, guest_file))
+
+    if ws.mode == "none" or ws.host_path is None:
+        cwd = "/tmp/home"
+    else:
+        source = workspace_source if workspace_source is not None else ws.host_path
+        mounts.append(_bind(source, ws.guest_path, ro=ws.mode == "ro"))
+        for rel in ws.protected:
+            host_rel = ws.host_path / rel
+            if os.path.lexists(host_rel) and not host_rel.is_symlink():
+                mounts.append(_bind(source / rel, f"{ws.guest_path}/{rel}"))
+        cwd = ws.guest_path
+
+    env = dict(policy.env)
+    if spec.egress is not None:
+        env.update(spec.egress.env)
+    caps: dict[str, list[str]] = {
+        k: [] for k in ("bounding", "effective", "permitted", "inheritable", "ambient")
+    }
+    resources: dict[str, Any] = {}
+    memory_headroom, pids_headroom = (_KERNEL_MEMORY, _KERNEL_PIDS) if user_space_kernel else (0, 0)
+    if limits.memory_bytes:
+        resources["memory"] = {"limit": limits.memory_bytes + memory_headroom}
+    if limits.pids:
+        resources["pids"] = {"limit": limits.pids + pids_headroom}
+    if limits.cpus:
+        period = 100_000
+        resources["cpu"] = {"quota": max(1000, int(limits.cpus * period)), "period": period}
+    caller = os.getuid()
+    linux: dict[str, Any] = {
+        "namespaces": [
+            {"type": t} for t in ("pid", "ipc", "uts", "mount", "network", "user", "cgroup")
+        ],
+        "uidMappings": _id_mappings(caller),
+        "gidMappings": _id_mappings(os.getgid()),
+        "maskedPaths": list(_MASKED_PATHS),
+        "readonlyPaths": list(_READONLY_PATHS),
+    }
+    if cgroups_path is not None:
+        linux["cgroupsPath"] = cgroups_path
+        linux["resources"] = resources
+    if seccomp:
+        linux["seccomp"] = oci_seccomp()
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": GUEST_UID, "gid": GUEST_UID},
+            "args": agent_argv(
+                spec,
+                python=rootfs.python,
+                guest_agent=guest_agent,
+                cwd=cwd,
+                landlock=landlock,
+                rlimits=user_space_kernel,
+            ),
+            "env": [f"{k}={v}" for k, v in sorted(env.items())],
+            "cwd": cwd,
+            "capabilities": caps,
+            "rlimits": [{"type": "RLIMIT_CORE", "hard": 0, "soft": 0}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": str(rootfs.path), "readonly": True},
+        "hostname": policy.hostname,
+        "mounts": mounts,
+        "linux": linux,
+    }
+
+
+def overlay_prefix(spec: LaunchSpec, *, extra: str = "") -> tuple[list[str], Path | None]:
+    """``unshare -m sh -c 'mount overlay; exec "$@"'`` and the merged directory, or ([], None).
+
+    ``extra`` is shell run in the same private mount namespace first (crun's cgroup fix).
+    The overlay uses ``userxattr`` so its whiteouts look like the namespace backend's.
+    """
+    if spec.policy.workspace.mode != "cow" or spec.workspace is None:
+        if not extra:
+            return [], None
+        return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+                f'{extra}; exec "$@"', "sh"], None  # fmt: skip
+    merged = spec.state_dir / "merged"
+    merged.mkdir(exist_ok=True)
+    lower_link = spec.state_dir / "lower"
+    if not lower_link.is_symlink():
+        lower_link.symlink_to(spec.workspace.lower)
+    script = (
+        (f"{extra}; " if extra else "")
+        + 'mount -t overlay stockade -o "lowerdir=$1,upperdir=$2,workdir=$3,userxattr" "$4" '
+        '&& shift 4 && exec "$@"'
+    )
+    layers = [lower_link, spec.workspace.upper, spec.workspace.work, merged]
+    prefix = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh"]
+    prefix += [str(path) for path in layers]
+    return prefix, merged.resolve()
+
+
+@dataclass(frozen=True)
+class OciRuntime:
+    """A daemonless OCI runtime binary with its global flags and private state root."""
+
+    name: str  # "runsc", "runc" or "crun"
+    binary: str
+    root: Path
+    global_flags: tuple[str, ...] = ()
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.binary, "--root", str(self.root), *self.global_flags, *args]
+
+    def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            self.argv(*args), capture_output=True, timeout=timeout, check=False, cwd="/"
+        )
+
+    def container_ids(self) -> list[str]:
+        """Every container this runtime knows under our root."""
+        proc = self.run("list", "--format", "json")
+        if proc.returncode != 0:
+            return []
+        try:
+            data = json.loads(proc.stdout or b"null") or []
+        except ValueError:
+            return []
+        return [str(c.get("id")) for c in data if isinstance(c, dict)]
+
+    def exists(self, container_id: str) -> bool:
+        """Whether the runtime still keeps state for the container under our root.
+
+        Read from the root directory (runc/crun: a directory per container; runsc: files
+        prefixed with the id) instead of spawning ``<runtime> state``: teardown asks this
+        for every sandbox, and the answer is the runtime's own record either way.
+        """
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return False
+        return any(
+            name == container_id
+            or name.startswith(f"{container_id}_")
+            or name == f"runsc-{container_id}.sock"
+            for name in names
+        )
+
+    def delete(self, container_id: str) -> bool:
+        """Kill and delete a container; False (and quiet) when it does not exist."""
+        if not self.exists(container_id):
+            return False
+        self.run("kill", container_id, "KILL")
+        proc = self.run("delete", "--force", container_id)
+        if proc.returncode != 0 and self.exists(container_id):
+            raise SandboxStateError(
+                f"{self.name} could not delete container {container_id}: "
+                f"{proc.stderr.decode(errors='replace').strip()}; remove it with "
+                f"`{' '.join(self.argv('delete', '--force', container_id))}`"
+            )
+        return True
+
+    def watchdog_argv(self, container_id: str) -> list[str]:
+        """A shell that deletes the container when its stdin ends without a 'done' line.
+
+        Its stdin is a pipe held only by the process that owns the sandbox: if that process
+        dies (even ``kill -9``), the pipe ends and the container goes with it.
+        """
+        kill = " ".join(_quote(a) for a in self.argv("kill", container_id, "KILL"))
+        delete = " ".join(_quote(a) for a in self.argv("delete", "--force", container_id))
+        script = (
+            'read line; [ "$line" = done ] && exit 0; '
+            f"{kill} >/dev/null 2>&1; sleep 0.2; {delete} >/dev/null 2>&1; exit 0"
+        )
+        return ["/bin/sh", "-c", script]
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def start_watchdog(runtime: OciRuntime, container_id: str) -> subprocess.Popen[bytes]:
+    """Start the watchdog of ``container_id`` in its own session (see ``watchdog_argv``)."""
+    return subprocess.Popen(
+        runtime.watchdog_argv(container_id),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+        cwd="/",
+    )
+
+
+async def open_runtime_process(
+    argv: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None
+) -> Process:
+    """Start the foreground runtime process; its stdio pipes are the agent's channel."""
+    try:
+        with log_path.open("ab") as log:
+            return await anyio.open_process(
+                list(argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env or {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                cwd="/",
+            )
+    except OSError as exc:
+        raise SandboxStartError(f"could not start {argv[0]}: {exc}") from exc
+
+
+class OciContainerSandbox(ProcessSandbox):
+    """A sandbox run by ``<runtime> run`` in the foreground; deleted and verified on teardown."""
+
+    def __init__(
+        self,
+        process: Process,
+        log_path: Path,
+        *,
+        runtime: OciRuntime,
+        container_id: str,
+        sandbox_id: str,
+        watchdog: subprocess.Popen[bytes] | None,
+        cgroups_path: str | None = None,
+    ) -> None:
+        super().__init__(process, log_path)
+        self.cgroups_path = cgroups_path
+        self.runtime = runtime
+        self.container_id = container_id
+        self.sandbox_id = sandbox_id
+        self._watchdog = watchdog
+        self._cgroup_cache: Any = None
+
+    def _cgroup(self) -> Any:
+        """The container's cgroup, looked up at the path we gave the runtime (no search)."""
+        from stockade.backends._cgroups import SandboxCgroup, _discover
+
+        if self._cgroup_cache is None and self.cgroups_path is not None:
+            dirs: list[Path] = []
+            controllers: dict[str, Path] = {}
+            unified = None
+            for hierarchy in _discover():
+                path = hierarchy.mount / self.cgroups_path.lstrip("/")
+                if not path.is_dir():
+                    continue
+                dirs.append(path)
+                if hierarchy.version == "v2":
+                    unified = path
+                for controller in hierarchy.controllers:
+                    controllers.setdefault(controller, path)
+            if dirs:
+                self._cgroup_cache = SandboxCgroup(self.sandbox_id, dirs, controllers, unified)
+        return self._cgroup_cache
+
+    def resource_events(self) -> dict[str, bool]:
+        group = self._cgroup()
+        if group is None:
+            return {}
+        return {"oom_killed": group.oom_killed(), "pids_limit_hit": group.pids_limit_hit()}
+
+    async def terminate(self, grace: float = 1.0) -> None:
+        if self._terminated:
+            return
+        self._terminated = True
+        with anyio.CancelScope(shield=True):
+            # Look the cgroup up while it exists: its events explain a death afterwards.
+            with contextlib.suppress(Exception):
+                self._cgroup()
+            # After agent.shutdown the runtime exits by itself and deletes the container;
+            # a signal now would cut its own cleanup short.
+            with anyio.move_on_after(grace):
+                await self.process.wait()
+            if self.process.returncode is None:
+                # The runtime forwards SIGTERM to the agent, which takes its children down.
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.send_signal(signal.SIGTERM)
+                with anyio.move_on_after(grace):
+                    await self.process.wait()
+            if self.process.returncode is None:
+                await anyio.to_thread.run_sync(
+                    lambda: self.runtime.run("kill", self.container_id, "KILL")
+                )
+                with anyio.move_on_after(5):
+                    await self.process.wait()
+            if self.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+            with contextlib.suppress(Exception):
+                await self.channel.aclose()
+            survivors = await anyio.to_thread.run_sync(self._delete_and_verify)
+            if survivors:
+                raise SandboxStateError(
+                    f"the {self.runtime.name} container {self.container_id} survived teardown: "
+                    f"{survivors}"
+                )
+
+    def _delete_and_verify(self) -> str:
+        from stockade.backends._cgroups import remove_stale_cgroups
+
+        problems: list[str] = []
+        deleted = False
+        try:
+            deleted = self.runtime.delete(self.container_id)
+        except SandboxStateError as exc:
+            problems.append(str(exc))
+        if deleted and self.runtime.exists(self.container_id):
+            problems.append(f"`{self.runtime.name} state {self.container_id}` still finds it")
+        group = self._cgroup()
+        if group is not None:
+            # The runtime removes the cgroup when the container goes; anything still in it
+            # is killed and reported.
+            left = group.pids()
+            group.destroy()
+            if left:
+                problems.append(f"processes {sorted(left)} were still in its cgroup")
+        elif self.cgroups_path is None:
+            left = remove_stale_cgroups(self.sandbox_id)
+            if left:
+                problems.append(f"processes {sorted(left)} are still in its cgroup")
+        self._stop_watchdog()
+        return "; ".join(problems)
+
+    def _stop_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None or watchdog.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            watchdog.stdin.write(b"done\n")
+            watchdog.stdin.close()
+        try:
+            watchdog.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
+
+
+def reap_container(runtime: OciRuntime, sandbox_id: str) -> None:
+    """Delete the container of a sandbox whose owner died (``stockade rm``); quiet if none."""
+    runtime.delete(CONTAINER_PREFIX + sandbox_id)
+
+
+def stockade_containers(runtime: str) -> list[str]:
+    """Sandbox ids of the containers ``runtime`` knows under stockade's root."""
+    binary = which(runtime)
+    if binary is None:
+        return []
+    listed = OciRuntime(runtime, binary, runtime_state_root(runtime)).container_ids()
+    return [c.removeprefix(CONTAINER_PREFIX) for c in listed if c.startswith(CONTAINER_PREFIX)]
+
+
+def write_bundle(state_dir: Path, config: dict[str, Any]) -> Path:
+    bundle = state_dir / "bundle"
+    bundle.mkdir(exist_ok=True, mode=0o700)
+    (bundle / "config.json").write_text(json.dumps(config, separators=(",", ":")))
+    return bundle
+
+
+def which(name: str) -> str | None:
+    found = shutil.which(name)
+    if found is None:
+        for directory in ("/usr/sbin", "/usr/bin", "/sbin", "/usr/local/bin", "/usr/local/sbin"):
+            candidate = Path(directory) / name
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return found
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.01)
+    return False

@@ -1,0 +1,204 @@
+"""What is particular to the gvisor and container backends, on the real runtimes.
+
+The shared behaviour is in ``tests/contract/test_conformance.py``; here: gVisor's own kernel,
+each engine's hardening as the engine itself reports it, runtime pass-through, the docker
+policy refusal, and that nothing of ours survives ``kill -9`` of a supervisor plus ``rm``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import require_backend
+from stockade import PolicyError, Sandbox
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def stockade(*args: str, env: dict[str, str] | None = None, check: bool = True,
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "stockade.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stockade {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def test_dmesg_shows_gvisors_kernel(project: Path) -> None:
+    require_backend("gvisor")
+    r = stockade("run", "--rm", "--backend", "gvisor", "--", "dmesg", cwd=project)
+    assert "Starting gVisor..." in r.stdout
+    assert "Linux version" not in r.stdout  # the host kernel's banner
+    r = stockade("run", "--rm", "--backend", "gvisor", "--", "uname", "-r", cwd=project)
+    assert r.stdout.strip() != os.uname().release
+
+
+def test_runc_bundle_hardening(project: Path) -> None:
+    require_backend("container/runc")
+    with Sandbox.create(
+        project_dir=project, backend="container", config={"container.engine": "runc"}
+    ) as sb:
+        uid_map = sb.commands.run("cat /proc/self/uid_map").stdout.split()
+        # user 1000 inside is the caller outside; every other id maps far from real accounts
+        assert ["1000", str(os.getuid()), "1"] == uid_map[3:6] or uid_map[:3] == [
+            "1000",
+            str(os.getuid()),
+            "1",
+        ]
+        status = sb.commands.run("grep -E 'NoNewPrivs|Seccomp:' /proc/self/status").stdout
+        assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+        assert sb.commands.run("cat /proc/kcore").exit_code != 0  # masked
+        assert sb.commands.run("echo 1 > /proc/sys/kernel/sysrq").exit_code != 0
+        assert sb.agent_info is not None
+        if sb.agent_info.landlock_abi:
+            assert "landlock" in sb.agent_info.capabilities
+
+
+def _docker_inspect(sandbox_id: str) -> dict[str, Any]:
+    from stockade.backends.container.engine import LABEL, client_for
+
+    client = client_for("docker")
+    try:
+        (container,) = client.api.containers(filters={"label": f"{LABEL}={sandbox_id}"})
+        inspected: dict[str, Any] = client.api.inspect_container(container["Id"])
+        return inspected
+    finally:
+        client.close()
+
+
+def test_docker_container_hardening(project: Path) -> None:
+    require_backend("container/docker")
+    with Sandbox.create(
+        project_dir=project, backend="container", config={"container.engine": "docker"}, pids=128
+    ) as sb:
+        host = _docker_inspect(sb.id)["HostConfig"]
+        assert host["CapDrop"] == ["ALL"]
+        assert host["ReadonlyRootfs"] is True
+        assert host["NetworkMode"] == "none"
+        assert "no-new-privileges:true" in host["SecurityOpt"]
+        assert host["PidsLimit"] == 128
+        assert host["Memory"] == sb.policy.limits.memory_bytes
+        assert not host.get("Binds")  # no host socket, nothing but our mounts
+        mounts = sb.commands.run("cat /proc/self/mountinfo").stdout
+        assert "docker.sock" not in mounts
+        assert sb.commands.run("ls /var/run/docker.sock /run/docker.sock").exit_code != 0
+
+
+def test_docker_runtime_pass_through_runs_gvisor(project: Path) -> None:
+    require_backend("container/docker")
+    from stockade.backends.container.engine import client_for
+
+    client = client_for("docker")
+    try:
+        runtimes = client.info().get("Runtimes", {})
+    finally:
+        client.close()
+    if "runsc" not in runtimes:
+        pytest.skip(f"dockerd has no 'runsc' runtime registered (has: {sorted(runtimes)})")
+    config = {"container.engine": "docker", "container.runtime": "runsc"}
+    with Sandbox.create(project_dir=project, backend="container", config=config) as sb:
+        assert sb.agent_info is not None
+        assert sb.agent_info.kernel != os.uname().release  # gVisor's, not the host's
+        assert sb.commands.run("echo x > f.txt").exit_code == 0
+        assert [c.path for c in sb.workspace.diff()] == ["f.txt"]
+
+
+@pytest.mark.parametrize("backend", ["namespace", "gvisor", "container/runc"])
+def test_docker_policy_refused_where_no_private_daemon(project: Path, backend: str) -> None:
+    require_backend(backend)
+    name, _, engine = backend.partition("/")
+    config: dict[str, Any] = {"docker": True}
+    if engine:
+        config["container.engine"] = engine
+    with pytest.raises(PolicyError, match="microvm"):
+        Sandbox.create(project_dir=project, backend=name, config=config)
+
+
+def test_docker_policy_refused_by_auto_without_a_capable_backend(project: Path) -> None:
+    from stockade.backends.registry import probe
+
+    if probe("microvm").ok:
+        pytest.skip("a microvm backend runs here, so auto may satisfy docker = true")
+    with pytest.raises(Exception, match="microvm"):
+        Sandbox.create(project_dir=project, config={"docker": True})
+
+
+def _engine_leftovers(target: str, sandbox_id: str) -> list[str]:
+    from stockade.backends._oci import stockade_containers
+
+    backend, _, engine = target.partition("/")
+    left = []
+    if backend == "gvisor" and sandbox_id in stockade_containers("runsc"):
+        left.append("runsc container")
+    if engine in ("runc", "crun") and sandbox_id in stockade_containers(engine):
+        left.append(f"{engine} container")
+    if engine in ("docker", "podman"):
+        from stockade.backends.container.engine import LABEL, client_for
+
+        client = client_for(engine)
+        try:
+            selector = {"label": f"{LABEL}={sandbox_id}"}
+            left += [c["Id"][:12] for c in client.api.containers(all=True, filters=selector)]
+            left += [v["Name"] for v in client.api.volumes(filters=selector).get("Volumes") or []]
+        finally:
+            client.close()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if sandbox_id.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(entry.name)
+            except OSError:
+                continue
+    if pids:
+        left.append(f"processes {pids}")
+    return left
+
+
+@pytest.mark.parametrize("target", ["gvisor", "container/runc", "container/docker"])
+def test_kill_9_of_supervisor_then_rm_leaves_nothing(target: str, project: Path) -> None:
+    require_backend(target)
+    backend, _, engine = target.partition("/")
+    env = {"STOCKADE_CONTAINER_ENGINE": engine} if engine else {}
+    name = f"k9-{uuid.uuid4().hex[:8]}"
+    info = json.loads(
+        stockade(
+            "create", "--name", name, "--json", "--backend", backend, "-C", str(project), env=env
+        ).stdout
+    )
+    assert info["ok"]
+    from stockade.state import StateStore
+
+    record = StateStore().get(name)
+    try:
+        stockade("exec", name, "--", "sh", "-c", "setsid sleep 600 >/dev/null 2>&1 </dev/null &")
+        assert _engine_leftovers(target, record.id)  # it runs
+        assert record.supervisor_pid
+        os.kill(record.supervisor_pid, signal.SIGKILL)
+        # The watchdog deletes the container on its own, without waiting for `rm`.
+        deadline = time.monotonic() + 20
+        while _engine_leftovers(target, record.id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _engine_leftovers(target, record.id) == []
+        rows = json.loads(stockade("ls", "--json").stdout)
+        assert next(r["status"] for r in rows if r["name"] == name) == "failed"
+    finally:
+        stockade("rm", name, check=False)
+    assert _engine_leftovers(target, record.id) == []
+    assert name not in stockade("ls").stdout
