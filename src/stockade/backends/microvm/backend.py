@@ -49,7 +49,7 @@ from stockade.backends.base import (
     LaunchedSandbox,
     LaunchSpec,
 )
-from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmHandle, VmSpec
+from stockade.backends.microvm.driver import AgentTransport, DiskSpec, Driver, VmHandle, VmSpec
 
 if TYPE_CHECKING:
     from stockade.agent.client import AgentClient
@@ -331,6 +331,7 @@ class MicrovmSandbox(LaunchedSandbox):
                 "memory_mib": spec.memory_mib,
                 "cmdline": spec.cmdline,
                 "accel": spec.options.get("accel", "tcg"),
+                "driver": spec.options.get("driver", "qemu"),
                 "workspace_disk": len(spec.disks) > 1,
             }
         }
@@ -341,7 +342,6 @@ class MicrovmSandbox(LaunchedSandbox):
         from stockade.backends.microvm.snapshots import copy_sparse
 
         spec: VmSpec = self.vm.spec  # type: ignore[attr-defined]
-        qmp = getattr(self.vm, "qmp", None)
         try:
             await self.vm.snapshot(dest / "vm.mig")
             if len(spec.disks) > 1:
@@ -349,8 +349,7 @@ class MicrovmSandbox(LaunchedSandbox):
                     copy_sparse, spec.disks[1].path, dest / "workspace.ext4"
                 )
         finally:
-            if qmp is not None:
-                await anyio.to_thread.run_sync(qmp.command, "cont")
+            await self.vm.resume()
 
     async def after_connect(self, client: AgentClient) -> None:
         if not self.resumed:
@@ -442,9 +441,44 @@ def _pid_alive(pid: int) -> bool:
 # --- the backend ---------------------------------------------------------------------------
 
 
+def choose_driver() -> str:
+    """``STOCKADE_MICROVM_DRIVER``, else Firecracker or Cloud Hypervisor when they can run
+    here (hardware KVM), else QEMU (KVM or TCG)."""
+    forced = os.environ.get("STOCKADE_MICROVM_DRIVER")
+    if forced:
+        return forced
+    from stockade.backends.microvm.drivers import probe_drivers
+
+    for name, availability in probe_drivers(["firecracker", "cloud-hypervisor"]):
+        if availability.ok:
+            return name
+    return "qemu"
+
+
+def make_driver(name: str, accel: str) -> Driver:
+    if name == "qemu":
+        from stockade.backends.microvm.qemu import QemuDriver
+
+        return QemuDriver(accel)
+    from stockade.backends.microvm.drivers import load_driver
+
+    return load_driver(name)()
+
+
+def agent_transport(name: str, workdir: Path) -> tuple[AgentTransport, str]:
+    """The agent channel for a driver and the guest's matching ``stockade.agent=`` value."""
+    from stockade.backends.microvm.drivers import load_driver
+
+    if name == "qemu" or load_driver(name).capabilities.virtio_serial:
+        return AgentTransport("virtio-serial", workdir / "agent.sock"), "serial"
+    transport = AgentTransport("vsock", workdir / "vsock.sock")
+    return transport, f"vsock:{transport.port}"
+
+
 @dataclass(frozen=True)
 class _Plan:
     image: VmImage
+    driver: str
     accel: str
     vm: VmSpec
     workspace: dict[str, Any] | None
@@ -515,11 +549,13 @@ class MicrovmBackend(Backend):
                 backend="microvm",
                 fix=f"stockade image build --profile {profile}",
             )
-        accel = chosen_accel(image)
+        driver = choose_driver()
+        accel = chosen_accel(image) if driver == "qemu" else "kvm"
         vcpus, memory = vm_size(spec.policy)
         workdir = spec.state_dir / "vm"
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         disks = [DiskSpec(image.rootfs, True, "root")]
+        transport, guest_agent = agent_transport(driver, workdir)
         ws = spec.policy.workspace
         workspace: dict[str, Any] | None = None
         stream: Path | None = None
@@ -561,18 +597,18 @@ class MicrovmBackend(Backend):
             disks=tuple(disks),
             vcpus=vcpus,
             memory_mib=memory,
-            cmdline="stockade.root=vda stockade.agent=serial",
+            cmdline=f"stockade.root=vda stockade.agent={guest_agent}",
             workdir=workdir,
-            agent=AgentTransport("virtio-serial", workdir / "agent.sock"),
-            options={"accel": accel},
+            agent=transport,
+            options={"accel": accel, "driver": driver},
         )
         disk_size = disk.stat().st_size if disk is not None else 0
         snap: Path | None = snapshot_path(
-            image, snapshot_key(image, accel, vcpus, memory, disk_size)
+            image, snapshot_key(image, f"{driver}/{accel}", vcpus, memory, disk_size)
         )
         if os.environ.get("STOCKADE_MICROVM_SNAPSHOTS", "1") == "0":
             snap = None  # always boot cold, take no snapshot (benchmarks, debugging)
-        return _Plan(image, accel, vm, workspace, stream, disk, snap)
+        return _Plan(image, driver, accel, vm, workspace, stream, disk, snap)
 
     def _resume_spec(self, spec: LaunchSpec) -> tuple[VmSpec, tuple[Path, ...]]:
         assert self.resume is not None
@@ -602,37 +638,35 @@ class MicrovmBackend(Backend):
             memory_mib=int(meta["memory_mib"]),
             cmdline=str(meta["cmdline"]),
             workdir=workdir,
-            agent=AgentTransport("virtio-serial", workdir / "agent.sock"),
-            options={"accel": str(meta["accel"])},
+            agent=agent_transport(str(meta.get("driver", "qemu")), workdir)[0],
+            options={"accel": str(meta["accel"]), "driver": str(meta.get("driver", "qemu"))},
         )
         return vm, extra
 
     async def _launch_resumed(self, spec: LaunchSpec) -> MicrovmSandbox:
-        from stockade.backends.microvm.qemu import QemuDriver
-
         assert self.resume is not None
         vm_spec, extra = await anyio.to_thread.run_sync(self._resume_spec, spec)
         started = time.monotonic()
-        vm = await QemuDriver(vm_spec.options["accel"]).restore(vm_spec, self.resume / "vm.mig")
+        driver = make_driver(vm_spec.options.get("driver", "qemu"), vm_spec.options["accel"])
+        vm = await driver.restore(vm_spec, self.resume / "vm.mig")
         sandbox = MicrovmSandbox(vm, spec, extra_files=extra)
         sandbox.restored = sandbox.resumed = True
         sandbox.boot_seconds = time.monotonic() - started
         return sandbox
 
     async def launch(self, spec: LaunchSpec) -> MicrovmSandbox:
-        from stockade.backends.microvm.qemu import QemuDriver
-
         if self.resume is not None:
             return await self._launch_resumed(spec)
         started = time.monotonic()
         plan = await anyio.to_thread.run_sync(self._plan, spec)
         planned = time.monotonic()
-        driver = QemuDriver(plan.accel)
+        driver = make_driver(plan.driver, plan.accel)
         restored = False
         vm: VmHandle | None = None
         if (
             self.pool is not None
             and plan.disk is None
+            and plan.driver == "qemu"
             and self.pool.matches(plan.image.key, plan.accel, plan.vm.vcpus, plan.vm.memory_mib)
         ):
             vm = await self.pool.take()
@@ -703,11 +737,9 @@ class MicrovmBackend(Backend):
     async def _take_snapshot(vm: VmHandle, path: Path) -> None:
         """Save the ready, not yet configured VM for later sandboxes; then let it run on."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        qmp = getattr(vm, "qmp", None)
         try:
             await vm.snapshot(path)
         except (SandboxStartError, OSError, NotImplementedError) as exc:
             logger.warning("could not snapshot the VM to %s: %s", path, exc)
-        finally:
-            if qmp is not None:
-                await anyio.to_thread.run_sync(qmp.command, "cont")
+        with contextlib.suppress(NotImplementedError):
+            await vm.resume()

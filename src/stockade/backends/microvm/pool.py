@@ -73,7 +73,7 @@ class WarmPool:
             )
         self._image = image
         self._accel = await anyio.to_thread.run_sync(chosen_accel, image)
-        key = snapshot_key(image, self._accel, self.vcpus, self.memory_mib, 0)
+        key = snapshot_key(image, f"qemu/{self._accel}", self.vcpus, self.memory_mib, 0)
         self._snapshot = snapshot_path(image, key)
         self._dir = Path(tempfile.mkdtemp(prefix="stockade-pool-"))
         if not self._snapshot.is_file():
@@ -119,7 +119,7 @@ class WarmPool:
             cmdline="stockade.root=vda stockade.agent=serial",
             workdir=workdir,
             agent=AgentTransport("virtio-serial", workdir / "agent.sock"),
-            options={"accel": self._accel},
+            options={"accel": self._accel, "driver": "qemu"},
         )
 
     async def _make_snapshot(self) -> None:

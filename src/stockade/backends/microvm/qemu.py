@@ -225,6 +225,9 @@ class QemuVm(VmHandle):
     async def snapshot(self, path: Path) -> None:
         await anyio.to_thread.run_sync(self._snapshot_blocking, path)
 
+    async def resume(self) -> None:
+        await anyio.to_thread.run_sync(self.qmp.command, "cont")
+
     def _snapshot_blocking(self, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         qmp = self.qmp
