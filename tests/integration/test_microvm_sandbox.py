@@ -234,7 +234,26 @@ def test_no_network_but_the_proxy(sb: Sandbox) -> None:
 # --- root inside the VM ---------------------------------------------------------------
 
 
-def test_root_in_the_vm_touches_nothing_on_the_host(sb: Sandbox) -> None:
+@pytest.fixture(scope="module")
+def root_sb(vm_env: Path, shared_project: Path) -> Iterator[Sandbox]:
+    sandbox = Sandbox.create(
+        project_dir=shared_project, backend="microvm", config={"microvm.user": "root"}
+    )
+    try:
+        yield sandbox
+    finally:
+        sandbox.close()
+
+
+def test_commands_run_unprivileged_by_default(sb: Sandbox) -> None:
+    assert sb.commands.run("id -u").stdout.strip() == "1000"
+    assert sb.commands.run("cat /etc/shadow").exit_code != 0
+    assert sb.commands.run("echo x > /usr/evil").exit_code != 0
+    assert sb.commands.run("echo x > owned.txt && rm owned.txt").exit_code == 0
+
+
+def test_root_in_the_vm_touches_nothing_on_the_host(root_sb: Sandbox) -> None:
+    sb = root_sb
     host_had_dummy = Path("/sys/module/dummy").exists()
     marker = uuid.uuid4().hex[:12]
     script = (
@@ -263,7 +282,7 @@ def test_root_in_the_vm_touches_nothing_on_the_host(sb: Sandbox) -> None:
 def test_guest_death_ends_the_sandbox(
     microvm: str, project: Path, command: str, reason: str
 ) -> None:
-    sandbox = Sandbox.create(project_dir=project, backend=microvm)
+    sandbox = Sandbox.create(project_dir=project, backend=microvm, config={"microvm.user": "root"})
     try:
         pid = _qemu_pid(sandbox)
         with pytest.raises(SandboxStateError, match=reason):
@@ -456,3 +475,11 @@ def test_warm_pool(microvm: str, project: Path) -> None:
     pids = anyio.run(scenario)
     assert len(set(pids[:2])) == 2
     assert all(_gone(pid) for pid in pids if pid)  # the pool's spare VM too
+
+
+def test_disk_limit_inside_the_vm(microvm: str, project: Path) -> None:
+    with Sandbox.create(project_dir=project, backend=microvm, config={"limits.disk": "64M"}) as sb:
+        r = sb.commands.run("dd if=/dev/zero of=/tmp/big bs=1M count=100 2>&1; echo rc=$?")
+        assert "rc=0" not in r.stdout and "No space left" in r.stdout, r.stdout
+        r = sb.commands.run("dd if=/dev/zero of=big bs=1M count=100 2>&1; echo rc=$?")
+        assert "rc=0" not in r.stdout and "No space left" in r.stdout, r.stdout

@@ -32,6 +32,7 @@ from stockade.config.models import (
     EnvConfig,
     GvisorConfig,
     LimitsConfig,
+    MicrovmConfig,
     NetworkConfig,
     StockadeConfig,
     WorkspaceConfig,
@@ -86,6 +87,7 @@ _TABLES: dict[str, type[BaseModel]] = {
     "network": NetworkConfig,
     "container": ContainerConfig,
     "gvisor": GvisorConfig,
+    "microvm": MicrovmConfig,
 }
 _ENV_SET = "env.set"
 _TOP_LEVEL = "top level"

@@ -75,7 +75,9 @@ READY_TIMEOUT = 60.0
 MAX_HANDSHAKE_FRAME = 64 * 1024
 GUEST_STATE = "/run/stockade"
 GUEST_UPPER = "/run/stockade/ws/upper"
-GUEST_EXPORT = "/run/stockade/ws-export.tar"
+GUEST_LOWER = "/run/stockade/ws/lower"
+#: Where the guest packs its upper layer (written by the sandbox's own user).
+GUEST_EXPORT = "/tmp/.stockade-workspace-export.tar"
 
 
 def _image_profile() -> str:
@@ -123,8 +125,19 @@ def snapshot_path(image: VmImage, key: str) -> Path:
 # --- the guest configuration ----------------------------------------------------------
 
 
+#: Commands run as this uid/gid inside the VM unless ``microvm.user = "root"``.
+GUEST_UID = 1000
+
+
 def _etc_files(spec: LaunchSpec) -> list[tuple[str, bytes, int]]:
     hostname = spec.policy.hostname
+    home = spec.policy.env.get("HOME", "/tmp/home")
+    passwd = (
+        "root:x:0:0:root:/root:/bin/sh\n"
+        f"user:x:{GUEST_UID}:{GUEST_UID}:sandbox user:{home}:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    )
+    group = f"root:x:0:\nuser:x:{GUEST_UID}:\nnogroup:x:65534:\n"
     local_names = spec.egress.local_names if spec.egress is not None else ()
     hosts = f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n" + "".join(
         f"127.0.0.1\t{name}\n" for name in local_names
@@ -132,6 +145,8 @@ def _etc_files(spec: LaunchSpec) -> list[tuple[str, bytes, int]]:
     return [
         ("/etc/hosts", hosts.encode(), 0o644),
         ("/etc/hostname", f"{hostname}\n".encode(), 0o644),
+        ("/etc/passwd", passwd.encode(), 0o644),
+        ("/etc/group", group.encode(), 0o644),
     ]
 
 
@@ -153,6 +168,10 @@ def build_guest_config(
     if spec.egress is not None:
         args += spec.egress.agent_args()
     args += ["--rlimit", "core=0"]
+    as_user = policy.microvm.user == "user"
+    if policy.limits.pids and as_user:
+        # The VM's size bounds memory; processes are bounded per user (root is exempt).
+        args += ["--rlimit", f"nproc={policy.limits.pids}"]
     config: dict[str, Any] = {
         "time_ns": now_ns,
         "seed": base64.b64encode(seed).decode(),
@@ -162,6 +181,10 @@ def build_guest_config(
         "args": args,
         "dirs": [home] if home else [],
     }
+    if policy.limits.disk_bytes:
+        config["disk_bytes"] = int(policy.limits.disk_bytes)
+    if as_user:
+        config["user"] = [GUEST_UID, GUEST_UID]
     if workspace is not None:
         config["workspace"] = workspace
     return config
@@ -203,8 +226,12 @@ def _disk_bucket(size: int) -> int:
 
 def _make_disk(tree: Path, image: Path, size: int) -> None:
     mke2fs = shutil.which("mke2fs") or "/usr/sbin/mke2fs"
+    # In a user namespace that maps the caller to the guest user, mke2fs records the
+    # caller's files as that user's: the sandbox owns its workspace, as on every backend.
+    owner = f"{GUEST_UID}:{GUEST_UID}"
     proc = subprocess.run(
-        [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-E", "root_owner=0:0",
+        ["unshare", "--user", f"--map-user={GUEST_UID}", f"--map-group={GUEST_UID}",
+         mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-E", f"root_owner={owner}",
          "-d", str(tree), str(image), f"{size // 1024}k"],
         capture_output=True,
         check=False,
@@ -377,7 +404,7 @@ class MicrovmSandbox(LaunchedSandbox):
         _, events = await client.start_process(
             _process_params(
                 ["/usr/bin/python3", "-S", "-I", f"{GUEST_STATE}/wsync.py", GUEST_UPPER,
-                 GUEST_EXPORT]
+                 GUEST_EXPORT, GUEST_LOWER, self.spec.policy.workspace.guest_path]
             )
         )  # fmt: skip
         exit_info = await client.wait_process(events)
@@ -540,7 +567,7 @@ class MicrovmBackend(Backend):
         from stockade.backends.microvm.accel import chosen_accel
         from stockade.images.vm import find_vm_image
 
-        profile = _image_profile()
+        profile = spec.policy.microvm.image
         image = find_vm_image(profile)
         if image is None:
             raise BackendUnavailableError(
@@ -736,6 +763,8 @@ class MicrovmBackend(Backend):
     @staticmethod
     async def _take_snapshot(vm: VmHandle, path: Path) -> None:
         """Save the ready, not yet configured VM for later sandboxes; then let it run on."""
+        if type(vm).resume is VmHandle.resume:
+            return  # this driver cannot let the VM run on after a snapshot: no warm starts
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             await vm.snapshot(path)

@@ -40,12 +40,21 @@ __all__ = [
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-#: Run in the resumed guest: set the wall clock, add fresh entropy and reseed the CRNG.
+#: Run in the resumed guest: set the wall clock, add fresh entropy and reseed the CRNG,
+#: directly as root, or through the launcher's clock helper when commands run unprivileged.
 RESEED = (
-    "import fcntl,os,struct,sys,time,binascii\n"
-    "time.clock_settime_ns(time.CLOCK_REALTIME,int(sys.argv[1]))\n"
-    "s=binascii.a2b_base64(sys.argv[2]);fd=os.open('/dev/urandom',os.O_WRONLY)\n"
-    "fcntl.ioctl(fd,0x40085203,struct.pack('ii',len(s)*8,len(s))+s);fcntl.ioctl(fd,0x5207)\n"
+    "import os,sys,time,binascii\n"
+    "ns,seed=sys.argv[1],sys.argv[2]\n"
+    "if os.getuid()==0:\n"
+    "    import fcntl,struct\n"
+    "    time.clock_settime_ns(time.CLOCK_REALTIME,int(ns)); s=binascii.a2b_base64(seed)\n"
+    "    fd=os.open('/dev/urandom',os.O_WRONLY)\n"
+    "    fcntl.ioctl(fd,0x40085203,struct.pack('ii',len(s)*8,len(s))+s);fcntl.ioctl(fd,0x5207)\n"
+    "else:\n"
+    "    import socket\n"
+    "    c=socket.socket(socket.AF_UNIX);c.connect('/run/stockade/clock.sock')\n"
+    "    c.sendall(f'time {ns} {seed}'.encode());r=c.recv(200).decode()\n"
+    "    sys.exit(0 if r.startswith('ok') else r)\n"
 )
 
 

@@ -175,13 +175,20 @@ def write_file(path: str, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def setup_workspace(agent: Any, fd: int, ws: dict[str, Any]) -> None:
+def chown_tree(top: str, uid: int, gid: int) -> None:
+    os.chown(top, uid, gid, follow_symlinks=False)
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+
+
+def setup_workspace(agent: Any, fd: int, ws: dict[str, Any], user: list[int] | None = None) -> None:
     """Lower (streamed tar or the second disk) + tmpfs upper, overlaid at ws['path']."""
     mode = ws["mode"]
     target = ws["path"]
     os.makedirs(WS_STATE, exist_ok=True)
     size_opt = f",size={ws['upper_size']}" if ws.get("upper_size") else ""
-    mount("stockade-ws", WS_STATE, "tmpfs", 0, f"mode=0700{size_opt}")
+    mount("stockade-ws", WS_STATE, "tmpfs", 0, f"mode=0755{size_opt}")
     lower = f"{WS_STATE}/lower"
     os.mkdir(lower, 0o755)
     if ws["source"] == "stream":
@@ -198,6 +205,8 @@ def setup_workspace(agent: Any, fd: int, ws: dict[str, Any]) -> None:
         with os.fdopen(spool, "rb") as tar:
             agent.extract_tar(tar, lower)
         os.chmod(lower, int(ws.get("root_mode", 0o755)))
+        if user:
+            chown_tree(lower, int(user[0]), int(user[1]))
     else:
         device = f"/dev/{ws['device']}"
         with open(device, "rb") as dev:
@@ -214,6 +223,8 @@ def setup_workspace(agent: Any, fd: int, ws: dict[str, Any]) -> None:
     upper, work = f"{WS_STATE}/upper", f"{WS_STATE}/work"
     os.mkdir(upper, 0o755)
     os.mkdir(work, 0o700)
+    if user:
+        os.chown(upper, int(user[0]), int(user[1]))
     # No redirect or metacopy xattrs: the host reads this upper layer back for diff/apply.
     options = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off"
     mount("stockade-workspace", target, "overlay", 0, options)
@@ -258,6 +269,50 @@ def warm_up(agent: Any) -> None:
         _LIBC[0].umount2(scratch.encode(), 2)  # MNT_DETACH
 
 
+CLOCK_SOCKET = "/run/stockade/clock.sock"
+
+
+def start_clock_helper(channel_fd: int) -> None:
+    """Keep one root process that only sets the clock and reseeds entropy on request.
+
+    Commands run unprivileged, yet a VM restored from a named snapshot must get the host's
+    time and fresh entropy (two forks must not share random state): the host asks through
+    the agent, which connects here. Both effects stay inside this VM.
+    """
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.bind(CLOCK_SOCKET)
+    os.chmod(CLOCK_SOCKET, 0o666)  # noqa: S103 - the sandbox user connects; nothing else here
+    sock.listen(4)
+    if os.fork() != 0:
+        sock.close()
+        return
+    os.close(channel_fd)  # pragma: no cover - the helper child from here on
+    while True:
+        try:
+            conn, _ = sock._accept()  # type: ignore[attr-defined]
+        except OSError:
+            continue
+        try:
+            words = os.read(conn, 4096).decode().split()
+            if len(words) == 3 and words[0] == "time":
+                time.clock_settime_ns(time.CLOCK_REALTIME, int(words[1]))
+                import binascii
+
+                seed_entropy(binascii.a2b_base64(words[2])[:256])
+                os.write(conn, b"ok\n")
+            else:
+                os.write(conn, b"error: expected 'time NS SEED'\n")
+        except (OSError, ValueError) as exc:
+            try:
+                os.write(conn, f"error: {exc}\n".encode())
+            except OSError:
+                pass
+        finally:
+            os.close(conn)
+
+
 def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
     """Apply the host's configuration; return the agent's arguments."""
     time.clock_settime_ns(time.CLOCK_REALTIME, int(config["time_ns"]))
@@ -269,13 +324,26 @@ def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
         _socket.sethostname(hostname)
     for path, data, mode in config.get("files", ()):
         write_file(path, agent.binascii.a2b_base64(data), int(mode))
+    if config.get("disk_bytes"):
+        # The root's writes (outside the workspace) count against the disk limit too.
+        mount("", "/run/stockade/rootrw", None, MS_REMOUNT, f"size={int(config['disk_bytes'])}")
     for directory in config.get("dirs", ()):
         os.makedirs(directory, exist_ok=True)
     os.environ.clear()
     os.environ.update(config.get("env", {}))
     ws = config.get("workspace")
     if ws:
-        setup_workspace(agent, fd, ws)
+        setup_workspace(agent, fd, ws, config.get("user"))
+    user = config.get("user")
+    if user:
+        start_clock_helper(fd)
+        uid, gid = int(user[0]), int(user[1])
+        for directory in config.get("dirs", ()):
+            os.chown(directory, uid, gid)
+        # Everything from here on (the agent and every command) runs unprivileged.
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
     return [str(a) for a in config.get("args", ())]
 
 
