@@ -6,9 +6,10 @@ For every backend that runs here (the registry's, with the container engines one
   1. SDK create + first exec `true` + destroy (copy-on-write workspace, default limits)
      vs the raw tool starting the same kind of root (host /usr read-only) and running
      `python3 -S -c pass` to the end: `runsc run`, `runc run`, `crun run`,
-     `docker run --rm`, `bwrap`. Goal: within 1.5x of the raw tool.
+     `docker run --rm`, `podman run --rm`, `bwrap`. Goal: within 1.5x of the raw tool.
   2. warm exec round trip of `true` in a running sandbox vs a plain subprocess `true`.
-Docker needs a daemon: set DOCKER_HOST (e.g. from `.ci/dockerd.sh start DIR`).
+Docker and Podman need their API: set DOCKER_HOST / CONTAINER_HOST (e.g. from
+`.ci/dockerd.sh start DIR` and `.ci/podman.sh start DIR`).
 """
 
 from __future__ import annotations
@@ -98,18 +99,19 @@ def raw_runtime(runtime: str, bundle: Path, runs: int, work: Path) -> list[float
     return out
 
 
-def raw_docker(runs: int) -> list[float]:
-    import docker
+def raw_engine(engine: str, runs: int) -> list[float]:
+    """`docker run --rm` / `podman run --rm` of the host-view image with /usr bound."""
+    from stockade.backends.container.engine import _engine_url, _ensure_image, client_for
 
-    from stockade.backends.container.engine import _ensure_image, client_for
-
-    client = client_for("docker")
+    client = client_for(engine)
     try:
         image, _ = _ensure_image(client, "host")
     finally:
         client.close()
-    del docker
-    argv = ["docker", "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
+    cli = [engine]
+    if engine == "podman":
+        cli += ["--remote", "--url", _engine_url("podman") or ""]
+    argv = [*cli, "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
             "-v", "/usr:/usr:ro", image, *PY_PASS]  # fmt: skip
     return time_cmd(argv, runs)
 
@@ -179,8 +181,8 @@ def main() -> None:
             raw_name, raw = "runsc run (systrap)", raw_runtime("runsc", bundle, runs, work)
         elif variant in ("runc", "crun"):
             raw_name, raw = f"{variant} run", raw_runtime(variant, bundle, runs, work)
-        elif variant == "docker":
-            raw_name, raw = "docker run --rm", raw_docker(runs)
+        elif variant in ("docker", "podman"):
+            raw_name, raw = f"{variant} run --rm", raw_engine(variant, runs)
         elif backend == "namespace":
             raw_name, raw = "bwrap", time_cmd(RAW_BWRAP, runs)
         else:

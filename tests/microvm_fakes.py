@@ -3,6 +3,10 @@ OpenAPI spec, and hybrid vsock peers that follow (or break) the documented proto
 
 Nothing here fakes isolation: these stand in for the control plane of a VMM that cannot
 run on this machine, so the driver's requests and handshakes are tested byte for byte.
+
+Also the helpers those tests share: the fixtures ``anyio_backend`` (asyncio only) and
+``tmp`` (a short directory for unix sockets), which a test module imports by their function
+names (``asyncio_only``, ``socket_tmp``), ``vm_spec`` and ``hide_vmm_binaries``.
 """
 
 from __future__ import annotations
@@ -19,16 +23,83 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import jsonschema
+import pytest
 import yaml
 from openapi_spec_validator import OpenAPIV2SpecValidator, validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
+from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmSpec
+
 SPEC_PATH = Path(__file__).resolve().parent / "specs" / "firecracker-api.yaml"
 _SPEC_URI = "urn:stockade-test:firecracker-api"
+
+
+#: Every environment variable a VMM driver reads its binary's path from.
+VMM_BINARY_VARS = ("STOCKADE_FIRECRACKER", "STOCKADE_CLOUD_HYPERVISOR", "STOCKADE_VFKIT")
+
+
+@pytest.fixture(name="anyio_backend")
+def asyncio_only() -> str:
+    return "asyncio"
+
+
+def short_tmp() -> Iterator[Path]:
+    """A short directory for unix sockets (their paths are limited to 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="stk-", dir="/tmp") as name:
+        yield Path(name)
+
+
+@pytest.fixture(name="tmp")
+def socket_tmp() -> Iterator[Path]:
+    yield from short_tmp()
+
+
+#: (file name, read only, drive id) of the read-only root image and of a workspace disk.
+ROOT_DISK = ("root.erofs", True, "root")
+WORK_DISK = ("work.ext4", False, "work")
+
+
+def vm_spec(
+    images: Path,
+    workdir: Path,
+    *,
+    kernel: str = "vmlinux",
+    initrd: str = "initrd.gz",
+    disks: tuple[tuple[str, bool, str], ...] = (ROOT_DISK, WORK_DISK),
+    vcpus: int = 2,
+    memory_mib: int = 512,
+    cmdline: str = "quiet stockade.root=vda",
+    agent: AgentTransport | None = None,
+    create_files: bool = False,
+) -> VmSpec:
+    """A VmSpec whose kernel, initrd and disks are the files so named in ``images`` (written,
+    one byte each, with ``create_files``); by default the agent is on vsock, its socket
+    ``workdir/agent.vsock``."""
+    if create_files:
+        images.mkdir(exist_ok=True)
+        for name in (kernel, initrd, *(disk[0] for disk in disks)):
+            (images / name).write_bytes(b"x")
+    return VmSpec(
+        kernel=images / kernel,
+        initrd=images / initrd,
+        disks=tuple(DiskSpec(images / name, ro, drive_id) for name, ro, drive_id in disks),
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        cmdline=cmdline,
+        workdir=workdir,
+        agent=agent or AgentTransport("vsock", workdir / "agent.vsock"),
+    )
+
+
+def hide_vmm_binaries(monkeypatch: pytest.MonkeyPatch, empty_dir: Path) -> None:
+    """No VMM binary can be found: PATH is ``empty_dir`` and no STOCKADE_<VMM> is set."""
+    monkeypatch.setenv("PATH", str(empty_dir))
+    for var in VMM_BINARY_VARS:
+        monkeypatch.delenv(var, raising=False)
 
 
 class SpecViolation(Exception):
@@ -154,6 +225,12 @@ class HybridVsockPeer:
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self._closed.set()
         with contextlib.suppress(OSError):
@@ -224,7 +301,7 @@ class FakeFirecrackerState:
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
-    owner: FakeFirecracker
+    owner: _FakeApi
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -249,7 +326,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 body = json.loads(raw)
             status, answer = self.server.owner.handle(self.command, self.path, body)
         except (SpecViolation, ValueError) as exc:
-            self.server.owner.state.refused.append((self.command, self.path, str(exc)))
+            self.server.owner.refused.append((self.command, self.path, str(exc)))
             status, answer = 400, {"fault_message": str(exc)}
         data = json.dumps(answer).encode() if answer is not None else b""
         self.send_response(status)
@@ -262,7 +339,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_PUT = do_PATCH = _handle
 
 
-class FakeFirecracker:
+class _FakeApi:
+    """A VMM's HTTP API on a unix socket, served from a thread until ``close``. Subclasses
+    answer in ``handle``; what it refuses (``SpecViolation``) is a 400 and recorded."""
+
+    def __init__(self, api_socket: Path) -> None:
+        self.api_socket = api_socket
+        self._server = _UnixHTTPServer(str(api_socket), _Handler)
+        self._server.owner = self
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), daemon=True
+        )
+        self._thread.start()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def refused(self) -> list[tuple[str, str, str]]:
+        raise NotImplementedError
+
+    def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class FakeFirecracker(_FakeApi):
     """Firecracker's API on a unix socket: each request is validated against the spec, its
     order checked the way Firecracker checks it, and recorded. The vsock socket it would
     create is a ``HybridVsockPeer`` bound when the VM runs."""
@@ -271,27 +379,23 @@ class FakeFirecracker:
 
     def __init__(self, api_socket: Path, spec: FirecrackerSpec, *, vsock_mode: str = "ok"):
         self.spec = spec
-        self.api_socket = api_socket
         self.state = FakeFirecrackerState()
         self.vsock_mode = vsock_mode
         self.vsock: HybridVsockPeer | None = None
-        self.snapshots: dict[str, dict[str, Any]] = {}
-        self._server = _UnixHTTPServer(str(api_socket), _Handler)
-        self._server.owner = self
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.02,), daemon=True
-        )
-        self._thread.start()
+        super().__init__(api_socket)
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().close()
         if self.vsock is not None:
             self.vsock.close()
 
     @property
     def calls(self) -> list[tuple[str, str, Any]]:
         return self.state.calls
+
+    @property
+    def refused(self) -> list[tuple[str, str, str]]:
+        return self.state.refused
 
     def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         operation = self.spec.validate(method, path, body)
@@ -355,31 +459,19 @@ class FakeFirecracker:
             self.vsock.ports = {1024}  # the guest agent is up
 
 
-def short_tmp() -> Iterator[Path]:
-    """A short directory for unix sockets (their paths are limited to 107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="stk-", dir="/tmp") as name:
-        yield Path(name)
-
-
-class FakeCloudHypervisor:
+class FakeCloudHypervisor(_FakeApi):
     """Cloud Hypervisor's REST API (the endpoints the driver uses) on a unix socket, with
     the state checks the VMM makes: pause before snapshot, restore only on an empty VMM."""
 
     def __init__(self, api_socket: Path, *, vm: str = "Running") -> None:
-        self.api_socket = api_socket
         self.vm = vm  # "None" (bare VMM), "Running", "Paused"
         self.calls: list[tuple[str, str, Any]] = []
-        self.state = FakeFirecrackerState()  # only .refused is used
-        self._server = _UnixHTTPServer(str(api_socket), _Handler)
-        self._server.owner = self  # type: ignore[assignment]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.02,), daemon=True
-        )
-        self._thread.start()
+        self._refused: list[tuple[str, str, str]] = []
+        super().__init__(api_socket)
 
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    @property
+    def refused(self) -> list[tuple[str, str, str]]:
+        return self._refused
 
     def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if not path.startswith("/api/v1/"):
@@ -477,6 +569,15 @@ def write_fake_vmm(directory: Path, name: str, entry: str) -> Path:
         f"from microvm_fakes import {entry}\n"
         f"{entry}(sys.argv[1:])\n"
     )
+    script.chmod(0o755)
+    return script
+
+
+def write_exiting_vmm(directory: Path, name: str, message: str) -> Path:
+    """An executable ``directory/name`` that prints ``message`` and exits with status 1, as a
+    VMM does when it cannot start (no KVM, no Virtualization.framework)."""
+    script = directory / name
+    script.write_text(f"#!/bin/sh\necho '{message}'\nexit 1\n")
     script.chmod(0o755)
     return script
 

@@ -171,7 +171,9 @@ def _engine_leftovers(target: str, sandbox_id: str) -> list[str]:
     return left
 
 
-@pytest.mark.parametrize("target", ["gvisor", "container/runc", "container/docker"])
+@pytest.mark.parametrize(
+    "target", ["gvisor", "container/runc", "container/crun", "container/docker", "container/podman"]
+)
 def test_kill_9_of_supervisor_then_rm_leaves_nothing(target: str, project: Path) -> None:
     require_backend(target)
     backend, _, engine = target.partition("/")
@@ -202,3 +204,98 @@ def test_kill_9_of_supervisor_then_rm_leaves_nothing(target: str, project: Path)
         stockade("rm", name, check=False)
     assert _engine_leftovers(target, record.id) == []
     assert name not in stockade("ls").stdout
+
+
+@pytest.mark.parametrize("target", ["gvisor", "container/runc", "container/crun"])
+def test_unprivileged_user(target: str, tmp_path: Path) -> None:
+    """Rootless: the runtime runs in a user namespace of the caller, limits by rlimits."""
+    require_backend(target)
+    uid_cmd: list[str] = []
+    if os.getuid() == 0:
+        uid_cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        probe = subprocess.run(
+            [*uid_cmd, sys.executable, "-c", "import stockade.sandbox"], capture_output=True
+        )
+        if probe.returncode != 0:
+            pytest.skip(
+                "this Python environment is not readable by uid 65534: "
+                + probe.stderr.decode(errors="replace")[-200:]
+            )
+    import shutil
+    import tempfile
+
+    backend, _, engine = target.partition("/")
+    config = {"container.engine": engine} if engine else {}
+    home = Path(tempfile.mkdtemp(prefix="stockade-nobody-", dir="/tmp"))
+    (home / "project").mkdir(parents=True)
+    (home / "project" / "a.txt").write_text("a\n")
+    if os.getuid() == 0:
+        for p in [home, home / "project", home / "project" / "a.txt"]:
+            os.chown(p, 65534, 65534)
+    script = (
+        "from stockade import Sandbox\n"
+        f"with Sandbox.create(project_dir={str(home / 'project')!r}, backend={backend!r}, "
+        f"config={config!r}, pids=128) as sb:\n"
+        "    r = sb.commands.run('echo b > b.txt; cat a.txt')\n"
+        "    net = sb.commands.run('curl -s -o /dev/null -w %{http_code} http://example.com/')\n"
+        "    print(r.exit_code, r.stdout.split(), sorted(c.path for c in sb.workspace.diff()),\n"
+        "          net.stdout)\n"
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "STOCKADE_STATE_DIR": str(home / "state"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+    }
+    try:
+        r = subprocess.run(
+            [*uid_cmd, sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=home,
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "0 ['a'] ['b.txt'] 403"
+
+
+@pytest.fixture(scope="module")
+def base_image() -> Any:
+    """The image builder's 'base' rootfs (built once if missing; needs mmdebstrap)."""
+    import shutil
+
+    from stockade.images import ensure_rootfs, find_rootfs
+
+    found = find_rootfs("base")
+    if found is None and shutil.which("mmdebstrap") is None:
+        pytest.skip(
+            "image 'base' is not built and mmdebstrap is missing (apt-get install mmdebstrap)"
+        )
+    return found or ensure_rootfs("base")
+
+
+@pytest.mark.parametrize(
+    "target", ["gvisor", "container/runc", "container/crun", "container/docker", "container/podman"]
+)
+def test_image_rootfs(target: str, project: Path, base_image: Any) -> None:
+    """An image-builder rootfs instead of the host's /usr; the shared tree is never written."""
+    require_backend(target)
+    backend, _, engine = target.partition("/")
+    config: dict[str, Any] = {f"{backend}.image": "base"}
+    if engine:
+        config["container.engine"] = engine
+    before = sorted(p.name for p in base_image.tree.iterdir())
+    with Sandbox.create(project_dir=project, backend=backend, config=config) as sb:
+        version = sb.commands.run("cat /etc/debian_version").stdout.strip()
+        assert version == (base_image.tree / "etc" / "debian_version").read_text().strip()
+        if "curl" not in base_image.packages and Path("/usr/bin/curl").exists():
+            # The host has curl, the image does not: the root really is the image's.
+            assert sb.commands.run("command -v curl").exit_code != 0
+        assert sb.commands.run("touch /usr/x").exit_code != 0
+        assert sb.commands.run("echo x > new.txt").exit_code == 0
+        assert [c.path for c in sb.workspace.diff()] == ["new.txt"]
+    assert sorted(p.name for p in base_image.tree.iterdir()) == before
+    assert not (base_image.tree / "workspace").exists()

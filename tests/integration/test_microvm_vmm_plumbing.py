@@ -9,46 +9,42 @@ isolation: no guest runs and no boundary is claimed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import pytest
 
-from microvm_fakes import short_tmp, write_fake_vmm
+from microvm_fakes import (
+    ROOT_DISK,
+    asyncio_only,  # noqa: F401 (fixture)
+    socket_tmp,  # noqa: F401 (fixture)
+    vm_spec,
+    write_exiting_vmm,
+    write_fake_vmm,
+)
 from stockade._errors import SandboxStartError
-from stockade.backends.microvm._vmm_common import VmmProcess
+from stockade.backends.microvm._vmm_common import VmmProcess, VmmVm
 from stockade.backends.microvm.cloud_hypervisor import CloudHypervisorDriver
-from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmSpec
+from stockade.backends.microvm.driver import AgentTransport, VmSpec
 from stockade.backends.microvm.firecracker import FirecrackerDriver, memory_file_for
 from stockade.backends.microvm.vfkit import VfkitDriver
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    yield from short_tmp()
-
-
 def make_spec(base: Path, workdir: str = "vm") -> VmSpec:
-    for name in ("vmlinux", "initrd.gz", "root.erofs"):
-        (base / name).write_bytes(b"x")
-    wd = base / workdir
-    return VmSpec(
-        kernel=base / "vmlinux",
-        initrd=base / "initrd.gz",
-        disks=(DiskSpec(base / "root.erofs", read_only=True, drive_id="root"),),
+    return vm_spec(
+        base,
+        base / workdir,
+        disks=(ROOT_DISK,),
         vcpus=1,
         memory_mib=256,
         cmdline="quiet",
-        workdir=wd,
-        agent=AgentTransport("vsock", wd / "agent.vsock"),
+        create_files=True,
     )
 
 
@@ -64,6 +60,19 @@ def gone(pid: int) -> bool:
 async def echo(channel: anyio.abc.ByteStream, data: bytes) -> bytes:
     await channel.send(data)
     return await channel.receive()
+
+
+Vm = TypeVar("Vm", bound=VmmVm)
+
+
+@contextlib.asynccontextmanager
+async def stopped_after(vm: Vm, grace: float = 1.0) -> AsyncIterator[Vm]:
+    """Use ``vm``, then stop it and check that its VMM process is gone."""
+    try:
+        yield vm
+    finally:
+        await vm.stop(grace)
+    assert not vm.alive() and gone(vm.process.pid)
 
 
 # --------------------------------------------------------------------------- VmmProcess
@@ -111,8 +120,7 @@ async def test_firecracker_boot_snapshot_restore_stop(tmp: Path) -> None:
     binary = write_fake_vmm(tmp, "firecracker", "fake_firecracker_main")
     driver = FirecrackerDriver(binary, boot_timeout=20)
     spec = make_spec(tmp)
-    vm = await driver.boot(spec)
-    try:
+    async with stopped_after(await driver.boot(spec)) as vm:
         assert vm.alive()
         assert await echo(vm.channel, b"agent?") == b"agent?"
         assert "fake firecracker" in vm.console()
@@ -120,26 +128,17 @@ async def test_firecracker_boot_snapshot_restore_stop(tmp: Path) -> None:
         snap = tmp / "vm.snap"
         await vm.snapshot(snap)
         assert snap.is_file() and memory_file_for(snap).is_file()
-    finally:
-        await vm.stop()
-    assert not vm.alive() and gone(vm.process.pid)
     assert vm.exit_reason() == "stopped"
     assert not vm.layout.api_socket.exists()
 
     spec2 = make_spec(tmp, "vm2")
-    restored = await driver.restore(spec2, snap)
-    try:
+    async with stopped_after(await driver.restore(spec2, snap)) as restored:
         assert await echo(restored.channel, b"restored?") == b"restored?"
         assert spec2.agent.socket_path.is_socket()
-    finally:
-        await restored.stop()
-    assert gone(restored.process.pid)
 
 
 async def test_firecracker_that_dies_during_boot_leaves_nothing(tmp: Path) -> None:
-    binary = tmp / "firecracker"
-    binary.write_text("#!/bin/sh\necho 'Error: no KVM (fake)'\nexit 1\n")
-    binary.chmod(0o755)
+    binary = write_exiting_vmm(tmp, "firecracker", "Error: no KVM (fake)")
     with pytest.raises(SandboxStartError, match=r"exited before its API socket[\s\S]*no KVM"):
         await FirecrackerDriver(binary).boot(make_spec(tmp))
 
@@ -158,9 +157,7 @@ async def test_firecracker_whose_guest_never_listens_times_out_and_is_stopped(
 
     monkeypatch.setattr(VmmProcess, "start", spy)
     spec = make_spec(tmp)
-    spec = VmSpec(
-        **{**spec.__dict__, "agent": AgentTransport("vsock", spec.agent.socket_path, port=7)}
-    )
+    spec = dataclasses.replace(spec, agent=AgentTransport("vsock", spec.agent.socket_path, port=7))
     with pytest.raises(SandboxStartError, match="did not listen on vsock port 7"):
         await FirecrackerDriver(binary, boot_timeout=0.5).boot(spec)
     assert started and all(gone(pid) for pid in started)
@@ -173,23 +170,15 @@ async def test_cloud_hypervisor_boot_snapshot_restore_stop(tmp: Path) -> None:
     binary = write_fake_vmm(tmp, "cloud-hypervisor", "fake_cloud_hypervisor_main")
     driver = CloudHypervisorDriver(binary, boot_timeout=20)
     spec = make_spec(tmp)
-    vm = await driver.boot(spec)
-    try:
+    async with stopped_after(await driver.boot(spec)) as vm:
         assert await echo(vm.channel, b"agent?") == b"agent?"
         assert "fake cloud-hypervisor" in vm.console()
         await vm.snapshot(tmp / "snap")
         assert (tmp / "snap" / "config.json").is_file()
-    finally:
-        await vm.stop()
-    assert gone(vm.process.pid)
 
     spec2 = make_spec(tmp, "vm2")
-    restored = await driver.restore(spec2, tmp / "snap")
-    try:
+    async with stopped_after(await driver.restore(spec2, tmp / "snap")) as restored:
         assert await echo(restored.channel, b"restored?") == b"restored?"
-    finally:
-        await restored.stop()
-    assert gone(restored.process.pid)
 
 
 # --------------------------------------------------------------------------- vfkit
@@ -198,19 +187,13 @@ async def test_cloud_hypervisor_boot_snapshot_restore_stop(tmp: Path) -> None:
 async def test_vfkit_listens_first_and_the_guest_connection_is_the_channel(tmp: Path) -> None:
     binary = write_fake_vmm(tmp, "vfkit", "fake_vfkit_main")
     spec = make_spec(tmp)
-    vm = await VfkitDriver(binary, boot_timeout=20).boot(spec)
-    try:
+    async with stopped_after(await VfkitDriver(binary, boot_timeout=20).boot(spec), 0.5) as vm:
         assert await echo(vm.channel, b"agent?") == b"agent?"
         assert "virtio-vsock,port=1024" in vm.console()
-    finally:
-        await vm.stop(grace=0.5)
-    assert gone(vm.process.pid)
     assert vm.exit_reason() == "stopped"
 
 
 async def test_vfkit_that_exits_before_the_guest_connects(tmp: Path) -> None:
-    binary = tmp / "vfkit"
-    binary.write_text("#!/bin/sh\necho 'VZErrorDomain: not supported (fake)'\nexit 1\n")
-    binary.chmod(0o755)
+    binary = write_exiting_vmm(tmp, "vfkit", "VZErrorDomain: not supported (fake)")
     with pytest.raises(SandboxStartError, match=r"vfkit exited[\s\S]*not supported"):
         await VfkitDriver(binary).boot(make_spec(tmp))

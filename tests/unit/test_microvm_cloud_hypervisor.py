@@ -4,13 +4,22 @@ refuses out-of-order ones. No cloud-hypervisor binary runs here."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from microvm_fakes import FakeCloudHypervisor, HybridVsockPeer, short_tmp
+from microvm_fakes import (
+    ROOT_DISK,
+    WORK_DISK,
+    FakeCloudHypervisor,
+    HybridVsockPeer,
+    asyncio_only,  # noqa: F401 (fixture)
+    hide_vmm_binaries,
+    socket_tmp,  # noqa: F401 (fixture)
+    vm_spec,
+)
 from stockade._errors import SandboxStartError
 from stockade.backends.microvm import cloud_hypervisor as ch
 from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmSpec
@@ -19,31 +28,11 @@ from stockade.backends.microvm.hybrid_vsock import wait_hybrid_vsock
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    yield from short_tmp()
-
-
 def make_spec(base: Path, *, workdir: str = "vm", workspace: bool = True) -> VmSpec:
-    disks = [DiskSpec(base / "root.erofs", read_only=True, drive_id="root")]
-    if workspace:
-        disks.append(DiskSpec(base / "work.ext4", read_only=False, drive_id="work"))
     wd = base / workdir
-    return VmSpec(
-        kernel=base / "vmlinux",
-        initrd=base / "initrd.gz",
-        disks=tuple(disks),
-        vcpus=2,
-        memory_mib=512,
-        cmdline="quiet stockade.root=vda",
-        workdir=wd,
-        agent=AgentTransport("vsock", wd / "agent.vsock", cid=5, port=1024),
-    )
+    disks = (ROOT_DISK, WORK_DISK) if workspace else (ROOT_DISK,)
+    agent = AgentTransport("vsock", wd / "agent.vsock", cid=5, port=1024)
+    return vm_spec(base, wd, disks=disks, agent=agent)
 
 
 def test_boot_command_line(tmp: Path) -> None:
@@ -72,13 +61,13 @@ def test_boot_command_line_without_a_workspace_disk(tmp: Path) -> None:
 
 def test_command_line_refuses_what_the_option_parser_would_split(tmp: Path) -> None:
     spec = make_spec(tmp)
-    bad = VmSpec(**{**spec.__dict__, "disks": (DiskSpec(tmp / "a,b.img", True, "root"),)})
+    bad = dataclasses.replace(spec, disks=(DiskSpec(tmp / "a,b.img", True, "root"),))
     with pytest.raises(ValueError, match="option parser would split"):
         ch.boot_argv(Path("ch"), bad)
-    serial = VmSpec(**{**spec.__dict__, "agent": AgentTransport("virtio-serial", tmp / "s")})
+    serial = dataclasses.replace(spec, agent=AgentTransport("virtio-serial", tmp / "s"))
     with pytest.raises(ValueError, match="must be vsock"):
         ch.boot_argv(Path("ch"), serial)
-    low_cid = VmSpec(**{**spec.__dict__, "agent": AgentTransport("vsock", tmp / "s", cid=2)})
+    low_cid = dataclasses.replace(spec, agent=AgentTransport("vsock", tmp / "s", cid=2))
     with pytest.raises(ValueError, match="CID"):
         ch.boot_argv(Path("ch"), low_cid)
 
@@ -117,46 +106,34 @@ async def test_snapshot_then_restore_in_another_directory(tmp: Path) -> None:
     assert (rebased / "memory-ranges").stat().st_ino == (snap / "memory-ranges").stat().st_ino
     assert json.loads((snap / "config.json").read_text())["vsock"]["socket"] == "/old/agent.vsock"
 
-    fresh = FakeCloudHypervisor(other.workdir / "ch.sock", vm="None")
-    api2 = ch.CloudHypervisorApi(other.workdir / "ch.sock", timeout=5)
-    peer = HybridVsockPeer(other.agent.socket_path)
-    try:
-        await ch.restore_and_resume(api2, rebased)
-        assert fresh.calls == [
-            ("PUT", "vm.restore", {"source_url": f"file://{rebased}", "prefault": False}),
-            ("PUT", "vm.resume", None),
-        ]
-        assert fresh.restored_config["vsock"]["socket"] == str(other.agent.socket_path)
-        channel = await wait_hybrid_vsock(other.agent.socket_path, 1024, timeout=5)
-        async with channel:
-            await channel.send(b"restored")
-            assert await channel.receive() == b"restored"
-    finally:
-        peer.close()
-        await api2.aclose()
-        fresh.close()
+    with FakeCloudHypervisor(other.workdir / "ch.sock", vm="None") as fresh:
+        async with ch.CloudHypervisorApi(other.workdir / "ch.sock", timeout=5) as api2:
+            with HybridVsockPeer(other.agent.socket_path):
+                await ch.restore_and_resume(api2, rebased)
+                assert fresh.calls == [
+                    ("PUT", "vm.restore", {"source_url": f"file://{rebased}", "prefault": False}),
+                    ("PUT", "vm.resume", None),
+                ]
+                assert fresh.restored_config["vsock"]["socket"] == str(other.agent.socket_path)
+                channel = await wait_hybrid_vsock(other.agent.socket_path, 1024, timeout=5)
+                async with channel:
+                    await channel.send(b"restored")
+                    assert await channel.receive() == b"restored"
 
 
 async def test_refusals_carry_the_http_status(tmp: Path) -> None:
-    fake = FakeCloudHypervisor(tmp / "ch.sock", vm="None")
-    api = ch.CloudHypervisorApi(tmp / "ch.sock", timeout=5)
-    try:
-        with pytest.raises(
-            ch.CloudHypervisorApiError, match=r"refused PUT vm\.pause with HTTP 400"
-        ):
-            await ch.take_snapshot(api, tmp / "snap")
-    finally:
-        await api.aclose()
-        fake.close()
+    with FakeCloudHypervisor(tmp / "ch.sock", vm="None"):
+        async with ch.CloudHypervisorApi(tmp / "ch.sock", timeout=5) as api:
+            with pytest.raises(
+                ch.CloudHypervisorApiError, match=r"refused PUT vm\.pause with HTTP 400"
+            ):
+                await ch.take_snapshot(api, tmp / "snap")
 
 
 async def test_wait_ready_without_a_vmm(tmp: Path) -> None:
-    api = ch.CloudHypervisorApi(tmp / "none.sock", timeout=1)
-    try:
+    async with ch.CloudHypervisorApi(tmp / "none.sock", timeout=1) as api:
         with pytest.raises(ch.CloudHypervisorApiError, match="exited before its API socket"):
             await api.wait_ready(timeout=5, alive=lambda: False)
-    finally:
-        await api.aclose()
 
 
 def test_rebase_refuses_a_foreign_snapshot(tmp: Path) -> None:
@@ -169,18 +146,8 @@ def test_rebase_refuses_a_foreign_snapshot(tmp: Path) -> None:
 
 
 def test_probe_says_why_and_how_to_install(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", str(tmp))
-    monkeypatch.delenv("STOCKADE_CLOUD_HYPERVISOR", raising=False)
+    hide_vmm_binaries(monkeypatch, tmp)
     availability = ch.CloudHypervisorDriver.probe()
     assert not availability.ok
     assert "cloud-hypervisor not found on PATH" in availability.reason
     assert "github.com/cloud-hypervisor/cloud-hypervisor/releases" in availability.fix
-
-
-async def test_boot_without_a_binary_says_how_to_install(
-    tmp: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PATH", str(tmp))
-    monkeypatch.delenv("STOCKADE_CLOUD_HYPERVISOR", raising=False)
-    with pytest.raises(SandboxStartError, match="cloud-hypervisor not found on PATH"):
-        await ch.CloudHypervisorDriver().boot(make_spec(tmp))

@@ -4,15 +4,23 @@ validates each call and refuses out-of-order ones. No firecracker binary runs he
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from microvm_fakes import FakeFirecracker, FirecrackerSpec, SpecViolation, short_tmp
+from microvm_fakes import (
+    FakeFirecracker,
+    FirecrackerSpec,
+    SpecViolation,
+    asyncio_only,  # noqa: F401 (fixture)
+    hide_vmm_binaries,
+    socket_tmp,  # noqa: F401 (fixture)
+    vm_spec,
+)
 from stockade._errors import SandboxStartError
 from stockade.backends.microvm import firecracker as fc
 from stockade.backends.microvm._vmm_common import kvm_status, remove_stale_socket
@@ -22,39 +30,16 @@ from stockade.backends.microvm.hybrid_vsock import wait_hybrid_vsock
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def spec_doc() -> FirecrackerSpec:
     return FirecrackerSpec()
 
 
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    yield from short_tmp()
-
-
-def make_spec(base: Path, *, workspace: bool = True, kind: str = "vsock") -> VmSpec:
-    images = base / "images"
-    images.mkdir(exist_ok=True)
-    for name in ("vmlinux", "initrd.cpio.gz", "root.erofs", "work.ext4"):
-        (images / name).write_bytes(b"x")
-    disks = [DiskSpec(images / "root.erofs", read_only=True, drive_id="root")]
-    if workspace:
-        disks.append(DiskSpec(images / "work.ext4", read_only=False, drive_id="work"))
+def make_spec(base: Path, *, kind: str = "vsock") -> VmSpec:
     workdir = base / "vm"
-    return VmSpec(
-        kernel=images / "vmlinux",
-        initrd=images / "initrd.cpio.gz",
-        disks=tuple(disks),
-        vcpus=2,
-        memory_mib=512,
-        cmdline="quiet stockade.root=vda",
-        workdir=workdir,
-        agent=AgentTransport(kind=kind, socket_path=workdir / "agent.vsock", cid=3),  # type: ignore[arg-type]
+    agent = AgentTransport(kind=kind, socket_path=workdir / "agent.vsock", cid=3)  # type: ignore[arg-type]
+    return vm_spec(
+        base / "images", workdir, initrd="initrd.cpio.gz", agent=agent, create_files=True
     )
 
 
@@ -253,29 +238,25 @@ async def test_boot_sequence_against_the_fake_api_then_the_agent_stream(
     spec = make_spec(tmp)
     spec.workdir.mkdir()
     layout = fc.plan_layout(spec, Path("/usr/bin/firecracker"), vm_id="vm-1")
-    fake = FakeFirecracker(layout.api_socket, spec_doc)
-    api = fc.FirecrackerApi(layout.api_socket, timeout=5)
-    try:
-        await api.wait_ready(timeout=5)
-        await fc.configure_and_start(api, spec, layout)
-        assert [(m, p) for m, p, _ in fake.calls] == [
-            ("PUT", "/boot-source"),
-            ("PUT", "/drives/root"),
-            ("PUT", "/drives/work"),
-            ("PUT", "/machine-config"),
-            ("PUT", "/vsock"),
-            ("PUT", "/actions"),
-        ]
-        assert fake.calls[-1][2] == {"action_type": "InstanceStart"}
-        assert fake.state.refused == []
-        channel = await wait_hybrid_vsock(layout.vsock_socket, spec.agent.port, timeout=5)
-        async with channel:
-            await channel.send(b"ping")
-            assert await channel.receive() == b"ping"
-        assert fake.vsock is not None and fake.vsock.requests == [b"CONNECT 1024\n"]
-    finally:
-        await api.aclose()
-        fake.close()
+    with FakeFirecracker(layout.api_socket, spec_doc) as fake:
+        async with fc.FirecrackerApi(layout.api_socket, timeout=5) as api:
+            await api.wait_ready(timeout=5)
+            await fc.configure_and_start(api, spec, layout)
+            assert [(m, p) for m, p, _ in fake.calls] == [
+                ("PUT", "/boot-source"),
+                ("PUT", "/drives/root"),
+                ("PUT", "/drives/work"),
+                ("PUT", "/machine-config"),
+                ("PUT", "/vsock"),
+                ("PUT", "/actions"),
+            ]
+            assert fake.calls[-1][2] == {"action_type": "InstanceStart"}
+            assert fake.state.refused == []
+            channel = await wait_hybrid_vsock(layout.vsock_socket, spec.agent.port, timeout=5)
+            async with channel:
+                await channel.send(b"ping")
+                assert await channel.receive() == b"ping"
+            assert fake.vsock is not None and fake.vsock.requests == [b"CONNECT 1024\n"]
 
 
 async def test_snapshot_then_load_in_a_fresh_process(spec_doc: FirecrackerSpec, tmp: Path) -> None:
@@ -284,93 +265,81 @@ async def test_snapshot_then_load_in_a_fresh_process(spec_doc: FirecrackerSpec, 
     layout = fc.plan_layout(spec, Path("/usr/bin/firecracker"), vm_id="vm-1")
     snap = tmp / "snap" / "vm.snap"
     snap.parent.mkdir()
-    fake = FakeFirecracker(layout.api_socket, spec_doc)
-    api = fc.FirecrackerApi(layout.api_socket, timeout=5)
-    try:
-        await fc.configure_and_start(api, spec, layout)
-        await fc.take_snapshot(api, layout, snap)
-        assert [(m, p, b) for m, p, b in fake.calls[-2:]] == [
-            ("PATCH", "/vm", {"state": "Paused"}),
-            (
-                "PUT",
-                "/snapshot/create",
-                {
-                    "snapshot_type": "Full",
-                    "snapshot_path": str(snap),
-                    "mem_file_path": str(snap) + ".mem",
-                },
-            ),
-        ]
-        assert snap.is_file() and fc.memory_file_for(snap).is_file()
-        assert fake.state.state == "Paused"
-    finally:
-        await api.aclose()
-        fake.close()
+    with FakeFirecracker(layout.api_socket, spec_doc) as fake:
+        async with fc.FirecrackerApi(layout.api_socket, timeout=5) as api:
+            await fc.configure_and_start(api, spec, layout)
+            await fc.take_snapshot(api, layout, snap)
+            assert [(m, p, b) for m, p, b in fake.calls[-2:]] == [
+                ("PATCH", "/vm", {"state": "Paused"}),
+                (
+                    "PUT",
+                    "/snapshot/create",
+                    {
+                        "snapshot_type": "Full",
+                        "snapshot_path": str(snap),
+                        "mem_file_path": str(snap) + ".mem",
+                    },
+                ),
+            ]
+            assert snap.is_file() and fc.memory_file_for(snap).is_file()
+            assert fake.state.state == "Paused"
 
     # The restored VM lives in another directory; its vsock socket moves there.
-    other = VmSpec(**{**spec.__dict__, "workdir": tmp / "vm2",
-                      "agent": AgentTransport("vsock", tmp / "vm2" / "agent.vsock")})  # fmt: skip
+    other = dataclasses.replace(
+        spec, workdir=tmp / "vm2", agent=AgentTransport("vsock", tmp / "vm2" / "agent.vsock")
+    )
     other.workdir.mkdir()
     layout2 = fc.plan_layout(other, Path("/usr/bin/firecracker"), vm_id="vm-2")
-    fresh = FakeFirecracker(layout2.api_socket, spec_doc)
-    api2 = fc.FirecrackerApi(layout2.api_socket, timeout=5)
-    try:
-        await fc.load_snapshot(api2, other, layout2, snap)
-        assert fresh.calls == [
-            (
-                "PUT",
-                "/snapshot/load",
-                {
-                    "snapshot_path": str(snap),
-                    "mem_backend": {"backend_type": "File", "backend_path": str(snap) + ".mem"},
-                    "resume_vm": True,
-                    "vsock_override": {"uds_path": str(other.agent.socket_path)},
-                },
-            )
-        ]
-        assert fresh.state.state == "Running"
-        channel = await wait_hybrid_vsock(layout2.vsock_socket, 1024, timeout=5)
-        async with channel:
-            await channel.send(b"after restore")
-            assert await channel.receive() == b"after restore"
-    finally:
-        await api2.aclose()
-        fresh.close()
+    with FakeFirecracker(layout2.api_socket, spec_doc) as fresh:
+        async with fc.FirecrackerApi(layout2.api_socket, timeout=5) as api2:
+            await fc.load_snapshot(api2, other, layout2, snap)
+            assert fresh.calls == [
+                (
+                    "PUT",
+                    "/snapshot/load",
+                    {
+                        "snapshot_path": str(snap),
+                        "mem_backend": {"backend_type": "File", "backend_path": str(snap) + ".mem"},
+                        "resume_vm": True,
+                        "vsock_override": {"uds_path": str(other.agent.socket_path)},
+                    },
+                )
+            ]
+            assert fresh.state.state == "Running"
+            channel = await wait_hybrid_vsock(layout2.vsock_socket, 1024, timeout=5)
+            async with channel:
+                await channel.send(b"after restore")
+                assert await channel.receive() == b"after restore"
 
 
 async def test_api_refusals_become_errors_with_firecrackers_fault_message(
     spec_doc: FirecrackerSpec, tmp: Path
 ) -> None:
     sock = tmp / "api.sock"
-    fake = FakeFirecracker(sock, spec_doc)
-    api = fc.FirecrackerApi(sock, timeout=5)
-    try:
-        with pytest.raises(fc.FirecrackerApiError, match="InstanceStart needs a boot source") as e:
+    with FakeFirecracker(sock, spec_doc):
+        async with fc.FirecrackerApi(sock, timeout=5) as api:
+            with pytest.raises(
+                fc.FirecrackerApiError, match="InstanceStart needs a boot source"
+            ) as e:
+                await api.send(fc.instance_start_request())
+            assert e.value.status == 400
+            await api.send(fc.boot_source_request("/k", "/i", ""))
             await api.send(fc.instance_start_request())
-        assert e.value.status == 400
-        await api.send(fc.boot_source_request("/k", "/i", ""))
-        await api.send(fc.instance_start_request())
-        with pytest.raises(fc.FirecrackerApiError, match="pre-boot only"):
-            await api.send(fc.machine_config_request(1, 128))
-        with pytest.raises(fc.FirecrackerApiError, match="paused VM"):
-            await api.send(fc.snapshot_create_request(str(tmp / "s"), str(tmp / "m")))
-        # A request the spec forbids is refused by the fake before any state change.
-        with pytest.raises(fc.FirecrackerApiError, match="is not one of"):
-            await api.send(fc.ApiRequest("PATCH", "/vm", {"state": "Stopped"}))
-    finally:
-        await api.aclose()
-        fake.close()
+            with pytest.raises(fc.FirecrackerApiError, match="pre-boot only"):
+                await api.send(fc.machine_config_request(1, 128))
+            with pytest.raises(fc.FirecrackerApiError, match="paused VM"):
+                await api.send(fc.snapshot_create_request(str(tmp / "s"), str(tmp / "m")))
+            # A request the spec forbids is refused by the fake before any state change.
+            with pytest.raises(fc.FirecrackerApiError, match="is not one of"):
+                await api.send(fc.ApiRequest("PATCH", "/vm", {"state": "Stopped"}))
 
 
 async def test_wait_ready_gives_up_when_the_process_is_gone(tmp: Path) -> None:
-    api = fc.FirecrackerApi(tmp / "missing.sock", timeout=1)
-    try:
+    async with fc.FirecrackerApi(tmp / "missing.sock", timeout=1) as api:
         with pytest.raises(fc.FirecrackerApiError, match="exited before its API socket"):
             await api.wait_ready(timeout=5, alive=lambda: False)
         with pytest.raises(fc.FirecrackerApiError, match="did not answer within"):
             await api.wait_ready(timeout=0.1)
-    finally:
-        await api.aclose()
 
 
 async def test_api_socket_that_is_not_firecracker(tmp: Path) -> None:
@@ -393,8 +362,7 @@ async def test_api_socket_that_is_not_firecracker(tmp: Path) -> None:
 
 
 def test_probe_says_why_and_how_to_install(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", str(tmp))
-    monkeypatch.delenv("STOCKADE_FIRECRACKER", raising=False)
+    hide_vmm_binaries(monkeypatch, tmp)
     availability = fc.FirecrackerDriver.probe()
     assert not availability.ok
     assert "firecracker not found on PATH" in availability.reason
@@ -440,12 +408,3 @@ def test_socket_paths_that_cannot_be_bound_are_refused(tmp: Path) -> None:
         remove_stale_socket(tmp / "file")
     remove_stale_socket(tmp / "missing.sock")  # nothing to do
     assert not (tmp / "missing.sock").exists()
-
-
-async def test_boot_without_a_binary_says_how_to_install(
-    tmp: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PATH", str(tmp))
-    monkeypatch.delenv("STOCKADE_FIRECRACKER", raising=False)
-    with pytest.raises(SandboxStartError, match="firecracker not found on PATH; on a Linux host"):
-        await fc.FirecrackerDriver().boot(make_spec(tmp))

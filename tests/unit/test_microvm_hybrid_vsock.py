@@ -4,13 +4,12 @@ answer."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
-from microvm_fakes import HybridVsockPeer, short_tmp
+from microvm_fakes import HybridVsockPeer, asyncio_only, socket_tmp  # noqa: F401 (fixtures)
 from stockade._errors import SandboxStartError
 from stockade.backends.microvm.hybrid_vsock import (
     HybridVsockProtocolError,
@@ -24,57 +23,51 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def sock() -> Iterator[Path]:
-    for base in short_tmp():
-        yield base / "v.sock"
+def sock(tmp: Path) -> Path:
+    return tmp / "v.sock"
 
 
 async def test_handshake_then_the_stream_reaches_the_guest(sock: Path) -> None:
-    peer = HybridVsockPeer(sock)
-    try:
+    with HybridVsockPeer(sock) as peer:
         stream = await connect_hybrid_vsock(sock, 1024)
         async with stream:
             await stream.send(b"hello guest")
             assert await stream.receive() == b"hello guest"
         assert peer.requests == [b"CONNECT 1024\n"]
-    finally:
-        peer.close()
 
 
 async def test_guest_bytes_right_after_the_reply_are_not_swallowed(sock: Path) -> None:
-    peer = HybridVsockPeer(sock, "ok+data")
-    try:
+    with HybridVsockPeer(sock, "ok+data"):
         stream = await connect_hybrid_vsock(sock, 1024)
         async with stream:
             received = b""
             while len(received) < len(b"guest-first"):
                 received += await stream.receive()
             assert received == b"guest-first"
-    finally:
-        peer.close()
 
 
-async def test_no_listener_in_the_guest_is_a_refusal(sock: Path) -> None:
-    peer = HybridVsockPeer(sock, ports={52})
-    try:
-        with pytest.raises(HybridVsockRefusedError, match="nothing listens on that port"):
-            await connect_hybrid_vsock(sock, 1024)
-    finally:
-        peer.close()
+#: How a VMM's socket can fail the handshake: peer mode and ports, the error and its message.
+FAILED_HANDSHAKES = [
+    pytest.param("ok", {52}, HybridVsockRefusedError, "nothing listens on that port",
+                 id="no-listener-in-the-guest"),
+    pytest.param("refuse", None, HybridVsockRefusedError, "without a reply",
+                 id="peer-hangs-up"),
+    pytest.param(b"OK " + b"1" * 200, None, HybridVsockProtocolError, "no newline in 32 bytes",
+                 id="endless-reply-line-is-cut-off"),
+    pytest.param(b"OK 12", None, HybridVsockRefusedError, r"after b'OK 12'",
+                 id="reply-cut-short-shows-what-came"),
+    pytest.param("silent", None, HybridVsockTimeoutError, r"no answer within 0\.2 s",
+                 id="peer-never-answers"),
+]  # fmt: skip
 
 
-async def test_peer_that_hangs_up_is_a_refusal(sock: Path) -> None:
-    peer = HybridVsockPeer(sock, "refuse")
-    try:
-        with pytest.raises(HybridVsockRefusedError, match="without a reply"):
-            await connect_hybrid_vsock(sock, 1024)
-    finally:
-        peer.close()
+@pytest.mark.parametrize(("mode", "ports", "error", "message"), FAILED_HANDSHAKES)
+async def test_a_failed_handshake_says_what_went_wrong(
+    sock: Path, mode: str | bytes, ports: set[int] | None, error: type[Exception], message: str
+) -> None:
+    timeout = 0.2 if mode == "silent" else 5.0  # only the silent peer is meant to time out
+    with HybridVsockPeer(sock, mode, ports=ports), pytest.raises(error, match=message):
+        await connect_hybrid_vsock(sock, 1024, timeout=timeout)
 
 
 async def test_missing_socket_is_a_refusal(sock: Path) -> None:
@@ -97,39 +90,11 @@ async def test_missing_socket_is_a_refusal(sock: Path) -> None:
     ],
 )
 async def test_garbage_replies_are_protocol_errors(sock: Path, reply: bytes) -> None:
-    peer = HybridVsockPeer(sock, reply)
-    try:
-        with pytest.raises(HybridVsockProtocolError, match="not 'OK <port>'"):
-            await connect_hybrid_vsock(sock, 1024)
-    finally:
-        peer.close()
-
-
-async def test_an_endless_reply_line_is_cut_off(sock: Path) -> None:
-    peer = HybridVsockPeer(sock, b"OK " + b"1" * 200)
-    try:
-        with pytest.raises(HybridVsockProtocolError, match="no newline in 32 bytes"):
-            await connect_hybrid_vsock(sock, 1024)
-    finally:
-        peer.close()
-
-
-async def test_reply_cut_short_is_a_refusal_that_shows_what_came(sock: Path) -> None:
-    peer = HybridVsockPeer(sock, b"OK 12")
-    try:
-        with pytest.raises(HybridVsockRefusedError, match=r"after b'OK 12'"):
-            await connect_hybrid_vsock(sock, 1024)
-    finally:
-        peer.close()
-
-
-async def test_a_peer_that_never_answers_times_out(sock: Path) -> None:
-    peer = HybridVsockPeer(sock, "silent")
-    try:
-        with pytest.raises(HybridVsockTimeoutError, match=r"no answer within 0\.2 s"):
-            await connect_hybrid_vsock(sock, 1024, timeout=0.2)
-    finally:
-        peer.close()
+    with (
+        HybridVsockPeer(sock, reply),
+        pytest.raises(HybridVsockProtocolError, match="not 'OK <port>'"),
+    ):
+        await connect_hybrid_vsock(sock, 1024)
 
 
 @pytest.mark.parametrize("port", [0, -1, 2**32, True])
@@ -145,14 +110,13 @@ async def test_errors_are_sandbox_start_errors() -> None:
 
 
 async def test_wait_retries_until_the_guest_listens(sock: Path) -> None:
-    peer = HybridVsockPeer(sock, ports=set())  # the VMM is up, the agent not yet
+    with HybridVsockPeer(sock, ports=set()) as peer:  # the VMM is up, the agent not yet
 
-    async def agent_comes_up() -> None:
-        while len(peer.requests) < 3:
-            await anyio.sleep(0.01)
-        peer.ports = {1024}
+        async def agent_comes_up() -> None:
+            while len(peer.requests) < 3:
+                await anyio.sleep(0.01)
+            peer.ports = {1024}
 
-    try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(agent_comes_up)
             stream = await wait_hybrid_vsock(sock, 1024, timeout=10, interval=0.01)
@@ -161,8 +125,6 @@ async def test_wait_retries_until_the_guest_listens(sock: Path) -> None:
             assert await stream.receive() == b"up"
         assert len(peer.requests) >= 4
         assert set(peer.requests) == {b"CONNECT 1024\n"}
-    finally:
-        peer.close()
 
 
 async def test_wait_stops_when_the_vmm_dies(sock: Path) -> None:
@@ -180,10 +142,7 @@ async def test_wait_gives_up_after_its_timeout_with_the_last_error(sock: Path) -
 
 
 async def test_wait_does_not_retry_garbage(sock: Path) -> None:
-    peer = HybridVsockPeer(sock, b"HELLO\n")
-    try:
+    with HybridVsockPeer(sock, b"HELLO\n") as peer:
         with pytest.raises(HybridVsockProtocolError):
             await wait_hybrid_vsock(sock, 1024, timeout=10)
         assert len(peer.requests) == 1
-    finally:
-        peer.close()

@@ -1,14 +1,23 @@
 """vfkit driver: its command line built from a VmSpec, its probe on a host that is not macOS,
-and the driver table that ``doctor`` reads. No vfkit binary runs here."""
+and the driver table that ``doctor`` reads (with what every driver says when its binary is
+missing). No vfkit binary runs here."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
 
 import pytest
 
+from microvm_fakes import (
+    ROOT_DISK,
+    asyncio_only,  # noqa: F401 (fixture)
+    hide_vmm_binaries,
+    vm_spec,
+)
+from stockade._errors import SandboxStartError
 from stockade.backends.base import Availability
 from stockade.backends.microvm import vfkit
 from stockade.backends.microvm.driver import AgentTransport, DiskSpec, Driver, VmSpec
@@ -17,17 +26,13 @@ from stockade.backends.microvm.drivers import DRIVERS, load_driver, probe_driver
 
 def make_spec(base: Path, cmdline: str = "quiet stockade.root=vda") -> VmSpec:
     wd = base / "vm"
-    return VmSpec(
-        kernel=base / "Image",
-        initrd=base / "initrd.gz",
-        disks=(
-            DiskSpec(base / "root.erofs", read_only=True, drive_id="root"),
-            DiskSpec(base / "work.img", read_only=False, drive_id="work"),
-        ),
-        vcpus=2,
+    return vm_spec(
+        base,
+        wd,
+        kernel="Image",
+        disks=(ROOT_DISK, ("work.img", False, "work")),
         memory_mib=1024,
         cmdline=cmdline,
-        workdir=wd,
         agent=AgentTransport("vsock", wd / "agent.sock", port=1024),
     )
 
@@ -58,10 +63,10 @@ def test_a_command_line_vfkit_cannot_carry_is_refused(tmp_path: Path, cmdline: s
 
 def test_paths_vfkit_would_split_are_refused(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
-    bad = VmSpec(**{**spec.__dict__, "disks": (DiskSpec(tmp_path / "a,b", True, "root"),)})
+    bad = dataclasses.replace(spec, disks=(DiskSpec(tmp_path / "a,b", True, "root"),))
     with pytest.raises(ValueError, match="would split"):
         vfkit.boot_argv(Path("vfkit"), bad)
-    serial = VmSpec(**{**spec.__dict__, "agent": AgentTransport("virtio-serial", tmp_path / "s")})
+    serial = dataclasses.replace(spec, agent=AgentTransport("virtio-serial", tmp_path / "s"))
     with pytest.raises(ValueError, match="over vsock"):
         vfkit.boot_argv(Path("vfkit"), serial)
 
@@ -90,13 +95,29 @@ def test_driver_table_loads_every_driver_of_this_package() -> None:
         load_driver("bochs")
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("name", "fix"),
+    [
+        ("firecracker", "on a Linux host with hardware KVM"),
+        ("cloud-hypervisor", "on a Linux host with hardware KVM"),
+        ("vfkit", "on macOS 13 or later"),
+    ],
+)
+async def test_boot_without_a_binary_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, fix: str
+) -> None:
+    hide_vmm_binaries(monkeypatch, tmp_path)
+    driver = load_driver(name)()
+    with pytest.raises(SandboxStartError, match=f"{name} not found on PATH; {fix}"):
+        await driver.boot(make_spec(tmp_path))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="describes a Linux host")
 def test_probe_drivers_reports_every_driver_and_never_raises(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))
-    for var in ("STOCKADE_FIRECRACKER", "STOCKADE_CLOUD_HYPERVISOR", "STOCKADE_VFKIT"):
-        monkeypatch.delenv(var, raising=False)
+    hide_vmm_binaries(monkeypatch, tmp_path)
     results = dict(probe_drivers())
     assert list(results) == list(DRIVERS)
     assert all(isinstance(a, Availability) for a in results.values())

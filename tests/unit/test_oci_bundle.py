@@ -80,6 +80,7 @@ def test_bundle_is_hardened(project: Path, tmp_path: Path) -> None:
         others = [m for m in linux["uidMappings"] if m["containerID"] != GUEST_UID]
         assert all(m["hostID"] >= 1_000_000 for m in others)
     assert "/proc/kcore" in linux["maskedPaths"] and "/proc/sys" in linux["readonlyPaths"]
+    assert "/etc/ssl/private" in linux["maskedPaths"]  # the host's private keys
     assert linux["resources"]["memory"]["limit"] == 2 * 2**30
     assert linux["resources"]["pids"]["limit"] == 1024
     assert linux["resources"]["cpu"] == {"quota": 100_000, "period": 100_000}

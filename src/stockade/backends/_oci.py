@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import json
 import logging
 import os
 import posixpath
+import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ __all__ = [
     "overlay_prefix",
     "runtime_state_root",
     "sandbox_cgroup_path",
+    "unshare_prefix",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,9 @@ class RootfsView:
     host_usr: bool  # True: the host's /usr and a curated /etc are bound in
     python: str = "/usr/bin/python3"
     label: str = "host"  # 'host', an image profile or a directory, for messages
+    #: A shared image tree mounted read-only under ``path`` with a private upper layer
+    #: (mount points the runtime creates land there, never in the shared tree).
+    lower: Path | None = None
 
 
 def host_rootfs(state_dir: Path) -> RootfsView:
@@ -125,25 +130,29 @@ def host_rootfs(state_dir: Path) -> RootfsView:
     return RootfsView(root, host_usr=True)
 
 
-def image_rootfs(image: str) -> RootfsView:
-    """The root filesystem of an image-builder profile (built on first use) or a directory."""
+def image_rootfs(image: str, state_dir: Path) -> RootfsView:
+    """An image-builder profile's tree (built on first use) or a rootfs directory, overlaid.
+
+    The tree is shared by every sandbox of that image and never written: the sandbox's root
+    is an overlay of it with an upper layer in the sandbox's state directory, mounted (like
+    the workspace) in the sandbox's private mount namespace by ``overlay_prefix``.
+    """
     if image.startswith("/"):
-        path = Path(image)
-        if not (path / "usr" / "bin" / "python3").exists():
-            raise SandboxStartError(
-                f"rootfs directory {image!r} has no /usr/bin/python3, which the guest agent "
-                "needs; build one with `stockade image build` or install python3 in it"
-            )
-        return RootfsView(path.resolve(), host_usr=False, label=image)
-    try:
-        ensure_rootfs = importlib.import_module("stockade.images").ensure_rootfs
-    except (ImportError, AttributeError) as exc:
+        tree = Path(image).resolve()
+    else:
+        from stockade.images import ensure_rootfs
+
+        tree = Path(ensure_rootfs(image).tree).resolve()
+    if not (tree / "usr" / "bin" / "python3").exists():
         raise SandboxStartError(
-            f"image {image!r} needs the image builder, which this version of stockade lacks; "
-            "use image = 'host' (the host's /usr, no build)"
-        ) from exc
-    built = ensure_rootfs(image)
-    return RootfsView(Path(built.tree).resolve(), host_usr=False, label=image)
+            f"root filesystem {str(tree)!r} (image {image!r}) has no /usr/bin/python3, which "
+            "the guest agent needs; use an image profile such as 'base' or install python3"
+        )
+    root = (state_dir / "rootfs").resolve()
+    root.mkdir(exist_ok=True, mode=0o755)
+    for name in ("root-upper", "root-work"):
+        (state_dir / name).mkdir(exist_ok=True, mode=0o755)
+    return RootfsView(root, host_usr=False, label=image, lower=tree)
 
 
 def runtime_state_root(runtime: str) -> Path:
@@ -291,8 +300,10 @@ def _tmpfs(dest: str, *options: str) -> dict[str, Any]:
 
 def _id_mappings(caller: int) -> list[dict[str, int]]:
     if os.getuid() != 0:
-        # Unprivileged: the kernel lets us map only ourselves.
-        return [{"containerID": GUEST_UID, "hostID": caller, "size": 1}]
+        # Unprivileged: only ourselves, who are root in the user namespace the runtime
+        # runs in (see unshare_prefix).
+        # The runtime insists on a mapped root, so the one id is 0 (no capabilities).
+        return [{"containerID": 0, "hostID": 0, "size": 1}]
     return [
         {"containerID": 0, "hostID": _SUBID_BASE, "size": GUEST_UID},
         {"containerID": GUEST_UID, "hostID": caller, "size": 1},
@@ -326,6 +337,8 @@ def build_config(
     policy = spec.policy
     limits = policy.limits
     ws = policy.workspace
+    # Unprivileged, only one id can be mapped (see _id_mappings): the sandbox runs as it.
+    uid = GUEST_UID if os.getuid() == 0 else 0
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         _tmpfs("/dev", "nosuid", "strictatime", "mode=755", "size=65536k"),
@@ -352,9 +365,7 @@ def build_config(
     tmp_size = limits.disk_bytes or limits.memory_bytes
     size = [f"size={tmp_size}"] if tmp_size else []
     mounts.append(_tmpfs("/tmp", "nosuid", "nodev", "mode=1777", *size))
-    mounts.append(
-        _tmpfs("/tmp/home", "nosuid", "nodev", "mode=700", f"uid={GUEST_UID}", f"gid={GUEST_UID}")
-    )
+    mounts.append(_tmpfs("/tmp/home", "nosuid", "nodev", "mode=700", f"uid={uid}", f"gid={uid}"))
     mounts.append(_tmpfs("/run", "nosuid", "nodev", "mode=755", "uid=0", "gid=0", "size=16m"))
     guest_agent = AGENT_GUEST_PATH + ("c" if agent.suffix == ".pyc" else "")
     # The agent's whole directory read-only: a mount point made inside a writable /run
@@ -399,7 +410,9 @@ def build_config(
         ],
         "uidMappings": _id_mappings(caller),
         "gidMappings": _id_mappings(os.getgid()),
-        "maskedPaths": list(_MASKED_PATHS),
+        # The sandbox user is the caller on the host, root when stockade runs as root: a
+        # root-only directory inside a bound /etc entry (private TLS keys) must not show.
+        "maskedPaths": list(_MASKED_PATHS) + (["/etc/ssl/private"] if rootfs.host_usr else []),
         "readonlyPaths": list(_READONLY_PATHS),
     }
     if cgroups_path is not None:
@@ -411,14 +424,15 @@ def build_config(
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": GUEST_UID, "gid": GUEST_UID},
+            "user": {"uid": uid, "gid": uid},
             "args": agent_argv(
                 spec,
                 python=rootfs.python,
                 guest_agent=guest_agent,
                 cwd=cwd,
                 landlock=landlock,
-                rlimits=user_space_kernel,
+                # No cgroup (unprivileged on cgroup v1): per-process rlimits instead.
+                rlimits=user_space_kernel or cgroups_path is None,
             ),
             "env": [f"{k}={v}" for k, v in sorted(env.items())],
             "cwd": cwd,
@@ -433,31 +447,55 @@ def build_config(
     }
 
 
-def overlay_prefix(spec: LaunchSpec, *, extra: str = "") -> tuple[list[str], Path | None]:
-    """``unshare -m sh -c 'mount overlay; exec "$@"'`` and the merged directory, or ([], None).
+def unshare_prefix() -> list[str]:
+    """A private mount namespace; unprivileged, inside a user namespace where we are root.
 
-    ``extra`` is shell run in the same private mount namespace first (crun's cgroup fix).
-    The overlay uses ``userxattr`` so its whiteouts look like the namespace backend's.
+    The runtime then runs "rootless" in that namespace, and the bundle's id mappings are
+    relative to it (the caller is 0 there).
     """
-    if spec.policy.workspace.mode != "cow" or spec.workspace is None:
-        if not extra:
-            return [], None
-        return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-                f'{extra}; exec "$@"', "sh"], None  # fmt: skip
-    merged = spec.state_dir / "merged"
-    merged.mkdir(exist_ok=True)
-    lower_link = spec.state_dir / "lower"
-    if not lower_link.is_symlink():
-        lower_link.symlink_to(spec.workspace.lower)
-    script = (
-        (f"{extra}; " if extra else "")
-        + 'mount -t overlay stockade -o "lowerdir=$1,upperdir=$2,workdir=$3,userxattr" "$4" '
-        '&& shift 4 && exec "$@"'
-    )
-    layers = [lower_link, spec.workspace.upper, spec.workspace.work, merged]
-    prefix = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh"]
-    prefix += [str(path) for path in layers]
-    return prefix, merged.resolve()
+    if os.getuid() == 0:
+        return ["unshare", "--mount", "--propagation", "private"]
+    return ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
+
+
+def overlay_prefix(
+    spec: LaunchSpec, *, extra: str = "", rootfs: RootfsView | None = None
+) -> tuple[list[str], Path | None]:
+    """``unshare -m sh -c 'mount overlays; exec "$@"'`` and the merged workspace, or ([], None).
+
+    Mounts, in a private mount namespace, the image root's overlay (when ``rootfs`` has a
+    shared tree) and the workspace's (mode cow). ``extra`` is shell run there first (crun's
+    cgroup fix). The overlays use ``userxattr`` so whiteouts look like the namespace
+    backend's (and so it works inside an unprivileged user namespace).
+    """
+    steps = [extra] if extra else []
+    if rootfs is not None and rootfs.lower is not None:
+        state = rootfs.path.parent
+        steps.append(
+            _mount_overlay(rootfs.lower, state / "root-upper", state / "root-work", rootfs.path)
+        )
+    merged: Path | None = None
+    if spec.policy.workspace.mode == "cow" and spec.workspace is not None:
+        merged = spec.state_dir / "merged"
+        merged.mkdir(exist_ok=True)
+        lower_link = spec.state_dir / "lower"
+        if not lower_link.is_symlink():
+            lower_link.symlink_to(spec.workspace.lower)
+        steps.append(_mount_overlay(lower_link, spec.workspace.upper, spec.workspace.work, merged))
+        merged = merged.resolve()
+    if not steps and os.getuid() == 0:
+        return [], None
+    script = " && ".join([*steps, 'exec "$@"']) if steps else 'exec "$@"'
+    return [*unshare_prefix(), "/bin/sh", "-c", script, "sh"], merged
+
+
+def _mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> str:
+    import shlex
+
+    # Paths with ',' or ':' would split the option string: the lower is a symlink we made
+    # where it matters (the project directory), the others live in our state directory.
+    options = f"lowerdir={lower},upperdir={upper},workdir={work},userxattr"
+    return f"mount -t overlay stockade -o {shlex.quote(options)} {shlex.quote(str(target))}"
 
 
 @dataclass(frozen=True)
@@ -588,11 +626,24 @@ class OciContainerSandbox(ProcessSandbox):
     ) -> None:
         super().__init__(process, log_path)
         self.cgroups_path = cgroups_path
+        with contextlib.suppress(OSError):
+            # If the runtime process dies (the sandbox's wall-clock timer kills it, or it
+            # crashes), the container must not live on without it.
+            pidfd = os.pidfd_open(process.pid)
+            threading.Thread(target=self._lifeline, args=(pidfd,), daemon=True).start()
         self.runtime = runtime
         self.container_id = container_id
         self.sandbox_id = sandbox_id
         self._watchdog = watchdog
         self._cgroup_cache: Any = None
+
+    def _lifeline(self, pidfd: int) -> None:
+        try:
+            select.select([pidfd], [], [])
+        finally:
+            os.close(pidfd)
+        if not self._terminated and self.runtime.exists(self.container_id):
+            self.runtime.run("kill", self.container_id, "KILL")
 
     def _cgroup(self) -> Any:
         """The container's cgroup, looked up at the path we gave the runtime (no search)."""

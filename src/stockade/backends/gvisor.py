@@ -11,6 +11,7 @@ with the host's upper layer, so diff/apply/reset work as for the namespace backe
 from __future__ import annotations
 
 import functools
+import os
 import re
 import subprocess
 import tempfile
@@ -30,6 +31,7 @@ from stockade.backends._oci import (
     runtime_state_root,
     sandbox_cgroup_path,
     start_watchdog,
+    unshare_prefix,
     which,
     write_bundle,
 )
@@ -80,7 +82,8 @@ def _runtime(platform: str, *, rootless: bool) -> OciRuntime:
     runsc, _version = runsc_platforms()
     flags = ["--network=none", f"--platform={platform}"]
     if rootless:
-        flags += ["--rootless", "--ignore-cgroups"]
+        # Run inside our own user namespace (see _oci.unshare_prefix), where we are root.
+        flags += ["--ignore-cgroups"]
     return OciRuntime("runsc", runsc, runtime_state_root("runsc"), tuple(flags))
 
 
@@ -101,14 +104,22 @@ def _probe_cached() -> Availability:
     if Path("/proc/self/ns/user").exists() and not Path("/proc/sys/kernel").exists():
         return Availability(False, "/proc is not mounted", "run on a normal Linux host")
     platform = choose_platform("auto", version)
-    import os
-
     rootless = os.getuid() != 0
     runtime = _runtime(platform, rootless=rootless)
     with tempfile.TemporaryDirectory(prefix="stockade-runsc-probe-") as tmp:
         try:
             proc = subprocess.run(
-                [runtime.binary, "--root", tmp, *runtime.global_flags, "do", "true"],
+                # The same namespaces as a launch (see _oci.unshare_prefix), so auto never picks
+                # gvisor where a start would fail.
+                [
+                    *unshare_prefix(),
+                    runtime.binary,
+                    "--root",
+                    tmp,
+                    *runtime.global_flags,
+                    "do",
+                    "true",
+                ],
                 capture_output=True,
                 timeout=30,
                 check=False,
@@ -139,13 +150,15 @@ class GvisorBackend(Backend):
             "no network device but loopback (runsc --network=none)",
             "host files invisible except read-only /usr and a curated /etc (or an image)",
             "workspace copy-on-write through overlayfs, served by runsc's gofer",
-            "no capabilities, no_new_privs, user 1000 in a user namespace",
+            "no capabilities, no_new_privs, a user namespace (user 1000 as root, the caller's "
+            "own uid as 0 when unprivileged)",
             "memory, pids and cpu limits through the sandbox's cgroup (root)",
         ),
         does_not_enforce=(
             "hardware isolation: a bug in gVisor itself or in the ~70 host syscalls it uses "
             "could escape (use microvm for that)",
-            "cgroup limits when unprivileged (runsc --rootless --ignore-cgroups)",
+            "cgroup limits when unprivileged (runsc --ignore-cgroups in a user namespace; "
+            "rlimits instead)",
         ),
     )
 
@@ -157,19 +170,14 @@ class GvisorBackend(Backend):
     def reap(sandbox_id: str) -> None:
         """Delete what is left of a sandbox whose owner died (``stockade rm``)."""
         try:
-            runsc, version = runsc_platforms()
+            _runsc, version = runsc_platforms()
         except (FileNotFoundError, OSError, subprocess.TimeoutExpired):
             return
-        del runsc
-        import os
-
         reap_container(
             _runtime(choose_platform("auto", version), rootless=os.getuid() != 0), sandbox_id
         )
 
     async def launch(self, spec: LaunchSpec) -> OciContainerSandbox:
-        import os
-
         from stockade.backends.bubblewrap import compiled_agent
 
         _runsc, version = runsc_platforms()
@@ -177,14 +185,16 @@ class GvisorBackend(Backend):
         rootless = os.getuid() != 0
         runtime = _runtime(platform, rootless=rootless)
         image = spec.policy.gvisor.image
-        rootfs = host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image)
+        rootfs = (
+            host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image, spec.state_dir)
+        )
         # The agent compiled by the host's Python only runs on the same interpreter.
         agent = (
             compiled_agent(spec.agent_source, spec.cache_dir)
             if rootfs.host_usr
-            else (spec.agent_source)
+            else spec.agent_source
         )
-        prefix, merged = overlay_prefix(spec)
+        prefix, merged = overlay_prefix(spec, rootfs=rootfs)
         cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)
         config = build_config(
             spec,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib
 import io
 import logging
 import os
@@ -30,6 +29,7 @@ import socket
 import struct
 import subprocess
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,6 +160,16 @@ def _hostview_tar() -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()[:16]
 
 
+def _retag(client: docker.DockerClient, repo: str, tag: str) -> None:
+    """Podman's Docker-compatible import ignores the tag (it names the image ':latest')."""
+    from docker.errors import ImageNotFound
+
+    try:
+        client.images.get(f"{repo}:{tag}")
+    except ImageNotFound:
+        client.images.get(f"{repo}:latest").tag(repo, tag)
+
+
 def _ensure_image(client: docker.DockerClient, image: str) -> tuple[str, bool]:
     """(image reference, host view?) for ``[container] image``; imports what is missing."""
     from docker.errors import ImageNotFound
@@ -173,15 +183,11 @@ def _ensure_image(client: docker.DockerClient, image: str) -> tuple[str, bool]:
             client.api.import_image_from_data(
                 data, repository=_HOSTVIEW_REPO, tag=tag, changes=["LABEL stockade.image=hostview"]
             )
+            _retag(client, _HOSTVIEW_REPO, tag)
         return ref, True
     if image.isidentifier():  # an image-builder profile
-        try:
-            ensure_rootfs = importlib.import_module("stockade.images").ensure_rootfs
-        except (ImportError, AttributeError) as exc:
-            raise SandboxStartError(
-                f"image profile {image!r} needs the image builder, which this version of "
-                "stockade lacks; use image = 'host' or a local image such as 'debian:bookworm'"
-            ) from exc
+        from stockade.images import ensure_rootfs
+
         built = ensure_rootfs(image)
         ref = f"stockade/rootfs-{image}:{built.key[:16]}"
         try:
@@ -191,6 +197,7 @@ def _ensure_image(client: docker.DockerClient, image: str) -> tuple[str, bool]:
             client.api.import_image_from_file(
                 str(built.tar), repository=repo, tag=tag, changes=["LABEL stockade.image=rootfs"]
             )
+            _retag(client, repo, tag)
         return ref, False
     try:
         client.images.get(image)
@@ -268,9 +275,13 @@ def _watchdog(engine: str, container: str, volume: str | None) -> subprocess.Pop
         url = _engine_url("podman")
         if url is not None:
             env["CONTAINER_HOST"] = url
-    rm = f"{shlex.quote(cli)} rm -f -v {shlex.quote(container)} >/dev/null 2>&1"
+    base = shlex.quote(cli)
+    if engine == "podman":
+        # The service's own storage, not the CLI's local default.
+        base += f" --remote --url {shlex.quote(env.get('CONTAINER_HOST', ''))}"
+    rm = f"{base} rm -f -v {shlex.quote(container)} >/dev/null 2>&1"
     if volume is not None:
-        rm += f"; {shlex.quote(cli)} volume rm -f {shlex.quote(volume)} >/dev/null 2>&1"
+        rm += f"; {base} volume rm -f {shlex.quote(volume)} >/dev/null 2>&1"
     script = f'read line; [ "$line" = done ] && exit 0; {rm}; exit 0'
     return subprocess.Popen(
         ["/bin/sh", "-c", script],
@@ -284,7 +295,7 @@ def _watchdog(engine: str, container: str, volume: str | None) -> subprocess.Pop
     )
 
 
-def _create(spec: LaunchSpec, engine: str, log_path: Path) -> tuple[Any, str, str | None, Any]:
+def _create(spec: LaunchSpec, engine: str) -> tuple[Any, str, str | None, Any]:
     """Create the volume and container (not started); returns (client, id, volume, socket)."""
     from docker.errors import APIError, DockerException
     from docker.types import Ulimit
@@ -372,9 +383,14 @@ def _create(spec: LaunchSpec, engine: str, log_path: Path) -> tuple[Any, str, st
         size = f",size={tmp_size}" if tmp_size else ""
         tmpfs = {
             "/tmp": f"rw,nosuid,nodev,mode=1777{size}",
-            "/tmp/home": f"rw,nosuid,nodev,mode=700,uid={uid},gid={gid}",
+            # Podman refuses uid=/gid= here; its tmpfs belongs to the container's user anyway.
+            "/tmp/home": "rw,nosuid,nodev,mode=700"
+            + ("" if engine == "podman" else f",uid={uid},gid={gid}"),
             "/run": "rw,nosuid,nodev,mode=755,size=16m",
         }
+        if host_view and os.path.isdir("/etc/ssl/private"):
+            # The sandbox runs as the caller (root when stockade is): hide private TLS keys.
+            tmpfs["/etc/ssl/private"] = "ro,nosuid,nodev,noexec,mode=700,size=4k"
         ulimits = [Ulimit(name="core", soft=0, hard=0)]
         if engine == "podman":
             # Podman asks for rlimits above the hard limit when CAP_SYS_RESOURCE is missing.
@@ -382,12 +398,23 @@ def _create(spec: LaunchSpec, engine: str, log_path: Path) -> tuple[Any, str, st
                 Ulimit(name="nofile", soft=4096, hard=4096),
                 Ulimit(name="nproc", soft=4096, hard=4096),
             ]
+        security_opt = ["no-new-privileges:true"]
+        if engine == "podman":
+            # Podman's default profile lets a process create user namespaces (Docker's does
+            # not); ours refuses them, like every other backend on the host kernel.
+            import json
+
+            from stockade.backends._oci import oci_seccomp
+
+            profile = spec.state_dir / "seccomp.json"
+            profile.write_text(json.dumps(oci_seccomp(), separators=(",", ":")))
+            security_opt.append(f"seccomp={profile}")  # podman reads a path, not the JSON
         host_config = client.api.create_host_config(
             mounts=mounts,
             tmpfs=tmpfs,
             network_mode="none",
             cap_drop=["ALL"],
-            security_opt=["no-new-privileges:true"],
+            security_opt=security_opt,
             read_only=True,
             pids_limit=limits.pids or None,
             mem_limit=limits.memory_bytes or None,
@@ -480,6 +507,29 @@ class EngineSandbox(LaunchedSandbox):
         self._watchdog = watchdog
         self._terminated = False
         self._oom: bool | None = None
+        if watchdog is not None:
+            # The watchdog doubles as the sandbox's lifeline process: whoever kills it (the
+            # sandbox's wall-clock timer does) takes the container down with it.
+            threading.Thread(target=self._lifeline, args=(watchdog,), daemon=True).start()
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The lifeline: killing this process stops the container (None without a CLI)."""
+        return self._watchdog
+
+    def _lifeline(self, watchdog: subprocess.Popen[bytes]) -> None:
+        from docker.errors import DockerException
+
+        watchdog.wait()
+        if self._terminated or watchdog.returncode == 0:
+            return  # our own teardown, or the watchdog did its job
+        client = client_for(self.engine, timeout=30)
+        try:
+            client.api.kill(self.container_id)
+        except DockerException:
+            pass
+        finally:
+            client.close()
 
     def _state(self) -> dict[str, Any] | None:
         from docker.errors import DockerException, NotFound
@@ -576,9 +626,7 @@ async def launch_api_engine(spec: LaunchSpec, engine: str) -> EngineSandbox:
     from docker.errors import DockerException
 
     log_path = spec.state_dir / "sandbox.log"
-    client, container_id, volume, sock = await anyio.to_thread.run_sync(
-        _create, spec, engine, log_path
-    )
+    client, container_id, volume, sock = await anyio.to_thread.run_sync(_create, spec, engine)
     watchdog = _watchdog(engine, container_id, volume)
     try:
         stream = await SocketStream.from_socket(_raw_socket(sock))

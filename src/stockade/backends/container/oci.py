@@ -30,6 +30,7 @@ from stockade.backends._oci import (
     runtime_state_root,
     sandbox_cgroup_path,
     start_watchdog,
+    unshare_prefix,
     which,
 )
 from stockade.backends.base import Availability, LaunchSpec
@@ -109,18 +110,21 @@ def probe_oci(engine: str) -> Availability:
             ],
             "linux": {
                 "namespaces": [{"type": t} for t in ("pid", "mount", "network", "user", "ipc")],
-                "uidMappings": [{"containerID": 0, "hostID": os.getuid(), "size": 1}],
-                "gidMappings": [{"containerID": 0, "hostID": os.getgid(), "size": 1}],
+                # Root: map to ourselves; unprivileged: we are 0 in the prefix's namespace.
+                "uidMappings": [{"containerID": 0, "hostID": 0, "size": 1}],
+                "gidMappings": [{"containerID": 0, "hostID": 0, "size": 1}],
             },
         }
         bundle = state / "bundle"
         bundle.mkdir()
         (bundle / "config.json").write_text(json.dumps(config))
         fix = _crun_fix() if engine == "crun" else ""
+        # The same namespaces as a launch (see unshare_prefix): what is probed is what runs.
         prefix = (
-            ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-             f'{fix}; exec "$@"', "sh"] if fix else []
-        )  # fmt: skip
+            [*unshare_prefix(), "/bin/sh", "-c", f'{fix or ":"}; exec "$@"', "sh"]
+            if fix or os.getuid() != 0
+            else []
+        )
         root = state / "root"
         argv = [*prefix, runtime.binary, "--root", str(root), *runtime.global_flags,
                 "run", "--bundle", str(bundle), f"stockade-probe-{os.getpid()}"]  # fmt: skip
@@ -155,11 +159,13 @@ async def launch_oci(spec: LaunchSpec, engine: str) -> OciContainerSandbox:
     except FileNotFoundError as exc:
         raise SandboxStartError(f"{engine} not found on PATH; {_FIX[engine]}") from exc
     image = spec.policy.container.image
-    rootfs = host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image)
+    rootfs = host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image, spec.state_dir)
     agent = (
         compiled_agent(spec.agent_source, spec.cache_dir) if rootfs.host_usr else spec.agent_source
     )
-    prefix, merged = overlay_prefix(spec, extra=_crun_fix() if engine == "crun" else "")
+    prefix, merged = overlay_prefix(
+        spec, extra=_crun_fix() if engine == "crun" else "", rootfs=rootfs
+    )
     rootless = os.getuid() != 0
     cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)
     config = build_config(

@@ -19,12 +19,10 @@ process, which the backend sees as the agent channel closing.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import shutil
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,17 +33,24 @@ from anyio.abc import ByteStream
 from stockade._errors import SandboxStartError
 from stockade.backends.base import Availability
 from stockade.backends.microvm._vmm_common import (
+    KvmApiVmmDriver,
+    VmmApi,
+    VmmApiError,
+    VmmBinary,
     VmmProcess,
-    find_binary,
-    kvm_status,
+    VmmVm,
+    check_resources,
+    option_value,
     prepare_workdir,
+    probe_kvm_vmm,
+    reach_agent,
     remove_stale_socket,
 )
-from stockade.backends.microvm.driver import Driver, DriverCapabilities, VmHandle, VmSpec
-from stockade.backends.microvm.hybrid_vsock import HybridVsockError, wait_hybrid_vsock
+from stockade.backends.microvm.driver import DriverCapabilities, VmSpec
 
 __all__ = [
     "CH_CMDLINE",
+    "CLOUD_HYPERVISOR",
     "CloudHypervisorApi",
     "CloudHypervisorApiError",
     "CloudHypervisorDriver",
@@ -70,20 +75,17 @@ INSTALL_FIX = (
     "user"
 )
 
+CLOUD_HYPERVISOR = VmmBinary(
+    "Cloud Hypervisor", "cloud-hypervisor", "STOCKADE_CLOUD_HYPERVISOR", INSTALL_FIX
+)
+
 API_SOCKET = "ch.sock"
 SERIAL_FILE = "console.log"
 VMM_LOG = "vmm.log"
 
 
-def _option_value(value: str, what: str) -> str:
-    """Cloud Hypervisor splits option lists at commas; refuse values it would misread."""
-    bad = sorted(set(value) & set(',"[]'))
-    if bad:
-        raise ValueError(
-            f"{what} {value!r} contains {''.join(bad)!r}, which Cloud Hypervisor's option "
-            "parser would split or misread; rename the file"
-        )
-    return value
+#: Cloud Hypervisor splits option lists at commas; refuse values it would misread.
+_option_value = functools.partial(option_value, vmm="Cloud Hypervisor", forbidden=',"[]')
 
 
 def boot_argv(binary: Path, spec: VmSpec) -> list[str]:
@@ -93,8 +95,7 @@ def boot_argv(binary: Path, spec: VmSpec) -> list[str]:
             "the Cloud Hypervisor driver reaches the agent over vsock; the agent transport "
             f"must be vsock, not {spec.agent.kind!r}"
         )
-    if spec.vcpus < 1 or spec.memory_mib < 1:
-        raise ValueError(f"need at least 1 vCPU and 1 MiB, not {spec.vcpus} / {spec.memory_mib}")
+    check_resources(spec)
     if spec.agent.cid < 3:
         raise ValueError(f"a guest vsock CID is 3 or more, not {spec.agent.cid}")
     workdir = spec.workdir
@@ -176,27 +177,21 @@ def rebase_snapshot(snapshot: Path, target: Path, spec: VmSpec) -> Path:
     return target
 
 
-class CloudHypervisorApiError(SandboxStartError):
+class CloudHypervisorApiError(VmmApiError):
     """Cloud Hypervisor refused an API call or its API socket did not answer."""
 
-    def __init__(self, message: str, *, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
 
-
-class CloudHypervisorApi:
+class CloudHypervisorApi(VmmApi):
     """HTTP over the ``--api-socket`` unix socket (endpoints under ``/api/v1``)."""
 
-    def __init__(self, socket_path: Path, *, timeout: float = 10.0) -> None:
-        self.socket_path = socket_path
-        self._client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
-            base_url="http://localhost/api/v1",
-            timeout=timeout,
-        )
+    vmm = CLOUD_HYPERVISOR
+    error = CloudHypervisorApiError
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    def __init__(self, socket_path: Path, *, timeout: float = 10.0) -> None:
+        super().__init__(socket_path, base_url="http://localhost/api/v1", timeout=timeout)
+
+    async def ping(self) -> None:
+        await self.call("GET", "vmm.ping")
 
     async def call(self, method: str, endpoint: str, body: dict[str, Any] | None = None) -> Any:
         try:
@@ -214,25 +209,6 @@ class CloudHypervisorApi:
             )
         return response.json() if response.content else None
 
-    async def wait_ready(self, *, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
-        deadline = anyio.current_time() + timeout
-        last: BaseException | None = None
-        while anyio.current_time() < deadline:
-            if not alive():
-                raise CloudHypervisorApiError(
-                    f"cloud-hypervisor exited before its API socket {self.socket_path} answered"
-                )
-            try:
-                await self.call("GET", "vmm.ping")
-                return
-            except CloudHypervisorApiError as exc:
-                last = exc
-            await anyio.sleep(0.01)
-        raise CloudHypervisorApiError(
-            f"Cloud Hypervisor's API socket {self.socket_path} did not answer within "
-            f"{timeout:g} s (last error: {last})"
-        )
-
 
 async def take_snapshot(api: CloudHypervisorApi, directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -245,67 +221,28 @@ async def restore_and_resume(api: CloudHypervisorApi, directory: Path) -> None:
     await api.call("PUT", "vm.resume")
 
 
-class CloudHypervisorVm(VmHandle):
+class CloudHypervisorVm(VmmVm):
+    api: CloudHypervisorApi
+
     def __init__(self, process: VmmProcess, api: CloudHypervisorApi, channel: ByteStream):
-        self.process = process
-        self.api = api
-        self.channel = channel
-
-    def alive(self) -> bool:
-        return self.process.alive()
-
-    def console(self) -> str:
-        return self.process.console()
-
-    def exit_reason(self) -> str | None:
-        return self.process.exit_reason()
+        super().__init__(process, channel, api)
 
     async def snapshot(self, path: Path) -> None:
         """``path`` is a directory (Cloud Hypervisor writes config, state and memory files)."""
         await take_snapshot(self.api, path)
 
-    async def stop(self, grace: float = 1.0) -> None:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(Exception):
-                await self.channel.aclose()
-            if self.process.alive():
-                with contextlib.suppress(Exception), anyio.move_on_after(grace):
-                    await self.api.call("PUT", "vmm.shutdown")
-            with contextlib.suppress(Exception):
-                await self.api.aclose()
-            await self.process.stop(grace)
+    async def _shutdown(self) -> None:
+        await self.api.call("PUT", "vmm.shutdown")
 
 
-class CloudHypervisorDriver(Driver):
+class CloudHypervisorDriver(KvmApiVmmDriver):
     """Cloud Hypervisor (Linux, hardware KVM)."""
 
     name: ClassVar[str] = "cloud-hypervisor"
     capabilities: ClassVar[DriverCapabilities] = DriverCapabilities(
         snapshot=True, vsock=True, virtio_serial=False
     )
-
-    def __init__(
-        self,
-        binary: Path | str | None = None,
-        *,
-        api_timeout: float = 10.0,
-        boot_timeout: float = 30.0,
-    ) -> None:
-        self.binary = Path(binary) if binary is not None else None
-        self.api_timeout = api_timeout
-        self.boot_timeout = boot_timeout
-
-    @classmethod
-    def probe(cls) -> Availability:
-        return probe_cloud_hypervisor(os.environ.get("STOCKADE_CLOUD_HYPERVISOR") or None)
-
-    def _binary(self) -> Path:
-        configured = self.binary or os.environ.get("STOCKADE_CLOUD_HYPERVISOR") or None
-        found = find_binary("cloud-hypervisor", configured)
-        if found is None:
-            where = f"at {configured}" if configured else "on PATH"
-            raise SandboxStartError(f"cloud-hypervisor not found {where}; {INSTALL_FIX}")
-        return found
+    vmm = CLOUD_HYPERVISOR
 
     async def boot(self, spec: VmSpec) -> CloudHypervisorVm:
         argv = boot_argv(self._binary(), spec)
@@ -332,50 +269,24 @@ class CloudHypervisorDriver(Driver):
             serial_path=spec.workdir / SERIAL_FILE,
         )
         api = CloudHypervisorApi(api_socket, timeout=self.api_timeout)
-        try:
-            await api.wait_ready(timeout=self.api_timeout, alive=process.alive)
+
+        async def restore() -> None:
             if snapshot is not None:
                 await restore_and_resume(api, snapshot)
-            channel = await wait_hybrid_vsock(
-                spec.agent.socket_path,
-                spec.agent.port,
-                timeout=self.boot_timeout,
-                alive=process.alive,
-                describe=process.console,
-            )
-        except SandboxStartError as exc:
-            with anyio.CancelScope(shield=True):
-                await api.aclose()
-                await process.stop(0.2)
-            if isinstance(exc, HybridVsockError):
-                raise
-            raise SandboxStartError(
-                f"Cloud Hypervisor VM did not start: {exc}\n--- console ---\n{process.console()}"
-            ) from exc
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await api.aclose()
-                await process.stop(0.2)
-            raise
+
+        channel = await reach_agent(
+            process,
+            api,
+            what="Cloud Hypervisor VM",
+            vsock_socket=spec.agent.socket_path,
+            port=spec.agent.port,
+            api_timeout=self.api_timeout,
+            boot_timeout=self.boot_timeout,
+            configure=restore,
+        )
         return CloudHypervisorVm(process, api, channel)
 
 
 def probe_cloud_hypervisor(configured: str | None = None) -> Availability:
     """Is Cloud Hypervisor usable here? Never raises."""
-    if not sys.platform.startswith("linux"):
-        return Availability(
-            False,
-            f"Cloud Hypervisor runs only on Linux with KVM; this host is {sys.platform}",
-            "use the vfkit driver on macOS, or the qemu driver",
-        )
-    problems: list[str] = []
-    binary = find_binary("cloud-hypervisor", configured)
-    if binary is None:
-        where = f"at {configured} (STOCKADE_CLOUD_HYPERVISOR)" if configured else "on PATH"
-        problems.append(f"cloud-hypervisor not found {where}")
-    kvm = kvm_status()
-    if not kvm.ok:
-        problems.append(kvm.reason)
-    if problems:
-        return Availability(False, "; ".join(problems), INSTALL_FIX, details=tuple(problems))
-    return Availability(True, details=(f"binary: {binary}",))
+    return probe_kvm_vmm(CLOUD_HYPERVISOR, configured)

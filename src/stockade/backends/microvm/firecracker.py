@@ -30,9 +30,7 @@ import errno
 import logging
 import os
 import re
-import sys
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -44,22 +42,21 @@ from anyio.abc import ByteStream
 from stockade._errors import SandboxStartError
 from stockade.backends.base import Availability
 from stockade.backends.microvm._vmm_common import (
+    KvmApiVmmDriver,
+    VmmApi,
+    VmmApiError,
+    VmmBinary,
     VmmProcess,
-    find_binary,
-    kvm_status,
+    VmmVm,
     prepare_workdir,
+    probe_kvm_vmm,
+    reach_agent,
     remove_stale_socket,
 )
-from stockade.backends.microvm.driver import (
-    DiskSpec,
-    Driver,
-    DriverCapabilities,
-    VmHandle,
-    VmSpec,
-)
-from stockade.backends.microvm.hybrid_vsock import HybridVsockError, wait_hybrid_vsock
+from stockade.backends.microvm.driver import DiskSpec, DriverCapabilities, VmSpec
 
 __all__ = [
+    "FIRECRACKER",
     "FIRECRACKER_BOOT_ARGS",
     "ApiRequest",
     "FirecrackerApi",
@@ -99,6 +96,8 @@ INSTALL_FIX = (
     "<arch>.tgz), put 'firecracker' (and optionally 'jailer') on PATH or set "
     "STOCKADE_FIRECRACKER to its path, and make /dev/kvm readable and writable for your user"
 )
+
+FIRECRACKER = VmmBinary("Firecracker", "firecracker", "STOCKADE_FIRECRACKER", INSTALL_FIX)
 
 _DRIVE_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 _VM_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
@@ -313,29 +312,30 @@ def boot_requests(spec: VmSpec, layout: VmLayout) -> list[ApiRequest]:
 # --------------------------------------------------------------------------- API client
 
 
-class FirecrackerApiError(SandboxStartError):
+class FirecrackerApiError(VmmApiError):
     """Firecracker refused an API call (HTTP 4xx/5xx) or its API socket did not answer."""
 
     def __init__(self, message: str, *, status: int = 0, fault: str = "") -> None:
-        super().__init__(message)
-        self.status = status
+        super().__init__(message, status=status)
         self.fault = fault
 
 
-class FirecrackerApi:
+class FirecrackerApi(VmmApi):
     """HTTP over Firecracker's unix API socket."""
 
+    vmm = FIRECRACKER
+    error = FirecrackerApiError
+
     def __init__(self, socket_path: Path, *, timeout: float = 10.0) -> None:
-        self.socket_path = socket_path
-        self._client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+        super().__init__(
+            socket_path,
             base_url="http://localhost",
             timeout=timeout,
             headers={"Accept": "application/json"},
         )
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    async def ping(self) -> None:
+        await self._client.get("/")
 
     async def send(self, request: ApiRequest) -> Any:
         """Send one request; return the decoded JSON answer (None for 204)."""
@@ -356,26 +356,6 @@ class FirecrackerApi:
             f"{response.status_code}: {fault or response.text[:500]!r}",
             status=response.status_code,
             fault=fault,
-        )
-
-    async def wait_ready(self, *, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
-        """Poll ``GET /`` until the API answers, the process dies, or ``timeout`` passes."""
-        deadline = anyio.current_time() + timeout
-        last: BaseException | None = None
-        while anyio.current_time() < deadline:
-            if not alive():
-                raise FirecrackerApiError(
-                    f"firecracker exited before its API socket {self.socket_path} answered"
-                )
-            try:
-                await self._client.get("/")
-                return
-            except httpx.TransportError as exc:
-                last = exc
-            await anyio.sleep(0.01)
-        raise FirecrackerApiError(
-            f"Firecracker's API socket {self.socket_path} did not answer within {timeout:g} s "
-            f"(last error: {last!r})"
         )
 
 
@@ -410,25 +390,16 @@ async def load_snapshot(
 # --------------------------------------------------------------------------- handle, driver
 
 
-class FirecrackerVm(VmHandle):
+class FirecrackerVm(VmmVm):
     """A running Firecracker VM."""
+
+    api: FirecrackerApi
 
     def __init__(
         self, process: VmmProcess, api: FirecrackerApi, layout: VmLayout, channel: ByteStream
     ) -> None:
-        self.process = process
-        self.api = api
+        super().__init__(process, channel, api)
         self.layout = layout
-        self.channel = channel
-
-    def alive(self) -> bool:
-        return self.process.alive()
-
-    def console(self) -> str:
-        return self.process.console()
-
-    def exit_reason(self) -> str | None:
-        return self.process.exit_reason()
 
     async def snapshot(self, path: Path) -> None:
         if self.layout.chroot is not None:
@@ -439,25 +410,21 @@ class FirecrackerVm(VmHandle):
         await take_snapshot(self.api, self.layout, path)
 
     async def stop(self, grace: float = 1.0) -> None:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(Exception):
-                await self.channel.aclose()
-            with contextlib.suppress(Exception):
-                await self.api.aclose()
-            await self.process.stop(grace)
-            for path in (self.layout.api_socket, self.layout.vsock_socket):
-                with contextlib.suppress(OSError):
-                    if path.is_socket():
-                        path.unlink()
+        await super().stop(grace)
+        for path in (self.layout.api_socket, self.layout.vsock_socket):
+            with contextlib.suppress(OSError):
+                if path.is_socket():
+                    path.unlink()
 
 
-class FirecrackerDriver(Driver):
+class FirecrackerDriver(KvmApiVmmDriver):
     """Firecracker (Linux, hardware KVM); optionally under its jailer."""
 
     name: ClassVar[str] = "firecracker"
     capabilities: ClassVar[DriverCapabilities] = DriverCapabilities(
         snapshot=True, vsock=True, virtio_serial=False
     )
+    vmm = FIRECRACKER
 
     def __init__(
         self,
@@ -467,22 +434,8 @@ class FirecrackerDriver(Driver):
         api_timeout: float = 10.0,
         boot_timeout: float = 30.0,
     ) -> None:
-        self.binary = Path(binary) if binary is not None else None
+        super().__init__(binary, api_timeout=api_timeout, boot_timeout=boot_timeout)
         self.jailer = jailer
-        self.api_timeout = api_timeout
-        self.boot_timeout = boot_timeout
-
-    @classmethod
-    def probe(cls) -> Availability:
-        return probe_firecracker(os.environ.get("STOCKADE_FIRECRACKER") or None)
-
-    def _binary(self) -> Path:
-        configured = self.binary or os.environ.get("STOCKADE_FIRECRACKER") or None
-        found = find_binary("firecracker", configured)
-        if found is None:
-            where = f"at {configured}" if configured else "on PATH"
-            raise SandboxStartError(f"firecracker not found {where}; {INSTALL_FIX}")
-        return found
 
     async def boot(self, spec: VmSpec) -> FirecrackerVm:
         return await self._launch(spec, snapshot=None)
@@ -504,34 +457,23 @@ class FirecrackerDriver(Driver):
             await anyio.to_thread.run_sync(_populate_chroot, layout, spec, self.jailer)
         process = await VmmProcess.start("firecracker", list(layout.argv), layout.console)
         api = FirecrackerApi(layout.api_socket, timeout=self.api_timeout)
-        try:
-            await api.wait_ready(timeout=self.api_timeout, alive=process.alive)
+
+        async def configure() -> None:
             if snapshot is None:
                 await configure_and_start(api, spec, layout)
             else:
                 await load_snapshot(api, spec, layout, snapshot)
-            channel = await wait_hybrid_vsock(
-                layout.vsock_socket,
-                spec.agent.port,
-                timeout=self.boot_timeout,
-                alive=process.alive,
-                describe=process.console,
-            )
-        except SandboxStartError as exc:
-            with anyio.CancelScope(shield=True):
-                await api.aclose()
-                await process.stop(0.2)
-            if isinstance(exc, HybridVsockError):
-                raise  # it carries the console already
-            raise SandboxStartError(
-                f"Firecracker VM {layout.vm_id} did not start: {exc}\n--- console ---\n"
-                f"{process.console()}"
-            ) from exc
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await api.aclose()
-                await process.stop(0.2)
-            raise
+
+        channel = await reach_agent(
+            process,
+            api,
+            what=f"Firecracker VM {layout.vm_id}",
+            vsock_socket=layout.vsock_socket,
+            port=spec.agent.port,
+            api_timeout=self.api_timeout,
+            boot_timeout=self.boot_timeout,
+            configure=configure,
+        )
         return FirecrackerVm(process, api, layout, channel)
 
 
@@ -564,25 +506,4 @@ def _populate_chroot(layout: VmLayout, spec: VmSpec, jailer: JailerConfig) -> No
 
 def probe_firecracker(configured: str | None = None) -> Availability:
     """Is Firecracker usable here? Never raises."""
-    problems: list[str] = []
-    if not sys.platform.startswith("linux"):
-        return Availability(
-            False,
-            f"Firecracker runs only on Linux with KVM; this host is {sys.platform}",
-            "use the vfkit driver on macOS, or the qemu driver",
-        )
-    binary = find_binary("firecracker", configured)
-    if binary is None:
-        where = f"at {configured} (STOCKADE_FIRECRACKER)" if configured else "on PATH"
-        problems.append(f"firecracker not found {where}")
-    kvm = kvm_status()
-    if not kvm.ok:
-        problems.append(kvm.reason)
-    if problems:
-        return Availability(
-            False,
-            "; ".join(problems),
-            INSTALL_FIX,
-            details=tuple(problems),
-        )
-    return Availability(True, details=(f"binary: {binary}",))
+    return probe_kvm_vmm(FIRECRACKER, configured)

@@ -17,8 +17,7 @@ uncompressed image. vfkit cannot snapshot VMs.
 
 from __future__ import annotations
 
-import contextlib
-import os
+import functools
 import platform
 import sys
 from pathlib import Path
@@ -31,14 +30,20 @@ from anyio.abc import ByteStream, SocketListener
 from stockade._errors import SandboxStartError
 from stockade.backends.base import Availability
 from stockade.backends.microvm._vmm_common import (
+    VmmBinary,
+    VmmDriver,
     VmmProcess,
+    VmmVm,
+    check_resources,
     find_binary,
+    option_value,
     prepare_workdir,
     remove_stale_socket,
 )
-from stockade.backends.microvm.driver import Driver, DriverCapabilities, VmHandle, VmSpec
+from stockade.backends.microvm.driver import DriverCapabilities, VmSpec
 
 __all__ = [
+    "VFKIT",
     "VFKIT_CMDLINE",
     "VfkitDriver",
     "VfkitVm",
@@ -55,6 +60,8 @@ INSTALL_FIX = (
     "https://github.com/crc-org/vfkit/releases), or set STOCKADE_VFKIT to its path"
 )
 
+VFKIT = VmmBinary("vfkit", "vfkit", "STOCKADE_VFKIT", INSTALL_FIX)
+
 REST_SOCKET = "vfkit.sock"
 SERIAL_FILE = "console.log"
 VMM_LOG = "vmm.log"
@@ -62,22 +69,14 @@ VMM_LOG = "vmm.log"
 MIN_MACOS = (13, 0)
 
 
-def _value(value: str, what: str) -> str:
-    """vfkit splits ``--device`` options at every comma; refuse values it would misread."""
-    bad = sorted(set(value) & set(',"'))
-    if bad:
-        raise ValueError(
-            f"{what} {value!r} contains {''.join(bad)!r}, which vfkit's option parser would "
-            "split or misread; rename the file"
-        )
-    return value
+#: vfkit splits ``--device`` options at every comma; refuse values it would misread.
+_value = functools.partial(option_value, vmm="vfkit", forbidden=',"')
 
 
 def boot_argv(binary: Path, spec: VmSpec) -> list[str]:
     if spec.agent.kind != "vsock":
         raise ValueError(f"the vfkit driver reaches the agent over vsock, not {spec.agent.kind!r}")
-    if spec.vcpus < 1 or spec.memory_mib < 1:
-        raise ValueError(f"need at least 1 vCPU and 1 MiB, not {spec.vcpus} / {spec.memory_mib}")
+    check_resources(spec)
     cmdline = f"{spec.cmdline} {VFKIT_CMDLINE}".strip()
     if '"' in cmdline or "," in cmdline:
         raise ValueError(
@@ -116,60 +115,37 @@ def vm_state_body(state: str) -> dict[str, Any]:
     return {"state": state}
 
 
-class VfkitVm(VmHandle):
+class VfkitVm(VmmVm):
     def __init__(self, process: VmmProcess, channel: ByteStream, rest_socket: Path) -> None:
-        self.process = process
-        self.channel = channel
+        super().__init__(process, channel)
         self.rest_socket = rest_socket
 
-    def alive(self) -> bool:
-        return self.process.alive()
-
-    def console(self) -> str:
-        return self.process.console()
-
-    def exit_reason(self) -> str | None:
-        return self.process.exit_reason()
-
-    async def stop(self, grace: float = 1.0) -> None:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(Exception):
-                await self.channel.aclose()
-            if self.process.alive():
-                with contextlib.suppress(Exception), anyio.move_on_after(grace):
-                    async with httpx.AsyncClient(
-                        transport=httpx.AsyncHTTPTransport(uds=str(self.rest_socket)),
-                        base_url="http://localhost",
-                    ) as client:
-                        await client.post("/vm/state", json=vm_state_body("Stop"))
-                    while self.process.alive():
-                        await anyio.sleep(0.05)
-            await self.process.stop(grace)
+    async def _shutdown(self) -> None:
+        """A graceful ``Stop`` over the REST socket; wait for vfkit to exit."""
+        async with httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(self.rest_socket)),
+            base_url="http://localhost",
+        ) as client:
+            await client.post("/vm/state", json=vm_state_body("Stop"))
+        while self.process.alive():
+            await anyio.sleep(0.05)
 
 
-class VfkitDriver(Driver):
+class VfkitDriver(VmmDriver):
     """vfkit on macOS 13+."""
 
     name: ClassVar[str] = "vfkit"
     capabilities: ClassVar[DriverCapabilities] = DriverCapabilities(
         snapshot=False, vsock=True, virtio_serial=False
     )
-
-    def __init__(self, binary: Path | str | None = None, *, boot_timeout: float = 30.0) -> None:
-        self.binary = Path(binary) if binary is not None else None
-        self.boot_timeout = boot_timeout
+    vmm = VFKIT
 
     @classmethod
     def probe(cls) -> Availability:
-        return probe_vfkit(os.environ.get("STOCKADE_VFKIT") or None)
+        return probe_vfkit(cls.vmm.from_env())
 
     async def boot(self, spec: VmSpec) -> VfkitVm:
-        configured = self.binary or os.environ.get("STOCKADE_VFKIT") or None
-        binary = find_binary("vfkit", configured)
-        if binary is None:
-            where = f"at {configured}" if configured else "on PATH"
-            raise SandboxStartError(f"vfkit not found {where}; {INSTALL_FIX}")
-        argv = boot_argv(binary, spec)
+        argv = boot_argv(self._binary(), spec)
         prepare_workdir(spec.workdir)
         remove_stale_socket(spec.agent.socket_path)
         remove_stale_socket(spec.workdir / REST_SOCKET)
@@ -234,8 +210,7 @@ def probe_vfkit(configured: str | None = None) -> Availability:
             f"vfkit needs macOS 13 or later; this is macOS {release}",
             "upgrade macOS, or use the qemu driver",
         )
-    binary = find_binary("vfkit", configured)
+    binary = find_binary(VFKIT.name, configured)
     if binary is None:
-        where = f"at {configured} (STOCKADE_VFKIT)" if configured else "on PATH"
-        return Availability(False, f"vfkit not found {where}", INSTALL_FIX)
+        return Availability(False, VFKIT.not_found(configured), INSTALL_FIX)
     return Availability(True, details=(f"binary: {binary}", f"macOS {release}"))
