@@ -262,3 +262,38 @@ def test_auto_skips_a_backend_that_works_only_when_asked(
         assert "only when asked" in str(exc)
     else:
         assert chosen.name != "microvm"
+
+
+def test_microvm_config_and_runtime_env(monkeypatch: pytest.MonkeyPatch, project: Path) -> None:
+    from stockade.config import load_config
+    from stockade.policy import compile_policy
+
+    for name in ("STOCKADE_MICROVM_ACCEL", "STOCKADE_IMAGE_DIR", "STOCKADE_FIRECRACKER"):
+        monkeypatch.setenv(name, "x")  # runtime settings, not configuration keys
+    policy = compile_policy(load_config(project))
+    assert (policy.microvm.user, policy.microvm.image) == ("user", "base")
+    root = compile_policy(load_config(project, overrides={"microvm.user": "root"}))
+    assert root.microvm.user == "root"
+    from stockade._errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        load_config(project, overrides={"microvm.user": "admin"})
+
+
+def test_guest_config_user_and_limits(tmp_path: Path, project: Path) -> None:
+    from stockade.backends.base import LaunchSpec
+    from stockade.config import load_config
+    from stockade.policy import compile_policy
+
+    policy = compile_policy(
+        load_config(project, overrides={"limits.pids": 64, "limits.disk": "64M"})
+    )
+    spec = LaunchSpec(sandbox_id="i", name="n", policy=policy, state_dir=tmp_path, workspace=None)
+    config = build_guest_config(spec, workspace=None, now_ns=1, seed=b"s")
+    assert config["user"] == [1000, 1000]
+    assert config["disk_bytes"] == 64 * 1024 * 1024
+    assert config["args"][config["args"].index("--rlimit", 4) + 1] == "nproc=64"
+    import base64
+
+    files = {path: base64.b64decode(data) for path, data, _ in config["files"]}
+    assert b"user:x:1000:1000:" in files["/etc/passwd"]

@@ -67,6 +67,10 @@ RUNTIME_ENV_VARS = frozenset(
         "STOCKADE_LOG",
         "STOCKADE_IMAGE_DIR",
         "STOCKADE_DEBIAN_MIRROR",
+        # VMM binaries the microVM drivers look for (see each driver's install hint).
+        "STOCKADE_FIRECRACKER",
+        "STOCKADE_CLOUD_HYPERVISOR",
+        "STOCKADE_VFKIT",
     }
 )
 RUNTIME_ENV_PREFIXES = (
