@@ -483,3 +483,25 @@ def test_disk_limit_inside_the_vm(microvm: str, project: Path) -> None:
         assert "rc=0" not in r.stdout and "No space left" in r.stdout, r.stdout
         r = sb.commands.run("dd if=/dev/zero of=big bs=1M count=100 2>&1; echo rc=$?")
         assert "rc=0" not in r.stdout and "No space left" in r.stdout, r.stdout
+
+
+def test_killed_owner_leaves_no_qemu(microvm: str, project: Path) -> None:
+    script = (
+        "import sys, time\n"
+        "from stockade import Sandbox\n"
+        f"sb = Sandbox.create(project_dir={str(project)!r}, backend='microvm')\n"
+        "print(sb._inner._launched.vm.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        pid = int(owner.stdout.readline())
+        assert not _gone(pid)
+    finally:
+        owner.kill()  # SIGKILL: no cleanup code runs in the owner
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid)

@@ -76,11 +76,15 @@ class WarmPool:
         key = snapshot_key(image, f"qemu/{self._accel}", self.vcpus, self.memory_mib, 0)
         self._snapshot = snapshot_path(image, key)
         self._dir = Path(tempfile.mkdtemp(prefix="stockade-pool-"))
-        if not self._snapshot.is_file():
-            await self._make_snapshot()
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._fill)
+        try:
+            if not self._snapshot.is_file():
+                await self._make_snapshot()
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+            self._tg.start_soon(self._fill)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(

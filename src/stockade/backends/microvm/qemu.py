@@ -296,6 +296,10 @@ class QemuDriver(Driver):
                 spec.agent.socket_path.unlink()
             # Listen first: QEMU connects its chardev to us as it starts.
             listener = await anyio.create_unix_listener(spec.agent.socket_path)
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            # QEMU dies with us even if we are killed outright: no VM outlives its owner.
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         log = (spec.workdir / "qemu.log").open("ab")
         try:
             process = await anyio.open_process(
