@@ -77,13 +77,24 @@ def _engine_url(engine: str) -> str | None:
     return f"unix://{runtime_dir}/podman/podman.sock"
 
 
+#: API version negotiated once per engine URL in this process (Podman answers /version slowly:
+#: ~130 ms, once per client otherwise).
+_API_VERSIONS: dict[str, str] = {}
+
+
 def client_for(engine: str, timeout: int = 60) -> docker.DockerClient:
     import docker
 
     url = _engine_url(engine)
+    key = url or os.environ.get("DOCKER_HOST", "")
+    known = _API_VERSIONS.get(key)
     if url is None:
-        return docker.from_env(timeout=timeout)
-    return docker.DockerClient(base_url=url, timeout=timeout)
+        client = docker.from_env(timeout=timeout, version=known)
+    else:
+        client = docker.DockerClient(base_url=url, timeout=timeout, version=known)
+    if known is None:
+        _API_VERSIONS[key] = client.api.api_version
+    return client
 
 
 def docker_sandbox_present() -> bool:
