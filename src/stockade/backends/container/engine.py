@@ -579,6 +579,12 @@ class EngineSandbox(LaunchedSandbox):
             self._stop_watchdog()
             with contextlib.suppress(Exception):
                 self.client.close()
+            # The engine's helpers (Podman's conmon) may outlive the API call for a moment.
+            survivors = await anyio.to_thread.run_sync(
+                _wait_processes_gone, f"stockade-{self.sandbox_id}", 5.0
+            )
+            if survivors:
+                left.append(f"processes {survivors}")
             if left:
                 raise SandboxStateError(
                     f"{self.engine} left parts of sandbox {self.sandbox_id} behind: "
@@ -617,6 +623,26 @@ class EngineSandbox(LaunchedSandbox):
         except subprocess.TimeoutExpired:
             watchdog.kill()
             watchdog.wait()
+
+
+def _wait_processes_gone(marker: str, timeout: float) -> list[int]:
+    """Pids whose command line names ``marker`` still alive after ``timeout`` seconds."""
+    needle = marker.encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
 
 
 def _raw_socket(sock: Any) -> socket.socket:
