@@ -7,6 +7,7 @@ process before its process.start answer or after its process.exit, and no proces
 before the process.exit notification. For the egress tunnel the harness plays the host: it
 records every stream, checks that no stream.* traffic precedes its net.accept or follows its
 stream.close, and that the agent never exceeds the window the test has acknowledged.
+``hello(binary=True)`` makes the harness speak protocol 1.2's binary stream frames.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stockade.protocol.framing import FrameDecoder, encode_frame
+from stockade.protocol.framing import FrameDecoder, StreamChunk, encode_frame, encode_stream_header
 from stockade.protocol.messages import (
     ERROR_CODES,
     HOST_NOTIFICATIONS,
@@ -98,6 +99,12 @@ class AgentHarness:
         self._in = self.process.stdin
         self._out = self.process.stdout.fileno()
         self._decoder = FrameDecoder()
+        #: Set by hello(): binary stream frames, the window the test grants the agent, and
+        #: the one the agent grants the test (from its answer).
+        self._hello_done = False
+        self.binary = False
+        self.recv_window = STREAM_WINDOW
+        self.send_window = STREAM_WINDOW
         self._ids = 0
         self._pending: dict[int, str] = {}
         self._answers: dict[int, dict[str, Any]] = {}
@@ -105,6 +112,7 @@ class AgentHarness:
         self.procs: dict[int, ProcRecord] = {}
         self.eof = False
         self.streams: dict[int, StreamRecord] = {}
+        self.direct: list[dict[str, Any]] = []  # net.direct reports
         #: Acknowledge every stream.data as soon as it arrives (tests of the window turn it off).
         self.auto_ack = True
         self.stream_bytes = 0  # stream.data bytes received so far, over all streams
@@ -119,6 +127,16 @@ class AgentHarness:
     def send_bytes(self, data: bytes) -> None:
         self._in.write(data)
         self._in.flush()
+
+    def send_data(self, stream: int, data: bytes) -> None:
+        """Bytes of ``stream`` as the host sends them: a binary frame once agreed, else JSON."""
+        if not self.binary:
+            self.notify("stream.data", {"stream": stream, "data": base64.b64encode(data).decode()})
+            return
+        record = self.streams.get(stream)
+        if record is not None:
+            record.sent_by_host += len(data)
+        self.send_bytes(encode_stream_header(stream, len(data)) + data)
 
     def notify(self, method: str, params: dict[str, Any], *, check_params: bool = True) -> None:
         """Send a host notification; by default its params must be valid."""
@@ -152,8 +170,12 @@ class AgentHarness:
             self.eof = True
             self._decoder.check_eof()
             return False
-        for message in self._decoder.feed(data):
-            self._dispatch(message)
+        for message in self._decoder.feed_frames(data):
+            if isinstance(message, StreamChunk):
+                assert self.binary, "binary stream frame from the agent before it was agreed"
+                self._stream_data(message.stream, message.data)
+            else:
+                self._dispatch(message)
         return True
 
     def until(self, condition: Any, what: str) -> None:
@@ -202,6 +224,9 @@ class AgentHarness:
             record.exit = params
 
     def _dispatch_stream(self, method: str, params: dict[str, Any]) -> None:
+        if method == "net.direct":
+            self.direct.append(params)
+            return
         if method == "net.accept":
             assert params["stream"] not in self.streams, f"stream id reused: {params}"
             assert (params["target"] is not None) == (params["kind"] == "forward"), params
@@ -211,15 +236,8 @@ class AgentHarness:
         assert record is not None, f"{method} before net.accept: {params}"
         assert record.close is None, f"{method} after stream.close: {params}"
         if method == "stream.data":
-            assert not record.eof, f"stream.data after stream.eof: stream {params['stream']}"
-            chunk = base64.b64decode(params["data"], validate=True)
-            assert chunk, "empty stream.data"
-            record.data.extend(chunk)
-            self.stream_bytes += len(chunk)
-            unacked = len(record.data) - record.acked_by_host
-            assert unacked <= STREAM_WINDOW, f"agent exceeded the window: {unacked} unacked"
-            if self.auto_ack:
-                self.notify("stream.ack", {"stream": params["stream"], "bytes": len(chunk)})
+            assert not self.binary, "JSON stream.data after binary frames were agreed"
+            self._stream_data(params["stream"], base64.b64decode(params["data"], validate=True))
         elif method == "stream.ack":
             record.acked_by_agent += params["bytes"]
             assert record.acked_by_agent <= record.sent_by_host, "agent acked unsent bytes"
@@ -228,6 +246,19 @@ class AgentHarness:
             record.eof = True
         else:
             record.close = params
+
+    def _stream_data(self, stream: int, chunk: bytes) -> None:
+        record = self.streams.get(stream)
+        assert record is not None, f"stream data before net.accept: stream {stream}"
+        assert record.close is None, f"stream data after stream.close: stream {stream}"
+        assert not record.eof, f"stream data after stream.eof: stream {stream}"
+        assert chunk, "empty stream data"
+        record.data.extend(chunk)
+        self.stream_bytes += len(chunk)
+        unacked = len(record.data) - record.acked_by_host
+        assert unacked <= self.recv_window, f"agent exceeded the window: {unacked} unacked"
+        if self.auto_ack:
+            self.notify("stream.ack", {"stream": stream, "bytes": len(chunk)})
 
     # --- calls ------------------------------------------------------------------------------
 
@@ -254,8 +285,22 @@ class AgentHarness:
         assert "error" in answer, f"{method} succeeded unexpectedly: {answer}"
         return AgentCallError(method, answer["error"])
 
-    def hello(self) -> dict[str, Any]:
-        return self.call("agent.hello", protocol=PROTOCOL_VERSION, client="tests")
+    def hello(self, *, binary: bool = False, window: int | None = None) -> dict[str, Any]:
+        """Handshake; with ``binary``, offer binary stream frames (and ``window``)."""
+        params: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "client": "tests"}
+        if binary:
+            params["stream_binary"] = True
+            self._decoder.binary = True
+        if window is not None:
+            params["stream_window"] = window
+        first = not self._hello_done
+        result = self.call("agent.hello", **params)
+        self._hello_done = True
+        if first:  # like the agent: the first hello sets framing and windows
+            self.binary = binary and "stream-binary" in result["capabilities"]
+            self.recv_window = window or STREAM_WINDOW
+            self.send_window = result.get("stream_window", STREAM_WINDOW)
+        return result
 
     # --- processes --------------------------------------------------------------------------
 

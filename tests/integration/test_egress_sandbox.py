@@ -62,19 +62,37 @@ def test_default_policy_denies_everything_and_says_why(
         assert "X-Stockade-Denied: example.com is not in the allow list" in r.stdout
         r = sb.commands.run("curl -sS https://example.com/")
         assert r.exit_code != 0 and "403" in r.stderr
+        # A raw socket reaches nothing outside: the namespace sends every direct connection
+        # to the agent, which answers with the policy's refusal and closes.
         script = (
             "import socket\n"
-            "try:\n"
-            "    socket.create_connection(('203.0.113.9', 443), timeout=3)\n"
-            "except OSError as e:\n"
-            "    print('refused', e.errno)\n"
+            "s = socket.create_connection(('203.0.113.9', 443), timeout=3)\n"
+            "data = b''\n"
+            "while chunk := s.recv(4096):\n"
+            "    data += chunk\n"
+            "print(data.decode())\n"
         )
-        assert sb.commands.run(["python3", "-c", script]).stdout.startswith("refused")
+        r = sb.commands.run(["python3", "-c", script])
+        assert r.stdout.startswith("HTTP/1.1 403 Forbidden by stockade network policy"), r
+        assert "network policy denied a direct connection to 203.0.113.9:443" in r.stdout
+        if sb.commands.run("test -e /proc/net/if_inet6").exit_code == 0:  # IPv6 here too
+            v6 = script.replace("'203.0.113.9'", "'2001:db8::9'")
+            r = sb.commands.run(["python3", "-c", v6])
+            assert "denied a direct connection to [2001:db8::9]:443" in r.stdout, r
+        r = sb.commands.run("curl -sS -f --noproxy '*' http://198.51.100.7:8080/")
+        assert r.exit_code != 0 and "403" in r.stderr
+        # ...and the sandbox cannot change how its namespace routes: it does not own it.
+        for cmd in ("/usr/sbin/ip route add default dev lo", "/usr/sbin/iptables -t nat -F"):
+            assert sb.commands.run(cmd).exit_code != 0, cmd
         log = sb.network.log()
         assert {(c["host"], c["decision"]) for c in log} >= {("example.com", "denied")}
+        direct = [c for c in log if c["kind"] == "direct"]
+        assert direct and direct[0]["host"] == "203.0.113.9" and direct[0]["port"] == 443
+        assert direct[0]["decision"] == "denied" and direct[0]["bytes_up"] == 0
     events = [json.loads(line) for line in sb.audit_path.read_text().splitlines()]
     denied = [e for e in events if e["action"] == "egress.denied"]
     assert denied and denied[0]["target"].startswith("example.com:")
+    assert "203.0.113.9:443" in {e["target"] for e in denied}  # the direct attempt too
 
 
 def test_loopback_name_refused_unless_address_allowed(

@@ -143,8 +143,12 @@ def test_no_network_at_all(sb: Sandbox) -> None:
             "import socket,sys\n"
             "def try_(addr):\n"
             "    try:\n"
-            "        socket.create_connection(addr, timeout=2).close(); return 'connected'\n"
+            "        s = socket.create_connection(addr, timeout=2)\n"
             "    except OSError as e: return type(e).__name__\n"
+            # With egress on, a direct connection reaches only the agent's policy refusal.
+            "    data = s.recv(100); s.close()\n"
+            "    stockade = data.startswith(b'HTTP/1.1 403 Forbidden by stockade network policy')\n"
+            "    return 'refused-by-stockade' if stockade else 'connected'\n"
             f"print(try_(('127.0.0.1', {port})))\n"
             "print(try_(('203.0.113.7', 80)))\n"
             "try:\n    socket.getaddrinfo('example.com', 80); print('resolved')\n"

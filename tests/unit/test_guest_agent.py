@@ -31,7 +31,7 @@ from agent_harness import (
     wait_pid_gone,
 )
 from stockade.protocol.framing import HEADER, FrameDecoder, encode_frame
-from stockade.protocol.messages import AgentHelloResult
+from stockade.protocol.messages import PROTOCOL_VERSION, AgentHelloResult
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,7 +64,7 @@ def b64(data: bytes) -> str:
 def test_hello_reports_the_agent(workspace: Path) -> None:
     with AgentHarness("--workspace", str(workspace)) as harness:
         hello = harness.hello()
-        assert hello["protocol"] == "1.1"
+        assert hello["protocol"] == PROTOCOL_VERSION
         assert {"pty", "tar", "signals"} <= set(hello["capabilities"])
         assert "landlock" not in hello["capabilities"]
         assert hello["landlock_abi"] == 0
@@ -151,7 +151,7 @@ def test_bad_params_and_unknown_methods(agent: AgentHarness) -> None:
     answer = agent.answer(agent.request("fs.stat", [], check_params=False))  # type: ignore[arg-type]
     assert answer["error"]["code"] == -32602
     # The agent survives all of this.
-    assert agent.hello()["protocol"] == "1.1"
+    assert agent.hello()["protocol"] == PROTOCOL_VERSION
 
 
 # --- process.* ---------------------------------------------------------------------------

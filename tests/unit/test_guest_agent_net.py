@@ -66,19 +66,19 @@ class NetAgent:
         return self.harness.streams[stream]
 
     def send(self, stream: int, data: bytes) -> None:
-        """stream.data from the host, never more than the window in flight."""
+        """Stream data from the host, never more than the agent's window in flight."""
         record = self.record(stream)
         view = memoryview(data)
         while view:
             chunk = bytes(view[:CHUNK])
-            room = STREAM_WINDOW - len(chunk)
+            room = self.harness.send_window - len(chunk)
             self.harness.until(
                 lambda room=room: record.in_flight <= room or record.close,
                 f"window room on stream {stream}",
             )
             assert record.close is None, f"stream closed while sending: {record.close}"
             view = view[len(chunk) :]
-            self.harness.notify("stream.data", {"stream": stream, "data": b64(chunk)})
+            self.harness.send_data(stream, chunk)
 
     def wait_data(self, stream: int, size: int) -> bytes:
         record = self.record(stream)
@@ -160,7 +160,7 @@ def in_thread(target: Callable[[], object]) -> Callable[[], object]:
     return join
 
 
-def start_agent(tmp_path: Path, *extra: str) -> NetAgent:
+def start_agent(tmp_path: Path, *extra: str, binary: bool = False) -> NetAgent:
     proxy_port, forward_port = free_port(), free_port()
     harness = AgentHarness(
         "--workspace",
@@ -171,13 +171,15 @@ def start_agent(tmp_path: Path, *extra: str) -> NetAgent:
         f"{forward_port}={FORWARD_TARGET}",
         *extra,
     )
-    harness.hello()
+    harness.hello(binary=binary)
+    assert harness.binary == binary
     return NetAgent(harness, proxy_port, forward_port)
 
 
-@pytest.fixture
-def net(tmp_path: Path) -> Iterator[NetAgent]:
-    agent = start_agent(tmp_path)
+@pytest.fixture(params=["json", "binary"])
+def net(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NetAgent]:
+    """An agent speaking JSON stream.data (protocol 1.1 hosts) or binary frames (1.2)."""
+    agent = start_agent(tmp_path, binary=request.param == "binary")
     try:
         yield agent
     finally:
@@ -190,7 +192,7 @@ def net(tmp_path: Path) -> Iterator[NetAgent]:
 
 def test_hello_announces_net_only_with_a_listener(tmp_path: Path, net: NetAgent) -> None:
     hello = net.harness.hello()
-    assert hello["protocol"] == PROTOCOL_VERSION == "1.1"
+    assert hello["protocol"] == PROTOCOL_VERSION == "1.2"
     assert "net" in hello["capabilities"]
     with AgentHarness("--workspace", str(tmp_path)) as plain:
         assert "net" not in plain.hello()["capabilities"]
@@ -290,6 +292,12 @@ def test_round_trip_and_acks(net: NetAgent) -> None:
     net.send(stream, b"HTTP/1.1 200 OK\r\n\r\n")
     assert client.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n"
     record = net.record(stream)
+    net.settle(0.1)
+    assert record.acked_by_agent == 0  # a short answer costs no ack frame
+    body = payload(64 * 1024)
+    net.send(stream, body)
+    assert read_exactly(client, len(body)) == body
+    # Once a batch is written, everything so far is acknowledged at once.
     net.harness.until(lambda: record.acked_by_agent == record.sent_by_host, "the agent's ack")
     client.close()
 
@@ -363,7 +371,7 @@ def test_reset_from_the_sandbox_side_sends_close_with_an_error(net: NetAgent) ->
     baseline = net.open_sockets()
     client, stream = net.accept()
     net.send(stream, b"unread")  # unread data makes the close below a reset
-    net.harness.until(lambda: net.record(stream).acked_by_agent == 6, "the ack")
+    assert client.recv(6, socket.MSG_PEEK) == b"unread"  # arrived, and still unread
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()
     close = net.wait_close(stream)
@@ -413,8 +421,8 @@ def test_agent_stops_at_the_window_until_acked(net: NetAgent) -> None:
 def test_host_exceeding_the_window_gets_the_stream_closed(net: NetAgent) -> None:
     client, stream = net.accept()
     other, other_stream = net.accept()
-    too_much = b"y" * (STREAM_WINDOW + 1)
-    net.harness.notify("stream.data", {"stream": stream, "data": b64(too_much)})
+    too_much = b"y" * (net.harness.send_window + 1)
+    net.harness.send_data(stream, too_much)
     close = net.wait_close(stream)
     assert "window" in str(close["error"])
     assert client.recv(1 << 20) == b""  # nothing of it was delivered
@@ -520,6 +528,76 @@ def test_invalid_host_notification_is_a_protocol_error(tmp_path: Path) -> None:
     assert agent.harness.wait_gone() == 3
     agent.harness.close()
     assert "invalid notification" in agent.harness.log_text
+
+
+@pytest.mark.parametrize(
+    ("offered", "frame", "why"),
+    [
+        (False, struct.pack(">II", 0x80000000 | 5, 1) + b"x", "did not offer"),
+        (True, struct.pack(">II", 0x80000000 | 4, 1), "without data"),
+        (True, struct.pack(">II", 0x80000000 | 5, 0) + b"x", "stream 0"),
+        (True, struct.pack(">I", 0x80000000 | (64 << 20)), "limit"),
+    ],
+    ids=["not-offered", "empty", "stream-0", "oversized"],
+)
+def test_bad_binary_frames_are_protocol_errors(
+    tmp_path: Path, offered: bool, frame: bytes, why: str
+) -> None:
+    agent = start_agent(tmp_path, binary=offered)
+    agent.harness.send_bytes(frame)
+    assert agent.harness.wait_gone() == 3
+    agent.harness.close()
+    assert why in agent.harness.log_text
+
+
+def test_first_hello_sets_framing_and_windows(tmp_path: Path) -> None:
+    agent = start_agent(tmp_path)  # JSON, default windows
+    later = agent.harness.call(
+        "agent.hello", protocol=PROTOCOL_VERSION, stream_binary=True, stream_window=1 << 20
+    )
+    assert "stream-binary" not in later["capabilities"]
+    client, stream = agent.accept()
+    client.sendall(b"still json")
+    assert agent.wait_data(stream, 10) == b"still json"  # the harness rejects binary here
+    client.close()
+    assert agent.harness.close() == 0
+
+
+def test_binary_windows_follow_the_hello(tmp_path: Path) -> None:
+    """The agent sends up to the window the host offered, and grants its own."""
+    proxy_port, forward_port = free_port(), free_port()
+    harness = AgentHarness(
+        "--workspace", str(tmp_path), "--net-proxy", str(proxy_port),
+        "--net-forward", f"{forward_port}={FORWARD_TARGET}",
+    )  # fmt: skip
+    hello = harness.hello(binary=True, window=1 << 20)
+    assert hello["stream_window"] == harness.send_window >= 1 << 20
+    net = NetAgent(harness, proxy_port, forward_port)
+    harness.auto_ack = False
+    client, stream = net.accept()
+    upload = payload(3 << 20, 5)
+    join = in_thread(lambda: client.sendall(upload))
+    assert len(net.wait_data(stream, 1 << 20)) == 1 << 20
+    net.settle()
+    assert len(net.record(stream).data) == 1 << 20  # the offered window, not a byte more
+    harness.auto_ack = True
+    harness.notify("stream.ack", {"stream": stream, "bytes": 1 << 20})
+    assert net.wait_data(stream, len(upload)) == upload
+    join()
+    # The other way: the agent's whole window in one go is fine, a byte more is not.
+    net.send(stream, b"z" * harness.send_window)
+    assert len(read_exactly(client, harness.send_window)) == harness.send_window
+    client.close()
+    assert harness.close() == 0
+
+
+def read_exactly(client: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = client.recv(1 << 20)
+        assert chunk, "connection closed early"
+        data += chunk
+    return bytes(data)
 
 
 def test_unknown_host_notification_is_ignored(net: NetAgent) -> None:

@@ -29,7 +29,13 @@ from stockade._errors import (
     SandboxStateError,
 )
 from stockade.agent.tunnel import TunnelMux
-from stockade.protocol.framing import DEFAULT_MAX_FRAME, HEADER, FrameDecoder, encode_frame
+from stockade.protocol.framing import (
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    FrameDecoder,
+    StreamChunk,
+    encode_frame,
+)
 from stockade.protocol.messages import (
     METHODS,
     NOTIFICATIONS,
@@ -47,6 +53,9 @@ __all__ = ["AgentClient", "ProcessEvents", "error_from_payload"]
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+
+#: Bytes asked of the channel per read (frames of tunnel data are up to 256 KiB each).
+READ_SIZE = 1024 * 1024
 
 #: Fixed table from protocol error codes to exception types; anything else is AgentError.
 _ERROR_TYPES: dict[int, type[AgentError]] = {
@@ -118,7 +127,8 @@ class AgentClient:
         self._abandoned: dict[int, None] = {}
         self._procs: dict[int, ProcessEvents] = {}
         self._read_lock = anyio.Lock()
-        self._write_lock = anyio.Lock()
+        # Taken for every frame: uncontended, it must not cost a trip through the event loop.
+        self._write_lock = anyio.Lock(fast_acquire=True)
         self._progress = anyio.Event()
         self._failure: BaseException | None = None
         self._closed = False
@@ -136,11 +146,41 @@ class AgentClient:
         return self._closed or self._failure is not None
 
     async def hello(self, client: str = "stockade") -> AgentHelloResult:
-        """Handshake; refuses an agent speaking another major protocol version."""
-        result = await self.call(
-            "agent.hello", AgentHelloParams(protocol=PROTOCOL_VERSION, client=client)
+        """Handshake; refuses an agent speaking another major protocol version.
+
+        With a tunnel attached, the host offers binary stream frames and its receive window;
+        both take effect while the answer is dispatched, before any frame that follows it.
+        """
+        tunnel = self.tunnel
+        params = AgentHelloParams(protocol=PROTOCOL_VERSION, client=client)
+        if tunnel is not None:
+            params = AgentHelloParams(
+                protocol=PROTOCOL_VERSION,
+                client=client,
+                stream_binary=True,
+                stream_window=tunnel.recv_window,
+            )
+            # From now on the agent may use them: accept them before it can answer.
+            self._decoder.binary = True
+        holder: list[AgentHelloResult] = []
+
+        def agreed(raw: dict[str, Any]) -> None:
+            try:
+                result = AgentHelloResult.model_validate(raw)
+            except ValidationError as exc:
+                raise AgentProtocolError(
+                    f"{self._peer} sent an invalid result for agent.hello: {exc}"
+                ) from exc
+            if tunnel is not None:
+                tunnel.send_window = result.stream_window
+                tunnel.binary = "stream-binary" in result.capabilities
+            holder.append(result)
+
+        # Defaults left out: without a tunnel the request is exactly what 1.1 agents accept.
+        await self.call_raw(
+            "agent.hello", params.model_dump(mode="json", exclude_defaults=True), on_result=agreed
         )
-        assert isinstance(result, AgentHelloResult)
+        result = holder[0]
         if result.protocol.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
             raise AgentProtocolError(
                 f"{self._peer} speaks protocol {result.protocol}; this client speaks "
@@ -267,16 +307,24 @@ class AgentClient:
         if self._closed:
             raise SandboxStateError(f"connection to the {self._peer} is closed")
 
-    async def _send(self, message: dict[str, Any] | bytes) -> None:
-        if isinstance(message, bytes):  # an already encoded JSON body (hot path: tunnel data)
-            if len(message) > self._max_frame:
-                raise ValueError(f"frame of {len(message)} bytes exceeds the limit")
-            frame = HEADER.pack(len(message)) + message
+    async def _send(self, message: dict[str, Any] | bytes | list[bytes]) -> None:
+        # bytes: whole frames, encoded already (the tunnel's hot path); a list: the pieces of
+        # frames, written back to back under the lock (a frame header, then its data).
+        if isinstance(message, dict):
+            parts = [encode_frame(message, self._max_frame)]
         else:
-            frame = encode_frame(message, self._max_frame)
+            parts = [message] if isinstance(message, bytes) else message
+            if sum(map(len, parts)) > self._max_frame + HEADER.size:
+                raise ValueError(f"frame of {sum(map(len, parts))} bytes exceeds the limit")
         async with self._write_lock:
             try:
-                await self._channel.send(frame)
+                if len(parts) == 1:
+                    await self._channel.send(parts[0])
+                else:
+                    # Cancelled between the pieces, the channel would carry half a frame.
+                    with anyio.CancelScope(shield=True):
+                        for part in parts:
+                            await self._channel.send(part)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 error = SandboxStateError(
                     f"the {self._peer} is gone (sandbox stopped or crashed): {exc}"
@@ -302,7 +350,7 @@ class AgentClient:
 
     async def _read_once(self) -> None:
         try:
-            data = await self._channel.receive(65536)
+            data = await self._channel.receive(READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             try:
                 self._decoder.check_eof()
@@ -315,9 +363,13 @@ class AgentClient:
             await self._fail(error)
             raise error from exc
         try:
-            messages = self._decoder.feed(data)
-            for message in messages:
-                self._dispatch(message)
+            for message in self._decoder.feed_frames(data):
+                if isinstance(message, StreamChunk):
+                    # Only accepted once hello offered them, which needs a tunnel.
+                    assert self.tunnel is not None
+                    self.tunnel.feed(message.stream, message.data)
+                else:
+                    self._dispatch(message)
         except AgentProtocolError as exc:
             await self._fail(exc)
             raise
@@ -414,10 +466,11 @@ class AgentClient:
                 except Exception:
                     logger.debug("error closing a failed channel", exc_info=True)
 
-    async def notify(self, message: dict[str, Any] | bytes) -> None:
+    async def notify(self, message: dict[str, Any] | bytes | list[bytes]) -> None:
         """Send a notification (no answer expected), e.g. the tunnel's stream.* traffic.
 
-        ``message`` may be the JSON body already encoded, for bulk data.
+        ``message`` may be whole frames already encoded (header included), for bulk data, or
+        a list of pieces that together are whole frames.
         """
         self._check_usable()
         await self._send(message)

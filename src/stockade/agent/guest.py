@@ -42,7 +42,7 @@ else:
         import signal as _sig
 
 AGENT_VERSION = "0.1.0"
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 CHUNK = 64 * 1024  # largest read from a child's pipe
@@ -56,9 +56,17 @@ MAX_PROCS = 4096
 MAX_TRANSFERS = 64
 TAR_CHUNK = 256 * 1024
 STREAM_WINDOW = 256 * 1024  # unacknowledged bytes per stream and direction (the protocol's)
+MAX_STREAM_WINDOW = 16 * 1024 * 1024  # the most agent.hello may set
+RECV_WINDOW = 2 * 1024 * 1024  # what this agent buffers per stream from the host (1.2 hosts)
+BINARY_FLAG = 0x80000000  # length word of a binary stream frame (protocol 1.2)
+BINARY_CHUNK = 256 * 1024  # largest binary stream frame this agent sends (data bytes)
 MAX_STREAMS = 256  # open tunnel streams; further connections are accepted and closed
 ACCEPT_BATCH = 64  # connections accepted per poll event of a listener
 ACCEPT_RETRY = 0.1  # seconds the listeners rest after accept() ran out of descriptors
+ACK_BATCH = 64 * 1024  # written bytes acknowledged together (below every window)
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: where a redirected connection was going
+MAX_DENIED = 64  # refused direct connections kept open at once (to let the answer arrive)
+DENIED_LINGER = 1.0  # seconds a refused connection is drained before it is closed
 
 CAPABILITIES = ("pty", "tar", "signals")
 
@@ -981,9 +989,10 @@ class Listener:
 class Stream:
     """One accepted connection, relayed to the host as stream.* notifications.
 
-    Sandbox -> host: read from the socket only while fewer than STREAM_WINDOW bytes are
-    unacknowledged. Host -> sandbox: ``outbuf`` holds what is not yet written (the host may
-    never have more than STREAM_WINDOW of it outstanding) and every write is acknowledged.
+    Sandbox -> host: read from the socket only while fewer than the host's window of bytes
+    are unacknowledged. Host -> sandbox: ``outbuf`` holds what is not yet written (the host
+    may never have more than the agent's window of it outstanding) and every write is
+    acknowledged.
     The stream is forgotten once both directions are done, or at once on an error or a
     stream.close.
     """
@@ -993,6 +1002,7 @@ class Stream:
         self.sock = sock
         self.fd: int = sock.fileno()
         self.unacked = 0  # bytes sent to the host and not acknowledged yet
+        self.to_ack = 0  # bytes from the host written to the socket, not acknowledged yet
         self.read_done = False  # the socket reached EOF and stream.eof was sent
         self.outbuf = bytearray()  # bytes from the host not yet written to the socket
         self.host_eof = False  # the host sent stream.eof
@@ -1041,6 +1051,13 @@ def _listen(family: int, address: str, port: int) -> Any:
         sock.close()
         raise
     return sock
+
+
+def _minor(version: str) -> int:
+    """The minor number of a MAJOR.MINOR protocol version (-1 when it is not one)."""
+    major, _, minor = version.partition(".")
+    ours = PROTOCOL_VERSION.partition(".")[0]
+    return int(minor) if major == ours and minor.isdigit() else -1
 
 
 def _peer_name(address: Any) -> str:
@@ -1108,8 +1125,17 @@ class Agent:
         self.next_stream = 1
         self.streams: dict[int, Stream] = {}
         self.stream_fds: dict[int, Stream] = {}
+        #: Direct connections the sandbox's netns redirected to us: answered with the
+        #: refusal, then drained until EOF or a deadline (fd -> (socket, deadline)).
+        self.denied: dict[int, tuple[Any, float]] = {}
         # A stream.data frame (base64 plus ~100 bytes of JSON) must fit in a frame.
         self.stream_chunk = min(CHUNK, (self.max_frame - 256) // 4 * 3)
+        # Set by agent.hello (protocol 1.2): binary stream frames both ways, and the windows.
+        self.greeted = False
+        self.host_reports = False  # the host speaks 1.2: it takes net.direct reports
+        self.binary_streams = False
+        self.send_window = STREAM_WINDOW  # the host's buffer per stream
+        self.recv_window = RECV_WINDOW  # ours (a 1.1 host sends at most STREAM_WINDOW)
 
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -1252,6 +1278,9 @@ class Agent:
             listener = self.listener_fds.get(fd)
             if listener is not None:
                 self._accept(listener)
+                continue
+            if fd in self.denied:
+                self._drain_denied(fd)
         if self.signals_seen:
             self._handle_signals()
         self._run_timers()
@@ -1277,6 +1306,9 @@ class Agent:
         when = self.accept_paused_until
         if when is not None and (soonest is None or when < soonest):
             soonest = when
+        for _, when in self.denied.values():
+            if soonest is None or when < soonest:
+                soonest = when
         if soonest is None:
             return None
         return max(0, int((soonest - now) * 1000) + 1)
@@ -1321,6 +1353,9 @@ class Agent:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        for fd, (_, when) in list(self.denied.items()):
+            if now >= when:
+                self._close_denied(fd)
         if self.accept_paused_until is not None and now >= self.accept_paused_until:
             self.accept_paused_until = None
             for listener in self.listeners:
@@ -1356,23 +1391,50 @@ class Agent:
             if self.inbuf:
                 raise AgentExit(3, "host closed the channel in the middle of a frame")
             raise AgentExit(0, "host closed the channel")
-        self.inbuf += data
-        buf = self.inbuf
+        if self.inbuf:
+            self.inbuf += data
+            buf: bytes | bytearray = self.inbuf
+        else:
+            buf = data  # the common case: frames are cut out of what was read, one copy less
         offset = 0
-        while len(buf) - offset >= 4:
-            size = int.from_bytes(buf[offset : offset + 4], "big")
-            if size > self.max_frame:
-                raise AgentExit(
-                    3, f"host announced a {size}-byte frame; the limit is {self.max_frame}"
-                )
-            if len(buf) - offset - 4 < size:
-                break
-            body = bytes(buf[offset + 4 : offset + 4 + size])
-            offset += 4 + size
-            self._handle_frame(body)
-            if self.shutdown_requested:
-                break  # nothing after agent.shutdown is served
-        del buf[:offset]
+        end = len(buf)
+        with memoryview(buf) as view:
+            while end - offset >= 4:
+                size = int.from_bytes(view[offset : offset + 4], "big")
+                binary = size & BINARY_FLAG
+                if binary:
+                    size ^= BINARY_FLAG
+                    if not self.binary_streams:
+                        raise AgentExit(3, "host sent a binary frame, which it did not offer")
+                if size > self.max_frame:
+                    raise AgentExit(
+                        3, f"host announced a {size}-byte frame; the limit is {self.max_frame}"
+                    )
+                start = offset + 4
+                if end - start < size:
+                    break
+                offset = start + size
+                if binary:
+                    self._binary_frame(view[start:offset])
+                else:
+                    self._handle_frame(view[start:offset].tobytes())
+                if self.shutdown_requested:
+                    break  # nothing after agent.shutdown is served
+        if buf is self.inbuf:
+            del self.inbuf[:offset]
+        elif offset < end:
+            self.inbuf += data[offset:]
+
+    def _binary_frame(self, body: memoryview) -> None:
+        """Stream data from the host: 4-byte stream id, then the bytes (protocol 1.2)."""
+        if len(body) < 5:
+            raise AgentExit(3, "host sent a binary stream frame without data")
+        ident = int.from_bytes(body[:4], "big")
+        if not ident:
+            raise AgentExit(3, "host sent a binary stream frame for stream 0")
+        stream = self.streams.get(ident)
+        if stream is not None:  # else it is one we already closed
+            self._host_data(stream, body[4:])
 
     def _handle_frame(self, body: bytes) -> None:
         try:
@@ -1692,6 +1754,8 @@ class Agent:
                 sock.close()
                 continue
             sock.setblocking(False)
+            if listener.kind == "proxy" and self._refuse_direct(sock, listener, address):
+                continue
             try:
                 # Relayed bytes go out at once: the tunnel must not add Nagle's delay.
                 sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
@@ -1711,8 +1775,80 @@ class Agent:
             self._notify("net.accept", params)
             self._update_stream(stream)
 
+    def _refuse_direct(self, sock: Any, listener: Listener, peer: Any) -> bool:
+        """Answer a direct connection that the netns redirected here; False for proxy clients.
+
+        The launch chain redirects every TCP connection to a non-loopback address to the
+        proxy port (the sandbox has no route out), so that the program that tried it learns
+        why it cannot connect: an HTTP 403 in the proxy's words, which a raw socket reads as
+        text and HTTP clients show as the answer.
+        """
+        import _socket
+
+        v6 = sock.family == _socket.AF_INET6
+        try:
+            if v6:  # a sockaddr_in6: family, port, flow info, address
+                raw = sock.getsockopt(_socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+                address = _socket.inet_ntop(_socket.AF_INET6, raw[8:24])
+            else:
+                raw = sock.getsockopt(_socket.SOL_IP, SO_ORIGINAL_DST, 16)
+                address = _socket.inet_ntop(_socket.AF_INET, raw[4:8])
+        except (OSError, ValueError):
+            return False  # not redirected (no connection tracking here): a proxy client
+        port = int.from_bytes(raw[2:4], "big")
+        if port == listener.port and (address == "::1" or address.startswith("127.")):
+            return False
+        target = f"[{address}]:{port}" if v6 else f"{address}:{port}"
+        log(f"refused a direct connection to {target}")
+        if self.host_reports:  # for the connection log and the audit, on the host
+            self._notify("net.direct", {"target": target, "peer": _peer_name(peer)})
+        text = (
+            f"stockade: the network policy denied a direct connection to {target}: the "
+            "sandbox has no route out. Connect through the proxy at "
+            f"http://127.0.0.1:{listener.port} (HTTP_PROXY, HTTPS_PROXY and ALL_PROXY are "
+            "set), and allow the host on the host side: stockade net allow NAME HOST\n"
+        ).encode()
+        head = (
+            "HTTP/1.1 403 Forbidden by stockade network policy\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(text)}\r\n"
+            "Connection: close\r\n"
+            "X-Stockade-Denied: direct connections are denied by the network policy; "
+            "use the proxy\r\n\r\n"
+        ).encode()
+        try:
+            sock.send(head + text, _socket.MSG_NOSIGNAL)  # small: fits the socket buffer
+            sock.shutdown(_socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return True
+        if len(self.denied) >= MAX_DENIED:
+            sock.close()
+            return True
+        # Closing with unread request bytes would reset the connection and could lose the
+        # answer: read and drop what the client sends for a moment.
+        self.denied[sock.fileno()] = (sock, time.monotonic() + DENIED_LINGER)
+        self._watch(sock.fileno(), _POLLIN)
+        return True
+
+    def _drain_denied(self, fd: int) -> None:
+        sock = self.denied[fd][0]
+        try:
+            if sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close_denied(fd)
+
+    def _close_denied(self, fd: int) -> None:
+        sock, _ = self.denied.pop(fd)
+        self._watch(fd, 0)
+        sock.close()
+
     def _update_stream(self, stream: Stream) -> None:
-        reading = not (self.paused or stream.read_done or stream.unacked >= STREAM_WINDOW)
+        reading = not (self.paused or stream.read_done or stream.unacked >= self.send_window)
         writing = _POLLOUT if stream.outbuf else 0
         self._watch(stream.fd, (_POLLIN if reading else 0) | writing)
 
@@ -1721,14 +1857,20 @@ class Agent:
             self._stream_write(stream)
         if (
             self.streams.get(stream.id) is stream
-            and not (self.paused or stream.read_done or stream.unacked >= STREAM_WINDOW)
+            and not (self.paused or stream.read_done or stream.unacked >= self.send_window)
             and event & (_POLLIN | _POLLDONE)
         ):
             self._stream_read(stream)
 
     def _stream_read(self, stream: Stream) -> None:
+        room = self.send_window - stream.unacked
+        if self.binary_streams:
+            # A quarter of the window per frame keeps several in flight before an ack.
+            size = min(room, BINARY_CHUNK, self.send_window // 4, self.max_frame - 4)
+        else:
+            size = min(room, self.stream_chunk)
         try:
-            data = stream.sock.recv(min(self.stream_chunk, STREAM_WINDOW - stream.unacked))
+            data = stream.sock.recv(size)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -1740,6 +1882,12 @@ class Agent:
             if stream.write_done:
                 self._drop_stream(stream, None, tell_host=False)
                 return
+        elif self.binary_streams:
+            stream.unacked += len(data)
+            # Header and data go to writev() as they are: no copy into one frame.
+            self.out.append(((BINARY_FLAG | (len(data) + 4)) << 32 | stream.id).to_bytes(8, "big"))
+            self.out.append(data)
+            self.out_size += 8 + len(data)
         else:
             stream.unacked += len(data)
             encoded = binascii.b2a_base64(data, newline=False)
@@ -1765,7 +1913,7 @@ class Agent:
             del stream.outbuf[:count]
             written += count
         if written:
-            self._notify("stream.ack", {"stream": stream.id, "bytes": written})
+            self._ack(stream, written)
         if stream.host_eof and not stream.outbuf and not stream.write_done:
             stream.write_done = True
             try:
@@ -1776,6 +1924,47 @@ class Agent:
             if stream.read_done:
                 self._drop_stream(stream, None, tell_host=False)
                 return
+        self._update_stream(stream)
+
+    def _ack(self, stream: Stream, count: int) -> None:
+        """Acknowledge written bytes in batches: a short answer costs no ack frame at all.
+
+        Holding back less than ACK_BATCH never stalls the host: its window is larger.
+        """
+        stream.to_ack += count
+        if stream.to_ack < ACK_BATCH:
+            return
+        self._queue(
+            b'{"jsonrpc":"2.0","method":"stream.ack","params":{"stream":%d,"bytes":%d}}'
+            % (stream.id, stream.to_ack)
+        )
+        stream.to_ack = 0
+
+    def _host_data(self, stream: Stream, data: memoryview | bytes) -> None:
+        """Bytes from the host: written at once if the socket takes them, else buffered."""
+        if stream.host_eof:
+            self._violation(stream, "data after stream.eof")
+            return
+        if len(stream.outbuf) + len(data) > self.recv_window:
+            self._violation(stream, f"more than the {self.recv_window}-byte window unacknowledged")
+            return
+        if stream.outbuf:
+            stream.outbuf += data
+            self._stream_write(stream)
+            return
+        import _socket
+
+        try:
+            count = stream.sock.send(data, _socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            count = 0
+        except OSError as exc:
+            self._drop_stream(stream, f"write failed: {exc.strerror or exc}", tell_host=True)
+            return
+        if count:
+            self._ack(stream, count)
+        if count < len(data):
+            stream.outbuf += data[count:]
         self._update_stream(stream)
 
     def _drop_stream(self, stream: Stream, error: str | None, *, tell_host: bool) -> None:
@@ -1799,6 +1988,8 @@ class Agent:
 
     def close_network(self) -> None:
         """Close every stream and listener (the channel is gone: nobody to tell)."""
+        for fd in list(self.denied):
+            self._close_denied(fd)
         for stream in list(self.streams.values()):
             self._drop_stream(stream, None, tell_host=False)
         for listener in self.listeners:
@@ -1818,18 +2009,11 @@ class Agent:
         stream = self.streams.get(ident)
         if stream is None or not data:
             return
-        if stream.host_eof:
-            self._violation(stream, "data after stream.eof")
-            return
-        if len(stream.outbuf) + len(data) > STREAM_WINDOW:
-            self._violation(stream, f"more than the {STREAM_WINDOW}-byte window unacknowledged")
-            return
-        stream.outbuf += data
-        self._stream_write(stream)
+        self._host_data(stream, data)
 
     def stream_ack(self, p: Params) -> None:
         ident: int = p.integer("stream", _MISSING, 1)
-        count: int = p.integer("bytes", _MISSING, 1, STREAM_WINDOW)
+        count: int = p.integer("bytes", _MISSING, 1, MAX_STREAM_WINDOW)
         p.done()
         stream = self.streams.get(ident)
         if stream is None:
@@ -1887,9 +2071,18 @@ class Agent:
     # --- agent.* ---------------------------------------------------------------------------
 
     def agent_hello(self, request_id: Any, p: Params) -> dict[str, Any]:
-        p.string("protocol")
+        protocol: str = p.string("protocol")
         p.string("client", "stockade")
+        binary: bool = p.boolean("stream_binary", False)
+        window: int = p.integer("stream_window", STREAM_WINDOW, STREAM_WINDOW, MAX_STREAM_WINDOW)
         p.done()
+        if not self.greeted:
+            # The first hello sets the connection's framing and window; a later one (a
+            # liveness check) changes nothing under streams already flowing.
+            self.greeted = True
+            self.host_reports = _minor(protocol) >= 2
+            self.binary_streams = binary
+            self.send_window = window
         uname = os.uname()
         self.idle_init = not self.subreaper
         capabilities = list(CAPABILITIES)
@@ -1897,6 +2090,8 @@ class Agent:
             capabilities.append("landlock")
         if self.listeners:
             capabilities.append("net")
+        if self.binary_streams:
+            capabilities.append("stream-binary")
         return {
             "protocol": PROTOCOL_VERSION,
             "agent_version": AGENT_VERSION,
@@ -1907,6 +2102,7 @@ class Agent:
             "hostname": uname.nodename,
             "python": ".".join(str(part) for part in sys.version_info[:3]),
             "landlock_abi": self.landlock_abi,
+            "stream_window": self.recv_window,
         }
 
     def agent_shutdown(self, request_id: Any, p: Params) -> dict[str, Any]:

@@ -5,6 +5,13 @@ Launch chain (each step ``exec``s the next, so one host pid is the sandbox's roo
 private mount namespace (bwrap 0.8 has no overlay option) -> ``bwrap`` with fresh user, pid,
 net, ipc, uts and cgroup namespaces, a curated read-only view of the system, a seccomp filter
 -> the guest agent, which applies Landlock before serving and is the parent of everything.
+
+With egress on (and ``ip`` + ``iptables`` present), the network namespace is made one step
+earlier, by ``unshare -rn`` (whose user namespace owns it, so nothing inside bwrap's nested
+user namespace can change it), and set up so that a direct TCP connection to any address
+reaches the guest agent's proxy port, which answers it with the network policy's refusal
+instead of a bare "Network is unreachable" (``DIRECT_DENIAL_SETUP``). The namespace still
+has no device but loopback: nothing can leave it.
 """
 
 from __future__ import annotations
@@ -165,6 +172,37 @@ def _etc_dir(spec: LaunchSpec) -> Path:
     return etc
 
 
+#: Run as root of the user namespace that owns the sandbox's fresh network namespace, with
+#: the proxy port as $1: loopback up (bwrap does it when it makes the namespace itself);
+#: then, best effort, every TCP connection to a non-loopback address is redirected to the
+#: agent's proxy port, and only after that every address becomes local (a route, so that a
+#: connect() gets that far instead of failing with "Network is unreachable"); IPv4, then
+#: IPv6 where the host has it. Packets never leave the namespace either way: it has no
+#: other device.
+DIRECT_DENIAL_SETUP = (
+    "ip link set lo up || exit 1; "
+    "{ iptables -w -t nat -A OUTPUT -p tcp ! -d 127.0.0.0/8 -j REDIRECT --to-ports $1 && "
+    "ip route add local 0.0.0.0/0 dev lo table local; } >/dev/null 2>&1 || "
+    'echo "stockade: direct connections will fail without the policy notice" >&2; '
+    "{ ip6tables -w -t nat -A OUTPUT -p tcp ! -d ::1/128 -j REDIRECT --to-ports $1 && "
+    "ip -6 route add local ::/0 dev lo table local; } >/dev/null 2>&1; "
+    "shift; "
+)
+
+
+#: PATH of the launch chain (unprivileged users often lack the sbin directories in theirs).
+LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _own_netns(spec: LaunchSpec) -> bool:
+    """Whether the launch chain makes (and sets up) the network namespace before bwrap."""
+    return (
+        spec.egress is not None
+        and shutil.which("ip", path=LAUNCH_PATH) is not None
+        and shutil.which("iptables", path=LAUNCH_PATH) is not None
+    )
+
+
 def build_bwrap_argv(
     spec: LaunchSpec,
     *,
@@ -172,8 +210,12 @@ def build_bwrap_argv(
     seccomp_fd: int,
     info_fd: int,
     with_cgroup_rlimits: bool,
+    own_netns: bool = False,
 ) -> list[str]:
-    """The bwrap command line (without the cgroup / overlay prefix)."""
+    """The bwrap command line (without the cgroup / overlay / network namespace prefix).
+
+    With ``own_netns`` the launch chain has made the network namespace already.
+    """
     policy = spec.policy
     ws = policy.workspace
     guest_ws = ws.guest_path
@@ -181,7 +223,7 @@ def build_bwrap_argv(
         "bwrap",
         "--unshare-user",
         "--unshare-pid",
-        "--unshare-net",
+        *(() if own_netns else ("--unshare-net",)),
         "--unshare-ipc",
         "--unshare-uts",
         "--unshare-cgroup-try",
@@ -316,6 +358,13 @@ class BubblewrapBackend(Backend):
             files = [str(p) for p in cgroup.procs_files()]
             script = f'{joins} && shift {len(files)} && exec "$@"'
             prefix += ["/bin/sh", "-c", script, "sh", *files]
+        own_netns = _own_netns(spec)
+        netns_args: list[str] = []
+        setup = ""
+        if own_netns:
+            assert spec.egress is not None
+            netns_args = ["--net"]
+            setup = DIRECT_DENIAL_SETUP
         if policy.workspace.mode == "cow" and spec.workspace is not None:
             merged = spec.state_dir / "merged"
             merged.mkdir(exist_ok=True)
@@ -326,18 +375,34 @@ class BubblewrapBackend(Backend):
                 "unshare",
                 "--user",
                 "--map-root-user",
+                *netns_args,
                 "--mount",
                 "--propagation",
                 "private",
                 "/bin/sh",
                 "-c",
-                'mount -t overlay stockade -o "lowerdir=$1,upperdir=$2,workdir=$3,userxattr" '
+                setup
+                + 'mount -t overlay stockade -o "lowerdir=$1,upperdir=$2,workdir=$3,userxattr" '
                 '"$4" && shift 4 && exec "$@"',
                 "sh",
+                *([str(spec.egress.proxy_port)] if own_netns and spec.egress else []),
                 str(lower_link),
                 str(spec.workspace.upper),
                 str(spec.workspace.work),
                 str(merged),
+            ]
+        elif own_netns:
+            assert spec.egress is not None
+            prefix += [
+                "unshare",
+                "--user",
+                "--map-root-user",
+                *netns_args,
+                "/bin/sh",
+                "-c",
+                setup + 'exec "$@"',
+                "sh",
+                str(spec.egress.proxy_port),
             ]
 
         seccomp_fd = os.memfd_create("stockade-seccomp", 0)
@@ -353,6 +418,7 @@ class BubblewrapBackend(Backend):
                 seccomp_fd=seccomp_fd,
                 info_fd=info_w,
                 with_cgroup_rlimits=cgroup is None,
+                own_netns=own_netns,
             )
             with log_path.open("ab") as log:
                 process = await anyio.open_process(
@@ -361,7 +427,7 @@ class BubblewrapBackend(Backend):
                     stdout=subprocess.PIPE,
                     stderr=log,
                     pass_fds=(seccomp_fd, info_w),
-                    env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                    env={"PATH": LAUNCH_PATH, "LANG": "C.UTF-8"},
                     cwd="/",
                 )
         except OSError as exc:

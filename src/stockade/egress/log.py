@@ -23,7 +23,7 @@ __all__ = [
 #: How many records a proxy keeps by default; older ones fall off the front.
 DEFAULT_LOG_SIZE = 10_000
 
-ConnectionKind = Literal["http", "connect", "socks5", "forward"]
+ConnectionKind = Literal["http", "connect", "socks5", "forward", "direct"]
 ConnectionDecision = Literal["allowed", "denied", "error"]
 
 
@@ -35,7 +35,8 @@ class ConnectionRecord:
     """Wall-clock start of the connection, seconds since the epoch."""
     sandbox: str
     kind: ConnectionKind
-    """'http' (absolute-URI request), 'connect' (HTTP CONNECT), 'socks5' or 'forward' (raw TCP)."""
+    """'http' (absolute-URI request), 'connect' (HTTP CONNECT), 'socks5', 'forward' (raw TCP)
+    or 'direct' (a connection that bypassed the proxy; refused inside the sandbox)."""
     host: str
     """Destination as the client named it ("" when the request could not be parsed)."""
     port: int

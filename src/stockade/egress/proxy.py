@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import re
 import socket
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, SocketStream
 
 from stockade.egress.log import (
     DEFAULT_LOG_SIZE,
@@ -174,8 +175,28 @@ async def resolve_host(host: str, port: int) -> list[str]:
 
 
 async def connect_tcp(address: str, port: int) -> ByteStream:
-    """The default connector: a TCP connection to one IP address."""
-    return await anyio.connect_tcp(address, port)
+    """The default connector: a TCP connection to one IP address.
+
+    The proxy tries the checked addresses one after the other itself, so this skips
+    ``anyio.connect_tcp``'s name handling and happy-eyeballs task group (a measurable share of
+    the per-connection cost).
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.connect((address, port))
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error)) from None
+        return await SocketStream.from_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 async def relay(a: ByteStream, b: ByteStream, *, buffer_size: int, counters: RelayCounters) -> None:
@@ -212,7 +233,7 @@ async def relay(a: ByteStream, b: ByteStream, *, buffer_size: int, counters: Rel
                     tg.cancel_scope.cancel()
 
             tg.start_soon(lambda: guarded(a, b, up=True))
-            tg.start_soon(lambda: guarded(b, a, up=False))
+            await guarded(b, a, up=False)  # in this task: one task fewer per connection
     finally:
         await _close_quietly(a)
         await _close_quietly(b)
@@ -510,6 +531,21 @@ class EgressProxy:
                 self._active -= 1
             await _close_quietly(stream)
             self._finish(conn)
+
+    def record_direct(self, target: str, *, peer: str = "") -> None:
+        """Record a direct connection the sandbox tried (refused inside it: no route out)."""
+        conn = self._start("direct", peer)
+        try:
+            parsed = _parse_authority(target, default_port=None)
+            conn.host, conn.port = parsed.host, parsed.port
+        except _Refusal:
+            conn.host = ""  # the agent's report did not parse; the record still counts
+        conn.decision = "denied"
+        conn.reason = (
+            "direct connections bypass the proxy and are always denied (the sandbox has no "
+            "route out); connect through the proxy instead"
+        )
+        self._finish(conn)
 
     # --- HTTP -----------------------------------------------------------------------------
 

@@ -44,6 +44,8 @@ PROXY_PORT = 3128
 SANDBOX_BUNDLE = "/etc/stockade/ca-bundle.pem"
 SANDBOX_CA = "/etc/stockade/ca.pem"
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+#: Bytes per read of each relayed direction (the host holds at most this much per direction).
+RELAY_BUFFER = 256 * 1024
 
 
 def host_networks() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -188,6 +190,8 @@ class EgressRuntime:
         self.launch = EgressLaunch(PROXY_PORT, forwards, env, names, tuple(files))
         self.proxy: EgressProxy = EgressProxy(
             rules=self.rules,
+            # One tunnel frame per read: fewer trips through the event loop per byte.
+            buffer_size=RELAY_BUFFER,
             decide=decide,
             on_event=on_event,
             sandbox=sandbox,
@@ -279,6 +283,7 @@ class EgressRuntime:
     def attach(self, client: AgentClient, background: BackgroundTasks) -> None:
         """Route the agent's accepted connections to the proxy, each in its own task."""
         from stockade.agent.tunnel import TunnelMux
+        from stockade.protocol.messages import NetDirectParams
 
         def on_accept(stream: TunnelStream) -> None:
             accept = stream.accept
@@ -287,7 +292,10 @@ class EgressRuntime:
             else:
                 background.start(self._handle_proxy, stream, accept.peer)
 
-        client.tunnel = TunnelMux(client.notify, on_accept)
+        def on_direct(report: NetDirectParams) -> None:
+            self.proxy.record_direct(report.target, peer=report.peer)
+
+        client.tunnel = TunnelMux(client.notify, on_accept, on_direct)
 
     async def _handle_proxy(self, stream: TunnelStream, peer: str) -> None:
         await self.proxy.handle_proxy_stream(stream, peer=peer)

@@ -3,7 +3,9 @@
 The host validates everything the guest sends against these models (the guest is hostile).
 ``METHODS`` maps a method name to its params and result models, ``NOTIFICATIONS`` a
 notification name to its params model; ``stockade.protocol.schema`` turns both into the
-checked-in JSON schema. Binary data travels base64-encoded in ``data`` fields.
+checked-in JSON schema. Binary data travels base64-encoded in ``data`` fields, except the
+egress tunnel's stream data once both sides agreed on binary stream frames (see
+``stockade.protocol.framing``).
 
 Versioning: adding an optional field is a minor bump of ``PROTOCOL_VERSION``; adding a
 required field or removing one is a major bump.
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "ERROR_CODES",
     "HOST_NOTIFICATIONS",
+    "MAX_STREAM_WINDOW",
     "METHODS",
     "NOTIFICATIONS",
     "PROTOCOL_VERSION",
@@ -37,6 +40,7 @@ __all__ = [
     "FsWriteParams",
     "FsWriteResult",
     "NetAcceptParams",
+    "NetDirectParams",
     "ProcessExitParams",
     "ProcessOutputParams",
     "ProcessResizeParams",
@@ -60,7 +64,7 @@ __all__ = [
     "TransferWriteResult",
 ]
 
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 
 #: Error codes the agent may return, and what they mean. The host maps them to exceptions
 #: through a fixed table (``stockade.agent.client``); anything else is an ``AgentError``.
@@ -82,6 +86,11 @@ ERROR_CODES: dict[int, str] = {
     10: "busy or limit reached",
 }
 
+#: Unacknowledged bytes in flight per stream and direction unless agent.hello agreed on more.
+STREAM_WINDOW = 256 * 1024
+#: The largest window either side may ask for in agent.hello.
+MAX_STREAM_WINDOW = 16 * 1024 * 1024
+
 B64 = Annotated[str, Field(description="Base64-encoded bytes.", max_length=12 * 1024 * 1024)]
 Path = Annotated[
     str, Field(description="Absolute path inside the sandbox.", min_length=1, max_length=4096)
@@ -102,6 +111,18 @@ class Empty(_Model):
 class AgentHelloParams(_Model):
     protocol: str = Field(description="Protocol version the host speaks, MAJOR.MINOR.")
     client: str = Field(default="stockade", description="Name and version of the host client.")
+    stream_binary: bool = Field(
+        default=False,
+        description="The host reads binary stream frames (1.2): the agent may send tunnel "
+        "data that way instead of as stream.data notifications.",
+    )
+    stream_window: int = Field(
+        default=STREAM_WINDOW,
+        ge=STREAM_WINDOW,
+        le=MAX_STREAM_WINDOW,
+        description="Unacknowledged bytes per stream the agent may send the host (1.2; the "
+        "host's receive buffer per stream).",
+    )
 
 
 class AgentHelloResult(_Model):
@@ -117,6 +138,14 @@ class AgentHelloResult(_Model):
     python: str = Field(description="Version of the Python interpreter running the agent.")
     landlock_abi: int = Field(
         default=0, description="Landlock ABI the agent enforced at start; 0 when none."
+    )
+    stream_window: int = Field(
+        default=STREAM_WINDOW,
+        ge=STREAM_WINDOW,
+        le=MAX_STREAM_WINDOW,
+        description="Unacknowledged bytes per stream the host may send the agent (1.2; the "
+        "agent's receive buffer per stream). Binary stream frames are used in both "
+        "directions when the host offered them and 'stream-binary' is in capabilities.",
     )
 
 
@@ -307,14 +336,13 @@ class TransferReadResult(_Model):
 #
 # The agent listens inside the sandbox (an HTTP/SOCKS proxy port and one local port per raw
 # TCP rule) and announces each accepted connection with net.accept. Bytes then flow as
-# stream.data notifications in both directions. Flow control: a sender keeps at most
-# STREAM_WINDOW bytes of a stream unacknowledged; the receiver sends stream.ack once it has
-# delivered bytes (written them to the socket or handed them on). Exceeding the window is a
-# protocol violation. stream.eof half-closes (no more data from the sender); stream.close
-# ends the stream in both directions.
-
-#: Most unacknowledged bytes in flight per stream and direction.
-STREAM_WINDOW = 256 * 1024
+# stream.data notifications, or binary stream frames once agent.hello agreed on them, in
+# both directions. Flow control: a sender keeps at most the receiver's window of a stream
+# unacknowledged (STREAM_WINDOW, or what agent.hello set: the host's in its params, the
+# agent's in its result); the receiver sends stream.ack once it has delivered bytes (written
+# them to the socket or handed them on). Exceeding the window is a protocol violation.
+# stream.eof half-closes (no more data from the sender); stream.close ends the stream in
+# both directions.
 
 
 class NetAcceptParams(_Model):
@@ -331,6 +359,18 @@ class NetAcceptParams(_Model):
     peer: str = Field(default="", description="Client address inside the sandbox.")
 
 
+class NetDirectParams(_Model):
+    """Notification (agent -> host, protocol 1.2): the sandbox tried a direct connection.
+
+    The network namespace sends every TCP connection to a non-loopback address to the agent,
+    which answers it with the policy's refusal and reports it here (for the connection log
+    and the audit); nothing is tunnelled.
+    """
+
+    target: str = Field(max_length=300, description="host:port the sandbox tried to reach.")
+    peer: str = Field(default="", max_length=300, description="Client address inside.")
+
+
 class StreamDataParams(_Model):
     """Notification (both directions): bytes of a stream."""
 
@@ -342,7 +382,7 @@ class StreamAckParams(_Model):
     """Notification (both directions): the receiver delivered this many more bytes."""
 
     stream: int = Field(ge=1, description="Stream id.")
-    bytes: int = Field(ge=1, le=STREAM_WINDOW, description="Bytes delivered since last ack.")
+    bytes: int = Field(ge=1, le=MAX_STREAM_WINDOW, description="Bytes delivered since last ack.")
 
 
 class StreamEofParams(_Model):
@@ -384,6 +424,7 @@ NOTIFICATIONS: dict[str, type[BaseModel]] = {
     "process.output": ProcessOutputParams,
     "process.exit": ProcessExitParams,
     "net.accept": NetAcceptParams,
+    "net.direct": NetDirectParams,
     "stream.data": StreamDataParams,
     "stream.ack": StreamAckParams,
     "stream.eof": StreamEofParams,
