@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 #: Largest binary stream frame the host sends (data bytes).
 BINARY_CHUNK = 256 * 1024
+#: Up to this size a binary frame is copied into one write; above, header and data go apart.
+SMALL_FRAME = 64 * 1024
 #: Acknowledge delivered bytes once this many have accumulated. Less than the window, so
 #: what is held back never stalls the agent; a short request costs no ack frame at all.
 ACK_BATCH = 64 * 1024
@@ -142,12 +144,17 @@ class TunnelStream(ByteStream):
             if mux.binary:
                 chunk = view[: min(room, BINARY_CHUNK)]
                 size = len(chunk)
-                # Header and data as two writes: no copy of the data into one frame (the
-                # whole item, in the common case of a read that fits the window and chunk).
-                data = item if size == len(item) else chunk.tobytes()
+                header = encode_stream_header(self.id, size)
                 view = view[size:]
                 self._unacked_out += size
-                await mux.send([encode_stream_header(self.id, size), data])
+                if size <= SMALL_FRAME:
+                    # One write: each write to the channel may wake the agent, which costs
+                    # more than copying a few KiB.
+                    await mux.send(header + chunk)
+                else:
+                    # Header and data as two writes: no copy of a large chunk into a frame
+                    # (the whole item, in the common case of a read that fits).
+                    await mux.send([header, item if size == len(item) else chunk.tobytes()])
                 continue
             else:
                 chunk = view[: min(room, CHUNK)]

@@ -68,6 +68,9 @@ ETC_ALLOWLIST = (
     "timezone",
 )
 
+#: Directories inside allow-listed /etc entries that hold secrets; hidden under empty tmpfs.
+_HIDDEN_ETC = ("/etc/ssl/private",)
+
 _SYNTHETIC_ETC = ("passwd", "group", "hosts", "hostname", "nsswitch.conf")
 
 
@@ -190,12 +193,16 @@ DIRECT_DENIAL_SETUP = (
 )
 
 
+#: PATH of the launch chain (unprivileged users often lack the sbin directories in theirs).
+LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 def _own_netns(spec: LaunchSpec) -> bool:
     """Whether the launch chain makes (and sets up) the network namespace before bwrap."""
     return (
         spec.egress is not None
-        and shutil.which("ip") is not None
-        and shutil.which("iptables") is not None
+        and shutil.which("ip", path=LAUNCH_PATH) is not None
+        and shutil.which("iptables", path=LAUNCH_PATH) is not None
     )
 
 
@@ -247,6 +254,11 @@ def build_bwrap_argv(
     for name in ETC_ALLOWLIST:
         if os.path.lexists(f"/etc/{name}"):
             argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    for private in _HIDDEN_ETC:
+        # Run by root, the sandbox user is root on the host: owner-only files inside the
+        # bound entries (TLS private keys) would be readable. An empty tmpfs covers them.
+        if os.path.isdir(private):
+            argv += ["--tmpfs", private]
     for name in _SYNTHETIC_ETC:
         argv += ["--ro-bind", str(etc / name), f"/etc/{name}"]
     if spec.egress is not None:
@@ -423,7 +435,7 @@ class BubblewrapBackend(Backend):
                     stdout=subprocess.PIPE,
                     stderr=log,
                     pass_fds=(seccomp_fd, info_w),
-                    env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                    env={"PATH": LAUNCH_PATH, "LANG": "C.UTF-8"},
                     cwd="/",
                 )
         except OSError as exc:
