@@ -12,6 +12,8 @@ if [ "$cmd" = stop ]; then
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
+    # Podman's overlay storage keeps a private bind mount of its own directory.
+    umount "$dir/storage/overlay" 2>/dev/null || true
     exit 0
 fi
 command -v podman >/dev/null || { echo "podman not installed" >&2; exit 1; }

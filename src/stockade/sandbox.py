@@ -549,6 +549,7 @@ class AsyncWorkspace:
         from stockade.workspace import compute_diff
 
         layers = self._layers()
+        await self._sandbox._sync_workspace()
         result = await anyio.to_thread.run_sync(
             lambda: compute_diff(layers, protected=self._sandbox.policy.workspace.protected)
         )
@@ -562,6 +563,7 @@ class AsyncWorkspace:
         from stockade.workspace import apply_diff
 
         layers = self._layers()
+        await self._sandbox._sync_workspace()
         result = await anyio.to_thread.run_sync(
             lambda: apply_diff(
                 layers,
@@ -813,6 +815,7 @@ class AsyncSandbox:
         capture = getattr(self._launched, "capture_namespace_init", None)
         if capture is not None:
             capture()
+        await self._launched.after_connect(self._client)
         if self._background is not None:
             # Tunnelled connections must flow between calls: keep reading the agent.
             self._background.start(self._client.serve_forever)
@@ -902,6 +905,12 @@ class AsyncSandbox:
                 raise
             raise better from exc
 
+    async def _sync_workspace(self) -> None:
+        """Bring a running sandbox's workspace writes into the host upper layer (microVMs)."""
+        if self._launched is not None and self._client is not None and self.is_running():
+            with self._explained():
+                await self._launched.sync_workspace(self._client)
+
     def _explain_death(self, exc: SandboxStateError) -> SandboxStateError:
         """Say why the sandbox went away, when we know (its timeout, a limit).
 
@@ -912,6 +921,9 @@ class AsyncSandbox:
                 f"sandbox {self.name!r} was stopped when its timeout of {self._expired:g}s "
                 "expired; pass timeout=... (CLI: --timeout) to allow longer"
             )
+        reason = self._launched.exit_reason() if self._launched is not None else None
+        if reason:
+            return SandboxStateError(f"sandbox {self.name!r} ended: {reason} ({exc})")
         events = {k: v for k, v in self.resource_events().items() if v}
         if events:
             return SandboxStateError(f"sandbox {self.name!r} stopped ({exc}); limits hit: {events}")

@@ -151,6 +151,14 @@ class _Connection:
         if method == "workspace.reset":
             await sandbox.workspace.reset()
             return {}
+        if method == "workspace.sync":
+            await sandbox._sync_workspace()
+            return {}
+        if method.startswith("snapshot."):
+            from stockade.backends.microvm.snapshots import handle_control
+
+            result: dict[str, Any] = await handle_control(sandbox, method, params)
+            return result
         if method in ("net.allow", "net.deny"):
             entry = params.get("entry")
             if not isinstance(entry, str) or not entry:
@@ -278,6 +286,10 @@ async def _amain(spec: dict[str, Any]) -> int:
 
     policy = EffectivePolicy.from_json(spec["policy"])
     backend = select_backend(policy)
+    if spec.get("resume"):  # fork: start from a snapshot of another sandbox
+        from stockade.backends.microvm.snapshots import resuming_backend
+
+        backend = resuming_backend(Path(spec["resume"]))
     try:
         sandbox = await AsyncSandbox._start_new(
             policy,

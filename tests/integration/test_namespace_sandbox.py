@@ -387,3 +387,16 @@ def test_upload_and_download_directories(sb: Sandbox, tmp_path: Path) -> None:
     written = sb.files.download("/tmp/bundle", tmp_path / "again")
     assert not os.path.lexists(tmp_path / "again" / "escape")
     assert tmp_path / "again" / "a.txt" in written
+
+
+def test_tls_private_keys_stay_hidden(sb: Sandbox) -> None:
+    # Run by root, the sandbox's user is root on the host (no capabilities, but owner
+    # permissions apply), so the directory of private keys must not be the host's.
+    if not Path("/etc/ssl/private").is_dir():
+        pytest.skip("this host has no /etc/ssl/private")
+    r = sb.commands.run(
+        "ls -A /etc/ssl/private | wc -l; stat -f -c %T /etc/ssl/private; ls /etc/ssl/certs | wc -l"
+    )
+    count, fstype, certs = r.stdout.split()
+    assert (count, fstype) == ("0", "tmpfs"), r
+    assert int(certs) > 0  # the rest of /etc/ssl (public certificates) is still there

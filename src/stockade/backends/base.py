@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 from anyio.abc import ByteStream
 
 if TYPE_CHECKING:
+    from stockade.agent.client import AgentClient
     from stockade.egress.runtime import EgressLaunch
     from stockade.policy import EffectivePolicy
     from stockade.workspace import WorkspaceLayers
@@ -46,6 +47,9 @@ class Availability:
     reason: str = ""
     fix: str = ""
     details: tuple[str, ...] = ()
+    #: False when the backend works but ``auto`` must not pick it (an emulated microVM:
+    #: real isolation, but only when asked for by name).
+    auto: bool = True
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,17 @@ class LaunchedSandbox(abc.ABC):
     def resource_events(self) -> dict[str, bool]:
         """Limit hits observed so far, e.g. {'oom_killed': True, 'pids_limit_hit': False}."""
         return {}
+
+    def exit_reason(self) -> str | None:
+        """Why the unit ended by itself, when known (e.g. 'guest poweroff', 'kernel panic')."""
+        return None
+
+    async def after_connect(self, client: AgentClient) -> None:  # noqa: B027 - optional hook
+        """Called once the agent answered the handshake (e.g. a resumed VM sets its clock)."""
+
+    async def sync_workspace(self, client: AgentClient) -> None:  # noqa: B027 - optional hook
+        """Bring the sandbox's writes into ``LaunchSpec.workspace.upper`` before a diff or an
+        apply. A no-op where the upper layer already is that host directory (overlayfs)."""
 
 
 class Backend(abc.ABC):

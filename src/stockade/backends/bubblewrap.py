@@ -69,6 +69,9 @@ ETC_ALLOWLIST = (
     "timezone",
 )
 
+#: Directories inside allow-listed /etc entries that hold secrets; hidden under empty tmpfs.
+_HIDDEN_ETC = ("/etc/ssl/private",)
+
 _SYNTHETIC_ETC = ("passwd", "group", "hosts", "hostname", "nsswitch.conf")
 
 
@@ -252,6 +255,11 @@ def build_bwrap_argv(
     for name in ETC_ALLOWLIST:
         if os.path.lexists(f"/etc/{name}"):
             argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    for private in _HIDDEN_ETC:
+        # Run by root, the sandbox user is root on the host: owner-only files inside the
+        # bound entries (TLS private keys) would be readable. An empty tmpfs covers them.
+        if os.path.isdir(private):
+            argv += ["--tmpfs", private]
     for name in _SYNTHETIC_ETC:
         argv += ["--ro-bind", str(etc / name), f"/etc/{name}"]
     if spec.egress is not None:

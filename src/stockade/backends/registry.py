@@ -50,8 +50,7 @@ BACKENDS: tuple[BackendEntry, ...] = (
         "microvm",
         1,
         "own guest kernel (Firecracker, Cloud Hypervisor, QEMU microvm, vfkit)",
-        None,
-        "the microVM backend issue",
+        "stockade.backends.microvm.backend:MicrovmBackend",
     ),
     BackendEntry(
         "gvisor", 1.5, "user-space kernel (runsc)", "stockade.backends.gvisor:GvisorBackend"
@@ -181,6 +180,9 @@ def select_backend(policy: EffectivePolicy) -> Backend:
         if not entry.auto or not entry.built:
             continue
         availability = probe(entry.name)
+        if availability.ok and not availability.auto:
+            reasons.append(f"{entry.name}: works, but only when asked for: {availability.reason}")
+            continue
         if availability.ok:
             backend = get_backend_class(entry.name)()
             try:

@@ -124,7 +124,7 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
         caps = None
         if entry.built:
             caps = get_backend_class(entry.name).capabilities
-        if chosen is None and entry.auto and availability.ok:
+        if chosen is None and entry.auto and availability.ok and availability.auto:
             chosen = entry.name
         latency = None
         engines: list[dict[str, Any]] = []
@@ -142,7 +142,7 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
                 "available": availability.ok,
                 "reason": availability.reason,
                 "fix": availability.fix,
-                "auto": entry.auto,
+                "auto": entry.auto and availability.auto,
                 "start_ms": latency,
                 "engines": engines,
                 "details": list(availability.details),
@@ -166,8 +166,10 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
         note = row["reason"]
         if not row["available"] and row["fix"]:
             note += f"\n[dim]fix: {row['fix']}[/]"
-        if not row["auto"]:
+        if not row["auto"] and row["backend"] == "host":
             note += "\n[yellow]never chosen by auto; needs --unsafe-host[/]"
+        elif not row["auto"] and row["available"]:
+            note += f"\n[yellow]not chosen by auto; ask for it: --backend {row['backend']}[/]"
         start = f"{row['start_ms']:.0f} ms" if row["start_ms"] is not None else "-"
         table.add_row(str(row["tier"]), row["backend"], ok, start, note)
         for engine in row["engines"]:

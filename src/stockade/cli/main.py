@@ -425,6 +425,12 @@ def _layers(record: Any) -> Any:
     return WorkspaceLayers.at(record.dir, record.workspace)
 
 
+def _sync_running(record: Any) -> None:
+    """A running microVM keeps its writes inside the guest: bring them to the host first."""
+    if record.status == "running" and record.control_socket and record.backend == "microvm":
+        _control_call(record.name, "workspace.sync", {})
+
+
 def _protected(record: Any) -> tuple[str, ...]:
     from stockade.policy import EffectivePolicy
 
@@ -441,6 +447,7 @@ def diff(name: str | None, as_json: bool, stat: bool) -> None:
 
     store = _store()
     record = _resolve(store, name)
+    _sync_running(record)
     result = compute_diff(_layers(record), protected=_protected(record))
     _audit(store, record).append(
         "workspace.diffed", actor="cli", details={"summary": result.summary()}
@@ -491,6 +498,7 @@ def apply(name: str | None, paths: tuple[str, ...], force: bool, as_json: bool) 
 
     store = _store()
     record = _resolve(store, name)
+    _sync_running(record)
     result = apply_diff(
         _layers(record), paths=list(paths) or None, protected=_protected(record), force=force
     )
@@ -645,6 +653,15 @@ def doctor(as_json: bool, measure: bool) -> None:
 
     with _progress("measuring backends" if measure else "probing backends"):
         run_doctor(as_json, measure)
+
+
+def _register_extensions() -> None:
+    from stockade.cli.microvm import register
+
+    register(cli)
+
+
+_register_extensions()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

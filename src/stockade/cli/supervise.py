@@ -21,14 +21,20 @@ __all__ = ["remove_sandbox", "spawn_supervisor", "stop_sandbox"]
 SPAWN_TIMEOUT = 60.0
 
 
-def spawn_supervisor(policy: Any, name: str | None) -> dict[str, Any]:
-    """Start ``python -m stockade.supervisor`` detached; return once the sandbox is ready."""
+def spawn_supervisor(
+    policy: Any, name: str | None, *, resume: Path | None = None
+) -> dict[str, Any]:
+    """Start ``python -m stockade.supervisor`` detached; return once the sandbox is ready.
+
+    ``resume``: a microVM snapshot directory to start from (``stockade fork``)."""
     store = StateStore()
     name = name or store.new_name()
     logs = store.root / "logs"
     logs.mkdir(mode=0o700, exist_ok=True)
     log_path = logs / f"{name}.supervisor.log"
     spec = {"name": name, "policy": policy.to_json(), "state_dir": str(store.root)}
+    if resume is not None:
+        spec["resume"] = str(resume)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "stockade.supervisor"],

@@ -32,6 +32,7 @@ from stockade.config.models import (
     EnvConfig,
     GvisorConfig,
     LimitsConfig,
+    MicrovmConfig,
     NetworkConfig,
     StockadeConfig,
     WorkspaceConfig,
@@ -59,8 +60,25 @@ logger = logging.getLogger(__name__)
 PROJECT_FILE = "stockade.toml"
 PYPROJECT_FILE = "pyproject.toml"
 #: ``STOCKADE_*`` variables the runtime reads itself; they are not configuration keys.
-RUNTIME_ENV_VARS = frozenset({"STOCKADE_STATE_DIR", "STOCKADE_CONFIG", "STOCKADE_LOG"})
-RUNTIME_ENV_PREFIXES = ("STOCKADE_SECRET_", "STOCKADE_INTERNAL_", "STOCKADE_TEST_")
+RUNTIME_ENV_VARS = frozenset(
+    {
+        "STOCKADE_STATE_DIR",
+        "STOCKADE_CONFIG",
+        "STOCKADE_LOG",
+        "STOCKADE_IMAGE_DIR",
+        "STOCKADE_DEBIAN_MIRROR",
+        # VMM binaries the microVM drivers look for (see each driver's install hint).
+        "STOCKADE_FIRECRACKER",
+        "STOCKADE_CLOUD_HYPERVISOR",
+        "STOCKADE_VFKIT",
+    }
+)
+RUNTIME_ENV_PREFIXES = (
+    "STOCKADE_SECRET_",
+    "STOCKADE_INTERNAL_",
+    "STOCKADE_TEST_",
+    "STOCKADE_MICROVM_",
+)
 MIN_MEMORY = 32 * 2**20
 MIN_PIDS = 16
 #: A cpus value above this many times the host's cores is a typo (a percentage, say).
@@ -73,6 +91,7 @@ _TABLES: dict[str, type[BaseModel]] = {
     "network": NetworkConfig,
     "container": ContainerConfig,
     "gvisor": GvisorConfig,
+    "microvm": MicrovmConfig,
 }
 _ENV_SET = "env.set"
 _TOP_LEVEL = "top level"

@@ -32,6 +32,7 @@ __all__ = [
     "EnvConfig",
     "GvisorConfig",
     "LimitsConfig",
+    "MicrovmConfig",
     "NetworkConfig",
     "ProfileConfig",
     "StockadeConfig",
@@ -306,6 +307,23 @@ class ContainerConfig(_Model):
         return value
 
 
+class MicrovmConfig(_Model):
+    """``[microvm]``: how a ``backend = "microvm"`` sandbox runs."""
+
+    user: Literal["user", "root"] = Field(
+        default="user",
+        description=(
+            "Who commands run as inside the VM: 'user' (uid 1000, no privileges, as on every "
+            "backend) or 'root' (load modules, mount, write /dev: all inside the guest "
+            "kernel, none of it reaches the host)."
+        ),
+    )
+    image: str = Field(
+        default="base",
+        description="Image profile of `stockade image build` the VM boots, e.g. 'base'.",
+    )
+
+
 class GvisorConfig(_Model):
     """``[gvisor]``: how a ``backend = "gvisor"`` sandbox runs."""
 
@@ -368,6 +386,9 @@ class ProfileConfig(_Model):
         default=None, description="[container] keys the profile sets."
     )
     gvisor: GvisorConfig | None = Field(default=None, description="[gvisor] keys the profile sets.")
+    microvm: MicrovmConfig | None = Field(
+        default=None, description="[microvm] keys the profile sets."
+    )
 
     @field_validator("hostname")
     @classmethod
@@ -415,6 +436,9 @@ class StockadeConfig(_Model):
         default_factory=ContainerConfig, description="The [container] table."
     )
     gvisor: GvisorConfig = Field(default_factory=GvisorConfig, description="The [gvisor] table.")
+    microvm: MicrovmConfig = Field(
+        default_factory=MicrovmConfig, description="The [microvm] table."
+    )
     profiles: dict[str, ProfileConfig] = Field(
         default_factory=dict,
         description="Named profiles, [profiles.NAME], each a partial configuration.",

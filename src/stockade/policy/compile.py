@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from stockade._errors import ConfigError, PolicyError
 from stockade.config import LoadedConfig, check_safety, credential_reason
 from stockade.config.load import MIN_MEMORY, MIN_PIDS, mount_problem
-from stockade.config.models import ContainerConfig, GvisorConfig
+from stockade.config.models import ContainerConfig, GvisorConfig, MicrovmConfig
 from stockade.egress.decide import NetworkRules, compile_rules
 from stockade.egress.presets import preset_problem, resolve_presets
 from stockade.egress.secrets import SecretConfig
@@ -209,6 +209,9 @@ class EffectivePolicy(_Policy):
     container: ContainerConfig = Field(
         default_factory=ContainerConfig, description="Engine, runtime and image of 'container'."
     )
+    microvm: MicrovmConfig = Field(
+        default_factory=MicrovmConfig, description="User and image of 'microvm'."
+    )
     gvisor: GvisorConfig = Field(
         default_factory=GvisorConfig, description="Platform and image of 'gvisor'."
     )
@@ -301,6 +304,7 @@ def compile_policy(
             docker=config.docker,
             container=config.container,
             gvisor=config.gvisor,
+            microvm=config.microvm,
         )
     except ValidationError as exc:
         raise PolicyError(f"the configuration compiles to an invalid policy: {exc}") from exc

@@ -77,13 +77,24 @@ def _engine_url(engine: str) -> str | None:
     return f"unix://{runtime_dir}/podman/podman.sock"
 
 
+#: API version negotiated once per engine URL in this process (Podman answers /version slowly:
+#: ~130 ms, once per client otherwise).
+_API_VERSIONS: dict[str, str] = {}
+
+
 def client_for(engine: str, timeout: int = 60) -> docker.DockerClient:
     import docker
 
     url = _engine_url(engine)
+    key = url or os.environ.get("DOCKER_HOST", "")
+    known = _API_VERSIONS.get(key)
     if url is None:
-        return docker.from_env(timeout=timeout)
-    return docker.DockerClient(base_url=url, timeout=timeout)
+        client = docker.from_env(timeout=timeout, version=known)
+    else:
+        client = docker.DockerClient(base_url=url, timeout=timeout, version=known)
+    if known is None:
+        _API_VERSIONS[key] = client.api.api_version
+    return client
 
 
 def docker_sandbox_present() -> bool:
@@ -568,6 +579,12 @@ class EngineSandbox(LaunchedSandbox):
             self._stop_watchdog()
             with contextlib.suppress(Exception):
                 self.client.close()
+            # The engine's helpers (Podman's conmon) may outlive the API call for a moment.
+            survivors = await anyio.to_thread.run_sync(
+                _wait_processes_gone, f"stockade-{self.sandbox_id}", 5.0
+            )
+            if survivors:
+                left.append(f"processes {survivors}")
             if left:
                 raise SandboxStateError(
                     f"{self.engine} left parts of sandbox {self.sandbox_id} behind: "
@@ -606,6 +623,26 @@ class EngineSandbox(LaunchedSandbox):
         except subprocess.TimeoutExpired:
             watchdog.kill()
             watchdog.wait()
+
+
+def _wait_processes_gone(marker: str, timeout: float) -> list[int]:
+    """Pids whose command line names ``marker`` still alive after ``timeout`` seconds."""
+    needle = marker.encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
 
 
 def _raw_socket(sock: Any) -> socket.socket:

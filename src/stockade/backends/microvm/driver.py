@@ -105,6 +105,10 @@ class VmHandle(abc.ABC):
         """Save the full VM state (memory + devices) to ``path``; the VM is left paused."""
         raise NotImplementedError(f"{type(self).__name__} cannot snapshot")
 
+    async def resume(self) -> None:
+        """Let a VM paused by ``snapshot`` run on (the backend snapshots live sandboxes)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume after a snapshot")
+
     def exit_reason(self) -> str | None:
         """Why the VM ended (e.g. 'guest poweroff', 'kernel panic'), once it has."""
         return None

@@ -1,0 +1,292 @@
+"""MicroVM backend benchmarks (QEMU microvm; TCG on this host), baselines from the same run.
+
+    python bench/bench_microvm.py [--runs N] [--concurrent 8] [--json out.json]
+
+Prints medians and ratios:
+  1. cold boot to agent ready (SDK create, snapshots off)  vs  raw QEMU boot of the same
+     kernel, same machine and args, to a trivial init that powers off      (goal <= 1.3x)
+  2. restore from snapshot to first exec (SDK create + `true`)  vs  1.  (goal < 250 ms, >10x)
+     plus the VMM restore alone (QEMU -incoming + cont, to the guest's first byte)
+     and from a warm pool (VMs restored and warmed in advance: `WarmPool`)
+  3. N sandboxes created at once from the snapshot: time until all ran `true`
+  4. host memory per idle VM: RSS and PSS of the QEMU process, cold-booted and restored
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+from stockade import AsyncSandbox
+from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmSpec
+from stockade.backends.microvm.qemu import QemuDriver, build_qemu_argv, host_tsc_khz, qemu_binary
+from stockade.images.vm import ensure_vm_image
+
+TRIVIAL_INIT = "#!/bin/busybox sh\n/bin/busybox poweroff -f\n"
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def mem_kib(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith("Pss:"):
+            pss = int(line.split()[1])
+    return rss, pss
+
+
+def trivial_initrd(work: Path) -> Path:
+    """An initramfs with only a static busybox and an init that powers off at once."""
+    root = work / "trivial"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(shutil.which("busybox") or "/bin/busybox", root / "bin" / "busybox")
+    (root / "init").write_text(TRIVIAL_INIT)
+    (root / "init").chmod(0o755)
+    out = work / "trivial.cpio"
+    names = "\n".join(["bin", "bin/busybox", "init"])
+    with out.open("wb") as f:
+        subprocess.run(
+            ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+            input=names.encode(), stdout=f, cwd=root, check=True,
+        )  # fmt: skip
+    return out
+
+
+def raw_boot(kernel: Path, initrd: Path, work: Path, runs: int, memory_mib: int) -> list[float]:
+    """Same QEMU machine and kernel args as the backend, no devices, trivial init."""
+    spec = VmSpec(
+        kernel=kernel,
+        initrd=initrd,
+        disks=(),
+        vcpus=1,
+        memory_mib=memory_mib,
+        cmdline="",
+        workdir=work,
+        agent=AgentTransport("vsock", work / "unused.sock"),
+    )
+    qemu = qemu_binary()
+    assert qemu is not None
+    argv = build_qemu_argv(spec, qemu=qemu, accel="tcg", tsc_khz=host_tsc_khz())
+    # No vsock device (this host has none) and no QMP: a bare boot.
+    drop = {"vhost-vsock-device,guest-cid=3"}
+    cleaned: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("-device", "-qmp") and (argv[i + 1] in drop or arg == "-qmp"):
+            skip = True
+            continue
+        cleaned.append(arg)
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(cleaned, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def create_and_exec(project: Path, runs: int) -> tuple[list[float], list[float], list[bool]]:
+    """(create -> agent ready, create -> first `true` done, restored?) per run."""
+    ready, first, restored = [], [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sb = await AsyncSandbox.create(project_dir=project, backend="microvm")
+        ready.append(time.perf_counter() - t)
+        await sb.commands.run(["true"])
+        first.append(time.perf_counter() - t)
+        restored.append(bool(getattr(sb._launched, "restored", False)))
+        await sb.aclose()
+    return ready, first, restored
+
+
+async def idle_memory(project: Path) -> tuple[int, int]:
+    async with await AsyncSandbox.create(project_dir=project, backend="microvm") as sb:
+        await sb.commands.run(["true"])
+        await anyio.sleep(2)
+        return mem_kib(sb._launched.vm.pid)  # type: ignore[union-attr]
+
+
+async def vmm_restore(image: object, work: Path, snapshot: Path, runs: int) -> list[float]:
+    """Driver only: QEMU -incoming + cont until the channel is connected and answers."""
+    out = []
+    for i in range(runs):
+        wd = work / f"restore-{i}"
+        wd.mkdir()
+        spec = VmSpec(
+            kernel=image.kernel,  # type: ignore[attr-defined]
+            initrd=image.initrd,  # type: ignore[attr-defined]
+            disks=(DiskSpec(image.rootfs, True, "root"),),  # type: ignore[attr-defined]
+            vcpus=1,
+            memory_mib=512,
+            cmdline="stockade.root=vda stockade.agent=serial",
+            workdir=wd,
+            agent=AgentTransport("virtio-serial", wd / "agent.sock"),
+        )
+        t = time.perf_counter()
+        vm = await QemuDriver("tcg").restore(spec, snapshot)
+        out.append(time.perf_counter() - t)
+        await vm.stop(0)
+    return out
+
+
+async def from_pool(project: Path, runs: int) -> tuple[list[float], list[float]]:
+    """Sandboxes from a warm pool of 2 restored, warmed VMs (refilled between runs)."""
+    from stockade.backends.microvm.pool import WarmPool
+
+    ready, first = [], []
+    async with WarmPool(size=2) as pool:
+        for _ in range(runs):
+            with anyio.fail_after(120):
+                while pool.ready_count() < 2:
+                    await anyio.sleep(0.05)
+            t = time.perf_counter()
+            sb = await pool.create(project_dir=project)
+            ready.append(time.perf_counter() - t)
+            await sb.commands.run(["true"])
+            first.append(time.perf_counter() - t)
+            await sb.aclose()
+    return ready, first
+
+
+async def concurrent(project: Path, count: int) -> tuple[float, list[float], list[int]]:
+    sandboxes: list[AsyncSandbox] = []
+    each: list[float] = []
+    t = time.perf_counter()
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def one() -> None:
+                sb = await AsyncSandbox.create(project_dir=project, backend="microvm")
+                sandboxes.append(sb)
+                await sb.commands.run(["true"])
+                each.append(time.perf_counter() - t)
+
+            for _ in range(count):
+                tg.start_soon(one)
+        elapsed = time.perf_counter() - t
+        pss = [mem_kib(sb._launched.vm.pid)[1] for sb in sandboxes]  # type: ignore[union-attr]
+        return elapsed, each, pss
+    finally:
+        with anyio.CancelScope(shield=True):
+            for sb in sandboxes:
+                await sb.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    os.environ["STOCKADE_MICROVM_ACCEL"] = os.environ.get("STOCKADE_MICROVM_ACCEL", "tcg")
+
+    work = Path(tempfile.mkdtemp(prefix="stockade-bench-microvm-"))
+    os.environ.setdefault("STOCKADE_STATE_DIR", str(work / "state"))
+    project = work / "project"
+    project.mkdir()
+    (project / "README.md").write_text("bench\n")
+    image = ensure_vm_image("base")
+    results: dict[str, object] = {"runs": args.runs}
+
+    # The sandbox default is a 2 GiB VM; the raw boot gets the same size.
+    raw = raw_boot(image.kernel, trivial_initrd(work), work, args.runs, 2048)
+    os.environ["STOCKADE_MICROVM_SNAPSHOTS"] = "0"
+    cold_ready, cold_first, _ = anyio.run(create_and_exec, project, args.runs)
+    cold_mem = anyio.run(idle_memory, project)
+    os.environ["STOCKADE_MICROVM_SNAPSHOTS"] = "1"
+    anyio.run(create_and_exec, project, 1)  # makes sure the snapshot exists
+    warm_ready, warm_first, restored = anyio.run(create_and_exec, project, args.runs * 2)
+    assert all(restored), "sandboxes were not restored from the snapshot"
+    warm_mem = anyio.run(idle_memory, project)
+    snapshots = sorted(
+        (image.rootfs.parent / "snapshots" / image.key).glob("*.mig"), key=os.path.getmtime
+    )
+    # The bench's own 512 MiB snapshot for the driver-only figure.
+    vmm = anyio.run(vmm_only, image, work, args.runs)
+    total, each, pss = anyio.run(concurrent, project, args.concurrent)
+    pool_ready, pool_first = anyio.run(from_pool, project, args.runs * 2)
+
+    rows = [
+        ("cold boot to agent ready (SDK create)", median_ms(cold_ready),
+         "raw qemu boot, trivial init", median_ms(raw), "<= 1.3x"),
+        ("cold boot to first exec done", median_ms(cold_first),
+         "raw qemu boot, trivial init", median_ms(raw), "-"),
+        ("restore to agent ready (SDK create)", median_ms(warm_ready),
+         "cold boot to agent ready", median_ms(cold_ready), "-"),
+        ("restore to first exec done", median_ms(warm_first),
+         "cold boot to first exec done", median_ms(cold_first), "< 250 ms, > 10x"),
+        ("warm pool to agent ready (pool.create)", median_ms(pool_ready),
+         "cold boot to agent ready", median_ms(cold_ready), "-"),
+        ("warm pool to first exec done", median_ms(pool_first),
+         "cold boot to first exec done", median_ms(cold_first), "< 250 ms, > 10x"),
+        ("VMM restore only (-incoming, cont)", median_ms(vmm),
+         "raw qemu boot, trivial init", median_ms(raw), "-"),
+    ]  # fmt: skip
+    print(f"{'measurement':<40} {'median':>9}   {'baseline':<30} {'median':>9} {'ratio':>7}  goal")
+    for name, value, base_name, base, goal in rows:
+        print(
+            f"{name:<40} {value:>7.0f}ms   {base_name:<30} {base:>7.0f}ms "
+            f"{value / base:>6.2f}x  {goal}"
+        )
+    print(
+        f"\n{args.concurrent} sandboxes created at once from the snapshot: all ran `true` after "
+        f"{total * 1000:.0f} ms (per sandbox median {median_ms(each):.0f} ms); "
+        f"QEMU PSS median {statistics.median(pss) / 1024:.0f} MiB"
+    )
+    print(
+        f"idle VM host memory (QEMU process): cold-booted RSS {cold_mem[0] / 1024:.0f} MiB / "
+        f"PSS {cold_mem[1] / 1024:.0f} MiB; restored RSS {warm_mem[0] / 1024:.0f} MiB / "
+        f"PSS {warm_mem[1] / 1024:.0f} MiB (2 GiB guest, 1 vCPU)"
+    )
+    print(f"snapshot files: {[f'{p.stat().st_size / 1e6:.0f} MB' for p in snapshots]}")
+    results.update(
+        raw_ms=raw, cold_ready=cold_ready, cold_first=cold_first, warm_ready=warm_ready,
+        warm_first=warm_first, vmm_restore=vmm, concurrent_total=total, concurrent_each=each,
+        concurrent_pss_kib=pss, cold_mem_kib=cold_mem, warm_mem_kib=warm_mem,
+        pool_ready=pool_ready, pool_first=pool_first,
+    )  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+async def vmm_only(image: object, work: Path, runs: int) -> list[float]:
+    """Boot once, snapshot at the launcher's ready message, then time driver restores."""
+    wd = work / "snap-src"
+    wd.mkdir()
+    spec = VmSpec(
+        kernel=image.kernel,  # type: ignore[attr-defined]
+        initrd=image.initrd,  # type: ignore[attr-defined]
+        disks=(DiskSpec(image.rootfs, True, "root"),),  # type: ignore[attr-defined]
+        vcpus=1,
+        memory_mib=512,
+        cmdline="stockade.root=vda stockade.agent=serial",
+        workdir=wd,
+        agent=AgentTransport("virtio-serial", wd / "agent.sock"),
+    )
+    vm = await QemuDriver("tcg").boot(spec)
+    with anyio.fail_after(120):
+        await vm.channel.receive()
+    snapshot = work / "bench.mig"
+    await vm.snapshot(snapshot)
+    await vm.stop(0)
+    return await vmm_restore(image, work, snapshot, runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,774 @@
+"""The microVM backend (tier 1): every sandbox is a VM with its own guest kernel.
+
+Launch: find the built image (``stockade image build``), restore the VM from the snapshot
+of this image and size when there is one (else boot it cold and take that snapshot once
+the guest is ready), then hand the guest launcher this sandbox's configuration over the
+agent channel: clock, entropy, hostname, files, environment, workspace and the agent's
+arguments (egress listeners included). The guest has no NIC: its only way out is the
+agent channel, so the egress tunnel is its only network.
+
+Workspace: a small project is streamed in as a tar right after the configuration; a large
+one becomes a second virtio-blk disk (``mke2fs -d``, no loop mounts). Either way it is the
+lower layer of an overlay inside the guest, whose upper layer is a guest tmpfs. Before a
+diff or an apply the guest's upper layer is copied back into the host's
+``WorkspaceLayers.upper`` (``sync_workspace``), so diff/apply/reset are the namespace
+backend's own code.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import ByteStream
+
+from stockade._errors import (
+    BackendUnavailableError,
+    PolicyError,
+    SandboxStartError,
+    SandboxStateError,
+)
+from stockade.backends.base import (
+    Availability,
+    Backend,
+    Capabilities,
+    LaunchedSandbox,
+    LaunchSpec,
+)
+from stockade.backends.microvm.driver import AgentTransport, DiskSpec, Driver, VmHandle, VmSpec
+
+if TYPE_CHECKING:
+    from stockade.agent.client import AgentClient
+    from stockade.backends.microvm.pool import WarmPool
+    from stockade.images.vm import VmImage
+
+__all__ = [
+    "MicrovmBackend",
+    "MicrovmSandbox",
+    "build_guest_config",
+    "snapshot_path",
+    "vm_size",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_MIB = 512
+MIN_MEMORY_MIB = 128
+#: Trees up to this size are streamed over the channel; larger ones get a disk image.
+STREAM_LIMIT = 8 * 1024 * 1024
+#: Seconds from VM start to the guest launcher's ready message.
+READY_TIMEOUT = 60.0
+MAX_HANDSHAKE_FRAME = 64 * 1024
+GUEST_STATE = "/run/stockade"
+GUEST_UPPER = "/run/stockade/ws/upper"
+GUEST_LOWER = "/run/stockade/ws/lower"
+#: Where the guest packs its upper layer (written by the sandbox's own user).
+GUEST_EXPORT = "/tmp/.stockade-workspace-export.tar"
+
+
+def _image_profile() -> str:
+    return os.environ.get("STOCKADE_MICROVM_PROFILE", "base")
+
+
+def vm_size(policy: Any) -> tuple[int, int]:
+    """(vCPUs, memory MiB) for a policy: the VM is the resource limit."""
+    limits = policy.limits
+    vcpus = max(1, math.ceil(limits.cpus)) if limits.cpus else 1
+    memory = DEFAULT_MEMORY_MIB
+    if limits.memory_bytes:
+        memory = max(MIN_MEMORY_MIB, limits.memory_bytes // (1024 * 1024))
+    return vcpus, int(memory)
+
+
+def snapshot_dir() -> Path:
+    from stockade.images.rootfs import image_cache_dir
+
+    return image_cache_dir() / "vm" / "snapshots"
+
+
+def snapshot_key(image: VmImage, accel: str, vcpus: int, memory_mib: int, disks: int) -> str:
+    """Everything a restore must match: image, VMM and its version, machine size, devices."""
+    from stockade.backends.microvm.accel import qemu_version
+
+    blob = json.dumps(
+        [image.key, accel, qemu_version(), vcpus, memory_mib, disks, _host_tsc()],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _host_tsc() -> int | None:
+    from stockade.backends.microvm.qemu import host_tsc_khz
+
+    return host_tsc_khz()
+
+
+def snapshot_path(image: VmImage, key: str) -> Path:
+    """Snapshots live per image (``stockade image build`` prunes the other images' ones)."""
+    return snapshot_dir() / image.key / f"{key}.mig"
+
+
+# --- the guest configuration ----------------------------------------------------------
+
+
+#: Commands run as this uid/gid inside the VM unless ``microvm.user = "root"``.
+GUEST_UID = 1000
+
+
+def _etc_files(spec: LaunchSpec) -> list[tuple[str, bytes, int]]:
+    hostname = spec.policy.hostname
+    home = spec.policy.env.get("HOME", "/tmp/home")
+    passwd = (
+        "root:x:0:0:root:/root:/bin/sh\n"
+        f"user:x:{GUEST_UID}:{GUEST_UID}:sandbox user:{home}:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    )
+    group = f"root:x:0:\nuser:x:{GUEST_UID}:\nnogroup:x:65534:\n"
+    local_names = spec.egress.local_names if spec.egress is not None else ()
+    hosts = f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n" + "".join(
+        f"127.0.0.1\t{name}\n" for name in local_names
+    )
+    return [
+        ("/etc/hosts", hosts.encode(), 0o644),
+        ("/etc/hostname", f"{hostname}\n".encode(), 0o644),
+        ("/etc/passwd", passwd.encode(), 0o644),
+        ("/etc/group", group.encode(), 0o644),
+    ]
+
+
+def build_guest_config(
+    spec: LaunchSpec, *, workspace: dict[str, Any] | None, now_ns: int, seed: bytes
+) -> dict[str, Any]:
+    """The launcher's configuration frame for one sandbox (see images/guest/launcher.py)."""
+    policy = spec.policy
+    ws = policy.workspace
+    files = _etc_files(spec)
+    env = dict(policy.env)
+    if spec.egress is not None:
+        env.update(spec.egress.env)
+        for host_file, guest_file in spec.egress.files:
+            files.append((guest_file, Path(host_file).read_bytes(), 0o444))
+    home = env.get("HOME")
+    cwd = ws.guest_path if workspace is not None else (home or "/")
+    args = ["--workspace", cwd]
+    if spec.egress is not None:
+        args += spec.egress.agent_args()
+    args += ["--rlimit", "core=0"]
+    as_user = policy.microvm.user == "user"
+    if policy.limits.pids and as_user:
+        # The VM's size bounds memory; processes are bounded per user (root is exempt).
+        args += ["--rlimit", f"nproc={policy.limits.pids}"]
+    config: dict[str, Any] = {
+        "time_ns": now_ns,
+        "seed": base64.b64encode(seed).decode(),
+        "hostname": policy.hostname,
+        "files": [[path, base64.b64encode(data).decode(), mode] for path, data, mode in files],
+        "env": env,
+        "args": args,
+        "dirs": [home] if home else [],
+    }
+    if policy.limits.disk_bytes:
+        config["disk_bytes"] = int(policy.limits.disk_bytes)
+    if as_user:
+        config["user"] = [GUEST_UID, GUEST_UID]
+    if workspace is not None:
+        config["workspace"] = workspace
+    return config
+
+
+def _tar_tree(root: Path, out: IO[bytes]) -> None:
+    """Pack a project tree for the guest: files, dirs, symlinks (specials are left out)."""
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        return info
+
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for entry in sorted(os.listdir(root)):
+            tar.add(root / entry, arcname=entry, recursive=True, filter=keep)
+
+
+def _tree_size(root: Path, limit: int) -> int:
+    """Bytes of regular files under ``root``, counting stops once past ``limit``."""
+    total = 0
+    for top, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(top, name))
+                total += st.st_size
+        if total > limit:
+            return total
+    return total
+
+
+def _disk_bucket(size: int) -> int:
+    """Workspace disk size: a power of two >= 2x the tree (>= 256 MiB), sparse."""
+    want = max(256 * 1024 * 1024, 2 * size + 64 * 1024 * 1024)
+    return 1 << (want - 1).bit_length()
+
+
+def _make_disk(tree: Path, image: Path, size: int) -> None:
+    mke2fs = shutil.which("mke2fs") or "/usr/sbin/mke2fs"
+    # In a user namespace that maps the caller to the guest user, mke2fs records the
+    # caller's files as that user's: the sandbox owns its workspace, as on every backend.
+    owner = f"{GUEST_UID}:{GUEST_UID}"
+    proc = subprocess.run(
+        ["unshare", "--user", f"--map-user={GUEST_UID}", f"--map-group={GUEST_UID}",
+         mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-E", f"root_owner={owner}",
+         "-d", str(tree), str(image), f"{size // 1024}k"],
+        capture_output=True,
+        check=False,
+        timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise SandboxStartError(
+            f"mke2fs could not build the workspace disk from {tree}: "
+            f"{proc.stderr.decode(errors='replace')[-500:]}; install e2fsprogs or use a "
+            "smaller workspace"
+        )
+
+
+# --- handshake -----------------------------------------------------------------------
+
+
+class _FrameReader:
+    """Reads the launcher's length-prefixed frames without reading past them."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def frame(self) -> dict[str, Any]:
+        while len(self.buffer) < 4:
+            await self._fill()
+        size = int.from_bytes(self.buffer[:4], "big")
+        if size > MAX_HANDSHAKE_FRAME:
+            raise SandboxStartError(f"the guest launcher sent a {size}-byte frame (too large)")
+        while len(self.buffer) < 4 + size:
+            await self._fill()
+        body = bytes(self.buffer[4 : 4 + size])
+        del self.buffer[: 4 + size]
+        try:
+            message = json.loads(body)
+        except ValueError as exc:
+            raise SandboxStartError(f"the guest launcher sent malformed JSON: {exc}") from exc
+        if not isinstance(message, dict):
+            raise SandboxStartError("the guest launcher sent a non-object frame")
+        return message
+
+    async def _fill(self) -> None:
+        try:
+            self.buffer += await self.stream.receive(65536)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+            raise SandboxStartError("the VM closed the agent channel during start-up") from exc
+
+
+def _frame(obj: dict[str, Any]) -> bytes:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return len(body).to_bytes(4, "big") + body
+
+
+class _Prefixed(ByteStream):
+    def __init__(self, inner: ByteStream, prefix: bytes) -> None:
+        self._inner = inner
+        self._prefix = prefix
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
+            return data
+        return await self._inner.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+# --- the sandbox -----------------------------------------------------------------------
+
+
+class MicrovmSandbox(LaunchedSandbox):
+    """One VM; ``process`` is the VMM process (the sandbox timer kills it)."""
+
+    def __init__(self, vm: VmHandle, spec: LaunchSpec, *, extra_files: tuple[Path, ...] = ()):
+        self.vm = vm
+        self.channel = vm.channel
+        self.spec = spec
+        self.extra_files = extra_files
+        self.restored = False
+        #: Resumed from a named snapshot: the agent was already configured and running.
+        self.resumed = False
+        self.boot_seconds = 0.0
+        self.process = getattr(vm, "process", None)
+        self._terminated = False
+
+    def alive(self) -> bool:
+        return self.vm.alive()
+
+    def failure_details(self) -> str:
+        return self.vm.console()
+
+    def exit_reason(self) -> str | None:
+        return self.vm.exit_reason()
+
+    async def terminate(self, grace: float = 1.0) -> None:
+        if self._terminated:
+            return
+        self._terminated = True
+        with anyio.CancelScope(shield=True):
+            await self.vm.stop(grace)
+            pid = getattr(self.vm, "pid", None)
+            if self.vm.alive() or (pid is not None and _pid_alive(pid)):
+                raise SandboxStateError(f"the VMM process {pid} survived teardown")
+            for path in self.extra_files:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def resume_info(self) -> dict[str, Any]:
+        """What a later restore of this VM's state needs (same machine, same files)."""
+        spec: VmSpec = self.vm.spec  # type: ignore[attr-defined]
+        return {
+            "vm": {
+                "kernel": str(spec.kernel),
+                "initrd": str(spec.initrd),
+                "rootfs": str(spec.disks[0].path),
+                "vcpus": spec.vcpus,
+                "memory_mib": spec.memory_mib,
+                "cmdline": spec.cmdline,
+                "accel": spec.options.get("accel", "tcg"),
+                "driver": spec.options.get("driver", "qemu"),
+                "workspace_disk": len(spec.disks) > 1,
+            }
+        }
+
+    async def save_state(self, dest: Path) -> None:
+        """Write the VM's memory and devices (and a copy of its workspace disk) to ``dest``;
+        the VM runs on afterwards."""
+        from stockade.backends.microvm.snapshots import copy_sparse
+
+        spec: VmSpec = self.vm.spec  # type: ignore[attr-defined]
+        try:
+            await self.vm.snapshot(dest / "vm.mig")
+            if len(spec.disks) > 1:
+                await anyio.to_thread.run_sync(
+                    copy_sparse, spec.disks[1].path, dest / "workspace.ext4"
+                )
+        finally:
+            await self.vm.resume()
+
+    async def after_connect(self, client: AgentClient) -> None:
+        if not self.resumed:
+            return
+        from stockade.backends.microvm.snapshots import guest_reseed_argv
+
+        _, events = await client.start_process(
+            _process_params(guest_reseed_argv(time.time_ns(), os.urandom(64)))
+        )
+        result = await client.wait_process(events)
+        client.forget_process(events.proc)
+        if result.exit_code != 0:
+            raise SandboxStartError(
+                "could not set the clock and reseed entropy in the resumed VM: "
+                f"{bytes(events.stderr).decode(errors='replace')[-500:]}"
+            )
+
+    async def sync_workspace(self, client: AgentClient) -> None:
+        """Copy the guest's overlay upper layer into the host's ``WorkspaceLayers.upper``."""
+        layers = self.spec.workspace
+        if layers is None or self.spec.policy.workspace.mode != "cow":
+            return
+        from stockade.backends.microvm.upper import import_upper
+
+        _, events = await client.start_process(
+            _process_params(
+                ["/usr/bin/python3", "-S", "-I", f"{GUEST_STATE}/wsync.py", GUEST_UPPER,
+                 GUEST_EXPORT, GUEST_LOWER, self.spec.policy.workspace.guest_path]
+            )
+        )  # fmt: skip
+        exit_info = await client.wait_process(events)
+        client.forget_process(events.proc)
+        if exit_info.exit_code != 0:
+            raise SandboxStateError(
+                "could not read the workspace back from the VM: "
+                f"{bytes(events.stderr).decode(errors='replace')[-1000:]}"
+            )
+        with tempfile.TemporaryFile(dir=layers.upper.parent) as spool:
+            await _download(client, GUEST_EXPORT, spool)
+            spool.seek(0)
+            with tarfile.open(fileobj=spool, mode="r:") as outer:
+                member = outer.next()
+                if member is None or not member.isreg():
+                    raise SandboxStateError("the VM sent no workspace archive")
+                inner = outer.extractfile(member)
+                assert inner is not None
+                with tempfile.TemporaryFile(dir=layers.upper.parent) as plain:
+                    shutil.copyfileobj(inner, plain, 1 << 20)
+                    plain.seek(0)
+                    await anyio.to_thread.run_sync(import_upper, plain, layers.upper)
+        _, events = await client.start_process(_process_params(["/bin/rm", "-f", GUEST_EXPORT]))
+        await client.wait_process(events)
+        client.forget_process(events.proc)
+
+
+def _process_params(argv: list[str]) -> Any:
+    from stockade.protocol.messages import ProcessStartParams
+
+    return ProcessStartParams(argv=argv, cwd="/")
+
+
+async def _download(client: AgentClient, path: str, out: IO[bytes]) -> None:
+    from stockade.protocol.messages import (
+        TarDownloadParams,
+        TransferReadParams,
+        TransferReadResult,
+        TransferResult,
+    )
+
+    opened = await client.call("fs.download_tar", TarDownloadParams(path=path))
+    assert isinstance(opened, TransferResult)
+    while True:
+        result = await client.call("transfer.read", TransferReadParams(transfer=opened.transfer))
+        assert isinstance(result, TransferReadResult)
+        out.write(base64.b64decode(result.data))
+        if result.eof:
+            break
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+# --- the backend ---------------------------------------------------------------------------
+
+
+def choose_driver() -> str:
+    """``STOCKADE_MICROVM_DRIVER``, else Firecracker or Cloud Hypervisor when they can run
+    here (hardware KVM), else QEMU (KVM or TCG)."""
+    forced = os.environ.get("STOCKADE_MICROVM_DRIVER")
+    if forced:
+        return forced
+    from stockade.backends.microvm.drivers import probe_drivers
+
+    for name, availability in probe_drivers(["firecracker", "cloud-hypervisor"]):
+        if availability.ok:
+            return name
+    return "qemu"
+
+
+def make_driver(name: str, accel: str) -> Driver:
+    if name == "qemu":
+        from stockade.backends.microvm.qemu import QemuDriver
+
+        return QemuDriver(accel)
+    from stockade.backends.microvm.drivers import load_driver
+
+    return load_driver(name)()
+
+
+def agent_transport(name: str, workdir: Path) -> tuple[AgentTransport, str]:
+    """The agent channel for a driver and the guest's matching ``stockade.agent=`` value."""
+    from stockade.backends.microvm.drivers import load_driver
+
+    if name == "qemu" or load_driver(name).capabilities.virtio_serial:
+        return AgentTransport("virtio-serial", workdir / "agent.sock"), "serial"
+    transport = AgentTransport("vsock", workdir / "vsock.sock")
+    return transport, f"vsock:{transport.port}"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    image: VmImage
+    driver: str
+    accel: str
+    vm: VmSpec
+    workspace: dict[str, Any] | None
+    stream: Path | None  # tar file to stream after the configuration
+    disk: Path | None
+    snapshot: Path | None
+
+
+class MicrovmBackend(Backend):
+    """Tier 1: a VM per sandbox (QEMU microvm here; KVM when it works, else TCG)."""
+
+    name = "microvm"
+    capabilities = Capabilities(
+        tier=1,
+        isolation="own guest kernel in a microVM (QEMU -M microvm; KVM, or TCG emulation)",
+        snapshot=True,
+        fork=True,
+        enforces=(
+            "a separate guest kernel: root in the VM (modules, mounts, /dev) touches no host state",
+            "no network device: the agent channel (virtio-serial) is the only way out, so "
+            "egress goes through the policy proxy",
+            "memory and vCPUs are the VM's size",
+            "workspace copy-on-write inside the guest; the host tree changes only on apply",
+        ),
+        does_not_enforce=(
+            "per-process pids limits (root in the guest can change anything inside it)",
+            "speed under TCG emulation (no usable KVM): several seconds per cold boot",
+        ),
+    )
+
+    def __init__(
+        self,
+        *,
+        resume: Path | None = None,
+        resume_meta: dict[str, Any] | None = None,
+        pool: WarmPool | None = None,
+    ) -> None:
+        #: A named snapshot (``snapshots.py``) to resume instead of booting or configuring.
+        self.resume = resume
+        self.resume_meta = resume_meta or {}
+        #: Restored, warmed VMs to take instead of starting one (``pool.py``).
+        self.pool = pool
+
+    @classmethod
+    def probe(cls) -> Availability:
+        from stockade.backends.microvm.accel import probe_microvm
+
+        return probe_microvm(_image_profile())
+
+    def check_policy(self, policy: Any) -> None:
+        if policy.workspace.mode == "rw" and policy.workspace.host_path is not None:
+            raise PolicyError(
+                "workspace mode 'rw' (a live bind of the host project) is not possible in a "
+                "microVM here; use workspace.mode = 'cow' and apply the changes, or choose "
+                "backend='namespace'"
+            )
+
+    def _plan(self, spec: LaunchSpec) -> _Plan:
+        from stockade.backends.microvm.accel import chosen_accel
+        from stockade.images.vm import find_vm_image
+
+        profile = spec.policy.microvm.image
+        image = find_vm_image(profile)
+        if image is None:
+            raise BackendUnavailableError(
+                f"the microVM image {profile!r} is not built; run `stockade image build "
+                f"--profile {profile}` (about a minute, once)",
+                backend="microvm",
+                fix=f"stockade image build --profile {profile}",
+            )
+        driver = choose_driver()
+        accel = chosen_accel(image) if driver == "qemu" else "kvm"
+        vcpus, memory = vm_size(spec.policy)
+        workdir = spec.state_dir / "vm"
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        disks = [DiskSpec(image.rootfs, True, "root")]
+        transport, guest_agent = agent_transport(driver, workdir)
+        ws = spec.policy.workspace
+        workspace: dict[str, Any] | None = None
+        stream: Path | None = None
+        disk: Path | None = None
+        source_dir: Path | None = None
+        if ws.mode in ("cow", "ro") and ws.host_path is not None:
+            source_dir = spec.workspace.lower if spec.workspace is not None else ws.host_path
+        if source_dir is not None:
+            upper_size = spec.policy.limits.disk_bytes
+            root_mode = os.stat(source_dir).st_mode & 0o7777
+            size = _tree_size(source_dir, STREAM_LIMIT)
+            protected = [
+                rel
+                for rel in ws.protected
+                if os.path.lexists(source_dir / rel) and not (source_dir / rel).is_symlink()
+            ]
+            workspace = {
+                "mode": ws.mode,
+                "path": ws.guest_path,
+                "root_mode": root_mode,
+                "protected": protected,
+            }
+            if upper_size:
+                workspace["upper_size"] = int(upper_size)
+            if size <= STREAM_LIMIT:
+                stream = workdir / "workspace.tar"
+                with stream.open("wb") as out:
+                    _tar_tree(source_dir, out)
+                workspace.update(source="stream", size=stream.stat().st_size)
+            else:
+                total = _tree_size(source_dir, 1 << 62)
+                disk = workdir / "workspace.ext4"
+                _make_disk(source_dir, disk, _disk_bucket(total))
+                disks.append(DiskSpec(disk, False, "workspace"))
+                workspace.update(source="disk", device="vdb")
+        vm = VmSpec(
+            kernel=image.kernel,
+            initrd=image.initrd,
+            disks=tuple(disks),
+            vcpus=vcpus,
+            memory_mib=memory,
+            cmdline=f"stockade.root=vda stockade.agent={guest_agent}",
+            workdir=workdir,
+            agent=transport,
+            options={"accel": accel, "driver": driver},
+        )
+        disk_size = disk.stat().st_size if disk is not None else 0
+        snap: Path | None = snapshot_path(
+            image, snapshot_key(image, f"{driver}/{accel}", vcpus, memory, disk_size)
+        )
+        if os.environ.get("STOCKADE_MICROVM_SNAPSHOTS", "1") == "0":
+            snap = None  # always boot cold, take no snapshot (benchmarks, debugging)
+        return _Plan(image, driver, accel, vm, workspace, stream, disk, snap)
+
+    def _resume_spec(self, spec: LaunchSpec) -> tuple[VmSpec, tuple[Path, ...]]:
+        assert self.resume is not None
+        meta = self.resume_meta["vm"]
+        workdir = spec.state_dir / "vm"
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for key in ("kernel", "initrd", "rootfs"):
+            if not Path(meta[key]).is_file():
+                raise SandboxStartError(
+                    f"snapshot {self.resume} needs {meta[key]}, which is gone (the image was "
+                    "rebuilt since); snapshots restore only on the image they were taken on"
+                )
+        disks = [DiskSpec(Path(meta["rootfs"]), True, "root")]
+        extra: tuple[Path, ...] = ()
+        if meta.get("workspace_disk"):
+            from stockade.backends.microvm.snapshots import copy_sparse
+
+            disk = workdir / "workspace.ext4"
+            copy_sparse(self.resume / "workspace.ext4", disk)
+            disks.append(DiskSpec(disk, False, "workspace"))
+            extra = (disk,)
+        vm = VmSpec(
+            kernel=Path(meta["kernel"]),
+            initrd=Path(meta["initrd"]),
+            disks=tuple(disks),
+            vcpus=int(meta["vcpus"]),
+            memory_mib=int(meta["memory_mib"]),
+            cmdline=str(meta["cmdline"]),
+            workdir=workdir,
+            agent=agent_transport(str(meta.get("driver", "qemu")), workdir)[0],
+            options={"accel": str(meta["accel"]), "driver": str(meta.get("driver", "qemu"))},
+        )
+        return vm, extra
+
+    async def _launch_resumed(self, spec: LaunchSpec) -> MicrovmSandbox:
+        assert self.resume is not None
+        vm_spec, extra = await anyio.to_thread.run_sync(self._resume_spec, spec)
+        started = time.monotonic()
+        driver = make_driver(vm_spec.options.get("driver", "qemu"), vm_spec.options["accel"])
+        vm = await driver.restore(vm_spec, self.resume / "vm.mig")
+        sandbox = MicrovmSandbox(vm, spec, extra_files=extra)
+        sandbox.restored = sandbox.resumed = True
+        sandbox.boot_seconds = time.monotonic() - started
+        return sandbox
+
+    async def launch(self, spec: LaunchSpec) -> MicrovmSandbox:
+        if self.resume is not None:
+            return await self._launch_resumed(spec)
+        started = time.monotonic()
+        plan = await anyio.to_thread.run_sync(self._plan, spec)
+        planned = time.monotonic()
+        driver = make_driver(plan.driver, plan.accel)
+        restored = False
+        vm: VmHandle | None = None
+        if (
+            self.pool is not None
+            and plan.disk is None
+            and plan.driver == "qemu"
+            and self.pool.matches(plan.image.key, plan.accel, plan.vm.vcpus, plan.vm.memory_mib)
+        ):
+            vm = await self.pool.take()
+            restored = vm is not None
+        if vm is None and plan.snapshot is not None and plan.snapshot.is_file():
+            try:
+                vm = await driver.restore(plan.vm, plan.snapshot)
+                restored = True
+            except SandboxStartError as exc:
+                logger.warning("restore from %s failed, booting cold: %s", plan.snapshot, exc)
+                with contextlib.suppress(OSError):
+                    plan.snapshot.unlink()
+        if vm is None:
+            vm = await driver.boot(plan.vm)
+        vm_ready = time.monotonic()
+        extra = tuple(p for p in (plan.stream, plan.disk) if p is not None)
+        sandbox = MicrovmSandbox(vm, spec, extra_files=extra)
+        sandbox.restored = restored
+        try:
+            reader = _FrameReader(vm.channel)
+            if not restored:
+                with anyio.fail_after(READY_TIMEOUT):
+                    hello = await reader.frame()
+                if hello.get("launcher") != 1:
+                    raise SandboxStartError(f"unexpected first message from the guest: {hello}")
+                if plan.snapshot is not None:
+                    await self._take_snapshot(vm, plan.snapshot)
+            config = build_guest_config(
+                spec, workspace=plan.workspace, now_ns=time.time_ns(), seed=os.urandom(64)
+            )
+            await vm.channel.send(_frame(config))
+            if plan.stream is not None:
+                with plan.stream.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        await vm.channel.send(block)
+            with anyio.fail_after(READY_TIMEOUT):
+                answer = await reader.frame()
+            logger.debug(
+                "microvm %s: plan %.0f ms, %s %.0f ms, configured %.0f ms; guest: %s",
+                spec.name,
+                (planned - started) * 1000,
+                "restore" if restored else "boot",
+                (vm_ready - planned) * 1000,
+                (time.monotonic() - vm_ready) * 1000,
+                answer,
+            )
+            if "error" in answer:
+                raise SandboxStartError(f"the guest could not be configured: {answer['error']}")
+        except BaseException as exc:
+            console = vm.console()
+            await sandbox.terminate(0)
+            if isinstance(exc, TimeoutError):
+                raise SandboxStartError(
+                    f"the microVM did not become ready within {READY_TIMEOUT:g} s "
+                    f"(accel={plan.accel})\n--- console ---\n{console}"
+                ) from exc
+            if isinstance(exc, SandboxStartError) and console:
+                raise SandboxStartError(f"{exc}\n--- console ---\n{console}") from exc
+            raise
+        if plan.stream is not None:
+            plan.stream.unlink(missing_ok=True)
+        if reader.buffer:
+            sandbox.channel = _Prefixed(vm.channel, bytes(reader.buffer))
+        sandbox.boot_seconds = time.monotonic() - started
+        return sandbox
+
+    @staticmethod
+    async def _take_snapshot(vm: VmHandle, path: Path) -> None:
+        """Save the ready, not yet configured VM for later sandboxes; then let it run on."""
+        if type(vm).resume is VmHandle.resume:
+            return  # this driver cannot let the VM run on after a snapshot: no warm starts
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await vm.snapshot(path)
+        except (SandboxStartError, OSError, NotImplementedError) as exc:
+            logger.warning("could not snapshot the VM to %s: %s", path, exc)
+        with contextlib.suppress(NotImplementedError):
+            await vm.resume()

@@ -1,0 +1,413 @@
+"""stockade microVM launcher: PID 1 of the guest after switch_root (stdlib only).
+
+It loads the guest agent, opens the agent channel (the virtio-serial port named ``agent``,
+or a vsock port), says it is ready and waits for the host's per-sandbox configuration. A
+VM snapshot is taken in that waiting state, so every sandbox restored from it, like every
+cold-booted one, gets its own configuration here: wall clock, entropy, hostname, files,
+environment, workspace. Then the agent serves the protocol on the channel, in this
+process, and when it returns the VM powers off.
+
+Channel handshake, in the agent protocol's framing (4-byte big-endian length + JSON):
+guest -> ``{"launcher": 1, ...}``; host -> configuration (then, for a streamed workspace,
+exactly ``workspace.size`` bytes of tar); guest -> ``{"ok": true}`` or ``{"error": "..."}``.
+"""
+
+# Stdlib only and start-up time matters: contextlib.suppress would cost an import.
+# ruff: noqa: SIM105
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+AGENT = "/run/stockade/agent.py"
+WS_STATE = "/run/stockade/ws"
+MAX_CONFIG = 16 * 1024 * 1024
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+BLKFLSBUF = 0x1261
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
+_LIBC: list[Any] = []
+
+
+def say(message: str) -> None:
+    try:
+        os.write(2, f"stockade-launcher: {message}\n".encode())
+    except OSError:
+        pass
+
+
+def load_agent() -> Any:
+    """The guest agent as a module (compiled now, before any snapshot is taken)."""
+    import types
+
+    module = types.ModuleType("stockade_guest_agent")
+    module.__file__ = AGENT
+    sys.modules[module.__name__] = module
+    code = None
+    try:
+        # Byte-compiled on the host by the same Python version: saves ~0.5 s under TCG.
+        with open(AGENT + "c", "rb") as f:
+            data = f.read()
+        magic = sys.modules["_frozen_importlib_external"].MAGIC_NUMBER
+        if data[:4] == magic:
+            import marshal
+
+            code = marshal.loads(data[16:])  # noqa: S302 - our own file from the initramfs
+    except (OSError, KeyError, AttributeError, ValueError, EOFError):
+        code = None
+    if code is None:
+        with open(AGENT, "rb") as f:
+            code = compile(f.read(), AGENT, "exec")
+    exec(code, module.__dict__)  # noqa: S102 - our own agent file from the initramfs
+    return module
+
+
+def cmdline() -> dict[str, str]:
+    with open("/proc/cmdline") as f:
+        words = f.read().split()
+    return {
+        k[len("stockade.") :]: v
+        for k, _, v in (w.partition("=") for w in words)
+        if k.startswith("stockade.")
+    }
+
+
+def open_channel(spec: str) -> int:
+    if spec.startswith("vsock:"):
+        import _socket
+
+        sock = _socket.socket(_socket.AF_VSOCK, _socket.SOCK_STREAM)
+        sock.bind((0xFFFFFFFF, int(spec[6:])))  # VMADDR_CID_ANY
+        sock.listen(1)
+        conn, _ = sock._accept()  # type: ignore[attr-defined]
+        sock.close()
+        return int(conn)
+    ports = "/sys/class/virtio-ports"
+    deadline = time.monotonic() + 10
+    while True:
+        for port in sorted(os.listdir(ports)) if os.path.isdir(ports) else []:
+            try:
+                with open(f"{ports}/{port}/name") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            if name == "agent":
+                # Opened once, both ways: a second open of a port is EBUSY.
+                return os.open(f"/dev/{port}", os.O_RDWR | os.O_NOCTTY)
+        if time.monotonic() > deadline:
+            raise OSError("no virtio-serial port named 'agent'")
+        time.sleep(0.01)
+
+
+def read_exact(fd: int, size: int) -> bytes:
+    chunks = []
+    while size:
+        block = os.read(fd, min(size, 1 << 20))
+        if not block:
+            raise EOFError("the host closed the channel")
+        chunks.append(block)
+        size -= len(block)
+    return b"".join(chunks)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def send(agent: Any, fd: int, obj: Any) -> None:
+    body = agent.json_dumps(obj)
+    write_all(fd, len(body).to_bytes(4, "big") + body)
+
+
+def receive(agent: Any, fd: int) -> Any:
+    size = int.from_bytes(read_exact(fd, 4), "big")
+    if size > MAX_CONFIG:
+        raise ValueError(f"configuration frame of {size} bytes is too large")
+    return agent.json_loads(read_exact(fd, size).decode())
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
+    """mount(2) through libc (no fork and exec: cheaper, above all right after a restore)."""
+    if not _LIBC:
+        import ctypes
+
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    libc = _LIBC[0]
+    if libc.mount(
+        source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+        data.encode() if data else None,
+    ) != 0:  # fmt: skip
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target} ({fstype}, {data!r}): {os.strerror(err)}")
+
+
+def seed_entropy(seed: bytes) -> None:
+    import fcntl
+    import struct
+
+    fd = os.open("/dev/urandom", os.O_WRONLY)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str, data: bytes, mode: int) -> None:
+    os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        write_all(fd, data)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def chown_tree(top: str, uid: int, gid: int) -> None:
+    os.chown(top, uid, gid, follow_symlinks=False)
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+
+
+def setup_workspace(agent: Any, fd: int, ws: dict[str, Any], user: list[int] | None = None) -> None:
+    """Lower (streamed tar or the second disk) + tmpfs upper, overlaid at ws['path']."""
+    mode = ws["mode"]
+    target = ws["path"]
+    os.makedirs(WS_STATE, exist_ok=True)
+    size_opt = f",size={ws['upper_size']}" if ws.get("upper_size") else ""
+    mount("stockade-ws", WS_STATE, "tmpfs", 0, f"mode=0755{size_opt}")
+    lower = f"{WS_STATE}/lower"
+    os.mkdir(lower, 0o755)
+    if ws["source"] == "stream":
+        size = int(ws["size"])
+        spool = os.open(WS_STATE, os.O_RDWR | os.O_TMPFILE, 0o600)
+        remaining = size
+        while remaining:
+            block = os.read(fd, min(remaining, 1 << 20))
+            if not block:
+                raise EOFError("the host closed the channel during the workspace")
+            write_all(spool, block)
+            remaining -= len(block)
+        os.lseek(spool, 0, 0)
+        with os.fdopen(spool, "rb") as tar:
+            agent.extract_tar(tar, lower)
+        os.chmod(lower, int(ws.get("root_mode", 0o755)))
+        if user:
+            chown_tree(lower, int(user[0]), int(user[1]))
+    else:
+        device = f"/dev/{ws['device']}"
+        with open(device, "rb") as dev:
+            # A restored VM may have cached blocks of the snapshot's disk: forget them.
+            import fcntl
+
+            fcntl.ioctl(dev.fileno(), BLKFLSBUF)
+        mount(device, lower, "ext4", MS_RDONLY, "noload")
+    os.makedirs(target, exist_ok=True)
+    if mode == "ro":
+        mount(lower, target, None, MS_BIND)
+        mount("", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        return
+    upper, work = f"{WS_STATE}/upper", f"{WS_STATE}/work"
+    os.mkdir(upper, 0o755)
+    os.mkdir(work, 0o700)
+    if user:
+        os.chown(upper, int(user[0]), int(user[1]))
+    # No redirect or metacopy xattrs: the host reads this upper layer back for diff/apply.
+    options = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off"
+    mount("stockade-workspace", target, "overlay", 0, options)
+    # Files that would run code on the host later stay read-only inside, as on every
+    # backend (the host never applies them either).
+    for rel in ws.get("protected", ()):
+        path = f"{target}/{rel}"
+        if os.path.lexists(path) and not os.path.islink(path):
+            mount(path, path, None, MS_BIND)
+            mount("", path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+
+
+def warm_up(agent: Any) -> None:
+    """Configure-like work with no lasting effect: tar, mounts, a fork and exec, JSON."""
+    import io
+    import tarfile
+
+    scratch = "/run/stockade/warm"
+    os.makedirs(scratch, exist_ok=True)
+    mount("stockade-warm", scratch, "tmpfs", 0, "mode=0700,size=1m")
+    try:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name in ("a", "d/b"):
+                info = tarfile.TarInfo(name)
+                info.size = 4
+                tar.addfile(info, io.BytesIO(b"warm"))
+        buf.seek(0)
+        agent.extract_tar(buf, scratch)
+        write_file(f"{scratch}/f", b"x", 0o644)
+        agent.json_loads(agent.json_dumps({"env": dict(os.environ), "n": [1, 2.5, None]}).decode())
+        os.makedirs(f"{scratch}/x/y", exist_ok=True)
+        seed_entropy(os.urandom(32))
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                os.execv("/bin/true", ["true"])  # noqa: S606
+            finally:
+                os._exit(127)
+        os.waitpid(pid, 0)
+    finally:
+        _LIBC[0].umount2(scratch.encode(), 2)  # MNT_DETACH
+
+
+CLOCK_SOCKET = "/run/stockade/clock.sock"
+
+
+def start_clock_helper(channel_fd: int) -> None:
+    """Keep one root process that only sets the clock and reseeds entropy on request.
+
+    Commands run unprivileged, yet a VM restored from a named snapshot must get the host's
+    time and fresh entropy (two forks must not share random state): the host asks through
+    the agent, which connects here. Both effects stay inside this VM.
+    """
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.bind(CLOCK_SOCKET)
+    os.chmod(CLOCK_SOCKET, 0o666)  # noqa: S103 - the sandbox user connects; nothing else here
+    sock.listen(4)
+    if os.fork() != 0:
+        sock.close()
+        return
+    os.close(channel_fd)  # pragma: no cover - the helper child from here on
+    while True:
+        try:
+            conn, _ = sock._accept()  # type: ignore[attr-defined]
+        except OSError:
+            continue
+        try:
+            words = os.read(conn, 4096).decode().split()
+            if len(words) == 3 and words[0] == "time":
+                time.clock_settime_ns(time.CLOCK_REALTIME, int(words[1]))
+                import binascii
+
+                seed_entropy(binascii.a2b_base64(words[2])[:256])
+                os.write(conn, b"ok\n")
+            else:
+                os.write(conn, b"error: expected 'time NS SEED'\n")
+        except (OSError, ValueError) as exc:
+            try:
+                os.write(conn, f"error: {exc}\n".encode())
+            except OSError:
+                pass
+        finally:
+            os.close(conn)
+
+
+def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
+    """Apply the host's configuration; return the agent's arguments."""
+    time.clock_settime_ns(time.CLOCK_REALTIME, int(config["time_ns"]))
+    seed_entropy(agent.binascii.a2b_base64(config["seed"]))
+    hostname = config.get("hostname")
+    if hostname:
+        import _socket
+
+        _socket.sethostname(hostname)
+    for path, data, mode in config.get("files", ()):
+        write_file(path, agent.binascii.a2b_base64(data), int(mode))
+    if config.get("disk_bytes"):
+        # The root's writes (outside the workspace) count against the disk limit too.
+        mount("", "/run/stockade/rootrw", None, MS_REMOUNT, f"size={int(config['disk_bytes'])}")
+    for directory in config.get("dirs", ()):
+        os.makedirs(directory, exist_ok=True)
+    os.environ.clear()
+    os.environ.update(config.get("env", {}))
+    ws = config.get("workspace")
+    if ws:
+        setup_workspace(agent, fd, ws, config.get("user"))
+    user = config.get("user")
+    if user:
+        start_clock_helper(fd)
+        uid, gid = int(user[0]), int(user[1])
+        for directory in config.get("dirs", ()):
+            os.chown(directory, uid, gid)
+        # Everything from here on (the agent and every command) runs unprivileged.
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    return [str(a) for a in config.get("args", ())]
+
+
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def main() -> None:
+    started = uptime()
+    agent = load_agent()
+    # What configuring and serving will need, loaded now: a snapshot taken while we wait
+    # for the host then holds it, and restored sandboxes do not pay for it.
+    import ctypes
+    import fcntl  # noqa: F401
+    import struct  # noqa: F401
+    import tarfile  # noqa: F401
+
+    _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    opts = cmdline()
+    try:
+        fd = open_channel(opts.get("agent", "serial"))
+    except OSError as exc:
+        say(f"cannot open the agent channel: {exc}")
+        return
+    send(
+        agent,
+        fd,
+        {
+            "launcher": 1,
+            "kernel": os.uname().release,
+            "uptime_start": started,
+            "uptime_ready": uptime(),
+        },
+    )
+    try:
+        config = receive(agent, fd)
+        while config.get("warmup"):
+            # A warm pool's VM: run the paths configuring will take once now, so that after
+            # a restore (when emulation has no translated code yet) the real one is fast.
+            started = uptime()
+            warm_up(agent)
+            send(agent, fd, {"warm": True, "seconds": round(uptime() - started, 3)})
+            config = receive(agent, fd)
+        received = uptime()
+        args = configure(agent, fd, config)
+    except Exception as exc:
+        say(f"configuration failed: {type(exc).__name__}: {exc}")
+        try:
+            send(agent, fd, {"error": f"{type(exc).__name__}: {exc}"})
+        except OSError:
+            pass
+        return
+    send(agent, fd, {"ok": True, "uptime_config": received, "uptime_done": uptime()})
+    sys.argv = [AGENT, *args]
+    status = agent.main(["--fd-in", str(fd), "--fd-out", str(fd), *args])
+    say(f"agent exited with status {status}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        # PID 1 must not return (that panics the kernel): power the VM off instead.
+        os.sync()
+        os.execv("/run/stockade/busybox", ["poweroff", "-f"])  # noqa: S606

@@ -1,0 +1,507 @@
+"""The microVM backend for real: QEMU microvm guests (TCG here), the conformance behaviours
+of the namespace backend, root inside the VM, guest death, snapshots, large workspaces.
+
+Boots are slow under emulation, so most tests share one module-scoped sandbox; tests that
+need a fresh VM get one restored from the image's snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import require_backend
+from stockade import ExecTimeoutError, Sandbox, SandboxStateError
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _make_project(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "README.md").write_text("hello\n")
+    (root / "src").mkdir()
+    (root / "src" / "app.py").write_text("print('app')\n")
+    (root / "src" / "old").mkdir()
+    (root / "src" / "old" / "x.txt").write_text("x\n")
+    (root / "gone.txt").write_text("bye\n")
+    git = root / ".git"
+    (git / "hooks").mkdir(parents=True)
+    (git / "config").write_text("[core]\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def vm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """State dir for the module's shared sandboxes (the per-test one is not set up yet)."""
+    require_backend("microvm")
+    base = tmp_path_factory.mktemp("microvm-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STOCKADE_STATE_DIR", str(base / "state"))
+        yield base
+
+
+@pytest.fixture(scope="module")
+def shared_project(vm_env: Path) -> Path:
+    return _make_project(vm_env / "project")
+
+
+@pytest.fixture(scope="module")
+def sb(vm_env: Path, shared_project: Path) -> Iterator[Sandbox]:
+    sandbox = Sandbox.create(project_dir=shared_project, backend="microvm")
+    try:
+        yield sandbox
+    finally:
+        sandbox.close()
+
+
+@pytest.fixture
+def microvm() -> str:
+    require_backend("microvm")
+    return "microvm"
+
+
+def _qemu_pid(sandbox: Sandbox) -> int:
+    launched = sandbox._inner._launched  # type: ignore[attr-defined]
+    assert launched is not None
+    return int(launched.vm.pid)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+# --- conformance ------------------------------------------------------------------------
+
+
+def test_guest_kernel_via_cli(microvm: str, project: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "stockade.cli.main", "run", "--rm", "--backend", "microvm",
+         "-C", str(project), "--", "uname", "-r"],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    guest = r.stdout.strip()
+    assert guest and guest != os.uname().release
+    assert (Path("/lib/modules") / guest).is_dir()  # the Debian kernel the image was built from
+
+
+def test_exec_basics(sb: Sandbox) -> None:
+    r = sb.commands.run("echo out; echo err >&2; exit 3")
+    assert (r.exit_code, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    assert sb.commands.run(["cat", "/etc/hostname"]).stdout.strip() == "sandbox"
+    assert sb.commands.run("hostname").stdout.strip() == "sandbox"
+    assert sb.commands.run(["sh", "-c", "cat"], stdin=b"piped").stdout == "piped"
+    assert sb.commands.run("pwd").stdout.strip() == "/workspace"
+    assert sb.commands.run("uname -r").stdout.strip() != os.uname().release
+
+
+def test_files_api(sb: Sandbox) -> None:
+    sb.files.write("/tmp/dir/note.txt", "hello files")
+    assert sb.files.read("/tmp/dir/note.txt") == "hello files"
+    big = os.urandom(3 * 1024 * 1024)
+    sb.files.write("/tmp/big.bin", big)
+    assert sb.files.read("/tmp/big.bin", format="bytes") == big
+    assert [e.name for e in sb.files.list("/tmp/dir")] == ["note.txt"]
+    sb.files.remove("/tmp/dir", recursive=True)
+    assert not sb.files.exists("/tmp/dir/note.txt")
+    from stockade import SandboxFileNotFoundError
+
+    with pytest.raises(SandboxFileNotFoundError):
+        sb.files.read("/tmp/missing.txt")
+
+
+def test_background_command_and_signals(sb: Sandbox) -> None:
+    handle = sb.commands.run("read line; echo got $line", background=True, stdin=b"")
+    handle.send_stdin("value\n")
+    assert handle.wait().stdout == "got value\n"
+    sleeper = sb.commands.run(["sleep", "60"], background=True)
+    sleeper.signal(15)
+    result = sleeper.wait()
+    assert result.signal == 15 or result.exit_code == 143
+
+
+def test_command_timeout(sb: Sandbox) -> None:
+    marker = f"98765{uuid.uuid4().int % 1000}"
+    with pytest.raises(ExecTimeoutError) as info:
+        sb.commands.run(f"sleep {marker} & sleep {marker}", timeout=0.5)
+    assert info.value.result is not None and info.value.result.timed_out
+    time.sleep(0.5)
+    left = sb.commands.run(f"ps -eo args 2>/dev/null | grep -c '^sleep {marker}' || true")
+    assert left.stdout.strip() in ("0", "")
+
+
+def test_pty_session(sb: Sandbox) -> None:
+    chunks: list[bytes] = []
+    handle = sb.pty.create(["/bin/sh", "-i"], rows=30, cols=100, on_data=chunks.append)
+    handle.send_stdin(b"stty size; tty; exit 5\n")
+    result = handle.wait()
+    output = b"".join(chunks).decode(errors="replace")
+    assert result.exit_code == 5
+    assert "30 100" in output
+    assert "/dev/pts/" in output
+
+
+def test_protected_paths_cannot_be_written(sb: Sandbox, shared_project: Path) -> None:
+    assert sb.commands.run("echo evil > .git/hooks/pre-commit").exit_code != 0
+    assert sb.commands.run("echo '[core] hooksPath = /tmp' >> .git/config").exit_code != 0
+    assert not (shared_project / ".git" / "hooks" / "pre-commit").exists()
+    assert (shared_project / ".git" / "config").read_text() == "[core]\n"
+
+
+def test_host_secrets_are_invisible(
+    microvm: str, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = uuid.uuid4().hex
+    secret_dir = Path.home() / f".stockade-test-secret-{marker[:8]}"
+    secret_dir.mkdir()
+    (secret_dir / "key").write_text(marker)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2-not-for-the-sandbox")
+    try:
+        with Sandbox.create(project_dir=project, backend=microvm) as sandbox:
+            assert sandbox.commands.run(["cat", str(secret_dir / "key")]).exit_code != 0
+            env = sandbox.commands.run("env; cat /proc/1/environ").stdout
+            assert "hunter2" not in env and "AWS_SECRET" not in env
+            found = sandbox.commands.run(f"grep -rl {marker} /root /home /etc /tmp; true")
+            assert marker not in found.stdout and found.stdout.strip() == ""
+    finally:
+        (secret_dir / "key").unlink()
+        secret_dir.rmdir()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"reachable")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_no_network_but_the_proxy(sb: Sandbox) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _Handler)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+        script = (
+            "import socket,sys\n"
+            "def try_(addr):\n"
+            "    try:\n"
+            "        socket.create_connection(addr, timeout=2).close(); return 'connected'\n"
+            "    except OSError as e: return type(e).__name__\n"
+            f"print(try_(('127.0.0.1', {port})))\n"
+            f"print(try_(('10.0.2.2', {port})))\n"
+            "print(try_(('203.0.113.7', 80)))\n"
+            "try:\n    socket.getaddrinfo('example.com', 80); print('resolved')\n"
+            "except OSError as e: print(type(e).__name__)\n"
+        )
+        r = sb.commands.run(["python3", "-c", script])
+        assert r.exit_code == 0, r.stderr
+        lines = r.stdout.split()
+        assert "connected" not in lines[:3] and lines[3] != "resolved", lines
+        assert sb.commands.run("ls /sys/class/net").stdout.split() == ["lo"]
+        # The one way out is the agent tunnel to the policy proxy: deny-all by default.
+        proxy = sb.commands.run("echo $HTTP_PROXY").stdout.strip()
+        assert proxy.startswith("http://127.0.0.1:")
+        probe = (
+            "import urllib.request,urllib.error\n"
+            "try:\n    urllib.request.urlopen('http://example.com/', timeout=20); print('open')\n"
+            "except urllib.error.HTTPError as e: print(e.code)\n"
+        )
+        r = sb.commands.run(["python3", "-c", probe])
+        assert r.stdout.startswith("403"), (r.stdout, r.stderr)
+    finally:
+        server.shutdown()
+
+
+# --- root inside the VM ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def root_sb(vm_env: Path, shared_project: Path) -> Iterator[Sandbox]:
+    sandbox = Sandbox.create(
+        project_dir=shared_project, backend="microvm", config={"microvm.user": "root"}
+    )
+    try:
+        yield sandbox
+    finally:
+        sandbox.close()
+
+
+def test_commands_run_unprivileged_by_default(sb: Sandbox) -> None:
+    assert sb.commands.run("id -u").stdout.strip() == "1000"
+    assert sb.commands.run("cat /etc/shadow").exit_code != 0
+    assert sb.commands.run("echo x > /usr/evil").exit_code != 0
+    assert sb.commands.run("echo x > owned.txt && rm owned.txt").exit_code == 0
+
+
+def test_root_in_the_vm_touches_nothing_on_the_host(root_sb: Sandbox) -> None:
+    sb = root_sb
+    host_had_dummy = Path("/sys/module/dummy").exists()
+    marker = uuid.uuid4().hex[:12]
+    script = (
+        "set -e; id -u; "
+        "/run/stockade/busybox insmod $(find /lib/modules -name dummy.ko); "
+        "grep -c '^dummy ' /proc/modules; "
+        "mkdir -p /mnt/t && mount -t tmpfs t /mnt/t && echo m > /mnt/t/f && cat /mnt/t/f; "
+        f"echo x > /dev/stockade-{marker} && cat /dev/stockade-{marker}; "
+        f"echo y > /usr/stockade-{marker}; "
+        "echo 1 > /proc/sys/kernel/sysrq"
+    )
+    r = sb.commands.run(script)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.split() == ["0", "1", "m", "x"]
+    assert Path("/sys/module/dummy").exists() == host_had_dummy
+    assert not Path(f"/dev/stockade-{marker}").exists()
+    assert not Path(f"/usr/stockade-{marker}").exists()
+    assert not Path("/mnt/t/f").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [("/run/stockade/busybox poweroff -f", "guest poweroff"),
+     ("echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger", "kernel panic")],
+)  # fmt: skip
+def test_guest_death_ends_the_sandbox(
+    microvm: str, project: Path, command: str, reason: str
+) -> None:
+    sandbox = Sandbox.create(project_dir=project, backend=microvm, config={"microvm.user": "root"})
+    try:
+        pid = _qemu_pid(sandbox)
+        with pytest.raises(SandboxStateError, match=reason):
+            sandbox.commands.run(command)
+        deadline = time.monotonic() + 10
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(pid), "QEMU is still running"
+        assert not sandbox.is_running()
+    finally:
+        sandbox.close()
+    assert _gone(pid)
+
+
+def test_close_leaves_no_qemu(microvm: str, project: Path) -> None:
+    sandbox = Sandbox.create(project_dir=project, backend=microvm)
+    pid = _qemu_pid(sandbox)
+    assert not _gone(pid)
+    sandbox.close()
+    assert _gone(pid)
+
+
+def test_sandbox_wall_clock_timeout(microvm: str, project: Path) -> None:
+    with Sandbox.create(project_dir=project, backend=microvm, timeout=5) as sandbox:
+        pid = _qemu_pid(sandbox)
+        with pytest.raises(SandboxStateError, match="timeout"):
+            sandbox.commands.run(["sleep", "60"])
+        assert not sandbox.is_running()
+    assert _gone(pid)
+
+
+# --- workspace ----------------------------------------------------------------------------
+
+_CHANGES = (
+    "set -e; echo hi > new.txt; echo changed > README.md; rm src/app.py; rm gone.txt; "
+    "rm -rf src/old; mkdir src/old; echo fresh > src/old/y.txt; mkdir -p d/e; "
+    "echo deep > d/e/f; ln -s README.md link; chmod 600 README.md"
+)
+
+
+def _diff_of(sandbox: Sandbox) -> dict[str, object]:
+    return {c.path: (c.kind, c.to_dict()) for c in sandbox.workspace.diff()}
+
+
+def test_diff_apply_reset_identical_to_namespace(
+    microvm: str, tmp_path: Path, namespace_backend: str
+) -> None:
+    results = {}
+    for backend in (namespace_backend, microvm):
+        project = _make_project(tmp_path / backend)
+        with Sandbox.create(project_dir=project, backend=backend) as sandbox:
+            r = sandbox.commands.run(_CHANGES)
+            assert r.exit_code == 0, r.stderr
+            assert (project / "README.md").read_text() == "hello\n"  # host untouched
+            diff = _diff_of(sandbox)
+            applied = sandbox.workspace.apply(["new.txt", "src/old"])
+            after_apply = _diff_of(sandbox)
+            sandbox.workspace.reset()
+            after_reset = _diff_of(sandbox)
+            view = sandbox.commands.run("cat README.md; ls src").stdout
+        results[backend] = (diff, applied.applied, after_apply, after_reset, view)
+        assert (project / "new.txt").read_text() == "hi\n"
+        assert (project / "src" / "old" / "y.txt").read_text() == "fresh\n"
+        assert not (project / "src" / "old" / "x.txt").exists()
+    ns, vm = results[namespace_backend], results[microvm]
+    assert set(vm[0]) == {
+        "new.txt", "README.md", "src/app.py", "gone.txt", "src/old/x.txt", "src/old/y.txt",
+        "d", "d/e", "d/e/f", "link",
+    }  # fmt: skip
+    assert vm == ns
+
+
+def test_large_workspace_goes_on_a_disk(microvm: str, tmp_path: Path) -> None:
+    project = _make_project(tmp_path / "big")
+    blob = os.urandom(12 * 1024 * 1024)
+    (project / "blob.bin").write_bytes(blob)
+    with Sandbox.create(project_dir=project, backend=microvm) as sandbox:
+        launched = sandbox._inner._launched  # type: ignore[attr-defined]
+        assert any(d.drive_id == "workspace" for d in launched.vm.spec.disks)
+        r = sandbox.commands.run("sha256sum blob.bin && echo more >> README.md && rm blob.bin")
+        assert r.exit_code == 0, r.stderr
+        import hashlib
+
+        assert r.stdout.split()[0] == hashlib.sha256(blob).hexdigest()
+        kinds = {c.path: c.kind for c in sandbox.workspace.diff()}
+        assert kinds == {"README.md": "modified", "blob.bin": "deleted"}
+    assert (project / "blob.bin").read_bytes() == blob
+
+
+# --- snapshots ----------------------------------------------------------------------------
+
+
+def test_restored_vms_get_fresh_clock_and_entropy(microvm: str, project: Path) -> None:
+    # The module's first sandbox booted cold and saved the snapshot; these two restore it.
+    outputs = []
+    for _ in range(2):
+        with Sandbox.create(project_dir=project, backend=microvm) as sandbox:
+            launched = sandbox._inner._launched  # type: ignore[attr-defined]
+            assert launched.restored
+            r = sandbox.commands.run("date +%s; head -c 16 /dev/urandom | od -An -tx1")
+            lines = r.stdout.split("\n", 1)
+            assert abs(int(lines[0]) - time.time()) < 30
+            outputs.append(lines[1])
+    assert outputs[0] != outputs[1]
+
+
+def test_snapshot_restore_fork_sdk(microvm: str, project: Path) -> None:
+    from stockade.backends.microvm.snapshots import (
+        fork_sandbox,
+        restore_sandbox,
+        snapshot_sandbox,
+    )
+
+    with Sandbox.create(project_dir=project, backend=microvm) as sb:
+        portal = sb._portal  # type: ignore[attr-defined]
+        inner = sb._inner  # type: ignore[attr-defined]
+        assert sb.commands.run("echo one > state.txt; echo ram > /tmp/mem").exit_code == 0
+        portal.call(snapshot_sandbox, inner, "t1")
+        sb.commands.run("echo two > state.txt; rm /tmp/mem")
+        portal.call(restore_sandbox, inner, "t1")
+        r = sb.commands.run("cat state.txt /tmp/mem")
+        assert r.stdout == "one\nram\n", r.stderr
+        forked = portal.call(fork_sandbox, inner)
+        try:
+            run = forked.commands.run
+            assert portal.call(run, "cat state.txt").stdout == "one\n"
+            assert abs(int(portal.call(run, "date +%s").stdout) - time.time()) < 30
+            portal.call(run, "echo fork-only > f.txt")
+            assert sb.commands.run("test -e f.txt").exit_code != 0  # they diverge
+            kinds = {c.path: c.kind for c in portal.call(forked.workspace.diff)}
+            assert kinds == {"state.txt": "added", "f.txt": "added"}
+        finally:
+            portal.call(forked.aclose)
+        assert {c.path for c in sb.workspace.diff()} == {"state.txt"}
+    assert not (project / "state.txt").exists()
+
+
+def test_snapshot_restore_fork_cli(microvm: str, project: Path) -> None:
+    def cli(*args: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "stockade.cli.main", *args],
+            capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+        return r.stdout
+
+    name = cli("create", "--backend", "microvm", "-C", str(project)).strip()
+    forked = ""
+    try:
+        cli("exec", name, "--", "sh", "-c", "echo a > f")
+        cli("snapshot", name, "t")
+        cli("exec", name, "--", "sh", "-c", "echo b > f")
+        cli("restore", name, "t")
+        assert cli("exec", name, "--", "cat", "f") == "a\n"
+        forked = cli("fork", name).strip()
+        assert cli("exec", forked, "--", "cat", "f") == "a\n"
+        assert "A f" in cli("diff", forked, "--stat")
+        cli("apply", forked, "f")
+        assert (project / "f").read_text() == "a\n"
+    finally:
+        cli("rm", *(n for n in (name, forked) if n))
+
+
+def test_warm_pool(microvm: str, project: Path) -> None:
+    import anyio
+
+    from stockade.backends.microvm.pool import WarmPool
+
+    async def scenario() -> list[int]:
+        pids = []
+        async with WarmPool(size=1) as pool:
+            for _ in range(2):
+                with anyio.fail_after(120):
+                    while pool.ready_count() < 1:
+                        await anyio.sleep(0.05)
+                sandbox = await pool.create(project_dir=project)
+                try:
+                    vm = sandbox._launched.vm  # type: ignore[union-attr]
+                    assert "stockade-pool-" in str(vm.spec.workdir)  # taken from the pool
+                    pids.append(vm.pid)
+                    r = await sandbox.commands.run("cat README.md; echo x > y.txt")
+                    assert r.stdout == "hello\n"
+                    assert {c.path for c in await sandbox.workspace.diff()} == {"y.txt"}
+                finally:
+                    await sandbox.aclose()
+                assert _gone(pids[-1])
+            pids.append(pool._ready[0].pid if pool._ready else 0)  # type: ignore[attr-defined]
+        return pids
+
+    pids = anyio.run(scenario)
+    assert len(set(pids[:2])) == 2
+    assert all(_gone(pid) for pid in pids if pid)  # the pool's spare VM too
+
+
+def test_disk_limit_inside_the_vm(microvm: str, project: Path) -> None:
+    with Sandbox.create(project_dir=project, backend=microvm, config={"limits.disk": "64M"}) as sb:
+        r = sb.commands.run("dd if=/dev/zero of=/tmp/big bs=1M count=100 2>&1; echo rc=$?")
+        assert "rc=0" not in r.stdout and "No space left" in r.stdout, r.stdout
+        r = sb.commands.run("dd if=/dev/zero of=big bs=1M count=100 2>&1; echo rc=$?")
+        assert "rc=0" not in r.stdout and "No space left" in r.stdout, r.stdout
+
+
+def test_killed_owner_leaves_no_qemu(microvm: str, project: Path) -> None:
+    script = (
+        "import sys, time\n"
+        "from stockade import Sandbox\n"
+        f"sb = Sandbox.create(project_dir={str(project)!r}, backend='microvm')\n"
+        "print(sb._inner._launched.vm.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        pid = int(owner.stdout.readline())
+        assert not _gone(pid)
+    finally:
+        owner.kill()  # SIGKILL: no cleanup code runs in the owner
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid)
