@@ -67,6 +67,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_MIB = 512
+#: A ``docker = true`` VM also runs dockerd, containerd and the containers themselves.
+DOCKER_MEMORY_MIB = 1536
+#: The image profile with a Docker engine (``images/rootfs.py`` PROFILES).
+DOCKER_PROFILE = "docker"
+#: The guest's private Docker daemon socket (``images/guest/launcher.py`` starts dockerd).
+GUEST_DOCKER_SOCKET = "/run/docker.sock"
 MIN_MEMORY_MIB = 128
 #: Trees up to this size are streamed over the channel; larger ones get a disk image.
 STREAM_LIMIT = 8 * 1024 * 1024
@@ -88,10 +94,24 @@ def vm_size(policy: Any) -> tuple[int, int]:
     """(vCPUs, memory MiB) for a policy: the VM is the resource limit."""
     limits = policy.limits
     vcpus = max(1, math.ceil(limits.cpus)) if limits.cpus else 1
-    memory = DEFAULT_MEMORY_MIB
+    memory = DOCKER_MEMORY_MIB if getattr(policy, "docker", False) else DEFAULT_MEMORY_MIB
     if limits.memory_bytes:
         memory = max(MIN_MEMORY_MIB, limits.memory_bytes // (1024 * 1024))
     return vcpus, int(memory)
+
+
+def image_profile(policy: Any) -> str:
+    """The image profile a sandbox boots: ``docker = true`` needs the one with dockerd."""
+    profile = str(policy.microvm.image)
+    if not getattr(policy, "docker", False) or profile == DOCKER_PROFILE:
+        return profile
+    if profile == "base":  # the default: switch to the Docker profile
+        return DOCKER_PROFILE
+    raise PolicyError(
+        f"docker = true needs the microVM image profile {DOCKER_PROFILE!r} (it has the Docker "
+        f"engine), but microvm.image = {profile!r}; set microvm.image = {DOCKER_PROFILE!r} "
+        "(or leave it unset), or set docker = false"
+    )
 
 
 def snapshot_dir() -> Path:
@@ -185,6 +205,12 @@ def build_guest_config(
         config["disk_bytes"] = int(policy.limits.disk_bytes)
     if as_user:
         config["user"] = [GUEST_UID, GUEST_UID]
+    if policy.docker:
+        # A private dockerd in this VM; the sandbox user reaches it through its socket's group.
+        env["DOCKER_HOST"] = f"unix://{GUEST_DOCKER_SOCKET}"
+        config["docker"] = {"socket": GUEST_DOCKER_SOCKET, "group": "user" if as_user else "root"}
+        if policy.limits.disk_bytes:
+            config["docker"]["size"] = int(policy.limits.disk_bytes)
     if workspace is not None:
         config["workspace"] = workspace
     return config
@@ -523,6 +549,7 @@ class MicrovmBackend(Backend):
         isolation="own guest kernel in a microVM (QEMU -M microvm; KVM, or TCG emulation)",
         snapshot=True,
         fork=True,
+        docker_inside=True,
         enforces=(
             "a separate guest kernel: root in the VM (modules, mounts, /dev) touches no host state",
             "no network device: the agent channel (virtio-serial) is the only way out, so "
@@ -562,12 +589,13 @@ class MicrovmBackend(Backend):
                 "microVM here; use workspace.mode = 'cow' and apply the changes, or choose "
                 "backend='namespace'"
             )
+        image_profile(policy)  # docker = true with a non-Docker image: refused here
 
     def _plan(self, spec: LaunchSpec) -> _Plan:
         from stockade.backends.microvm.accel import chosen_accel
         from stockade.images.vm import find_vm_image
 
-        profile = spec.policy.microvm.image
+        profile = image_profile(spec.policy)
         image = find_vm_image(profile)
         if image is None:
             raise BackendUnavailableError(

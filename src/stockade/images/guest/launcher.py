@@ -313,6 +313,42 @@ def start_clock_helper(channel_fd: int) -> None:
             os.close(conn)
 
 
+DOCKER_LOG = "/run/stockade/dockerd.log"
+
+
+def start_docker(fd: int, docker: dict[str, Any]) -> None:
+    """Start this VM's own dockerd (``docker = true``) in the background, as root.
+
+    Its data root is a tmpfs of its own (overlay2 cannot stack on the root's overlay); there
+    is no network device, so no bridge and no iptables: containers run ``--network none``
+    or ``host`` (the VM's loopback). The socket's group is the sandbox user's.
+    """
+    if not os.path.ismount("/sys/fs/cgroup"):
+        mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, "nsdelegate")
+    os.makedirs("/var/lib/docker", exist_ok=True)
+    size = f",size={int(docker['size'])}" if docker.get("size") else ""
+    mount("stockade-docker", "/var/lib/docker", "tmpfs", 0, f"mode=0710{size}")
+    argv = [
+        "/usr/sbin/dockerd", "-H", f"unix://{docker['socket']}", "--group", str(docker["group"]),
+        "--data-root", "/var/lib/docker", "--exec-root", "/run/docker",
+        "--storage-driver", "overlay2", "--bridge", "none", "--iptables=false",
+        "--ip6tables=false", "--ip-forward=false", "--ip-masq=false", "--log-level", "warn",
+    ]  # fmt: skip
+    if os.fork() != 0:
+        return
+    try:  # pragma: no cover - the dockerd child from here on
+        os.setsid()
+        os.close(fd)
+        log = os.open(DOCKER_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.execv(argv[0], argv)  # noqa: S606
+    finally:
+        os._exit(127)
+
+
 def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
     """Apply the host's configuration; return the agent's arguments."""
     time.clock_settime_ns(time.CLOCK_REALTIME, int(config["time_ns"]))
@@ -334,6 +370,8 @@ def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
     ws = config.get("workspace")
     if ws:
         setup_workspace(agent, fd, ws, config.get("user"))
+    if config.get("docker"):
+        start_docker(fd, config["docker"])
     user = config.get("user")
     if user:
         start_clock_helper(fd)
