@@ -40,6 +40,8 @@ __all__ = [
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _ID_RE = re.compile(r"^[a-z0-9]{8,64}$")
 _BUSY_TIMEOUT_MS = 10_000
+#: Connections a forked child inherited: kept referenced so they are never closed there.
+_INHERITED: list[sqlite3.Connection] = []
 
 # _MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version).
 _MIGRATIONS: tuple[str, ...] = (
@@ -220,7 +222,11 @@ class StateStore:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is not None and self._conn_pid == os.getpid():
             return self._conn
-        # A connection must not cross fork(): the child opens its own.
+        # A connection must not cross fork(): the child opens its own, and never closes the
+        # parent's (closing may checkpoint or unlock what the parent still uses).
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+            self._conn = None
         conn = sqlite3.connect(
             self.db_path,
             timeout=_BUSY_TIMEOUT_MS / 1000,
@@ -240,8 +246,11 @@ class StateStore:
     def close(self) -> None:
         """Close this store's connection (the next call opens a new one)."""
         with self._lock:
-            if self._conn is not None and self._conn_pid == os.getpid():
-                self._conn.close()
+            if self._conn is not None:
+                if self._conn_pid == os.getpid():
+                    self._conn.close()
+                else:
+                    _INHERITED.append(self._conn)
             self._conn = None
 
     def _migrate(self) -> None:
