@@ -1,8 +1,12 @@
 """The state store: which sandboxes exist, in SQLite, plus one private directory per sandbox.
 
 Location: ``$STOCKADE_STATE_DIR``, else ``$XDG_STATE_HOME/stockade``, else
-``~/.local/state/stockade``. Every call opens its own connection (WAL, busy timeout), so
-several CLI processes and supervisors can use the store at once.
+``~/.local/state/stockade``. Each store keeps one connection (WAL, busy timeout,
+``synchronous = NORMAL``), opened on first use and reopened in a forked child; every write
+is its own ``BEGIN IMMEDIATE`` transaction, so several CLI processes and supervisors can use
+the store at once. NORMAL in WAL mode never corrupts the database; a power loss may drop the
+last commits, which only describe sandboxes that did not survive it either (``reconcile``
+marks what is left as lost).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -34,6 +40,8 @@ __all__ = [
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _ID_RE = re.compile(r"^[a-z0-9]{8,64}$")
 _BUSY_TIMEOUT_MS = 10_000
+#: Connections a forked child inherited: kept referenced so they are never closed there.
+_INHERITED: list[sqlite3.Connection] = []
 
 # _MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version).
 _MIGRATIONS: tuple[str, ...] = (
@@ -143,12 +151,12 @@ def process_start_time(pid: int) -> int | None:
     None if there is no such process or it is a zombie: a dead supervisor.
     """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # comm (field 2) may hold spaces and parentheses; the fields after its last ')' are
     # 3 (state) onwards.
-    rest = stat.rsplit(")", 1)[-1].split()
+    rest = text.rsplit(")", 1)[-1].split()
     if len(rest) < 20 or rest[0] in ("Z", "X"):
         return None
     try:
@@ -177,6 +185,9 @@ class StateStore:
         _ensure_private_dir(self.root)
         _ensure_private_dir(self.root / "sandboxes")
         self.db_path = self.root / "state.db"
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._conn_pid = 0
         self._migrate()
 
     def __repr__(self) -> str:
@@ -186,10 +197,10 @@ class StateStore:
     def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
         # Autocommit mode with explicit transactions; BEGIN IMMEDIATE takes the write lock
         # up front, so concurrent writers wait (busy_timeout) instead of failing mid-way.
-        conn = sqlite3.connect(self.db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            conn.row_factory = sqlite3.Row
+        # One connection per store (opening one costs a few ms, closing the last one
+        # checkpoints the WAL with an fsync); the lock serialises threads on it.
+        with self._lock:
+            conn = self._connection()
             if write:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -197,17 +208,63 @@ class StateStore:
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
-                conn.execute("COMMIT")
+                try:
+                    conn.execute("COMMIT")
+                except BaseException:
+                    # The connection outlives this call: never leave a transaction open.
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    raise
             else:
                 yield conn
-        finally:
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None and self._conn_pid == os.getpid():
+            return self._conn
+        # A connection must not cross fork(): the child opens its own, and never closes the
+        # parent's (closing may checkpoint or unlock what the parent still uses).
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+            self._conn = None
+        conn = sqlite3.connect(
+            self.db_path,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.row_factory = sqlite3.Row
+        except BaseException:
             conn.close()
+            raise
+        self._conn, self._conn_pid = conn, os.getpid()
+        return conn
+
+    def close(self) -> None:
+        """Close this store's connection (the next call opens a new one)."""
+        with self._lock:
+            if self._conn is not None:
+                if self._conn_pid == os.getpid():
+                    self._conn.close()
+                else:
+                    _INHERITED.append(self._conn)
+            self._conn = None
 
     def _migrate(self) -> None:
         with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode = WAL")
+            # Both are persistent in the file: a store that is already WAL and current
+            # costs two reads here, no write.
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            current = int(conn.execute("PRAGMA user_version").fetchone()[0])
         with contextlib.suppress(OSError):
-            self.db_path.chmod(0o600)
+            if stat.S_IMODE(self.db_path.stat().st_mode) != 0o600:
+                self.db_path.chmod(0o600)
+        if current == SCHEMA_VERSION:
+            return
         with self._connect(write=True) as conn:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             if version > SCHEMA_VERSION:

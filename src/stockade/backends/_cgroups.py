@@ -179,7 +179,10 @@ def _providers(hierarchies: Iterable[_Hierarchy]) -> dict[str, _Hierarchy]:
 
 def probe_cgroups() -> CgroupSupport:
     """Report whether per-sandbox cgroups can be created by this process, and with what."""
-    hierarchies = _discover()
+    return _support(_discover())
+
+
+def _support(hierarchies: list[_Hierarchy]) -> CgroupSupport:
     versions = {h.version for h in hierarchies}
     version = {
         frozenset(): "none",
@@ -298,7 +301,7 @@ class SandboxCgroup:
             raise ConfigError(f"cpus limit {cpus} must be positive")
 
         hierarchies = _discover()
-        support = probe_cgroups()
+        support = _support(hierarchies)
         if not support.available:
             raise BackendUnavailableError(
                 f"per-sandbox cgroups are unavailable: {support.reason}; {support.fix}",
@@ -416,6 +419,7 @@ class SandboxCgroup:
         if kill_file is not None and not kill_file.exists():
             kill_file = None
         freezer = self._freezer_file()
+        pause = 0.0005  # killed tasks leave within a ms or two: poll fast, then back off
         while True:
             if kill_file is not None:
                 with contextlib.suppress(OSError):
@@ -435,7 +439,8 @@ class SandboxCgroup:
             finally:
                 if freezer is not None:
                     self._set_frozen(freezer, False, deadline)
-            time.sleep(0.005)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
 
     def _freezer_file(self) -> Path | None:
         freezer = self._controller_dirs.get("freezer")
@@ -489,6 +494,7 @@ class SandboxCgroup:
             for dirpath, _dirnames, _files in sorted(
                 os.walk(top), key=lambda entry: -len(entry[0])
             ):
+                pause = 0.0005
                 while True:
                     try:
                         os.rmdir(dirpath)
@@ -500,7 +506,8 @@ class SandboxCgroup:
                             raise SandboxStateError(
                                 f"cannot remove cgroup {dirpath}: {exc.strerror or exc}"
                             ) from exc
-                        time.sleep(0.01)
+                        time.sleep(pause)
+                        pause = min(pause * 2, 0.01)
 
     def oom_kill_count(self) -> int:
         """How many processes the memory limit killed."""

@@ -177,19 +177,29 @@ def _etc_dir(spec: LaunchSpec) -> Path:
 
 
 #: Run as root of the user namespace that owns the sandbox's fresh network namespace, with
-#: the proxy port as $1: loopback up (bwrap does it when it makes the namespace itself);
-#: then, best effort, every TCP connection to a non-loopback address is redirected to the
-#: agent's proxy port, and only after that every address becomes local (a route, so that a
-#: connect() gets that far instead of failing with "Network is unreachable"); IPv4, then
-#: IPv6 where the host has it. Packets never leave the namespace either way: it has no
-#: other device.
+#: the proxy port as $1: best effort, every TCP connection to a non-loopback address is
+#: redirected to the agent's proxy port; then loopback comes up (bwrap does it when it makes
+#: the namespace itself) and, only for a family whose redirect is in place, every address
+#: becomes local (a route, so that a connect() gets that far instead of failing with
+#: "Network is unreachable"); IPv6 only where the host has it. Packets never leave the
+#: namespace either way: it has no other device. The link and routes go to one
+#: ``ip -batch`` (one exec instead of three); if that fails, each step is retried alone so
+#: the failure is told apart (``route replace`` repeats harmlessly).
 DIRECT_DENIAL_SETUP = (
+    "v4=; v6=; "
+    "iptables -w -t nat -A OUTPUT -p tcp ! -d 127.0.0.0/8 -j REDIRECT --to-ports $1 "
+    ">/dev/null 2>&1 && v4=1; "
+    "ip6tables -w -t nat -A OUTPUT -p tcp ! -d ::1/128 -j REDIRECT --to-ports $1 "
+    ">/dev/null 2>&1 && v6=1; "
+    "r4='route replace local 0.0.0.0/0 dev lo table local'; "
+    "r6='route replace local ::/0 dev lo table local'; "
+    "if ! printf '%s\\n' 'link set lo up' ${v4:+\"$r4\"} ${v6:+\"$r6\"} "
+    "| ip -batch - >/dev/null 2>&1; then "
     "ip link set lo up || exit 1; "
-    "{ iptables -w -t nat -A OUTPUT -p tcp ! -d 127.0.0.0/8 -j REDIRECT --to-ports $1 && "
-    "ip route add local 0.0.0.0/0 dev lo table local; } >/dev/null 2>&1 || "
-    'echo "stockade: direct connections will fail without the policy notice" >&2; '
-    "{ ip6tables -w -t nat -A OUTPUT -p tcp ! -d ::1/128 -j REDIRECT --to-ports $1 && "
-    "ip -6 route add local ::/0 dev lo table local; } >/dev/null 2>&1; "
+    '[ -n "$v4" ] && { ip $r4 >/dev/null 2>&1 || v4=; }; '
+    '[ -n "$v6" ] && { ip $r6 >/dev/null 2>&1 || v6=; }; '
+    "fi; "
+    '[ -n "$v4" ] || echo "stockade: direct connections will fail without the policy notice" >&2; '
     "shift; "
 )
 
