@@ -103,9 +103,10 @@ def snapshot_dir() -> Path:
 def snapshot_key(image: VmImage, accel: str, vcpus: int, memory_mib: int, disks: int) -> str:
     """Everything a restore must match: image, VMM and its version, machine size, devices."""
     from stockade.backends.microvm.accel import qemu_version
+    from stockade.backends.microvm.qemu import tcg_cpu
 
     blob = json.dumps(
-        [image.key, accel, qemu_version(), vcpus, memory_mib, disks, _host_tsc()],
+        [image.key, accel, qemu_version(), vcpus, memory_mib, disks, _host_tsc(), tcg_cpu()],
         separators=(",", ":"),
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
