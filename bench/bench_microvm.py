@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,6 +49,17 @@ def mem_kib(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def cpu_ms(pid: int) -> float:
+    """User + system CPU time of a process so far (less load-sensitive than wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_ms() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * 1000
+
+
 def trivial_initrd(work: Path) -> Path:
     """An initramfs with only a static busybox and an init that powers off at once."""
     root = work / "trivial"
@@ -65,7 +77,9 @@ def trivial_initrd(work: Path) -> Path:
     return out
 
 
-def raw_boot(kernel: Path, initrd: Path, work: Path, runs: int, memory_mib: int) -> list[float]:
+def raw_boot(
+    kernel: Path, initrd: Path, work: Path, runs: int, memory_mib: int
+) -> tuple[list[float], list[float]]:
     """Same QEMU machine and kernel args as the backend, no devices, trivial init."""
     spec = VmSpec(
         kernel=kernel,
@@ -92,26 +106,31 @@ def raw_boot(kernel: Path, initrd: Path, work: Path, runs: int, memory_mib: int)
             skip = True
             continue
         cleaned.append(arg)
-    out = []
+    out, cpu = [], []
     for _ in range(runs):
+        c = children_cpu_ms()
         t = time.perf_counter()
         subprocess.run(cleaned, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out.append(time.perf_counter() - t)
-    return out
+        cpu.append(children_cpu_ms() - c)
+    return out, cpu
 
 
-async def create_and_exec(project: Path, runs: int) -> tuple[list[float], list[float], list[bool]]:
-    """(create -> agent ready, create -> first `true` done, restored?) per run."""
-    ready, first, restored = [], [], []
+async def create_and_exec(
+    project: Path, runs: int
+) -> tuple[list[float], list[float], list[bool], list[float]]:
+    """(create -> agent ready, create -> first `true` done, restored?, QEMU CPU ms) per run."""
+    ready, first, restored, cpu = [], [], [], []
     for _ in range(runs):
         t = time.perf_counter()
         sb = await AsyncSandbox.create(project_dir=project, backend="microvm")
         ready.append(time.perf_counter() - t)
         await sb.commands.run(["true"])
         first.append(time.perf_counter() - t)
+        cpu.append(cpu_ms(sb._launched.vm.pid))  # type: ignore[attr-defined]
         restored.append(bool(getattr(sb._launched, "restored", False)))
         await sb.aclose()
-    return ready, first, restored
+    return ready, first, restored, cpu
 
 
 async def idle_memory(project: Path) -> tuple[int, int]:
@@ -204,13 +223,14 @@ def main() -> None:
     results: dict[str, object] = {"runs": args.runs}
 
     # The sandbox default is a 2 GiB VM; the raw boot gets the same size.
-    raw = raw_boot(image.kernel, trivial_initrd(work), work, args.runs, 2048)
+    print(f"load average at start: {os.getloadavg()}")
+    raw, raw_cpu = raw_boot(image.kernel, trivial_initrd(work), work, args.runs, 2048)
     os.environ["STOCKADE_MICROVM_SNAPSHOTS"] = "0"
-    cold_ready, cold_first, _ = anyio.run(create_and_exec, project, args.runs)
+    cold_ready, cold_first, _, cold_cpu = anyio.run(create_and_exec, project, args.runs)
     cold_mem = anyio.run(idle_memory, project)
     os.environ["STOCKADE_MICROVM_SNAPSHOTS"] = "1"
     anyio.run(create_and_exec, project, 1)  # makes sure the snapshot exists
-    warm_ready, warm_first, restored = anyio.run(create_and_exec, project, args.runs * 2)
+    warm_ready, warm_first, restored, warm_cpu = anyio.run(create_and_exec, project, args.runs * 2)
     assert all(restored), "sandboxes were not restored from the snapshot"
     warm_mem = anyio.run(idle_memory, project)
     snapshots = sorted(
@@ -244,6 +264,14 @@ def main() -> None:
             f"{value / base:>6.2f}x  {goal}"
         )
     print(
+        f"\nQEMU CPU time (user+sys) medians: raw boot to poweroff {statistics.median(raw_cpu):.0f}"
+        f" ms; cold boot to first exec {statistics.median(cold_cpu):.0f} ms "
+        f"({statistics.median(cold_cpu) / statistics.median(raw_cpu):.2f}x raw); restore to "
+        f"first exec {statistics.median(warm_cpu):.0f} ms "
+        f"({statistics.median(cold_cpu) / statistics.median(warm_cpu):.1f}x less than cold)"
+    )
+    print(f"load average at end: {os.getloadavg()}")
+    print(
         f"\n{args.concurrent} sandboxes created at once from the snapshot: all ran `true` after "
         f"{total * 1000:.0f} ms (per sandbox median {median_ms(each):.0f} ms); "
         f"QEMU PSS median {statistics.median(pss) / 1024:.0f} MiB"
@@ -255,7 +283,8 @@ def main() -> None:
     )
     print(f"snapshot files: {[f'{p.stat().st_size / 1e6:.0f} MB' for p in snapshots]}")
     results.update(
-        raw_ms=raw, cold_ready=cold_ready, cold_first=cold_first, warm_ready=warm_ready,
+        raw_ms=raw, raw_cpu_ms=raw_cpu, cold_cpu_ms=cold_cpu, warm_cpu_ms=warm_cpu,
+        cold_ready=cold_ready, cold_first=cold_first, warm_ready=warm_ready,
         warm_first=warm_first, vmm_restore=vmm, concurrent_total=total, concurrent_each=each,
         concurrent_pss_kib=pss, cold_mem_kib=cold_mem, warm_mem_kib=warm_mem,
         pool_ready=pool_ready, pool_first=pool_first,

@@ -123,9 +123,10 @@ def snapshot_dir() -> Path:
 def snapshot_key(image: VmImage, accel: str, vcpus: int, memory_mib: int, disks: int) -> str:
     """Everything a restore must match: image, VMM and its version, machine size, devices."""
     from stockade.backends.microvm.accel import qemu_version
+    from stockade.backends.microvm.qemu import tcg_cpu
 
     blob = json.dumps(
-        [image.key, accel, qemu_version(), vcpus, memory_mib, disks, _host_tsc()],
+        [image.key, accel, qemu_version(), vcpus, memory_mib, disks, _host_tsc(), tcg_cpu()],
         separators=(",", ":"),
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -748,6 +749,13 @@ class MicrovmBackend(Backend):
                 if hello.get("launcher") != 1:
                     raise SandboxStartError(f"unexpected first message from the guest: {hello}")
                 if plan.snapshot is not None:
+                    # Run configuring's code paths once first: lazy imports, caches and the
+                    # page cache they fill are then in the snapshot, not paid per restore.
+                    await vm.channel.send(_frame({"warmup": True}))
+                    with anyio.fail_after(READY_TIMEOUT):
+                        warm = await reader.frame()
+                    if not warm.get("warm"):
+                        raise SandboxStartError(f"the guest did not warm up: {warm}")
                     await self._take_snapshot(vm, plan.snapshot)
             config = build_guest_config(
                 spec, workspace=plan.workspace, now_ns=time.time_ns(), seed=os.urandom(64)

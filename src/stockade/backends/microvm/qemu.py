@@ -82,6 +82,11 @@ def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
     return None
 
 
+def tcg_cpu() -> str:
+    """The CPU model emulated under TCG (``$STOCKADE_MICROVM_TCG_CPU``, else ``max``)."""
+    return os.environ.get("STOCKADE_MICROVM_TCG_CPU") or "max"
+
+
 def build_qemu_argv(
     spec: VmSpec,
     *,
@@ -101,7 +106,7 @@ def build_qemu_argv(
         "-M",
         f"microvm,accel={accel}",
         "-cpu",
-        "host" if accel == "kvm" else "max",
+        "host" if accel == "kvm" else tcg_cpu(),
         "-smp",
         str(spec.vcpus),
         "-m",

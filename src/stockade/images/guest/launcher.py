@@ -189,6 +189,7 @@ def setup_workspace(agent: Any, fd: int, ws: dict[str, Any], user: list[int] | N
     os.makedirs(WS_STATE, exist_ok=True)
     size_opt = f",size={ws['upper_size']}" if ws.get("upper_size") else ""
     mount("stockade-ws", WS_STATE, "tmpfs", 0, f"mode=0755{size_opt}")
+    mark("ws tmpfs")
     lower = f"{WS_STATE}/lower"
     os.mkdir(lower, 0o755)
     if ws["source"] == "stream":
@@ -202,11 +203,13 @@ def setup_workspace(agent: Any, fd: int, ws: dict[str, Any], user: list[int] | N
             write_all(spool, block)
             remaining -= len(block)
         os.lseek(spool, 0, 0)
+        mark("ws received")
         with os.fdopen(spool, "rb") as tar:
             agent.extract_tar(tar, lower)
         os.chmod(lower, int(ws.get("root_mode", 0o755)))
         if user:
             chown_tree(lower, int(user[0]), int(user[1]))
+        mark("ws extracted")
     else:
         device = f"/dev/{ws['device']}"
         with open(device, "rb") as dev:
@@ -228,6 +231,7 @@ def setup_workspace(agent: Any, fd: int, ws: dict[str, Any], user: list[int] | N
     # No redirect or metacopy xattrs: the host reads this upper layer back for diff/apply.
     options = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off"
     mount("stockade-workspace", target, "overlay", 0, options)
+    mark("ws overlay")
     # Files that would run code on the host later stay read-only inside, as on every
     # backend (the host never applies them either).
     for rel in ws.get("protected", ()):
@@ -258,21 +262,26 @@ def warm_up(agent: Any) -> None:
         agent.json_loads(agent.json_dumps({"env": dict(os.environ), "n": [1, 2.5, None]}).decode())
         os.makedirs(f"{scratch}/x/y", exist_ok=True)
         seed_entropy(os.urandom(32))
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                os.execv("/bin/true", ["true"])  # noqa: S606
-            finally:
-                os._exit(127)
+        # The agent starts commands with posix_spawn: the same path, and /bin/true's pages.
+        pid = os.posix_spawn("/bin/true", ["true"], {}, setsid=True)
         os.waitpid(pid, 0)
+        for path in ETC_FILES:
+            # Opened for writing, the root overlay copies the file up to its tmpfs layer
+            # now (in a snapshot), not when configuring rewrites it.
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+            except OSError:
+                pass
     finally:
         _LIBC[0].umount2(scratch.encode(), 2)  # MNT_DETACH
 
 
 CLOCK_SOCKET = "/run/stockade/clock.sock"
+#: Files every sandbox's configuration rewrites (backend.py ``_etc_files``).
+ETC_FILES = ("/etc/hosts", "/etc/hostname", "/etc/passwd", "/etc/group")
 
 
-def start_clock_helper(channel_fd: int) -> None:
+def start_clock_helper() -> None:
     """Keep one root process that only sets the clock and reseeds entropy on request.
 
     Commands run unprivileged, yet a VM restored from a named snapshot must get the host's
@@ -288,7 +297,7 @@ def start_clock_helper(channel_fd: int) -> None:
     if os.fork() != 0:
         sock.close()
         return
-    os.close(channel_fd)  # pragma: no cover - the helper child from here on
+    # pragma: no cover - the helper child from here on (forked before the channel opens)
     while True:
         try:
             conn, _ = sock._accept()  # type: ignore[attr-defined]
@@ -349,10 +358,19 @@ def start_docker(fd: int, docker: dict[str, Any]) -> None:
         os._exit(127)
 
 
+MARKS: list[Any] = []
+
+
+def mark(label: str) -> None:
+    """Guest uptime at a step of configuring: the host logs them (where restores spend)."""
+    MARKS.append([label, uptime()])
+
+
 def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
     """Apply the host's configuration; return the agent's arguments."""
     time.clock_settime_ns(time.CLOCK_REALTIME, int(config["time_ns"]))
     seed_entropy(agent.binascii.a2b_base64(config["seed"]))
+    mark("clock+seed")
     hostname = config.get("hostname")
     if hostname:
         import _socket
@@ -360,6 +378,7 @@ def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
         _socket.sethostname(hostname)
     for path, data, mode in config.get("files", ()):
         write_file(path, agent.binascii.a2b_base64(data), int(mode))
+    mark("files")
     if config.get("disk_bytes"):
         # The root's writes (outside the workspace) count against the disk limit too.
         mount("", "/run/stockade/rootrw", None, MS_REMOUNT, f"size={int(config['disk_bytes'])}")
@@ -367,14 +386,15 @@ def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
         os.makedirs(directory, exist_ok=True)
     os.environ.clear()
     os.environ.update(config.get("env", {}))
+    mark("files+env")
     ws = config.get("workspace")
     if ws:
         setup_workspace(agent, fd, ws, config.get("user"))
+        mark("workspace")
     if config.get("docker"):
         start_docker(fd, config["docker"])
     user = config.get("user")
     if user:
-        start_clock_helper(fd)
         uid, gid = int(user[0]), int(user[1])
         for directory in config.get("dirs", ()):
             os.chown(directory, uid, gid)
@@ -395,14 +415,23 @@ def main() -> None:
     agent = load_agent()
     # What configuring and serving will need, loaded now: a snapshot taken while we wait
     # for the host then holds it, and restored sandboxes do not pay for it.
+    # The agent's own lazy imports on its start and exec paths too (`resource` is a shared
+    # object: a dlopen from the root image after a restore costs ~0.1 s under TCG).
+    import _socket  # noqa: F401
     import ctypes
     import fcntl  # noqa: F401
+    import resource  # noqa: F401
+    import shutil  # noqa: F401
+    import stat  # noqa: F401
     import struct  # noqa: F401
     import tarfile  # noqa: F401
+    import termios  # noqa: F401
 
     _LIBC.append(ctypes.CDLL(None, use_errno=True))
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     opts = cmdline()
+    # Forked now, so that a snapshot holds it: a fork after a restore is slow under TCG.
+    start_clock_helper()
     try:
         fd = open_channel(opts.get("agent", "serial"))
     except OSError as exc:
@@ -436,7 +465,11 @@ def main() -> None:
         except OSError:
             pass
         return
-    send(agent, fd, {"ok": True, "uptime_config": received, "uptime_done": uptime()})
+    send(
+        agent,
+        fd,
+        {"ok": True, "uptime_config": received, "uptime_done": uptime(), "marks": MARKS},
+    )
     sys.argv = [AGENT, *args]
     status = agent.main(["--fd-in", str(fd), "--fd-out", str(fd), *args])
     say(f"agent exited with status {status}")
