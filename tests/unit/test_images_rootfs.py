@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,27 @@ def test_image_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.delenv("STOCKADE_IMAGE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert image_cache_dir() == tmp_path / "xdg" / "stockade" / "images"
+
+
+def test_vm_cache_prunes_only_what_nobody_used_for_a_week(tmp_path: Path) -> None:
+    from stockade.images.vm import PRUNE_AFTER, _prune
+
+    cache = tmp_path / "vm"
+    (cache / "snapshots" / "current").mkdir(parents=True)
+    (cache / "snapshots" / "other-recent").mkdir()
+    (cache / "snapshots" / "other-old").mkdir()
+    for name in ("vmlinux-a", "initramfs-a", "initramfs-recent", "initramfs-old"):
+        (cache / name).write_bytes(b"x")
+    old = time.time() - PRUNE_AFTER - 60
+    for stale in ("initramfs-old", "initramfs-a", "snapshots/other-old", "snapshots/current"):
+        os.utime(cache / stale, (old, old))
+    _prune(cache, keep={"vmlinux-a", "initramfs-a"}, image_key="current")
+    left = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*"))
+    assert left == [
+        "initramfs-a",  # in use by this build, however old
+        "initramfs-recent",  # another version used it lately
+        "snapshots",
+        "snapshots/current",
+        "snapshots/other-recent",
+        "vmlinux-a",
+    ]

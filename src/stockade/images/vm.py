@@ -408,14 +408,28 @@ def _root_image(cache: Path, tree: Path, rootfs_key: str, say: Progress) -> Path
     return final
 
 
-def _prune(cache: Path, *, keep: set[str], image_key: str) -> None:
-    """Drop kernels, initramfs images and snapshots that an earlier build left behind.
+#: Unused kernels, initramfs images and snapshots are removed after this long: another
+#: stockade version (another checkout, a virtualenv) may still be using them.
+PRUNE_AFTER = 7 * 24 * 3600
 
-    Root images of other profiles stay (they are other recipes). A VM still running from a
-    removed file keeps it open, so this never breaks a sandbox.
+
+def _stale(path: Path, now: float) -> bool:
+    try:
+        return now - path.stat().st_mtime > PRUNE_AFTER
+    except OSError:
+        return False
+
+
+def _prune(cache: Path, *, keep: set[str], image_key: str) -> None:
+    """Drop kernels, initramfs images and snapshots no build has used for ``PRUNE_AFTER``.
+
+    Every ``ensure_vm_image`` marks the files it uses as fresh, so what another stockade
+    version still uses stays. Root images of other profiles stay (they are other recipes).
+    A VM still running from a removed file keeps it open, so this never breaks a sandbox.
     """
+    now = time.time()
     for path in [*cache.glob("vmlinux-*"), *cache.glob("initramfs-*")]:
-        if path.name not in keep:
+        if path.name not in keep and _stale(path, now):
             with contextlib.suppress(OSError):
                 path.unlink()
     snapshots = cache / "snapshots"
@@ -425,7 +439,7 @@ def _prune(cache: Path, *, keep: set[str], image_key: str) -> None:
             with contextlib.suppress(OSError, ValueError):
                 keys.add(str(json.loads(current.read_text())["key"]))
         for entry in snapshots.iterdir():
-            if entry.name not in keys:
+            if entry.name not in keys and _stale(entry, now):
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
@@ -457,6 +471,9 @@ def ensure_vm_image(
         initrd=initrd,
         rootfs=root,
     )
+    for used in (kernel, initrd, root, cache / "snapshots" / image.key):
+        with contextlib.suppress(OSError):
+            os.utime(used)  # fresh: not pruned while this version is in use
     _prune(cache, keep={kernel.name, initrd.name}, image_key=image.key)
     (cache / f"current-{profile}.json").write_text(
         json.dumps({k: str(v) for k, v in image.__dict__.items()}, indent=1) + "\n"
