@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import ClassVar, Self
 
 import anyio
-import httpx
 from anyio.abc import ByteStream, Process, SocketStream
 
 from stockade._errors import SandboxStartError, SandboxStateError
@@ -376,6 +375,8 @@ class VmmApi(abc.ABC):
         timeout: float,
         headers: dict[str, str] | None = None,
     ) -> None:
+        import httpx  # lazy: importing it costs ~0.3 s, paid only when a VMM is driven
+
         self.socket_path = socket_path
         self._client = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
@@ -401,6 +402,8 @@ class VmmApi(abc.ABC):
     async def wait_ready(self, *, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
         """Poll ``ping`` until the API answers, the process dies, or ``timeout`` passes."""
         deadline = anyio.current_time() + timeout
+        import httpx
+
         last: BaseException | None = None
         while anyio.current_time() < deadline:
             if not alive():

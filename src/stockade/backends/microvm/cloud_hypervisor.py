@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
-import httpx
 from anyio.abc import ByteStream
 
 from stockade._errors import SandboxStartError
@@ -194,6 +193,8 @@ class CloudHypervisorApi(VmmApi):
         await self.call("GET", "vmm.ping")
 
     async def call(self, method: str, endpoint: str, body: dict[str, Any] | None = None) -> Any:
+        import httpx
+
         try:
             response = await self._client.request(method, f"/{endpoint}", json=body)
         except httpx.HTTPError as exc:

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import anyio
-import httpx
 from anyio.abc import ByteStream
 
 from stockade._errors import SandboxStartError
@@ -339,6 +338,8 @@ class FirecrackerApi(VmmApi):
 
     async def send(self, request: ApiRequest) -> Any:
         """Send one request; return the decoded JSON answer (None for 204)."""
+        import httpx
+
         try:
             response = await self._client.request(request.method, request.path, json=request.body)
         except httpx.HTTPError as exc:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
-import httpx
 from anyio.abc import ByteStream, SocketListener
 
 from stockade._errors import SandboxStartError
@@ -122,6 +121,8 @@ class VfkitVm(VmmVm):
 
     async def _shutdown(self) -> None:
         """A graceful ``Stop`` over the REST socket; wait for vfkit to exit."""
+        import httpx
+
         async with httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=str(self.rest_socket)),
             base_url="http://localhost",
