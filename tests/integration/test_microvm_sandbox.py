@@ -389,6 +389,44 @@ def test_restored_vms_get_fresh_clock_and_entropy(microvm: str, project: Path) -
     assert outputs[0] != outputs[1]
 
 
+def test_restored_vms_share_nothing_of_each_other(
+    microvm: str, project: Path, tmp_path: Path
+) -> None:
+    # Two sandboxes restored from the same image snapshot: what the first one was given
+    # (root, hostname, env, workspace) or did (files, processes) is not in the second.
+    marker = uuid.uuid4().hex
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text(marker)
+    first = Sandbox.create(
+        project_dir=other,
+        backend=microvm,
+        env={"LEAK_MARK": marker},
+        config={"microvm.user": "root", "hostname": "alpha"},
+    )
+    with first:
+        assert first._inner._launched.restored  # type: ignore[attr-defined]
+        r = first.commands.run(
+            f"id -u; hostname; cat mine.txt; echo; echo {marker} > /tmp/left;"
+            f" echo {marker} > /etc/left; echo {marker} > ws.txt; echo $LEAK_MARK"
+        )
+        assert r.stdout.split() == ["0", "alpha", marker, marker]
+        first.commands.run(["sleep", "4242"], background=True)
+    with Sandbox.create(project_dir=project, backend=microvm) as second:
+        assert second._inner._launched.restored  # type: ignore[attr-defined]
+        r = second.commands.run("id -u; hostname; ls; env; cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+        lines = r.stdout.splitlines()
+        assert lines[:2] == ["1000", "sandbox"]
+        assert "mine.txt" not in r.stdout and "ws.txt" not in r.stdout
+        assert marker not in r.stdout and "LEAK_MARK" not in r.stdout
+        assert "4242" not in r.stdout and "alpha" not in r.stdout
+        found = second.commands.run(
+            f"grep -rl {marker} /tmp /etc /root /home /run /var /workspace 2>/dev/null; true"
+        )
+        assert found.stdout.strip() == ""
+        assert second.commands.run("cat /etc/hosts /etc/hostname").stdout.count("alpha") == 0
+
+
 def test_snapshot_restore_fork_sdk(microvm: str, project: Path) -> None:
     from stockade.backends.microvm.snapshots import (
         fork_sandbox,
