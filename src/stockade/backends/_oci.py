@@ -789,3 +789,60 @@ def wait_gone(pid: int, timeout: float) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+async def launch_container(
+    spec: LaunchSpec,
+    runtime: OciRuntime,
+    *,
+    image: str,
+    rootless: bool,
+    seccomp: bool,
+    landlock: bool,
+    user_space_kernel: bool = False,
+    overlay_extra: str = "",
+) -> OciContainerSandbox:
+    """Write the bundle of ``spec`` and start it with ``<runtime> run`` (runc, crun, runsc).
+
+    ``image`` is ``"host"`` (the host's /usr read-only) or an image name; ``overlay_extra``
+    is shell run in the workspace overlay's mount namespace before the runtime starts.
+    """
+    from stockade.backends.bubblewrap import compiled_agent
+
+    rootfs = host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image, spec.state_dir)
+    # The agent compiled by the host's Python only runs on the same interpreter.
+    agent = (
+        compiled_agent(spec.agent_source, spec.cache_dir) if rootfs.host_usr else spec.agent_source
+    )
+    prefix, merged = overlay_prefix(spec, extra=overlay_extra, rootfs=rootfs)
+    cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)
+    config = build_config(
+        spec,
+        rootfs=rootfs,
+        workspace_source=merged,
+        agent=agent,
+        cgroups_path=cgroups_path,
+        seccomp=seccomp,
+        landlock=landlock,
+        user_space_kernel=user_space_kernel,
+    )
+    bundle = write_bundle(spec.state_dir, config)
+    container_id = CONTAINER_PREFIX + spec.sandbox_id
+    log_path = spec.state_dir / "sandbox.log"
+    argv = [*prefix, *runtime.argv("run", "--bundle", str(bundle), container_id)]
+    watchdog = start_watchdog(runtime, container_id)
+    try:
+        process = await open_runtime_process(argv, log_path)
+    except SandboxStartError:
+        if watchdog.stdin is not None:
+            watchdog.stdin.close()
+        raise
+    return OciContainerSandbox(
+        process,
+        log_path,
+        runtime=runtime,
+        container_id=container_id,
+        sandbox_id=spec.sandbox_id,
+        watchdog=watchdog,
+        cgroups_path=cgroups_path,
+    )
