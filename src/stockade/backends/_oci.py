@@ -289,6 +289,48 @@ def agent_dir(state_dir: Path, agent: Path, guest_agent: str) -> Path:
     return directory
 
 
+def system_binds(spec: LaunchSpec, *, host_usr: bool) -> list[tuple[str | Path, str]]:
+    """Read-only (source, destination) binds of the system view: with ``host_usr`` the
+    host's /usr, top-level library dirs and allowlisted /etc files; always the synthetic
+    /etc files (passwd, hosts, ...) of ``spec``."""
+    from stockade.backends.bubblewrap import _SYNTHETIC_ETC, ETC_ALLOWLIST, _etc_dir
+
+    binds: list[tuple[str | Path, str]] = []
+    if host_usr:
+        binds.append(("/usr", "/usr"))
+        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            host = Path("/") / top
+            if host.is_dir() and not host.is_symlink():
+                binds.append((host, f"/{top}"))
+        for name in ETC_ALLOWLIST:
+            if os.path.lexists(f"/etc/{name}"):
+                binds.append((f"/etc/{name}", f"/etc/{name}"))
+    etc = _etc_dir(spec)
+    for name in _SYNTHETIC_ETC:
+        binds.append((etc / name, f"/etc/{name}"))
+    return binds
+
+
+def guest_agent_path(agent: Path) -> str:
+    """Where the agent ``agent`` (source or compiled ``.pyc``) stands inside the sandbox."""
+    return AGENT_GUEST_PATH + ("c" if agent.suffix == ".pyc" else "")
+
+
+def agent_binds(spec: LaunchSpec, agent: Path) -> list[tuple[str | Path, str]]:
+    """Read-only (source, destination) binds of the agent's directory and egress files.
+
+    The agent's whole directory: a mount point made inside a writable /run would belong to
+    whoever the runtime creates it as (the sandbox user, under gVisor).
+    """
+    guest_agent = guest_agent_path(agent)
+    binds: list[tuple[str | Path, str]] = [
+        (agent_dir(spec.state_dir, agent, guest_agent), posixpath.dirname(guest_agent))
+    ]
+    if spec.egress is not None:
+        binds.extend(spec.egress.files)
+    return binds
+
+
 def _bind(source: str | Path, dest: str, *, ro: bool = True) -> dict[str, Any]:
     options = ["rbind", "nosuid", "nodev", "ro" if ro else "rw"]
     return {"destination": dest, "type": "bind", "source": str(source), "options": options}
@@ -332,7 +374,6 @@ def build_config(
     and memory count against it; it gets headroom, and the sandbox's own processes are held
     to the policy's numbers by rlimits that the Sentry enforces.
     """
-    from stockade.backends.bubblewrap import _SYNTHETIC_ETC, ETC_ALLOWLIST, _etc_dir
 
     policy = spec.policy
     limits = policy.limits
@@ -350,32 +391,13 @@ def build_config(
         },
         _tmpfs("/dev/shm", "nosuid", "noexec", "nodev", "mode=1777", "size=65536k"),
     ]
-    if rootfs.host_usr:
-        mounts.append(_bind("/usr", "/usr"))
-        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-            host = Path("/") / top
-            if host.is_dir() and not host.is_symlink():
-                mounts.append(_bind(host, f"/{top}"))
-        for name in ETC_ALLOWLIST:
-            if os.path.lexists(f"/etc/{name}"):
-                mounts.append(_bind(f"/etc/{name}", f"/etc/{name}"))
-    etc = _etc_dir(spec)
-    for name in _SYNTHETIC_ETC:
-        mounts.append(_bind(etc / name, f"/etc/{name}"))
+    mounts.extend(_bind(src, dest) for src, dest in system_binds(spec, host_usr=rootfs.host_usr))
     tmp_size = limits.disk_bytes or limits.memory_bytes
     size = [f"size={tmp_size}"] if tmp_size else []
     mounts.append(_tmpfs("/tmp", "nosuid", "nodev", "mode=1777", *size))
     mounts.append(_tmpfs("/tmp/home", "nosuid", "nodev", "mode=700", f"uid={uid}", f"gid={uid}"))
     mounts.append(_tmpfs("/run", "nosuid", "nodev", "mode=755", "uid=0", "gid=0", "size=16m"))
-    guest_agent = AGENT_GUEST_PATH + ("c" if agent.suffix == ".pyc" else "")
-    # The agent's whole directory read-only: a mount point made inside a writable /run
-    # would belong to whoever the runtime creates it as (the sandbox user, under gVisor).
-    mounts.append(
-        _bind(agent_dir(spec.state_dir, agent, guest_agent), posixpath.dirname(guest_agent))
-    )
-    if spec.egress is not None:
-        for host_file, guest_file in spec.egress.files:
-            mounts.append(_bind(host_file, guest_file))
+    mounts.extend(_bind(src, dest) for src, dest in agent_binds(spec, agent))
 
     if ws.mode == "none" or ws.host_path is None:
         cwd = "/tmp/home"
@@ -428,7 +450,7 @@ def build_config(
             "args": agent_argv(
                 spec,
                 python=rootfs.python,
-                guest_agent=guest_agent,
+                guest_agent=guest_agent_path(agent),
                 cwd=cwd,
                 landlock=landlock,
                 # No cgroup (unprivileged on cgroup v1): per-process rlimits instead.
