@@ -23,7 +23,6 @@ import os
 import posixpath
 import select
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -706,24 +705,15 @@ class OciContainerSandbox(ProcessSandbox):
             # a signal now would cut its own cleanup short.
             with anyio.move_on_after(grace):
                 await self.process.wait()
-            if self.process.returncode is None:
-                # The runtime forwards SIGTERM to the agent, which takes its children down.
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.send_signal(signal.SIGTERM)
-                with anyio.move_on_after(grace):
-                    await self.process.wait()
+            # The runtime forwards SIGTERM to the agent, which takes its children down.
+            await self._term_process(grace)
             if self.process.returncode is None:
                 await anyio.to_thread.run_sync(
                     lambda: self.runtime.run("kill", self.container_id, "KILL")
                 )
                 with anyio.move_on_after(5):
                     await self.process.wait()
-            if self.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
-            with contextlib.suppress(Exception):
-                await self.channel.aclose()
+            await self._kill_process_and_close()
             survivors = await anyio.to_thread.run_sync(self._delete_and_verify)
             if survivors:
                 raise SandboxStateError(
