@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import require_backend
+from sandbox_helpers import HelloHandler, host_pids, serve_http
 from stockade import ExecTimeoutError, Sandbox
 
 pytestmark = pytest.mark.timeout(180)
@@ -102,20 +101,6 @@ def inside_pids(sb: Sandbox, marker: str) -> list[str]:
         "        if m in c.replace(b'\\0', b' '): print(p)\n"
     )
     return sb.commands.run(["python3", "-c", script, marker]).stdout.split()
-
-
-def host_pids(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 # --- exec, stdin, signals, timeouts, PTY, files -------------------------------------------
@@ -261,26 +246,10 @@ def test_limits_fork_bomb_and_memory_hog(target: str, tmp_path: Path) -> None:
 # --- secrets and network -------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"hello from the host"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def host_server() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
+    with serve_http(HelloHandler) as port:
+        yield port
 
 
 def test_secrets_are_invisible(

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from conftest import require_backend
+from sandbox_helpers import run_as_nobody
 from stockade import PolicyError, Sandbox
 
 pytestmark = pytest.mark.timeout(180)
@@ -210,54 +211,13 @@ def test_kill_9_of_supervisor_then_rm_leaves_nothing(target: str, project: Path)
 def test_unprivileged_user(target: str, tmp_path: Path) -> None:
     """Rootless: the runtime runs in a user namespace of the caller, limits by rlimits."""
     require_backend(target)
-    uid_cmd: list[str] = []
-    if os.getuid() == 0:
-        uid_cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        probe = subprocess.run(
-            [*uid_cmd, sys.executable, "-c", "import stockade.sandbox"], capture_output=True
-        )
-        if probe.returncode != 0:
-            pytest.skip(
-                "this Python environment is not readable by uid 65534: "
-                + probe.stderr.decode(errors="replace")[-200:]
-            )
-    import shutil
-    import tempfile
-
     backend, _, engine = target.partition("/")
     config = {"container.engine": engine} if engine else {}
-    home = Path(tempfile.mkdtemp(prefix="stockade-nobody-", dir="/tmp"))
-    (home / "project").mkdir(parents=True)
-    (home / "project" / "a.txt").write_text("a\n")
-    if os.getuid() == 0:
-        for p in [home, home / "project", home / "project" / "a.txt"]:
-            os.chown(p, 65534, 65534)
-    script = (
-        "from stockade import Sandbox\n"
-        f"with Sandbox.create(project_dir={str(home / 'project')!r}, backend={backend!r}, "
-        f"config={config!r}, pids=128) as sb:\n"
-        "    r = sb.commands.run('echo b > b.txt; cat a.txt')\n"
-        "    net = sb.commands.run('curl -s -o /dev/null -w %{http_code} http://example.com/')\n"
-        "    print(r.exit_code, r.stdout.split(), sorted(c.path for c in sb.workspace.diff()),\n"
-        "          net.stdout)\n"
+    r = run_as_nobody(
+        f"backend={backend!r}, config={config!r}, pids=128",
+        "echo b > b.txt; cat a.txt",
+        timeout=120,
     )
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(home),
-        "STOCKADE_STATE_DIR": str(home / "state"),
-        "XDG_CONFIG_HOME": str(home / "config"),
-    }
-    try:
-        r = subprocess.run(
-            [*uid_cmd, sys.executable, "-c", script],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=home,
-            timeout=120,
-        )
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "0 ['a'] ['b.txt'] 403"
 

@@ -11,37 +11,21 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from sandbox_helpers import HelloHandler, QuietHandler, serve_http
 from stockade import Sandbox
 
 pytestmark = pytest.mark.timeout(180)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"hello from the host"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def host_server() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
+    with serve_http(HelloHandler) as port:
+        yield port
 
 
 @pytest.fixture(autouse=True, params=["fd", "framed"])
@@ -211,7 +195,7 @@ def test_pip_fails_with_the_policy_reason_by_default(namespace_backend: str, pro
         assert "stockade network policy" in r.stdout + r.stderr
 
 
-class _RecordingHandler(BaseHTTPRequestHandler):
+class _RecordingHandler(QuietHandler):
     seen: list[tuple[str, str]] = []
 
     def do_GET(self) -> None:
@@ -219,13 +203,7 @@ class _RecordingHandler(BaseHTTPRequestHandler):
             (self.headers.get("Host", ""), self.headers.get("Authorization", ""))
         )
         body = b"recorded"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.send_body(body)
 
 
 def test_secret_reaches_only_its_host_and_never_the_sandbox(
@@ -288,7 +266,7 @@ def test_secret_reaches_only_its_host_and_never_the_sandbox(
             server.shutdown()
 
 
-class _PatternHandler(BaseHTTPRequestHandler):
+class _PatternHandler(QuietHandler):
     """GET /N answers N bytes of a fixed pattern; POST answers the sha256 of its body."""
 
     def do_GET(self) -> None:
@@ -307,13 +285,7 @@ class _PatternHandler(BaseHTTPRequestHandler):
 
         digest = hashlib.sha256(self.rfile.read(int(self.headers["Content-Length"])))
         body = digest.hexdigest().encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.send_body(body)
 
 
 def test_the_agreed_path_carries_every_connection_intact(

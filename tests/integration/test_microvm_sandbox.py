@@ -11,16 +11,15 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
 from conftest import require_backend
+from sandbox_helpers import ReachableHandler, serve_http
 from stockade import ExecTimeoutError, Sandbox, SandboxStateError
 
 pytestmark = pytest.mark.timeout(300)
@@ -182,22 +181,8 @@ def test_host_secrets_are_invisible(
         secret_dir.rmdir()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"reachable")
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_no_network_but_the_proxy(sb: Sandbox) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Handler)
-    port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve_http(ReachableHandler) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=2):
             pass
         script = (
@@ -227,8 +212,6 @@ def test_no_network_but_the_proxy(sb: Sandbox) -> None:
         )
         r = sb.commands.run(["python3", "-c", probe])
         assert r.stdout.startswith("403"), (r.stdout, r.stderr)
-    finally:
-        server.shutdown()
 
 
 # --- root inside the VM ---------------------------------------------------------------

@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
+from sandbox_helpers import ReachableHandler, host_pids, run_as_nobody, serve_http
 from stockade import ExecTimeoutError, PolicyError, Sandbox
 
 pytestmark = pytest.mark.timeout(120)
@@ -31,20 +29,6 @@ def sb(namespace_backend: str, project: Path) -> Iterator[Sandbox]:
         yield sandbox
     finally:
         sandbox.close()
-
-
-def pids_with_marker(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def test_exec_basics(sb: Sandbox) -> None:
@@ -119,22 +103,8 @@ def test_tmp_and_workspace_are_writable(sb: Sandbox) -> None:
     assert sb.commands.run("echo x > /tmp/ok && echo y > ok.txt").exit_code == 0
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"reachable")
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_no_network_at_all(sb: Sandbox) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Handler)
-    port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve_http(ReachableHandler) as port:
         # The host service is reachable from the host...
         with socket.create_connection(("127.0.0.1", port), timeout=2):
             pass
@@ -160,8 +130,6 @@ def test_no_network_at_all(sb: Sandbox) -> None:
         assert lines[0] != "connected" and lines[1] != "connected" and lines[2] != "resolved"
         ifaces = sb.commands.run("ls /sys/class/net 2>/dev/null || cat /proc/net/dev").stdout
         assert "eth0" not in ifaces
-    finally:
-        server.shutdown()
 
 
 def test_seccomp_and_capabilities(sb: Sandbox) -> None:
@@ -214,7 +182,7 @@ def test_command_timeout(sb: Sandbox) -> None:
         sb.commands.run(f"sleep {marker} & sleep {marker}", timeout=0.5)
     assert info.value.result is not None and info.value.result.timed_out
     time.sleep(0.3)
-    assert pids_with_marker(f"sleep\x00{marker}") == []
+    assert host_pids(f"sleep\x00{marker}") == []
 
 
 def test_sandbox_close_leaves_no_process(namespace_backend: str, project: Path) -> None:
@@ -222,9 +190,9 @@ def test_sandbox_close_leaves_no_process(namespace_backend: str, project: Path) 
     sandbox = Sandbox.create(project_dir=project, backend=namespace_backend)
     sandbox.commands.run(f"setsid sleep {marker} >/dev/null 2>&1 < /dev/null &")
     time.sleep(0.2)
-    assert pids_with_marker(f"sleep\x00{marker}")
+    assert host_pids(f"sleep\x00{marker}")
     sandbox.close()
-    assert pids_with_marker(f"sleep\x00{marker}") == []
+    assert host_pids(f"sleep\x00{marker}") == []
 
 
 def test_host_backend_refuses_without_flag(project: Path) -> None:
@@ -256,52 +224,7 @@ def test_two_sandboxes_with_different_policies_in_one_process(
 
 def test_unprivileged_user(namespace_backend: str) -> None:
     """The namespace backend works for an unprivileged user too (rlimits instead of cgroups)."""
-    if os.getuid() != 0:
-        uid_cmd: list[str] = []
-    else:
-        uid_cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        probe = subprocess.run(
-            [*uid_cmd, sys.executable, "-c", "import stockade.sandbox"], capture_output=True
-        )
-        if probe.returncode != 0:
-            pytest.skip(
-                "this Python environment is not readable by uid 65534: "
-                + probe.stderr.decode(errors="replace")[-200:]
-            )
-    import shutil
-    import tempfile
-
-    home = Path(tempfile.mkdtemp(prefix="stockade-nobody-", dir="/tmp"))
-    (home / "project").mkdir(parents=True)
-    (home / "project" / "a.txt").write_text("a\n")
-    if os.getuid() == 0:
-        for p in [home, home / "project", home / "project" / "a.txt"]:
-            os.chown(p, 65534, 65534)
-    script = (
-        "from stockade import Sandbox\n"
-        f"with Sandbox.create(project_dir={str(home / 'project')!r}, backend='namespace', "
-        "pids=128) as sb:\n"
-        "    r = sb.commands.run('id -u; echo b > b.txt; cat a.txt')\n"
-        "    net = sb.commands.run('curl -s -o /dev/null -w %{http_code} http://example.com/')\n"
-        "    print(r.exit_code, r.stdout.split(), sorted(c.path for c in sb.workspace.diff()),\n"
-        "          net.stdout)\n"
-    )
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(home),
-        "STOCKADE_STATE_DIR": str(home / "state"),
-        "XDG_CONFIG_HOME": str(home / "config"),
-    }
-    try:
-        r = subprocess.run(
-            [*uid_cmd, sys.executable, "-c", script],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=home,
-        )
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    r = run_as_nobody("backend='namespace', pids=128", "id -u; echo b > b.txt; cat a.txt")
     assert r.returncode == 0, r.stderr[-3000:]
     # The egress proxy answers for the unprivileged user's sandbox too (403: denied).
     assert r.stdout.strip() == "0 ['1000', 'a'] ['b.txt'] 403"

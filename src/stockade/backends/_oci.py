@@ -23,7 +23,6 @@ import os
 import posixpath
 import select
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -289,6 +288,48 @@ def agent_dir(state_dir: Path, agent: Path, guest_agent: str) -> Path:
     return directory
 
 
+def system_binds(spec: LaunchSpec, *, host_usr: bool) -> list[tuple[str | Path, str]]:
+    """Read-only (source, destination) binds of the system view: with ``host_usr`` the
+    host's /usr, top-level library dirs and allowlisted /etc files; always the synthetic
+    /etc files (passwd, hosts, ...) of ``spec``."""
+    from stockade.backends.bubblewrap import _SYNTHETIC_ETC, ETC_ALLOWLIST, _etc_dir
+
+    binds: list[tuple[str | Path, str]] = []
+    if host_usr:
+        binds.append(("/usr", "/usr"))
+        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            host = Path("/") / top
+            if host.is_dir() and not host.is_symlink():
+                binds.append((host, f"/{top}"))
+        for name in ETC_ALLOWLIST:
+            if os.path.lexists(f"/etc/{name}"):
+                binds.append((f"/etc/{name}", f"/etc/{name}"))
+    etc = _etc_dir(spec)
+    for name in _SYNTHETIC_ETC:
+        binds.append((etc / name, f"/etc/{name}"))
+    return binds
+
+
+def guest_agent_path(agent: Path) -> str:
+    """Where the agent ``agent`` (source or compiled ``.pyc``) stands inside the sandbox."""
+    return AGENT_GUEST_PATH + ("c" if agent.suffix == ".pyc" else "")
+
+
+def agent_binds(spec: LaunchSpec, agent: Path) -> list[tuple[str | Path, str]]:
+    """Read-only (source, destination) binds of the agent's directory and egress files.
+
+    The agent's whole directory: a mount point made inside a writable /run would belong to
+    whoever the runtime creates it as (the sandbox user, under gVisor).
+    """
+    guest_agent = guest_agent_path(agent)
+    binds: list[tuple[str | Path, str]] = [
+        (agent_dir(spec.state_dir, agent, guest_agent), posixpath.dirname(guest_agent))
+    ]
+    if spec.egress is not None:
+        binds.extend(spec.egress.files)
+    return binds
+
+
 def _bind(source: str | Path, dest: str, *, ro: bool = True) -> dict[str, Any]:
     options = ["rbind", "nosuid", "nodev", "ro" if ro else "rw"]
     return {"destination": dest, "type": "bind", "source": str(source), "options": options}
@@ -332,7 +373,6 @@ def build_config(
     and memory count against it; it gets headroom, and the sandbox's own processes are held
     to the policy's numbers by rlimits that the Sentry enforces.
     """
-    from stockade.backends.bubblewrap import _SYNTHETIC_ETC, ETC_ALLOWLIST, _etc_dir
 
     policy = spec.policy
     limits = policy.limits
@@ -350,32 +390,13 @@ def build_config(
         },
         _tmpfs("/dev/shm", "nosuid", "noexec", "nodev", "mode=1777", "size=65536k"),
     ]
-    if rootfs.host_usr:
-        mounts.append(_bind("/usr", "/usr"))
-        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-            host = Path("/") / top
-            if host.is_dir() and not host.is_symlink():
-                mounts.append(_bind(host, f"/{top}"))
-        for name in ETC_ALLOWLIST:
-            if os.path.lexists(f"/etc/{name}"):
-                mounts.append(_bind(f"/etc/{name}", f"/etc/{name}"))
-    etc = _etc_dir(spec)
-    for name in _SYNTHETIC_ETC:
-        mounts.append(_bind(etc / name, f"/etc/{name}"))
+    mounts.extend(_bind(src, dest) for src, dest in system_binds(spec, host_usr=rootfs.host_usr))
     tmp_size = limits.disk_bytes or limits.memory_bytes
     size = [f"size={tmp_size}"] if tmp_size else []
     mounts.append(_tmpfs("/tmp", "nosuid", "nodev", "mode=1777", *size))
     mounts.append(_tmpfs("/tmp/home", "nosuid", "nodev", "mode=700", f"uid={uid}", f"gid={uid}"))
     mounts.append(_tmpfs("/run", "nosuid", "nodev", "mode=755", "uid=0", "gid=0", "size=16m"))
-    guest_agent = AGENT_GUEST_PATH + ("c" if agent.suffix == ".pyc" else "")
-    # The agent's whole directory read-only: a mount point made inside a writable /run
-    # would belong to whoever the runtime creates it as (the sandbox user, under gVisor).
-    mounts.append(
-        _bind(agent_dir(spec.state_dir, agent, guest_agent), posixpath.dirname(guest_agent))
-    )
-    if spec.egress is not None:
-        for host_file, guest_file in spec.egress.files:
-            mounts.append(_bind(host_file, guest_file))
+    mounts.extend(_bind(src, dest) for src, dest in agent_binds(spec, agent))
 
     if ws.mode == "none" or ws.host_path is None:
         cwd = "/tmp/home"
@@ -428,7 +449,7 @@ def build_config(
             "args": agent_argv(
                 spec,
                 python=rootfs.python,
-                guest_agent=guest_agent,
+                guest_agent=guest_agent_path(agent),
                 cwd=cwd,
                 landlock=landlock,
                 # No cgroup (unprivileged on cgroup v1): per-process rlimits instead.
@@ -684,24 +705,15 @@ class OciContainerSandbox(ProcessSandbox):
             # a signal now would cut its own cleanup short.
             with anyio.move_on_after(grace):
                 await self.process.wait()
-            if self.process.returncode is None:
-                # The runtime forwards SIGTERM to the agent, which takes its children down.
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.send_signal(signal.SIGTERM)
-                with anyio.move_on_after(grace):
-                    await self.process.wait()
+            # The runtime forwards SIGTERM to the agent, which takes its children down.
+            await self._term_process(grace)
             if self.process.returncode is None:
                 await anyio.to_thread.run_sync(
                     lambda: self.runtime.run("kill", self.container_id, "KILL")
                 )
                 with anyio.move_on_after(5):
                     await self.process.wait()
-            if self.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
-            with contextlib.suppress(Exception):
-                await self.channel.aclose()
+            await self._kill_process_and_close()
             survivors = await anyio.to_thread.run_sync(self._delete_and_verify)
             if survivors:
                 raise SandboxStateError(
@@ -789,3 +801,60 @@ def wait_gone(pid: int, timeout: float) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+async def launch_container(
+    spec: LaunchSpec,
+    runtime: OciRuntime,
+    *,
+    image: str,
+    rootless: bool,
+    seccomp: bool,
+    landlock: bool,
+    user_space_kernel: bool = False,
+    overlay_extra: str = "",
+) -> OciContainerSandbox:
+    """Write the bundle of ``spec`` and start it with ``<runtime> run`` (runc, crun, runsc).
+
+    ``image`` is ``"host"`` (the host's /usr read-only) or an image name; ``overlay_extra``
+    is shell run in the workspace overlay's mount namespace before the runtime starts.
+    """
+    from stockade.backends.bubblewrap import compiled_agent
+
+    rootfs = host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image, spec.state_dir)
+    # The agent compiled by the host's Python only runs on the same interpreter.
+    agent = (
+        compiled_agent(spec.agent_source, spec.cache_dir) if rootfs.host_usr else spec.agent_source
+    )
+    prefix, merged = overlay_prefix(spec, extra=overlay_extra, rootfs=rootfs)
+    cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)
+    config = build_config(
+        spec,
+        rootfs=rootfs,
+        workspace_source=merged,
+        agent=agent,
+        cgroups_path=cgroups_path,
+        seccomp=seccomp,
+        landlock=landlock,
+        user_space_kernel=user_space_kernel,
+    )
+    bundle = write_bundle(spec.state_dir, config)
+    container_id = CONTAINER_PREFIX + spec.sandbox_id
+    log_path = spec.state_dir / "sandbox.log"
+    argv = [*prefix, *runtime.argv("run", "--bundle", str(bundle), container_id)]
+    watchdog = start_watchdog(runtime, container_id)
+    try:
+        process = await open_runtime_process(argv, log_path)
+    except SandboxStartError:
+        if watchdog.stdin is not None:
+            watchdog.stdin.close()
+        raise
+    return OciContainerSandbox(
+        process,
+        log_path,
+        runtime=runtime,
+        container_id=container_id,
+        sandbox_id=spec.sandbox_id,
+        watchdog=watchdog,
+        cgroups_path=cgroups_path,
+    )

@@ -119,22 +119,30 @@ class ProcessSandbox(LaunchedSandbox):
         self._terminated = True
         with anyio.CancelScope(shield=True):
             self.capture_namespace_init()
-            if self.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.send_signal(signal.SIGTERM)
-                with anyio.move_on_after(grace):
-                    await self.process.wait()
-            if self.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
-            with contextlib.suppress(Exception):
-                await self.channel.aclose()
+            await self._term_process(grace)
+            await self._kill_process_and_close()
             survivors = await anyio.to_thread.run_sync(self._reap_everything)
             if survivors:
                 raise SandboxStateError(
                     f"processes of the sandbox survived teardown: {sorted(survivors)}"
                 )
+
+    async def _term_process(self, grace: float) -> None:
+        """SIGTERM the process if it still runs and wait for it up to ``grace`` seconds."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(grace):
+                await self.process.wait()
+
+    async def _kill_process_and_close(self) -> None:
+        """SIGKILL the process if it still runs, reap it, and close the channel."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        with contextlib.suppress(Exception):
+            await self.channel.aclose()
 
     def _reap_everything(self) -> set[int]:
         """Kill whatever is left in the cgroup / namespace and verify nothing survives."""

@@ -17,23 +17,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from stockade._errors import PolicyError, SandboxStartError
+from stockade._errors import PolicyError
 from stockade.backends._oci import (
-    CONTAINER_PREFIX,
     OciContainerSandbox,
     OciRuntime,
-    build_config,
-    host_rootfs,
-    image_rootfs,
-    open_runtime_process,
-    overlay_prefix,
+    launch_container,
     reap_container,
     runtime_state_root,
-    sandbox_cgroup_path,
-    start_watchdog,
     unshare_prefix,
     which,
-    write_bundle,
 )
 from stockade.backends.base import Availability, Backend, Capabilities, LaunchSpec
 
@@ -178,51 +170,15 @@ class GvisorBackend(Backend):
         )
 
     async def launch(self, spec: LaunchSpec) -> OciContainerSandbox:
-        from stockade.backends.bubblewrap import compiled_agent
-
         _runsc, version = runsc_platforms()
         platform = choose_platform(spec.policy.gvisor.platform, version)
         rootless = os.getuid() != 0
-        runtime = _runtime(platform, rootless=rootless)
-        image = spec.policy.gvisor.image
-        rootfs = (
-            host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image, spec.state_dir)
-        )
-        # The agent compiled by the host's Python only runs on the same interpreter.
-        agent = (
-            compiled_agent(spec.agent_source, spec.cache_dir)
-            if rootfs.host_usr
-            else spec.agent_source
-        )
-        prefix, merged = overlay_prefix(spec, rootfs=rootfs)
-        cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)
-        config = build_config(
+        return await launch_container(
             spec,
-            rootfs=rootfs,
-            workspace_source=merged,
-            agent=agent,
-            cgroups_path=cgroups_path,
+            _runtime(platform, rootless=rootless),
+            image=spec.policy.gvisor.image,
+            rootless=rootless,
             seccomp=False,  # the Sentry is the kernel; the host side is filtered by runsc
             landlock=False,  # gVisor has no Landlock; its own kernel is the boundary
             user_space_kernel=True,
-        )
-        bundle = write_bundle(spec.state_dir, config)
-        container_id = CONTAINER_PREFIX + spec.sandbox_id
-        log_path = spec.state_dir / "sandbox.log"
-        argv = [*prefix, *runtime.argv("run", "--bundle", str(bundle), container_id)]
-        watchdog = start_watchdog(runtime, container_id)
-        try:
-            process = await open_runtime_process(argv, log_path)
-        except SandboxStartError:
-            if watchdog.stdin is not None:
-                watchdog.stdin.close()
-            raise
-        return OciContainerSandbox(
-            process,
-            log_path,
-            runtime=runtime,
-            container_id=container_id,
-            sandbox_id=spec.sandbox_id,
-            watchdog=watchdog,
-            cgroups_path=cgroups_path,
         )

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import ByteStream
 
+from stockade._streams import PrefixedStream
 from stockade.egress.decide import NetworkRules, compile_rules, decide, with_allowed, with_denied
 from stockade.egress.rules import is_ip_literal
 
@@ -130,29 +131,6 @@ def _forwards(tcp: tuple[str, ...]) -> tuple[tuple[tuple[int, str], ...], tuple[
         if not is_ip_literal(bare) and local == port and not bare.startswith("*"):
             names.append(bare)
     return tuple(forwards), tuple(names)
-
-
-class PrefixedStream(ByteStream):
-    """A stream whose first bytes were already read: they are returned again first."""
-
-    def __init__(self, inner: ByteStream, prefix: bytes) -> None:
-        self._inner = inner
-        self._prefix = prefix
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        if self._prefix:
-            data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
-            return data
-        return await self._inner.receive(max_bytes)
-
-    async def send(self, item: bytes) -> None:
-        await self._inner.send(item)
-
-    async def send_eof(self) -> None:
-        await self._inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 class EgressRuntime:

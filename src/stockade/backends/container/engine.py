@@ -23,7 +23,6 @@ import hashlib
 import io
 import logging
 import os
-import posixpath
 import shlex
 import socket
 import struct
@@ -38,9 +37,9 @@ import anyio
 from anyio.abc import ByteStream, SocketStream
 
 from stockade._errors import SandboxStartError, SandboxStateError
-from stockade.backends._oci import agent_argv, agent_dir, which
+from stockade.backends._oci import agent_argv, agent_binds, guest_agent_path, system_binds, which
 from stockade.backends._process import tail
-from stockade.backends.base import AGENT_GUEST_PATH, Availability, LaunchedSandbox, LaunchSpec
+from stockade.backends.base import Availability, LaunchedSandbox, LaunchSpec
 
 if TYPE_CHECKING:
     import docker
@@ -311,8 +310,6 @@ def _create(spec: LaunchSpec, engine: str) -> tuple[Any, str, str | None, Any]:
     from docker.errors import APIError, DockerException
     from docker.types import Ulimit
 
-    from stockade.backends.bubblewrap import _SYNTHETIC_ETC, ETC_ALLOWLIST, _etc_dir
-
     policy = spec.policy
     ws = policy.workspace
     limits = policy.limits
@@ -332,31 +329,14 @@ def _create(spec: LaunchSpec, engine: str) -> tuple[Any, str, str | None, Any]:
                 )
         image, host_view = _ensure_image(client, policy.container.image)
         mounts: list[Any] = []
-        if host_view:
-            mounts.append(_mount("/usr", "/usr"))
-            for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-                host = Path("/") / top
-                if host.is_dir() and not host.is_symlink():
-                    mounts.append(_mount(host, f"/{top}"))
-            for name in ETC_ALLOWLIST:
-                if os.path.lexists(f"/etc/{name}"):
-                    mounts.append(_mount(f"/etc/{name}", f"/etc/{name}"))
-        etc = _etc_dir(spec)
-        for name in _SYNTHETIC_ETC:
-            mounts.append(_mount(etc / name, f"/etc/{name}"))
+        mounts.extend(_mount(src, dest) for src, dest in system_binds(spec, host_usr=host_view))
         if host_view:
             from stockade.backends.bubblewrap import compiled_agent
 
             agent = compiled_agent(spec.agent_source, spec.cache_dir)
         else:
             agent = spec.agent_source
-        guest_agent = AGENT_GUEST_PATH + ("c" if agent.suffix == ".pyc" else "")
-        mounts.append(
-            _mount(agent_dir(spec.state_dir, agent, guest_agent), posixpath.dirname(guest_agent))
-        )
-        if spec.egress is not None:
-            for host_file, guest_file in spec.egress.files:
-                mounts.append(_mount(host_file, guest_file))
+        mounts.extend(_mount(src, dest) for src, dest in agent_binds(spec, agent))
         if ws.mode == "none" or ws.host_path is None:
             cwd = "/tmp/home"
         else:
@@ -436,7 +416,11 @@ def _create(spec: LaunchSpec, engine: str) -> tuple[Any, str, str | None, Any]:
             runtime=runtime,
         )
         argv = agent_argv(
-            spec, python="/usr/bin/python3", guest_agent=guest_agent, cwd=cwd, landlock=True
+            spec,
+            python="/usr/bin/python3",
+            guest_agent=guest_agent_path(agent),
+            cwd=cwd,
+            landlock=True,
         )
         created = client.api.create_container(
             image,

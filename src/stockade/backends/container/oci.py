@@ -18,18 +18,12 @@ from pathlib import Path
 
 from stockade._errors import SandboxStartError
 from stockade.backends._oci import (
-    CONTAINER_PREFIX,
     OciContainerSandbox,
     OciRuntime,
-    build_config,
     host_rootfs,
-    image_rootfs,
-    open_runtime_process,
-    overlay_prefix,
+    launch_container,
     reap_container,
     runtime_state_root,
-    sandbox_cgroup_path,
-    start_watchdog,
     unshare_prefix,
     which,
 )
@@ -152,50 +146,16 @@ def reap_oci(sandbox_id: str) -> None:
 
 
 async def launch_oci(spec: LaunchSpec, engine: str) -> OciContainerSandbox:
-    from stockade.backends.bubblewrap import compiled_agent
-
     try:
         runtime = runtime_for(engine)
     except FileNotFoundError as exc:
         raise SandboxStartError(f"{engine} not found on PATH; {_FIX[engine]}") from exc
-    image = spec.policy.container.image
-    rootfs = host_rootfs(spec.state_dir) if image == "host" else image_rootfs(image, spec.state_dir)
-    agent = (
-        compiled_agent(spec.agent_source, spec.cache_dir) if rootfs.host_usr else spec.agent_source
-    )
-    prefix, merged = overlay_prefix(
-        spec, extra=_crun_fix() if engine == "crun" else "", rootfs=rootfs
-    )
-    rootless = os.getuid() != 0
-    cgroups_path = None if rootless else sandbox_cgroup_path(spec.sandbox_id)
-    config = build_config(
+    return await launch_container(
         spec,
-        rootfs=rootfs,
-        workspace_source=merged,
-        agent=agent,
-        cgroups_path=cgroups_path,
+        runtime,
+        image=spec.policy.container.image,
+        rootless=os.getuid() != 0,
         seccomp=True,
         landlock=True,
-    )
-    from stockade.backends._oci import write_bundle
-
-    bundle = write_bundle(spec.state_dir, config)
-    container_id = CONTAINER_PREFIX + spec.sandbox_id
-    log_path = spec.state_dir / "sandbox.log"
-    argv = [*prefix, *runtime.argv("run", "--bundle", str(bundle), container_id)]
-    watchdog = start_watchdog(runtime, container_id)
-    try:
-        process = await open_runtime_process(argv, log_path)
-    except SandboxStartError:
-        if watchdog.stdin is not None:
-            watchdog.stdin.close()
-        raise
-    return OciContainerSandbox(
-        process,
-        log_path,
-        runtime=runtime,
-        container_id=container_id,
-        sandbox_id=spec.sandbox_id,
-        watchdog=watchdog,
-        cgroups_path=cgroups_path,
+        overlay_extra=_crun_fix() if engine == "crun" else "",
     )

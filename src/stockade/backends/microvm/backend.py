@@ -42,6 +42,7 @@ from stockade._errors import (
     SandboxStartError,
     SandboxStateError,
 )
+from stockade._streams import PrefixedStream as _Prefixed
 from stockade.backends.base import (
     Availability,
     Backend,
@@ -310,27 +311,6 @@ class _FrameReader:
 def _frame(obj: dict[str, Any]) -> bytes:
     body = json.dumps(obj, separators=(",", ":")).encode()
     return len(body).to_bytes(4, "big") + body
-
-
-class _Prefixed(ByteStream):
-    def __init__(self, inner: ByteStream, prefix: bytes) -> None:
-        self._inner = inner
-        self._prefix = prefix
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        if self._prefix:
-            data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
-            return data
-        return await self._inner.receive(max_bytes)
-
-    async def send(self, item: bytes) -> None:
-        await self._inner.send(item)
-
-    async def send_eof(self) -> None:
-        await self._inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 # --- the sandbox -----------------------------------------------------------------------
