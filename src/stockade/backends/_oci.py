@@ -600,6 +600,20 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
+def stop_watchdog(watchdog: subprocess.Popen[bytes] | None) -> None:
+    """Tell a watchdog its sandbox ended in order ("done") and wait for it to exit."""
+    if watchdog is None or watchdog.stdin is None:
+        return
+    with contextlib.suppress(OSError):
+        watchdog.stdin.write(b"done\n")
+        watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()
+
+
 def start_watchdog(runtime: OciRuntime, container_id: str) -> subprocess.Popen[bytes]:
     """Start the watchdog of ``container_id`` in its own session (see ``watchdog_argv``)."""
     return subprocess.Popen(
@@ -749,16 +763,7 @@ class OciContainerSandbox(ProcessSandbox):
 
     def _stop_watchdog(self) -> None:
         watchdog, self._watchdog = self._watchdog, None
-        if watchdog is None or watchdog.stdin is None:
-            return
-        with contextlib.suppress(OSError):
-            watchdog.stdin.write(b"done\n")
-            watchdog.stdin.close()
-        try:
-            watchdog.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            watchdog.kill()
-            watchdog.wait()
+        stop_watchdog(watchdog)
 
 
 def reap_container(runtime: OciRuntime, sandbox_id: str) -> None:

@@ -37,7 +37,14 @@ import anyio
 from anyio.abc import ByteStream, SocketStream
 
 from stockade._errors import SandboxStartError, SandboxStateError
-from stockade.backends._oci import agent_argv, agent_binds, guest_agent_path, system_binds, which
+from stockade.backends._oci import (
+    agent_argv,
+    agent_binds,
+    guest_agent_path,
+    stop_watchdog,
+    system_binds,
+    which,
+)
 from stockade.backends._process import tail
 from stockade.backends.base import Availability, LaunchedSandbox, LaunchSpec
 
@@ -597,16 +604,7 @@ class EngineSandbox(LaunchedSandbox):
 
     def _stop_watchdog(self) -> None:
         watchdog, self._watchdog = self._watchdog, None
-        if watchdog is None or watchdog.stdin is None:
-            return
-        with contextlib.suppress(OSError):
-            watchdog.stdin.write(b"done\n")
-            watchdog.stdin.close()
-        try:
-            watchdog.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            watchdog.kill()
-            watchdog.wait()
+        stop_watchdog(watchdog)
 
 
 def _wait_processes_gone(marker: str, timeout: float) -> list[int]:
