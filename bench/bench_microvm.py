@@ -140,22 +140,27 @@ async def idle_memory(project: Path) -> tuple[int, int]:
         return mem_kib(sb._launched.vm.pid)  # type: ignore[union-attr]
 
 
+def bench_spec(image: object, wd: Path) -> VmSpec:
+    """The driver-only VM: boot and restore must use the very same spec (same argv)."""
+    return VmSpec(
+        kernel=image.kernel,  # type: ignore[attr-defined]
+        initrd=image.initrd,  # type: ignore[attr-defined]
+        disks=(DiskSpec(image.rootfs, True, "root"),),  # type: ignore[attr-defined]
+        vcpus=1,
+        memory_mib=512,
+        cmdline="stockade.root=vda stockade.agent=serial",
+        workdir=wd,
+        agent=AgentTransport("virtio-serial", wd / "agent.sock"),
+    )
+
+
 async def vmm_restore(image: object, work: Path, snapshot: Path, runs: int) -> list[float]:
     """Driver only: QEMU -incoming + cont until the channel is connected and answers."""
     out = []
     for i in range(runs):
         wd = work / f"restore-{i}"
         wd.mkdir()
-        spec = VmSpec(
-            kernel=image.kernel,  # type: ignore[attr-defined]
-            initrd=image.initrd,  # type: ignore[attr-defined]
-            disks=(DiskSpec(image.rootfs, True, "root"),),  # type: ignore[attr-defined]
-            vcpus=1,
-            memory_mib=512,
-            cmdline="stockade.root=vda stockade.agent=serial",
-            workdir=wd,
-            agent=AgentTransport("virtio-serial", wd / "agent.sock"),
-        )
+        spec = bench_spec(image, wd)
         t = time.perf_counter()
         vm = await QemuDriver("tcg").restore(spec, snapshot)
         out.append(time.perf_counter() - t)
@@ -298,16 +303,7 @@ async def vmm_only(image: object, work: Path, runs: int) -> list[float]:
     """Boot once, snapshot at the launcher's ready message, then time driver restores."""
     wd = work / "snap-src"
     wd.mkdir()
-    spec = VmSpec(
-        kernel=image.kernel,  # type: ignore[attr-defined]
-        initrd=image.initrd,  # type: ignore[attr-defined]
-        disks=(DiskSpec(image.rootfs, True, "root"),),  # type: ignore[attr-defined]
-        vcpus=1,
-        memory_mib=512,
-        cmdline="stockade.root=vda stockade.agent=serial",
-        workdir=wd,
-        agent=AgentTransport("virtio-serial", wd / "agent.sock"),
-    )
+    spec = bench_spec(image, wd)
     vm = await QemuDriver("tcg").boot(spec)
     with anyio.fail_after(120):
         await vm.channel.receive()
