@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests probe for real and change what probes see (PATH, monkeypatched binaries): no result
+# kept on disk between processes may answer for them (tests/unit/test_probe_cache.py turns
+# it on where it is the subject).
+os.environ["STOCKADE_PROBE_CACHE"] = "0"
+
 
 def required_backends() -> set[str]:
     return {b.strip() for b in os.environ.get("STOCKADE_TEST_REQUIRE_BACKENDS", "").split(",") if b}

@@ -796,7 +796,13 @@ class AsyncSandbox:
             cache_dir=self._store.root / "cache",
             egress=self._egress.launch if self._egress is not None else None,
         )
-        self._launched = await self._backend.launch(spec)
+        try:
+            self._launched = await self._backend.launch(spec)
+        except StockadeError:
+            from stockade.backends.probe_cache import forget
+
+            forget(self._backend.name)  # the next auto choice probes this backend again
+            raise
         self._client = AgentClient(self._launched.channel)
         if self._egress is not None:
             from stockade._background import BackgroundTasks
@@ -807,6 +813,9 @@ class AsyncSandbox:
             with anyio.fail_after(START_TIMEOUT):
                 self.agent_info = await self._client.hello()
         except (StockadeError, TimeoutError) as exc:
+            from stockade.backends.probe_cache import forget
+
+            forget(self._backend.name)  # the next auto choice probes this backend again
             details = self._launched.failure_details()
             raise SandboxStartError(
                 f"the {self._backend.name} sandbox did not start: {exc}"

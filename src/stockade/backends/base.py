@@ -130,6 +130,15 @@ class Backend(abc.ABC):
     def probe(cls) -> Availability:
         """Cheap check whether this backend can run here; never raises."""
 
+    @classmethod
+    def probe_inputs(cls) -> tuple[str, ...] | None:
+        """Paths whose identity decides ``probe()`` (binaries, devices, image directories).
+
+        A backend that names them gets its probe result kept on disk between processes
+        (``stockade.backends.probe_cache``); None (the default) probes every time.
+        """
+        return None
+
     def check_policy(self, policy: EffectivePolicy) -> None:  # noqa: B027 - optional hook
         """Raise PolicyError if the policy asks for something this backend cannot enforce."""
 

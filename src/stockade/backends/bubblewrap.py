@@ -355,6 +355,11 @@ class BubblewrapBackend(Backend):
     def probe(cls) -> Availability:
         return _probe_cached()
 
+    @classmethod
+    def probe_inputs(cls) -> tuple[str, ...]:
+        tools = ("bwrap", "unshare", "mount")
+        return (*(shutil.which(name) or f"(no {name} on PATH)" for name in tools), GUEST_PYTHON)
+
     async def launch(self, spec: LaunchSpec) -> ProcessSandbox:
         from stockade.backends._cgroups import SandboxCgroup, probe_cgroups
         from stockade.backends._seccomp import build_filter

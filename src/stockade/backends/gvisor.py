@@ -158,6 +158,10 @@ class GvisorBackend(Backend):
     def probe(cls) -> Availability:
         return _probe_cached()
 
+    @classmethod
+    def probe_inputs(cls) -> tuple[str, ...]:
+        return (which("runsc") or "(no runsc on PATH)", which("unshare") or "(no unshare)")
+
     @staticmethod
     def reap(sandbox_id: str) -> None:
         """Delete what is left of a sandbox whose owner died (``stockade rm``)."""

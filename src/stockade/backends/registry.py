@@ -112,8 +112,12 @@ def variants(name: str) -> tuple[str, ...]:
     return tuple(getattr(get_backend_class(name), "variants", ()))
 
 
-def probe(name: str) -> Availability:
-    """Availability of a backend, or of one variant of it: ``container/docker``."""
+def probe(name: str, *, fresh: bool = False) -> Availability:
+    """Availability of a backend, or of one variant of it: ``container/docker``.
+
+    Results of backends that name their inputs come from the on-disk probe cache while
+    those inputs are unchanged (``probe_cache``); ``fresh`` probes in any case.
+    """
     name, _, variant = name.partition("/")
     if variant:
         if variant not in variants(name):
@@ -128,15 +132,17 @@ def probe(name: str) -> Availability:
             f"not built yet in this version of stockade (planned in {entry.planned_issue})",
             "use the namespace backend for now",
         )
+    from stockade.backends.probe_cache import cached_probe
+
     try:
-        return get_backend_class(name).probe()
+        return cached_probe(name, get_backend_class(name), fresh=fresh)
     except BackendUnavailableError as exc:
         return Availability(False, str(exc), exc.fix)
 
 
-def probe_all() -> list[tuple[BackendEntry, Availability]]:
+def probe_all(*, fresh: bool = False) -> list[tuple[BackendEntry, Availability]]:
     """Every backend of the design with its availability on this machine, strongest first."""
-    return [(entry, probe(entry.name)) for entry in BACKENDS]
+    return [(entry, probe(entry.name, fresh=fresh)) for entry in BACKENDS]
 
 
 def check_docker_inside(policy: EffectivePolicy, backend: Backend) -> None:

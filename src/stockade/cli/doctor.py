@@ -120,7 +120,7 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
 
     rows: list[dict[str, Any]] = []
     chosen = None
-    for entry, availability in probe_all():
+    for entry, availability in probe_all(fresh=True):  # a diagnosis never trusts the cache
         caps = None
         if entry.built:
             caps = get_backend_class(entry.name).capabilities

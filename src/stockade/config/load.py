@@ -67,6 +67,7 @@ RUNTIME_ENV_VARS = frozenset(
         "STOCKADE_LOG",
         "STOCKADE_IMAGE_DIR",
         "STOCKADE_DEBIAN_MIRROR",
+        "STOCKADE_PROBE_CACHE",  # 0 turns the on-disk probe cache off (backends/probe_cache.py)
         # VMM binaries the microVM drivers look for (see each driver's install hint).
         "STOCKADE_FIRECRACKER",
         "STOCKADE_CLOUD_HYPERVISOR",

@@ -563,6 +563,29 @@ class MicrovmBackend(Backend):
 
         return probe_microvm(_image_profile())
 
+    @classmethod
+    def probe_inputs(cls) -> tuple[str, ...]:
+        """QEMU, KVM, the image cache (an image build adds entries), the host kernels the
+        guest kernel comes from, the guest agent (part of the initramfs), the other VMMs."""
+        from stockade.backends.microvm.qemu import qemu_binary
+        from stockade.images.rootfs import image_cache_dir
+
+        cache = image_cache_dir()
+        package = Path(__file__).resolve().parents[2]
+        guest = [package / "agent" / "guest.py", *sorted((package / "images" / "guest").iterdir())]
+        binaries = ("firecracker", "jailer", "cloud-hypervisor", "vfkit")
+        return (
+            qemu_binary() or "(no qemu-system-x86_64)",
+            "/dev/kvm",
+            "/dev/vhost-vsock",
+            str(cache),
+            str(cache / "vm"),
+            "/boot",
+            "/lib/modules",
+            *(str(path) for path in guest),
+            *(shutil.which(name) or f"(no {name} on PATH)" for name in binaries),
+        )
+
     def check_policy(self, policy: Any) -> None:
         if policy.workspace.mode == "rw" and policy.workspace.host_path is not None:
             raise PolicyError(
