@@ -8,6 +8,8 @@ For every backend that runs here (the registry's, with the container engines one
      `python3 -S -c pass` to the end: `runsc run`, `runc run`, `crun run`,
      `docker run --rm`, `podman run --rm`, `bwrap`. Goal: within 1.5x of the raw tool.
   2. warm exec round trip of `true` in a running sandbox vs a plain subprocess `true`.
+For runc, crun and runsc also: the raw tool on the very bundle stockade writes (its hardening
+included), running `python3 -S -c pass`, to tell the hardening's cost from stockade's own.
 Docker and Podman need their API: set DOCKER_HOST / CONTAINER_HOST (e.g. from
 `.ci/dockerd.sh start DIR` and `.ci/podman.sh start DIR`).
 """
@@ -99,6 +101,46 @@ def raw_runtime(runtime: str, bundle: Path, runs: int, work: Path) -> list[float
     return out
 
 
+async def same_bundle(runtime: str, project: Path, runs: int, work: Path) -> list[float]:
+    """The raw tool on the very bundle stockade writes (all its hardening: user namespace,
+    seccomp, mounts, masked paths, cgroup limits), running `python3 -S -c pass` instead of
+    the agent: what stockade itself adds on top of its hardened container."""
+    from stockade.backends._oci import which
+
+    target = "gvisor" if runtime == "runsc" else f"container/{runtime}"
+    async with await AsyncSandbox.create(project_dir=project, **create_kwargs(target)) as sb:
+        state = Path(sb._record.dir)  # a live sandbox: every bind source of its bundle exists
+        config = json.loads((state / "bundle" / "config.json").read_text())
+        config["process"]["args"] = PY_PASS
+        config["process"]["cwd"] = "/"
+        bundle = work / f"same-bundle-{runtime}"
+        bundle.mkdir(exist_ok=True)
+        flags = ["--network=none", "--platform=systrap"] if runtime == "runsc" else []
+        prefix: list[str] = []
+        if runtime == "crun":
+            from stockade.backends.container.oci import _crun_fix
+
+            fix = _crun_fix()
+            if fix:
+                prefix = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+                          f'{fix}; exec "$@"', "sh"]  # fmt: skip
+        binary = which(runtime)
+        assert binary is not None
+        cgroup = config["linux"].get("cgroupsPath")
+        out = []
+        for i in range(runs):
+            if cgroup:
+                config["linux"]["cgroupsPath"] = f"{cgroup}-raw{i}"
+            (bundle / "config.json").write_text(json.dumps(config))
+            name = f"same-{os.getpid()}-{i}"
+            cmd = [*prefix, binary, "--root", str(work / f"raw-root-{runtime}"), *flags, "run",
+                   "--bundle", str(bundle), name]  # fmt: skip
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd="/")
+            out.append(time.perf_counter() - t)
+        return out
+
+
 def raw_engine(engine: str, runs: int) -> list[float]:
     """`docker run --rm` / `podman run --rm` of the host-view image with /usr bound."""
     from stockade.backends.container.engine import _engine_url, _ensure_image, client_for
@@ -187,6 +229,10 @@ def main() -> None:
             raw_name, raw = "bwrap", time_cmd(RAW_BWRAP, runs)
         else:
             raw_name, raw = "-", []
+        same: list[float] = []
+        if backend == "gvisor" or variant in ("runc", "crun"):
+            same = anyio.run(same_bundle, "runsc" if backend == "gvisor" else variant, project,
+                             runs, work)  # fmt: skip
         # One untimed round first: caches (compiled agent, images, probes) are warm in use.
         anyio.run(sdk_lifecycle, target, project, 1)
         ours = median_ms(anyio.run(sdk_lifecycle, target, project, runs))
@@ -194,13 +240,14 @@ def main() -> None:
         raw_ms = median_ms(raw) if raw else float("nan")
         results.append({"backend": target, "lifecycle_ms": ours, "raw": raw_name,
                         "raw_ms": raw_ms, "ratio": ours / raw_ms if raw else float("nan"),
+                        "same_bundle_ms": median_ms(same) if same else float("nan"),
                         "warm_exec_ms": warm, "subprocess_true_ms": plain_true})  # fmt: skip
 
     from rich.console import Console
     from rich.table import Table
 
     table = Table("backend", "create+exec+destroy", "raw tool", "raw (median)", "ratio",
-                  "goal", "warm exec `true`", "subprocess `true`",
+                  "goal", "raw, same bundle", "ratio", "warm exec `true`", "subprocess `true`",
                   title=f"stockade backends bench ({runs} runs each, medians)")  # fmt: skip
     for r in results:
         table.add_row(
@@ -210,10 +257,12 @@ def main() -> None:
             f"{r['raw_ms']:.0f} ms",
             f"{r['ratio']:.2f}x",
             "<= 1.5x",
+            f"{r['same_bundle_ms']:.0f} ms",
+            f"{r['lifecycle_ms'] / r['same_bundle_ms']:.2f}x",
             f"{r['warm_exec_ms']:.2f} ms",
             f"{r['subprocess_true_ms']:.2f} ms",
         )
-    Console().print(table)
+    Console(width=170).print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
