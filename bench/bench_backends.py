@@ -76,12 +76,12 @@ def raw_bundle(work: Path) -> Path:
     return bundle
 
 
-def raw_runtime(runtime: str, bundle: Path, runs: int, work: Path) -> list[float]:
+def runtime_argv(runtime: str, work: Path) -> list[str]:
+    """`<runtime> --root DIR [flags]` as the bench runs it raw (crun behind its cgroup fix)."""
     from stockade.backends._oci import which
 
     binary = which(runtime)
     assert binary is not None
-    root = work / f"raw-root-{runtime}"
     flags = ["--network=none", "--platform=systrap"] if runtime == "runsc" else []
     prefix: list[str] = []
     if runtime == "crun":
@@ -91,10 +91,14 @@ def raw_runtime(runtime: str, bundle: Path, runs: int, work: Path) -> list[float
         if fix:
             prefix = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
                       f'{fix}; exec "$@"', "sh"]  # fmt: skip
+    return [*prefix, binary, "--root", str(work / f"raw-root-{runtime}"), *flags]
+
+
+def raw_runtime(runtime: str, bundle: Path, runs: int, work: Path) -> list[float]:
+    base = runtime_argv(runtime, work)
     out = []
     for i in range(runs):
-        argv = [*prefix, binary, "--root", str(root), *flags, "run", "--bundle", str(bundle),
-                f"raw-{os.getpid()}-{i}"]  # fmt: skip
+        argv = [*base, "run", "--bundle", str(bundle), f"raw-{os.getpid()}-{i}"]
         t = time.perf_counter()
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, cwd="/")
         out.append(time.perf_counter() - t)
@@ -105,8 +109,6 @@ async def same_bundle(runtime: str, project: Path, runs: int, work: Path) -> lis
     """The raw tool on the very bundle stockade writes (all its hardening: user namespace,
     seccomp, mounts, masked paths, cgroup limits), running `python3 -S -c pass` instead of
     the agent: what stockade itself adds on top of its hardened container."""
-    from stockade.backends._oci import which
-
     target = "gvisor" if runtime == "runsc" else f"container/{runtime}"
     async with await AsyncSandbox.create(project_dir=project, **create_kwargs(target)) as sb:
         state = Path(sb._record.dir)  # a live sandbox: every bind source of its bundle exists
@@ -115,28 +117,16 @@ async def same_bundle(runtime: str, project: Path, runs: int, work: Path) -> lis
         config["process"]["cwd"] = "/"
         bundle = work / f"same-bundle-{runtime}"
         bundle.mkdir(exist_ok=True)
-        flags = ["--network=none", "--platform=systrap"] if runtime == "runsc" else []
-        prefix: list[str] = []
-        if runtime == "crun":
-            from stockade.backends.container.oci import _crun_fix
-
-            fix = _crun_fix()
-            if fix:
-                prefix = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-                          f'{fix}; exec "$@"', "sh"]  # fmt: skip
-        binary = which(runtime)
-        assert binary is not None
+        base = runtime_argv(runtime, work)
         cgroup = config["linux"].get("cgroupsPath")
         out = []
         for i in range(runs):
             if cgroup:
                 config["linux"]["cgroupsPath"] = f"{cgroup}-raw{i}"
             (bundle / "config.json").write_text(json.dumps(config))
-            name = f"same-{os.getpid()}-{i}"
-            cmd = [*prefix, binary, "--root", str(work / f"raw-root-{runtime}"), *flags, "run",
-                   "--bundle", str(bundle), name]  # fmt: skip
+            argv = [*base, "run", "--bundle", str(bundle), f"same-{os.getpid()}-{i}"]
             t = time.perf_counter()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd="/")
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, cwd="/")
             out.append(time.perf_counter() - t)
         return out
 
