@@ -72,6 +72,20 @@ def _wait_for_dockerd(sb: Sandbox) -> None:
         pytest.fail(f"dockerd in the guest did not answer: {result.stderr}\n--- log ---\n{log}")
 
 
+def _import_image(sb: Sandbox) -> None:
+    """dockerd up, and IMAGE imported from the guest's own busybox (once per sandbox)."""
+    _wait_for_dockerd(sb)
+    if sb.commands.run(f"docker image inspect {IMAGE} >/dev/null 2>&1").exit_code == 0:
+        return
+    build = sb.commands.run(
+        "set -e; d=$(mktemp -d); mkdir -p $d/bin; cp /run/stockade/busybox $d/bin/busybox; "
+        "for a in sh echo cat uname; do ln -s busybox $d/bin/$a; done; "
+        f"tar -C $d -c . | docker import - {IMAGE}",
+        timeout=180,
+    )
+    assert build.exit_code == 0, build.stderr
+
+
 def test_docker_run_of_a_locally_imported_image(docker_sb: Sandbox) -> None:
     host = _host_docker()
     before: tuple[set[str], set[str]] | None = None
@@ -82,14 +96,7 @@ def test_docker_run_of_a_locally_imported_image(docker_sb: Sandbox) -> None:
         )
     sb = docker_sb
     assert sb.commands.run("id -u").stdout.strip() == "1000"  # the unprivileged sandbox user
-    _wait_for_dockerd(sb)
-    build = sb.commands.run(
-        "set -e; d=$(mktemp -d); mkdir -p $d/bin; cp /run/stockade/busybox $d/bin/busybox; "
-        "for a in sh echo cat uname; do ln -s busybox $d/bin/$a; done; "
-        f"tar -C $d -c . | docker import - {IMAGE}",
-        timeout=180,
-    )
-    assert build.exit_code == 0, build.stderr
+    _import_image(sb)
     run = sb.commands.run(f"docker run --rm --network none {IMAGE} echo hi", timeout=180)
     assert run.exit_code == 0, run.stderr
     assert run.stdout == "hi\n"
@@ -106,6 +113,29 @@ def test_docker_run_of_a_locally_imported_image(docker_sb: Sandbox) -> None:
         assert after_containers - before[0] == set()
         assert after_images - before[1] == set()
         assert not host.images.list(name=IMAGE.split(":")[0])
+        host.close()
+
+
+def test_docker_build_inside_the_vm(docker_sb: Sandbox) -> None:
+    """`docker build` against the guest's daemon: a RUN step executes in a container there and
+    its result is in the built image."""
+    sb = docker_sb
+    _import_image(sb)
+    built = "stockade-test/built-in-vm:1"
+    context = "/tmp/build-context"
+    assert sb.commands.run(f"mkdir -p {context}").exit_code == 0
+    sb.files.write(f"{context}/Dockerfile", f"FROM {IMAGE}\nRUN echo built-inside > /built.txt\n")
+    # The classic builder: BuildKit's is a separate plugin, and no registry is reachable.
+    build = sb.commands.run(
+        f"DOCKER_BUILDKIT=0 docker build --network none -t {built} {context}", timeout=300
+    )
+    assert build.exit_code == 0, build.stdout + build.stderr
+    run = sb.commands.run(f"docker run --rm --network none {built} cat /built.txt", timeout=180)
+    assert run.exit_code == 0, run.stderr
+    assert run.stdout == "built-inside\n"
+    host = _host_docker()
+    if host is not None:
+        assert not host.images.list(name=built.split(":")[0])  # built in the guest only
         host.close()
 
 
