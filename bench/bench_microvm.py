@@ -30,7 +30,7 @@ from pathlib import Path
 import anyio
 
 from stockade import AsyncSandbox
-from stockade.backends.microvm.backend import restored_spec
+from stockade.backends.microvm.backend import restored_spec, snapshot_key, snapshot_path
 from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmSpec
 from stockade.backends.microvm.qemu import QemuDriver, build_qemu_argv, host_tsc_khz, qemu_binary
 from stockade.images.vm import ensure_vm_image
@@ -260,11 +260,9 @@ def main() -> None:
     warm_ready, warm_first, restored, warm_cpu = anyio.run(create_and_exec, project, args.runs * 2)
     assert all(restored), "sandboxes were not restored from the snapshot"
     warm_mem = anyio.run(idle_memory, project)
-    snapshots = sorted(
-        (image.rootfs.parent / "snapshots" / image.key).glob("*.mig"), key=os.path.getmtime
-    )
     # The driver alone, from the image snapshot the sandboxes above were restored from.
-    vmm = anyio.run(vmm_restore, image, work, snapshots[-1], args.runs)
+    snapshot = snapshot_path(image, snapshot_key(image, "qemu/tcg", 1, 2048, 0))
+    vmm = anyio.run(vmm_restore, image, work, snapshot, args.runs)
     total, each, pss = anyio.run(concurrent, project, args.concurrent)
     pool_ready, pool_first = anyio.run(from_pool, project, args.runs * 2)
     fork_ready, fork_first = anyio.run(forks, project, args.runs)
@@ -318,7 +316,7 @@ def main() -> None:
         + ", ".join(
             f"{p.stat().st_size / 1e3:.0f} kB + "
             f"{p.with_suffix('.mem').stat().st_blocks * 512 / 1e6:.0f} MB"
-            for p in snapshots
+            for p in [snapshot]
         )
     )
     results.update(

@@ -3,6 +3,7 @@ upper-layer round trip (guest packer -> host importer), and `auto` never picking
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import os
@@ -70,6 +71,30 @@ def test_qemu_argv_restore_and_kvm(tmp_path: Path) -> None:
     assert warm[: len(cold)] == cold and warm[len(cold) :] == ["-incoming", "defer"]
     assert "tsc_early_khz" not in _arg_after(cold, "-append")[0]
     assert _arg_after(cold, "-cpu") == ["host"]
+
+
+def test_qemu_argv_memory_file(tmp_path: Path) -> None:
+    # The snapshot source writes its RAM into a shared file; a restore maps that file
+    # privately (copy-on-write), under the RAM block name plain ``-m`` gives it.
+    from stockade.backends.microvm.backend import restored_spec, snapshot_memory
+
+    spec = _spec(tmp_path)
+    source = dataclasses.replace(
+        spec, options={"memory_file": str(tmp_path / "ram"), "memory_share": "on"}
+    )
+    argv = build_qemu_argv(source, qemu="qemu", accel="tcg", tsc_khz=None)
+    assert _arg_after(argv, "-M") == ["microvm,accel=tcg,memory-backend=microvm.ram"]
+    assert _arg_after(argv, "-m") == ["384M"]
+    assert _arg_after(argv, "-object") == [
+        f"memory-backend-file,id=microvm.ram,size=384M,mem-path={tmp_path / 'ram'},share=on"
+    ]
+    snapshot = tmp_path / "key.mig"
+    restored = restored_spec(spec, snapshot)
+    assert restored.options["ignore_shared"] == "on"
+    argv = build_qemu_argv(restored, qemu="qemu", accel="tcg", tsc_khz=None, incoming=True)
+    (backend,) = _arg_after(argv, "-object")
+    assert backend.endswith(f"mem-path={snapshot_memory(snapshot)},share=off")
+    assert "-object" not in build_qemu_argv(spec, qemu="qemu", accel="tcg", tsc_khz=None)
 
 
 def test_qemu_argv_vsock(tmp_path: Path) -> None:

@@ -64,6 +64,7 @@ __all__ = [
     "MicrovmBackend",
     "MicrovmSandbox",
     "build_guest_config",
+    "ensure_snapshot",
     "make_snapshot",
     "restored_spec",
     "snapshot_path",
@@ -714,7 +715,7 @@ class MicrovmBackend(Backend):
         if vm is None and snap is not None:
             if not snapshot_ready(snap):
                 try:
-                    await make_snapshot(driver, plan.vm, snap)
+                    await ensure_snapshot(driver, plan.vm, snap)
                 except SandboxStartError as exc:
                     logger.warning("could not make the VM snapshot %s, booting cold: %s", snap, exc)
             if snapshot_ready(snap):
@@ -788,6 +789,7 @@ async def start_agent(vm: VmHandle, reader: _FrameReader, *, warmup: bool) -> di
         answer = await reader.frame()
     if not answer.get("serving"):
         raise SandboxStartError(f"the guest agent did not start: {answer.get('error', answer)}")
+    logger.debug("microvm guest start-up (uptime seconds): %s; %s", hello, answer)
     return answer
 
 
@@ -827,7 +829,9 @@ async def warm_exec(vm: VmHandle, reader: _FrameReader) -> None:
 
 
 def snapshot_memory(snapshot: Path) -> Path:
-    """The guest RAM of an image snapshot: mapped copy-on-write by each restore."""
+    """The guest RAM of an image snapshot: mapped copy-on-write by each restore. It is only
+    ever replaced (a new file), never rewritten: a running VM's private mapping of the old
+    one must not change under it."""
     return snapshot.with_suffix(".mem")
 
 
@@ -847,6 +851,24 @@ def restored_spec(vm: VmSpec, snapshot: Path) -> VmSpec:
     privately (nothing is copied; pages a guest writes become its own)."""
     options = {**vm.options, "memory_file": str(snapshot_memory(snapshot)), "ignore_shared": "on"}
     return dataclasses.replace(vm, options=options)
+
+
+async def ensure_snapshot(driver: Driver, vm_spec: VmSpec, snapshot: Path) -> None:
+    """Make the image snapshot unless it exists, one maker at a time (a lock file next to
+    it): sandboxes started together wait for the first one's snapshot instead of each
+    booting its own and replacing the other's RAM file under a restore."""
+    import fcntl
+
+    if snapshot_ready(snapshot):
+        return
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(snapshot.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
+        if not snapshot_ready(snapshot):
+            await make_snapshot(driver, vm_spec, snapshot)
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 async def make_snapshot(driver: Driver, vm_spec: VmSpec, snapshot: Path) -> None:

@@ -126,11 +126,11 @@ class WarmPool:
         )
 
     async def _make_snapshot(self) -> None:
-        from stockade.backends.microvm.backend import make_snapshot
+        from stockade.backends.microvm.backend import ensure_snapshot
         from stockade.backends.microvm.qemu import QemuDriver
 
         assert self._snapshot is not None
-        await make_snapshot(QemuDriver(self._accel), self._spec(), self._snapshot)
+        await ensure_snapshot(QemuDriver(self._accel), self._spec(), self._snapshot)
 
     async def _one(self) -> VmHandle:
         from stockade.backends.microvm.backend import (
