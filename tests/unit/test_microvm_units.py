@@ -322,3 +322,28 @@ def test_guest_config_user_and_limits(tmp_path: Path, project: Path) -> None:
 
     files = {path: base64.b64decode(data) for path, data, _ in config["files"]}
     assert b"user:x:1000:1000:" in files["/etc/passwd"]
+
+
+def test_tree_entries_for_a_streamed_workspace(tmp_path: Path) -> None:
+    # What the guest gets instead of a tar: parents first, modes and links kept, content in
+    # base64, special files left out (as the tar of the other backends leaves them out).
+    import base64
+    import os
+
+    from stockade.backends.microvm.backend import _tree_entries
+
+    root = tmp_path / "tree"
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "d" / "e" / "run.sh").write_text("#!/bin/sh\n")
+    (root / "d" / "e" / "run.sh").chmod(0o755)
+    (root / "a.txt").write_bytes(b"\x00\xffdata")
+    os.link(root / "a.txt", root / "b.txt")
+    os.symlink("d/e/run.sh", root / "link")
+    os.mkfifo(root / "fifo")
+    entries = {e[1]: e for e in _tree_entries(root)}
+    assert list(entries) == ["a.txt", "b.txt", "d", "link", "d/e", "d/e/run.sh"]
+    assert base64.b64decode(entries["a.txt"][4]) == b"\x00\xffdata"
+    assert entries["b.txt"][0] == "h" and entries["b.txt"][4] == "a.txt"
+    assert entries["link"][0] == "l" and entries["link"][4] == "d/e/run.sh"
+    assert entries["d"][0] == entries["d/e"][0] == "d"
+    assert entries["d/e/run.sh"][2] == 0o755

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -225,19 +226,36 @@ def build_guest_config(
     return config
 
 
-def _tar_tree(root: Path, out: IO[bytes]) -> None:
-    """Pack a project tree for the guest: files, dirs, symlinks (specials are left out)."""
-
-    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
-            return None
-        info.uid = info.gid = 0
-        info.uname = info.gname = "root"
-        return info
-
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for entry in sorted(os.listdir(root)):
-            tar.add(root / entry, arcname=entry, recursive=True, filter=keep)
+def _tree_entries(root: Path) -> list[list[Any]]:
+    """A project tree for the guest, streamed inside its configuration: ``[kind, path, mode,
+    mtime, payload]`` per entry, parents first; kinds ``d`` (directory), ``f`` (file, base64
+    content), ``l`` (symlink, target) and ``h`` (hard link to an earlier path). Special
+    files are left out. The guest extracts them with the agent's checked tar extraction,
+    without importing ``tarfile`` (under emulation, that import chain alone costs about a
+    second of a cold boot)."""
+    entries: list[list[Any]] = []
+    seen: dict[tuple[int, int], str] = {}
+    for top, dirs, files in os.walk(root):
+        dirs.sort()
+        rel_top = os.path.relpath(top, root)
+        prefix = "" if rel_top == "." else rel_top + "/"
+        for name in sorted(dirs + files):
+            path = os.path.join(top, name)
+            info = os.lstat(path)
+            mode, mtime, rel = stat.S_IMODE(info.st_mode), int(info.st_mtime), prefix + name
+            if stat.S_ISDIR(info.st_mode):
+                entries.append(["d", rel, mode, mtime, ""])
+            elif stat.S_ISLNK(info.st_mode):
+                entries.append(["l", rel, mode, mtime, os.readlink(path)])
+            elif stat.S_ISREG(info.st_mode):
+                key = (info.st_dev, info.st_ino)
+                if info.st_nlink > 1 and key in seen:
+                    entries.append(["h", rel, mode, mtime, seen[key]])
+                    continue
+                seen[key] = rel
+                data = base64.b64encode(Path(path).read_bytes()).decode()
+                entries.append(["f", rel, mode, mtime, data])
+    return entries
 
 
 def _tree_size(root: Path, limit: int) -> int:
@@ -520,7 +538,6 @@ class _Plan:
     accel: str
     vm: VmSpec
     workspace: dict[str, Any] | None
-    stream: Path | None  # tar file to stream after the configuration
     disk: Path | None
     snapshot: Path | None
 
@@ -598,7 +615,6 @@ class MicrovmBackend(Backend):
         transport, guest_agent = agent_transport(driver, workdir)
         ws = spec.policy.workspace
         workspace: dict[str, Any] | None = None
-        stream: Path | None = None
         disk: Path | None = None
         source_dir: Path | None = None
         if ws.mode in ("cow", "ro") and ws.host_path is not None:
@@ -621,10 +637,7 @@ class MicrovmBackend(Backend):
             if upper_size:
                 workspace["upper_size"] = int(upper_size)
             if size <= STREAM_LIMIT:
-                stream = workdir / "workspace.tar"
-                with stream.open("wb") as out:
-                    _tar_tree(source_dir, out)
-                workspace.update(source="stream", size=stream.stat().st_size)
+                workspace.update(source="stream", entries=_tree_entries(source_dir))
             else:
                 total = _tree_size(source_dir, 1 << 62)
                 disk = workdir / "workspace.ext4"
@@ -648,7 +661,7 @@ class MicrovmBackend(Backend):
         )
         if os.environ.get("STOCKADE_MICROVM_SNAPSHOTS", "1") == "0":
             snap = None  # always boot cold, take no snapshot (benchmarks, debugging)
-        return _Plan(image, driver, accel, vm, workspace, stream, disk, snap)
+        return _Plan(image, driver, accel, vm, workspace, disk, snap)
 
     def _resume_spec(self, spec: LaunchSpec) -> tuple[VmSpec, tuple[Path, ...]]:
         assert self.resume is not None
@@ -730,7 +743,7 @@ class MicrovmBackend(Backend):
             vm = await driver.boot(plan.vm)
             reader = _FrameReader(vm.channel)
         vm_ready = time.monotonic()
-        extra = tuple(p for p in (plan.stream, plan.disk) if p is not None)
+        extra = (plan.disk,) if plan.disk is not None else ()
         sandbox = MicrovmSandbox(vm, spec, extra_files=extra)
         sandbox.restored = restored
         try:
@@ -738,12 +751,8 @@ class MicrovmBackend(Backend):
                 reader = _FrameReader(vm.channel)
             else:
                 await start_agent(vm, reader, warmup=False)
-            workspace = plan.workspace
-            if plan.stream is not None and workspace is not None:
-                data = await anyio.to_thread.run_sync(plan.stream.read_bytes)
-                workspace = {**workspace, "tar": base64.b64encode(data).decode()}
             config = build_guest_config(
-                spec, workspace=workspace, now_ns=time.time_ns(), seed=os.urandom(64)
+                spec, workspace=plan.workspace, now_ns=time.time_ns(), seed=os.urandom(64)
             )
             with anyio.fail_after(READY_TIMEOUT):
                 answer = await _request(vm, reader, "sandbox.configure", config)
@@ -767,8 +776,6 @@ class MicrovmBackend(Backend):
             if isinstance(exc, SandboxStartError) and console:
                 raise SandboxStartError(f"{exc}\n--- console ---\n{console}") from exc
             raise
-        if plan.stream is not None:
-            plan.stream.unlink(missing_ok=True)
         if reader.buffer:
             sandbox.channel = _Prefixed(vm.channel, bytes(reader.buffer))
         sandbox.boot_seconds = time.monotonic() - started

@@ -180,6 +180,48 @@ def write_file(path: str, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
+class Entry:
+    """One workspace entry (backend.py ``_tree_entries``) as the agent's tar extraction
+    sees a tar member: the same checks and the same writes, without ``tarfile``."""
+
+    def __init__(self, kind: str, name: str, mode: int, mtime: float, payload: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.mode = int(mode)
+        self.mtime = mtime
+        self.payload = payload
+        self.linkname = payload if kind in ("l", "h") else ""
+
+    def isdir(self) -> bool:
+        return self.kind == "d"
+
+    def isfile(self) -> bool:
+        return self.kind == "f"
+
+    def issym(self) -> bool:
+        return self.kind == "l"
+
+    def islnk(self) -> bool:
+        return self.kind == "h"
+
+
+class Entries:
+    """What ``_extract_members`` reads file contents from (a tar archive's one method)."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def extractfile(self, member: Entry) -> Any:
+        import io
+
+        return io.BytesIO(self.agent.binascii.a2b_base64(member.payload))
+
+
+def extract_entries(agent: Any, entries: list[Any], dest: str) -> int:
+    members = [Entry(*entry) for entry in entries]
+    return int(agent._extract_members(Entries(agent), members, os.path.realpath(dest)))
+
+
 def chown_tree(top: str, uid: int, gid: int) -> None:
     os.chown(top, uid, gid, follow_symlinks=False)
     for root, dirs, files in os.walk(top):
@@ -198,13 +240,7 @@ def setup_workspace(agent: Any, ws: dict[str, Any], user: list[int] | None = Non
     lower = f"{WS_STATE}/lower"
     os.mkdir(lower, 0o755)
     if ws["source"] == "stream":
-        import io
-
-        data = agent.binascii.a2b_base64(ws["tar"])
-        mark("ws received")
-        with io.BytesIO(data) as tar:
-            agent.extract_tar(tar, lower)
-        del data
+        extract_entries(agent, ws["entries"], lower)
         os.chmod(lower, int(ws.get("root_mode", 0o755)))
         if user:
             chown_tree(lower, int(user[0]), int(user[1]))
@@ -248,6 +284,7 @@ def warm_up(agent: Any) -> None:
     scratch = "/run/stockade/warm"
     os.makedirs(scratch, exist_ok=True)
     mount("stockade-warm", scratch, "tmpfs", 0, "mode=0700,size=1m")
+    os.mkdir(f"{scratch}/tar", 0o700)
     try:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -262,7 +299,13 @@ def warm_up(agent: Any) -> None:
 
         _socket.sethostname(os.uname().nodename)
         os.mkdir(f"{scratch}/lower", 0o755)
-        agent.extract_tar(buf, f"{scratch}/lower")
+        agent.extract_tar(buf, f"{scratch}/tar")
+        extract_entries(
+            agent,
+            [["d", "d", 0o755, 0, ""], ["f", "d/b", 0o644, 0, agent.b64encode(b"warm")],
+             ["l", "c", 0o777, 0, "d/b"], ["h", "a", 0o644, 0, "d/b"]],
+            f"{scratch}/lower",
+        )  # fmt: skip
         os.chmod(f"{scratch}/lower", 0o700)
         chown_tree(f"{scratch}/lower", 0, 0)
         for name in ("upper", "work", "ws"):
@@ -523,15 +566,14 @@ def main() -> None:
     # for the host then holds it, and restored sandboxes do not pay for it.
     # The agent's own lazy imports on its start and exec paths too (`resource` is a shared
     # object: a dlopen from the root image after a restore costs ~0.1 s under TCG).
+    # What every start needs is loaded here; what only some sandboxes use (tar transfers,
+    # PTYs) is loaded for a snapshot below: importing ``tarfile`` (with ``shutil``, ``re``,
+    # ``enum``...) costs about a second of a cold boot under emulation.
     import _socket  # noqa: F401
     import ctypes
     import fcntl  # noqa: F401
     import resource  # noqa: F401
-    import shutil  # noqa: F401
-    import stat  # noqa: F401
     import struct  # noqa: F401
-    import tarfile  # noqa: F401
-    import termios  # noqa: F401
 
     _LIBC.append(ctypes.CDLL(None, use_errno=True))
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -559,6 +601,11 @@ def main() -> None:
         if request.get("warmup"):
             # A VM about to be snapshotted: run configuring's paths once now (lazy imports,
             # caches, the page cache they fill), so restored sandboxes do not pay for them.
+            import shutil  # noqa: F401
+            import stat  # noqa: F401
+            import tarfile  # noqa: F401
+            import termios  # noqa: F401
+
             begun = uptime()
             warm_up(agent)
             warm = round(uptime() - begun, 3)
