@@ -119,6 +119,20 @@ def raw_boot(
     return out, cpu
 
 
+def translated_blocks(sb: AsyncSandbox) -> int:
+    """TCG translation blocks this QEMU has made so far (HMP ``info jit``): under emulation,
+    what a restored VM spends most of its time on is translating code again."""
+    vm = sb._launched.vm  # type: ignore[union-attr]
+    text = vm.qmp.command("human-monitor-command", **{"command-line": "info jit"}) or ""
+    for line in text.splitlines():
+        if line.strip().startswith("TB count"):
+            return int(line.split()[-1])
+    return 0
+
+
+TBS: dict[str, list[int]] = {"restore": [], "pool": []}
+
+
 async def create_and_exec(
     project: Path, runs: int
 ) -> tuple[list[float], list[float], list[bool], list[float]]:
@@ -132,6 +146,8 @@ async def create_and_exec(
         first.append(time.perf_counter() - t)
         cpu.append(cpu_ms(sb._launched.vm.pid))  # type: ignore[attr-defined]
         restored.append(bool(getattr(sb._launched, "restored", False)))
+        if restored[-1]:
+            TBS["restore"].append(translated_blocks(sb))
         await sb.aclose()
     return ready, first, restored, cpu
 
@@ -186,6 +202,7 @@ async def from_pool(project: Path, runs: int) -> tuple[list[float], list[float]]
             ready.append(time.perf_counter() - t)
             await sb.commands.run(["true"])
             first.append(time.perf_counter() - t)
+            TBS["pool"].append(translated_blocks(sb))
             await sb.aclose()
     return ready, first
 
@@ -299,6 +316,11 @@ def main() -> None:
         f"({statistics.median(cold_cpu) / statistics.median(raw_cpu):.2f}x raw); restore to "
         f"first exec {statistics.median(warm_cpu):.0f} ms "
         f"({statistics.median(cold_cpu) / statistics.median(warm_cpu):.1f}x less than cold)"
+    )
+    print(
+        "TCG translation blocks made by QEMU up to the first exec done (medians): restored "
+        f"{statistics.median(TBS['restore']):.0f}, warm pool {statistics.median(TBS['pool']):.0f}"
+        " (the pool's include its warm-up before the sandbox took the VM)"
     )
     print(f"load average at end: {os.getloadavg()}")
     print(
