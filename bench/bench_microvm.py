@@ -6,8 +6,10 @@ Prints medians and ratios:
   1. cold boot to agent ready (SDK create, snapshots off)  vs  raw QEMU boot of the same
      kernel, same machine and args, to a trivial init that powers off      (goal <= 1.3x)
   2. restore from snapshot to first exec (SDK create + `true`)  vs  1.  (goal < 250 ms, >10x)
-     plus the VMM restore alone (QEMU -incoming + cont, to the guest's first byte)
+     plus the VMM restore alone (QEMU -incoming + cont; the guest RAM is the snapshot's
+     memory file, mapped copy-on-write)
      and from a warm pool (VMs restored and warmed in advance: `WarmPool`)
+     and forks of a named snapshot of a running sandbox (full RAM stream, then a reseed)
   3. N sandboxes created at once from the snapshot: time until all ran `true`
   4. host memory per idle VM: RSS and PSS of the QEMU process, cold-booted and restored
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 import anyio
 
 from stockade import AsyncSandbox
+from stockade.backends.microvm.backend import restored_spec, snapshot_key, snapshot_path
 from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmSpec
 from stockade.backends.microvm.qemu import QemuDriver, build_qemu_argv, host_tsc_khz, qemu_binary
 from stockade.images.vm import ensure_vm_image
@@ -116,6 +119,20 @@ def raw_boot(
     return out, cpu
 
 
+def translated_blocks(sb: AsyncSandbox) -> int:
+    """TCG translation blocks this QEMU has made so far (HMP ``info jit``): under emulation,
+    what a restored VM spends most of its time on is translating code again."""
+    vm = sb._launched.vm  # type: ignore[union-attr]
+    text = vm.qmp.command("human-monitor-command", **{"command-line": "info jit"}) or ""
+    for line in text.splitlines():
+        if line.strip().startswith("TB count"):
+            return int(line.split()[-1])
+    return 0
+
+
+TBS: dict[str, list[int]] = {"restore": [], "pool": []}
+
+
 async def create_and_exec(
     project: Path, runs: int
 ) -> tuple[list[float], list[float], list[bool], list[float]]:
@@ -129,6 +146,8 @@ async def create_and_exec(
         first.append(time.perf_counter() - t)
         cpu.append(cpu_ms(sb._launched.vm.pid))  # type: ignore[attr-defined]
         restored.append(bool(getattr(sb._launched, "restored", False)))
+        if restored[-1]:
+            TBS["restore"].append(translated_blocks(sb))
         await sb.aclose()
     return ready, first, restored, cpu
 
@@ -140,14 +159,14 @@ async def idle_memory(project: Path) -> tuple[int, int]:
         return mem_kib(sb._launched.vm.pid)  # type: ignore[union-attr]
 
 
-def bench_spec(image: object, wd: Path) -> VmSpec:
+def bench_spec(image: object, wd: Path, memory_mib: int = 2048) -> VmSpec:
     """The driver-only VM: boot and restore must use the very same spec (same argv)."""
     return VmSpec(
         kernel=image.kernel,  # type: ignore[attr-defined]
         initrd=image.initrd,  # type: ignore[attr-defined]
         disks=(DiskSpec(image.rootfs, True, "root"),),  # type: ignore[attr-defined]
         vcpus=1,
-        memory_mib=512,
+        memory_mib=memory_mib,
         cmdline="stockade.root=vda stockade.agent=serial",
         workdir=wd,
         agent=AgentTransport("virtio-serial", wd / "agent.sock"),
@@ -160,7 +179,7 @@ async def vmm_restore(image: object, work: Path, snapshot: Path, runs: int) -> l
     for i in range(runs):
         wd = work / f"restore-{i}"
         wd.mkdir()
-        spec = bench_spec(image, wd)
+        spec = restored_spec(bench_spec(image, wd), snapshot)
         t = time.perf_counter()
         vm = await QemuDriver("tcg").restore(spec, snapshot)
         out.append(time.perf_counter() - t)
@@ -180,6 +199,26 @@ async def from_pool(project: Path, runs: int) -> tuple[list[float], list[float]]
                     await anyio.sleep(0.05)
             t = time.perf_counter()
             sb = await pool.create(project_dir=project)
+            ready.append(time.perf_counter() - t)
+            await sb.commands.run(["true"])
+            first.append(time.perf_counter() - t)
+            TBS["pool"].append(translated_blocks(sb))
+            await sb.aclose()
+    return ready, first
+
+
+async def forks(project: Path, runs: int) -> tuple[list[float], list[float]]:
+    """Sandboxes forked from a named snapshot of a running one (``fork NAME``): to agent
+    ready (the running agent resets the clock and reseeds entropy) and to a first `true`."""
+    from stockade.backends.microvm.snapshots import fork_sandbox, snapshot_sandbox
+
+    ready, first = [], []
+    async with await AsyncSandbox.create(project_dir=project, backend="microvm") as source:
+        await source.commands.run(["sh", "-c", "echo forked > state.txt"])
+        await snapshot_sandbox(source, "bench")
+        for _ in range(runs):
+            t = time.perf_counter()
+            sb = await fork_sandbox(source, tag="bench")
             ready.append(time.perf_counter() - t)
             await sb.commands.run(["true"])
             first.append(time.perf_counter() - t)
@@ -238,13 +277,12 @@ def main() -> None:
     warm_ready, warm_first, restored, warm_cpu = anyio.run(create_and_exec, project, args.runs * 2)
     assert all(restored), "sandboxes were not restored from the snapshot"
     warm_mem = anyio.run(idle_memory, project)
-    snapshots = sorted(
-        (image.rootfs.parent / "snapshots" / image.key).glob("*.mig"), key=os.path.getmtime
-    )
-    # The bench's own 512 MiB snapshot for the driver-only figure.
-    vmm = anyio.run(vmm_only, image, work, args.runs)
+    # The driver alone, from the image snapshot the sandboxes above were restored from.
+    snapshot = snapshot_path(image, snapshot_key(image, "qemu/tcg", 1, 2048, 0))
+    vmm = anyio.run(vmm_restore, image, work, snapshot, args.runs)
     total, each, pss = anyio.run(concurrent, project, args.concurrent)
     pool_ready, pool_first = anyio.run(from_pool, project, args.runs * 2)
+    fork_ready, fork_first = anyio.run(forks, project, args.runs)
 
     rows = [
         ("cold boot to agent ready (SDK create)", median_ms(cold_ready),
@@ -259,6 +297,10 @@ def main() -> None:
          "cold boot to agent ready", median_ms(cold_ready), "-"),
         ("warm pool to first exec done", median_ms(pool_first),
          "cold boot to first exec done", median_ms(cold_first), "< 250 ms, > 10x"),
+        ("fork of a named snapshot to agent ready", median_ms(fork_ready),
+         "cold boot to agent ready", median_ms(cold_ready), "-"),
+        ("fork of a named snapshot to first exec", median_ms(fork_first),
+         "cold boot to first exec done", median_ms(cold_first), "-"),
         ("VMM restore only (-incoming, cont)", median_ms(vmm),
          "raw qemu boot, trivial init", median_ms(raw), "-"),
     ]  # fmt: skip
@@ -275,6 +317,11 @@ def main() -> None:
         f"first exec {statistics.median(warm_cpu):.0f} ms "
         f"({statistics.median(cold_cpu) / statistics.median(warm_cpu):.1f}x less than cold)"
     )
+    print(
+        "TCG translation blocks made by QEMU up to the first exec done (medians): restored "
+        f"{statistics.median(TBS['restore']):.0f}, warm pool {statistics.median(TBS['pool']):.0f}"
+        " (the pool's include its warm-up before the sandbox took the VM)"
+    )
     print(f"load average at end: {os.getloadavg()}")
     print(
         f"\n{args.concurrent} sandboxes created at once from the snapshot: all ran `true` after "
@@ -286,31 +333,25 @@ def main() -> None:
         f"PSS {cold_mem[1] / 1024:.0f} MiB; restored RSS {warm_mem[0] / 1024:.0f} MiB / "
         f"PSS {warm_mem[1] / 1024:.0f} MiB (2 GiB guest, 1 vCPU)"
     )
-    print(f"snapshot files: {[f'{p.stat().st_size / 1e6:.0f} MB' for p in snapshots]}")
+    print(
+        "snapshot files (device state; guest RAM file allocated): "
+        + ", ".join(
+            f"{p.stat().st_size / 1e3:.0f} kB + "
+            f"{p.with_suffix('.mem').stat().st_blocks * 512 / 1e6:.0f} MB"
+            for p in [snapshot]
+        )
+    )
     results.update(
         raw_ms=raw, raw_cpu_ms=raw_cpu, cold_cpu_ms=cold_cpu, warm_cpu_ms=warm_cpu,
         cold_ready=cold_ready, cold_first=cold_first, warm_ready=warm_ready,
         warm_first=warm_first, vmm_restore=vmm, concurrent_total=total, concurrent_each=each,
         concurrent_pss_kib=pss, cold_mem_kib=cold_mem, warm_mem_kib=warm_mem,
-        pool_ready=pool_ready, pool_first=pool_first,
+        pool_ready=pool_ready, pool_first=pool_first, fork_ready=fork_ready,
+        fork_first=fork_first,
     )  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)
-
-
-async def vmm_only(image: object, work: Path, runs: int) -> list[float]:
-    """Boot once, snapshot at the launcher's ready message, then time driver restores."""
-    wd = work / "snap-src"
-    wd.mkdir()
-    spec = bench_spec(image, wd)
-    vm = await QemuDriver("tcg").boot(spec)
-    with anyio.fail_after(120):
-        await vm.channel.receive()
-    snapshot = work / "bench.mig"
-    await vm.snapshot(snapshot)
-    await vm.stop(0)
-    return await vmm_restore(image, work, snapshot, runs)
 
 
 if __name__ == "__main__":

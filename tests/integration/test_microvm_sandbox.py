@@ -7,6 +7,7 @@ need a fresh VM get one restored from the image's snapshot.
 
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import subprocess
@@ -377,6 +378,7 @@ def test_restored_vms_share_nothing_of_each_other(
 ) -> None:
     # Two sandboxes restored from the same image snapshot: what the first one was given
     # (root, hostname, env, workspace) or did (files, processes) is not in the second.
+    # Their RAM maps the snapshot's memory file copy-on-write: nothing goes back into it.
     marker = uuid.uuid4().hex
     other = tmp_path / "other"
     other.mkdir()
@@ -389,6 +391,8 @@ def test_restored_vms_share_nothing_of_each_other(
     )
     with first:
         assert first._inner._launched.restored  # type: ignore[attr-defined]
+        vm = first._inner._launched.vm  # type: ignore[attr-defined]
+        memory = Path(vm.spec.options["memory_file"])
         r = first.commands.run(
             f"id -u; hostname; cat mine.txt; echo; echo {marker} > /tmp/left;"
             f" echo {marker} > /etc/left; echo {marker} > ws.txt; echo $LEAK_MARK"
@@ -397,7 +401,10 @@ def test_restored_vms_share_nothing_of_each_other(
         first.commands.run(["sleep", "4242"], background=True)
     with Sandbox.create(project_dir=project, backend=microvm) as second:
         assert second._inner._launched.restored  # type: ignore[attr-defined]
-        r = second.commands.run("id -u; hostname; ls; env; cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+        r = second.commands.run(
+            "id -u; hostname; ls; env; cat /proc/[0-9]*/cmdline | tr '\\0' ' ';"
+            " tr '\\0' '\\n' < /proc/1/environ"
+        )
         lines = r.stdout.splitlines()
         assert lines[:2] == ["1000", "sandbox"]
         assert "mine.txt" not in r.stdout and "ws.txt" not in r.stdout
@@ -408,6 +415,8 @@ def test_restored_vms_share_nothing_of_each_other(
         )
         assert found.stdout.strip() == ""
         assert second.commands.run("cat /etc/hosts /etc/hostname").stdout.count("alpha") == 0
+    with memory.open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as ram:
+        assert ram.find(marker.encode()) == -1
 
 
 def test_snapshot_restore_fork_sdk(microvm: str, project: Path) -> None:

@@ -3,6 +3,7 @@ upper-layer round trip (guest packer -> host importer), and `auto` never picking
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import os
@@ -70,6 +71,30 @@ def test_qemu_argv_restore_and_kvm(tmp_path: Path) -> None:
     assert warm[: len(cold)] == cold and warm[len(cold) :] == ["-incoming", "defer"]
     assert "tsc_early_khz" not in _arg_after(cold, "-append")[0]
     assert _arg_after(cold, "-cpu") == ["host"]
+
+
+def test_qemu_argv_memory_file(tmp_path: Path) -> None:
+    # The snapshot source writes its RAM into a shared file; a restore maps that file
+    # privately (copy-on-write), under the RAM block name plain ``-m`` gives it.
+    from stockade.backends.microvm.backend import restored_spec, snapshot_memory
+
+    spec = _spec(tmp_path)
+    source = dataclasses.replace(
+        spec, options={"memory_file": str(tmp_path / "ram"), "memory_share": "on"}
+    )
+    argv = build_qemu_argv(source, qemu="qemu", accel="tcg", tsc_khz=None)
+    assert _arg_after(argv, "-M") == ["microvm,accel=tcg,memory-backend=microvm.ram"]
+    assert _arg_after(argv, "-m") == ["384M"]
+    assert _arg_after(argv, "-object") == [
+        f"memory-backend-file,id=microvm.ram,size=384M,mem-path={tmp_path / 'ram'},share=on"
+    ]
+    snapshot = tmp_path / "key.mig"
+    restored = restored_spec(spec, snapshot)
+    assert restored.options["ignore_shared"] == "on"
+    argv = build_qemu_argv(restored, qemu="qemu", accel="tcg", tsc_khz=None, incoming=True)
+    (backend,) = _arg_after(argv, "-object")
+    assert backend.endswith(f"mem-path={snapshot_memory(snapshot)},share=off")
+    assert "-object" not in build_qemu_argv(spec, qemu="qemu", accel="tcg", tsc_khz=None)
 
 
 def test_qemu_argv_vsock(tmp_path: Path) -> None:
@@ -297,3 +322,28 @@ def test_guest_config_user_and_limits(tmp_path: Path, project: Path) -> None:
 
     files = {path: base64.b64decode(data) for path, data, _ in config["files"]}
     assert b"user:x:1000:1000:" in files["/etc/passwd"]
+
+
+def test_tree_entries_for_a_streamed_workspace(tmp_path: Path) -> None:
+    # What the guest gets instead of a tar: parents first, modes and links kept, content in
+    # base64, special files left out (as the tar of the other backends leaves them out).
+    import base64
+    import os
+
+    from stockade.backends.microvm.backend import _tree_entries
+
+    root = tmp_path / "tree"
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "d" / "e" / "run.sh").write_text("#!/bin/sh\n")
+    (root / "d" / "e" / "run.sh").chmod(0o755)
+    (root / "a.txt").write_bytes(b"\x00\xffdata")
+    os.link(root / "a.txt", root / "b.txt")
+    os.symlink("d/e/run.sh", root / "link")
+    os.mkfifo(root / "fifo")
+    entries = {e[1]: e for e in _tree_entries(root)}
+    assert list(entries) == ["a.txt", "b.txt", "d", "link", "d/e", "d/e/run.sh"]
+    assert base64.b64decode(entries["a.txt"][4]) == b"\x00\xffdata"
+    assert entries["b.txt"][0] == "h" and entries["b.txt"][4] == "a.txt"
+    assert entries["link"][0] == "l" and entries["link"][4] == "d/e/run.sh"
+    assert entries["d"][0] == entries["d/e"][0] == "d"
+    assert entries["d/e/run.sh"][2] == 0o755

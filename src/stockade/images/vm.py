@@ -297,7 +297,7 @@ def _precompile(source: Path) -> None:
     subprocess.run(
         [HOST_PYTHON, "-S", "-I", "-c",
          "import py_compile,sys; py_compile.compile(sys.argv[1], cfile=sys.argv[1] + 'c', "
-         "dfile='/run/stockade/agent.py', doraise=True)", str(source)],
+         "dfile='/run/stockade/' + sys.argv[2], doraise=True)", str(source), source.name],
         capture_output=True,
         check=False,
         timeout=120,
@@ -340,6 +340,8 @@ def _initramfs(cache: Path, version: str, say: Progress) -> Path:
         for name, source in files.items():
             shutil.copy2(source, root / "stockade" / name)
         _precompile(root / "stockade" / "agent.py")
+        # The launcher is the guest's main script, whose bytecode Python never caches.
+        _precompile(root / "stockade" / "launcher.py")
         (root / "stockade" / "init").chmod(0o755)
         (root / "init").symlink_to("stockade/init")
         moddir = root / "lib" / "modules" / version

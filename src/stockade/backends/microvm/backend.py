@@ -1,13 +1,15 @@
 """The microVM backend (tier 1): every sandbox is a VM with its own guest kernel.
 
 Launch: find the built image (``stockade image build``), restore the VM from the snapshot
-of this image and size when there is one (else boot it cold and take that snapshot once
-the guest is ready), then hand the guest launcher this sandbox's configuration over the
-agent channel: clock, entropy, hostname, files, environment, workspace and the agent's
-arguments (egress listeners included). The guest has no NIC: its only way out is the
-agent channel, so the egress tunnel is its only network.
+of this image and size when there is one (else make that snapshot first: a VM whose RAM is
+a shared file boots, its agent starts and runs one command, its device state is saved and
+it stops), then configure this sandbox in one ``sandbox.configure`` request to the guest's
+running agent: clock, entropy, hostname, files, environment, workspace and the agent's
+options (egress listeners included). A restore maps the snapshot's RAM file copy-on-write
+(``x-ignore-shared``): nothing is copied and no guest can write into it. The guest has no
+NIC: its only way out is the agent channel, so the egress tunnel is its only network.
 
-Workspace: a small project is streamed in as a tar right after the configuration; a large
+Workspace: a small project is streamed in as a tar inside the configuration; a large
 one becomes a second virtio-blk disk (``mke2fs -d``, no loop mounts). Either way it is the
 lower layer of an overlay inside the guest, whose upper layer is a guest tmpfs. Before a
 diff or an apply the guest's upper layer is copied back into the host's
@@ -19,12 +21,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -61,7 +65,11 @@ __all__ = [
     "MicrovmBackend",
     "MicrovmSandbox",
     "build_guest_config",
+    "ensure_snapshot",
+    "make_snapshot",
+    "restored_spec",
     "snapshot_path",
+    "snapshot_ready",
     "vm_size",
 ]
 
@@ -218,19 +226,36 @@ def build_guest_config(
     return config
 
 
-def _tar_tree(root: Path, out: IO[bytes]) -> None:
-    """Pack a project tree for the guest: files, dirs, symlinks (specials are left out)."""
-
-    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
-            return None
-        info.uid = info.gid = 0
-        info.uname = info.gname = "root"
-        return info
-
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for entry in sorted(os.listdir(root)):
-            tar.add(root / entry, arcname=entry, recursive=True, filter=keep)
+def _tree_entries(root: Path) -> list[list[Any]]:
+    """A project tree for the guest, streamed inside its configuration: ``[kind, path, mode,
+    mtime, payload]`` per entry, parents first; kinds ``d`` (directory), ``f`` (file, base64
+    content), ``l`` (symlink, target) and ``h`` (hard link to an earlier path). Special
+    files are left out. The guest extracts them with the agent's checked tar extraction,
+    without importing ``tarfile`` (under emulation, that import chain alone costs about a
+    second of a cold boot)."""
+    entries: list[list[Any]] = []
+    seen: dict[tuple[int, int], str] = {}
+    for top, dirs, files in os.walk(root):
+        dirs.sort()
+        rel_top = os.path.relpath(top, root)
+        prefix = "" if rel_top == "." else rel_top + "/"
+        for name in sorted(dirs + files):
+            path = os.path.join(top, name)
+            info = os.lstat(path)
+            mode, mtime, rel = stat.S_IMODE(info.st_mode), int(info.st_mtime), prefix + name
+            if stat.S_ISDIR(info.st_mode):
+                entries.append(["d", rel, mode, mtime, ""])
+            elif stat.S_ISLNK(info.st_mode):
+                entries.append(["l", rel, mode, mtime, os.readlink(path)])
+            elif stat.S_ISREG(info.st_mode):
+                key = (info.st_dev, info.st_ino)
+                if info.st_nlink > 1 and key in seen:
+                    entries.append(["h", rel, mode, mtime, seen[key]])
+                    continue
+                seen[key] = rel
+                data = base64.b64encode(Path(path).read_bytes()).decode()
+                entries.append(["f", rel, mode, mtime, data])
+    return entries
 
 
 def _tree_size(root: Path, limit: int) -> int:
@@ -388,18 +413,15 @@ class MicrovmSandbox(LaunchedSandbox):
     async def after_connect(self, client: AgentClient) -> None:
         if not self.resumed:
             return
-        from stockade.backends.microvm.snapshots import guest_reseed_argv
-
-        _, events = await client.start_process(
-            _process_params(guest_reseed_argv(time.time_ns(), os.urandom(64)))
-        )
-        result = await client.wait_process(events)
-        client.forget_process(events.proc)
-        if result.exit_code != 0:
+        # A resumed named snapshot's agent is configured and running: it sets the clock and
+        # reseeds entropy itself (no new process in the guest), so forks share no state.
+        seed = base64.b64encode(os.urandom(64)).decode()
+        try:
+            await client.call_raw("sandbox.reseed", {"time_ns": time.time_ns(), "seed": seed})
+        except Exception as exc:
             raise SandboxStartError(
-                "could not set the clock and reseed entropy in the resumed VM: "
-                f"{bytes(events.stderr).decode(errors='replace')[-500:]}"
-            )
+                f"could not set the clock and reseed entropy in the resumed VM: {exc}"
+            ) from exc
 
     async def sync_workspace(self, client: AgentClient) -> None:
         """Copy the guest's overlay upper layer into the host's ``WorkspaceLayers.upper``."""
@@ -516,7 +538,6 @@ class _Plan:
     accel: str
     vm: VmSpec
     workspace: dict[str, Any] | None
-    stream: Path | None  # tar file to stream after the configuration
     disk: Path | None
     snapshot: Path | None
 
@@ -617,7 +638,6 @@ class MicrovmBackend(Backend):
         transport, guest_agent = agent_transport(driver, workdir)
         ws = spec.policy.workspace
         workspace: dict[str, Any] | None = None
-        stream: Path | None = None
         disk: Path | None = None
         source_dir: Path | None = None
         if ws.mode in ("cow", "ro") and ws.host_path is not None:
@@ -640,10 +660,7 @@ class MicrovmBackend(Backend):
             if upper_size:
                 workspace["upper_size"] = int(upper_size)
             if size <= STREAM_LIMIT:
-                stream = workdir / "workspace.tar"
-                with stream.open("wb") as out:
-                    _tar_tree(source_dir, out)
-                workspace.update(source="stream", size=stream.stat().st_size)
+                workspace.update(source="stream", entries=_tree_entries(source_dir))
             else:
                 total = _tree_size(source_dir, 1 << 62)
                 disk = workdir / "workspace.ext4"
@@ -667,7 +684,7 @@ class MicrovmBackend(Backend):
         )
         if os.environ.get("STOCKADE_MICROVM_SNAPSHOTS", "1") == "0":
             snap = None  # always boot cold, take no snapshot (benchmarks, debugging)
-        return _Plan(image, driver, accel, vm, workspace, stream, disk, snap)
+        return _Plan(image, driver, accel, vm, workspace, disk, snap)
 
     def _resume_spec(self, spec: LaunchSpec) -> tuple[VmSpec, tuple[Path, ...]]:
         assert self.resume is not None
@@ -730,46 +747,38 @@ class MicrovmBackend(Backend):
         ):
             vm = await self.pool.take()
             restored = vm is not None
-        if vm is None and plan.snapshot is not None and plan.snapshot.is_file():
-            try:
-                vm = await driver.restore(plan.vm, plan.snapshot)
-                restored = True
-            except SandboxStartError as exc:
-                logger.warning("restore from %s failed, booting cold: %s", plan.snapshot, exc)
-                with contextlib.suppress(OSError):
-                    plan.snapshot.unlink()
+        snap = plan.snapshot if plan.driver == "qemu" else None
+        if vm is None and snap is not None:
+            if not snapshot_ready(snap):
+                try:
+                    await ensure_snapshot(driver, plan.vm, snap)
+                except SandboxStartError as exc:
+                    logger.warning("could not make the VM snapshot %s, booting cold: %s", snap, exc)
+            if snapshot_ready(snap):
+                try:
+                    vm = await driver.restore(restored_spec(plan.vm, snap), snap)
+                    restored = True
+                except SandboxStartError as exc:
+                    logger.warning("restore from %s failed, booting cold: %s", snap, exc)
+                    remove_snapshot(snap)
+        reader: _FrameReader | None = None
         if vm is None:
             vm = await driver.boot(plan.vm)
+            reader = _FrameReader(vm.channel)
         vm_ready = time.monotonic()
-        extra = tuple(p for p in (plan.stream, plan.disk) if p is not None)
+        extra = (plan.disk,) if plan.disk is not None else ()
         sandbox = MicrovmSandbox(vm, spec, extra_files=extra)
         sandbox.restored = restored
         try:
-            reader = _FrameReader(vm.channel)
-            if not restored:
-                with anyio.fail_after(READY_TIMEOUT):
-                    hello = await reader.frame()
-                if hello.get("launcher") != 1:
-                    raise SandboxStartError(f"unexpected first message from the guest: {hello}")
-                if plan.snapshot is not None:
-                    # Run configuring's code paths once first: lazy imports, caches and the
-                    # page cache they fill are then in the snapshot, not paid per restore.
-                    await vm.channel.send(_frame({"warmup": True}))
-                    with anyio.fail_after(READY_TIMEOUT):
-                        warm = await reader.frame()
-                    if not warm.get("warm"):
-                        raise SandboxStartError(f"the guest did not warm up: {warm}")
-                    await self._take_snapshot(vm, plan.snapshot)
+            if reader is None:
+                reader = _FrameReader(vm.channel)
+            else:
+                await start_agent(vm, reader, warmup=False)
             config = build_guest_config(
                 spec, workspace=plan.workspace, now_ns=time.time_ns(), seed=os.urandom(64)
             )
-            await vm.channel.send(_frame(config))
-            if plan.stream is not None:
-                with plan.stream.open("rb") as f:
-                    while block := f.read(1 << 20):
-                        await vm.channel.send(block)
             with anyio.fail_after(READY_TIMEOUT):
-                answer = await reader.frame()
+                answer = await _request(vm, reader, "sandbox.configure", config)
             logger.debug(
                 "microvm %s: plan %.0f ms, %s %.0f ms, configured %.0f ms; guest: %s",
                 spec.name,
@@ -779,8 +788,6 @@ class MicrovmBackend(Backend):
                 (time.monotonic() - vm_ready) * 1000,
                 answer,
             )
-            if "error" in answer:
-                raise SandboxStartError(f"the guest could not be configured: {answer['error']}")
         except BaseException as exc:
             console = vm.console()
             await sandbox.terminate(0)
@@ -792,22 +799,133 @@ class MicrovmBackend(Backend):
             if isinstance(exc, SandboxStartError) and console:
                 raise SandboxStartError(f"{exc}\n--- console ---\n{console}") from exc
             raise
-        if plan.stream is not None:
-            plan.stream.unlink(missing_ok=True)
         if reader.buffer:
             sandbox.channel = _Prefixed(vm.channel, bytes(reader.buffer))
         sandbox.boot_seconds = time.monotonic() - started
         return sandbox
 
-    @staticmethod
-    async def _take_snapshot(vm: VmHandle, path: Path) -> None:
-        """Save the ready, not yet configured VM for later sandboxes; then let it run on."""
-        if type(vm).resume is VmHandle.resume:
-            return  # this driver cannot let the VM run on after a snapshot: no warm starts
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+# --- start-up and the image's snapshot ----------------------------------------------------
+
+
+async def start_agent(vm: VmHandle, reader: _FrameReader, *, warmup: bool) -> dict[str, Any]:
+    """Wait for a booted guest's launcher, then have it start serving (unconfigured)."""
+    with anyio.fail_after(READY_TIMEOUT):
+        hello = await reader.frame()
+    if hello.get("launcher") != 1:
+        raise SandboxStartError(f"unexpected first message from the guest: {hello}")
+    await vm.channel.send(_frame({"warmup": True} if warmup else {}))
+    with anyio.fail_after(READY_TIMEOUT):
+        answer = await reader.frame()
+    if not answer.get("serving"):
+        raise SandboxStartError(f"the guest agent did not start: {answer.get('error', answer)}")
+    logger.debug("microvm guest start-up (uptime seconds): %s; %s", hello, answer)
+    return answer
+
+
+async def _request(
+    vm: VmHandle, reader: _FrameReader, method: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """One JSON-RPC request on the raw channel (before the host's AgentClient takes it over);
+    notifications before the answer are skipped."""
+    request_id = f"launch-{method}"
+    await vm.channel.send(
+        _frame({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+    )
+    while True:
+        message = await reader.frame()
+        if message.get("id") != request_id:
+            continue
+        if "error" in message:
+            error = message["error"]
+            detail = error.get("message", error) if isinstance(error, dict) else error
+            raise SandboxStartError(f"the guest refused {method}: {detail}")
+        result = message.get("result")
+        return result if isinstance(result, dict) else {}
+
+
+async def warm_exec(vm: VmHandle, reader: _FrameReader) -> None:
+    """Run one command through the agent and wait for its exit (code paths warm for a
+    snapshot, or the emulator's translations warm for a pool VM)."""
+    started = await _request(vm, reader, "process.start", {"argv": ["/bin/true"], "cwd": "/"})
+    handle = started.get("proc")
+    while True:
+        message = await reader.frame()
+        if (
+            message.get("method") == "process.exit"
+            and message.get("params", {}).get("proc") == handle
+        ):
+            return
+
+
+def snapshot_memory(snapshot: Path) -> Path:
+    """The guest RAM of an image snapshot: mapped copy-on-write by each restore. It is only
+    ever replaced (a new file), never rewritten: a running VM's private mapping of the old
+    one must not change under it."""
+    return snapshot.with_suffix(".mem")
+
+
+def snapshot_ready(snapshot: Path) -> bool:
+    # The device state is renamed into place last: with it, the memory file is complete.
+    return snapshot.is_file() and snapshot_memory(snapshot).is_file()
+
+
+def remove_snapshot(snapshot: Path) -> None:
+    for path in (snapshot, snapshot_memory(snapshot)):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def restored_spec(vm: VmSpec, snapshot: Path) -> VmSpec:
+    """``vm`` restored from an image snapshot: its RAM maps the snapshot's memory file
+    privately (nothing is copied; pages a guest writes become its own)."""
+    options = {**vm.options, "memory_file": str(snapshot_memory(snapshot)), "ignore_shared": "on"}
+    return dataclasses.replace(vm, options=options)
+
+
+async def ensure_snapshot(driver: Driver, vm_spec: VmSpec, snapshot: Path) -> None:
+    """Make the image snapshot unless it exists, one maker at a time (a lock file next to
+    it): sandboxes started together wait for the first one's snapshot instead of each
+    booting its own and replacing the other's RAM file under a restore."""
+    import fcntl
+
+    if snapshot_ready(snapshot):
+        return
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(snapshot.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
+        if not snapshot_ready(snapshot):
+            await make_snapshot(driver, vm_spec, snapshot)
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+async def make_snapshot(driver: Driver, vm_spec: VmSpec, snapshot: Path) -> None:
+    """Boot a VM whose RAM is a shared file, start its agent, run one command, then save its
+    device state (the RAM file is the rest of the snapshot) and stop it."""
+    from stockade.backends.microvm.qemu import QemuVm
+
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    memory = snapshot.with_name(f".{snapshot.stem}.{tag}.mem")
+    devices = snapshot.with_name(f".{snapshot.stem}.{tag}.mig")
+    options = {**vm_spec.options, "memory_file": str(memory), "memory_share": "on"}
+    try:
+        vm = await driver.boot(dataclasses.replace(vm_spec, options=options))
         try:
-            await vm.snapshot(path)
-        except (SandboxStartError, OSError, NotImplementedError) as exc:
-            logger.warning("could not snapshot the VM to %s: %s", path, exc)
-        with contextlib.suppress(NotImplementedError):
-            await vm.resume()
+            if not isinstance(vm, QemuVm):
+                raise SandboxStartError(f"the {driver.name} driver keeps no image snapshots")
+            reader = _FrameReader(vm.channel)
+            await start_agent(vm, reader, warmup=True)
+            with anyio.fail_after(READY_TIMEOUT):
+                await warm_exec(vm, reader)
+            await vm.snapshot_devices(devices)
+        finally:
+            await vm.stop(0)
+        os.replace(memory, snapshot_memory(snapshot))
+        os.replace(devices, snapshot)
+    finally:
+        for path in (memory, devices):
+            with contextlib.suppress(OSError):
+                path.unlink()

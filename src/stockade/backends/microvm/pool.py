@@ -2,9 +2,8 @@
 sandbox created from the pool skips the VMM start and the restore.
 
 Under emulation a restored VM has no translated code yet, so the pool also has each VM's
-launcher run the configure paths once (a tar, mounts, a fork and exec) before it is
-handed out. The pool owns its VMs; one taken by a sandbox becomes that sandbox's, and the
-pool starts another in its place::
+agent run one command before it is handed out. The pool owns its VMs; one taken by a
+sandbox becomes that sandbox's, and the pool starts another in its place::
 
     async with WarmPool(size=2) as pool:
         sandbox = await pool.create(project_dir=".")
@@ -63,7 +62,7 @@ class WarmPool:
 
     async def __aenter__(self) -> WarmPool:
         from stockade.backends.microvm.accel import chosen_accel
-        from stockade.backends.microvm.backend import snapshot_key, snapshot_path
+        from stockade.backends.microvm.backend import snapshot_key, snapshot_path, snapshot_ready
         from stockade.images.vm import find_vm_image
 
         image = await anyio.to_thread.run_sync(find_vm_image, self.profile)
@@ -77,7 +76,7 @@ class WarmPool:
         self._snapshot = snapshot_path(image, key)
         self._dir = Path(tempfile.mkdtemp(prefix="stockade-pool-"))
         try:
-            if not self._snapshot.is_file():
+            if not snapshot_ready(self._snapshot):
                 await self._make_snapshot()
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
@@ -127,31 +126,35 @@ class WarmPool:
         )
 
     async def _make_snapshot(self) -> None:
-        from stockade.backends.microvm.backend import MicrovmBackend, _FrameReader
+        from stockade.backends.microvm.backend import ensure_snapshot
         from stockade.backends.microvm.qemu import QemuDriver
 
         assert self._snapshot is not None
-        vm = await QemuDriver(self._accel).boot(self._spec())
-        try:
-            with anyio.fail_after(120):
-                await _FrameReader(vm.channel).frame()
-            await MicrovmBackend._take_snapshot(vm, self._snapshot)
-        finally:
-            await vm.stop(0)
+        await ensure_snapshot(QemuDriver(self._accel), self._spec(), self._snapshot)
 
     async def _one(self) -> VmHandle:
-        from stockade.backends.microvm.backend import _frame, _FrameReader
+        from stockade.backends.microvm.backend import (
+            _FrameReader,
+            _request,
+            restored_spec,
+            warm_exec,
+        )
         from stockade.backends.microvm.qemu import QemuDriver
 
         assert self._snapshot is not None
-        vm = await QemuDriver(self._accel).restore(self._spec(), self._snapshot)
+        vm = await QemuDriver(self._accel).restore(
+            restored_spec(self._spec(), self._snapshot), self._snapshot
+        )
         self._owned.add(vm)
         try:
-            await vm.channel.send(_frame({"warmup": True}))
+            # A rehearsal of configuring and one command now: the emulator translates those
+            # paths before a sandbox takes this VM, not during its start and first command.
             with anyio.fail_after(60):
-                answer = await _FrameReader(vm.channel).frame()
-            if not answer.get("warm"):
-                raise SandboxStartError(f"a pool VM did not warm up: {answer}")
+                reader = _FrameReader(vm.channel)
+                await _request(vm, reader, "sandbox.warm", {})
+                await warm_exec(vm, reader)
+            if reader.buffer:
+                raise SandboxStartError("a pool VM sent more than its warm-up answer")
         except BaseException:
             self._owned.discard(vm)
             await vm.stop(0)

@@ -57,6 +57,8 @@ FAST_ARGS = (
     "rcupdate.rcu_expedited=1",
     "nowatchdog",
 )
+#: QEMU's name for microvm's RAM block (what ``-m`` alone creates): kept for a memory file.
+RAM_ID = "microvm.ram"
 #: Seconds QEMU gets to connect its chardev to our agent socket.
 CONNECT_TIMEOUT = 10.0
 
@@ -101,10 +103,17 @@ def build_qemu_argv(
     if accel == "tcg" and tsc_khz:
         cmdline.append(f"tsc_early_khz={tsc_khz}")
     cmdline.append(spec.cmdline)
+    machine = f"microvm,accel={accel}"
+    memory_file = spec.options.get("memory_file")
+    if memory_file:
+        # Guest RAM in a file: shared (the snapshot source writes its memory there) or
+        # private (a restore maps the snapshot's memory copy-on-write instead of copying it).
+        # The id is the one ``-m`` alone gives the RAM block, so migration streams match.
+        machine += f",memory-backend={RAM_ID}"
     argv = [
         qemu,
         "-M",
-        f"microvm,accel={accel}",
+        machine,
         "-cpu",
         "host" if accel == "kvm" else tcg_cpu(),
         "-smp",
@@ -125,6 +134,13 @@ def build_qemu_argv(
         "-append",
         " ".join(c for c in cmdline if c),
     ]
+    if memory_file:
+        share = "on" if spec.options.get("memory_share") == "on" else "off"
+        argv += [
+            "-object",
+            f"memory-backend-file,id={RAM_ID},size={spec.memory_mib}M,"
+            f"mem-path={memory_file},share={share}",
+        ]
     if spec.agent.kind == "virtio-serial":
         argv += [
             "-device",
@@ -230,14 +246,23 @@ class QemuVm(VmHandle):
     async def snapshot(self, path: Path) -> None:
         await anyio.to_thread.run_sync(self._snapshot_blocking, path)
 
+    async def snapshot_devices(self, path: Path) -> None:
+        """Save the device state only (``x-ignore-shared``): the guest RAM is the VM's shared
+        memory file (``memory_share=on``), which becomes the snapshot's memory as it is. The
+        VM must not run on afterwards (it would write into that file): stop it."""
+        if self.spec.options.get("memory_share") != "on":
+            raise SandboxStartError("snapshot_devices needs a VM with a shared memory file")
+        await anyio.to_thread.run_sync(self._snapshot_blocking, path, True)
+
     async def resume(self) -> None:
         await anyio.to_thread.run_sync(self.qmp.command, "cont")
 
-    def _snapshot_blocking(self, path: Path) -> None:
+    def _snapshot_blocking(self, path: Path, ignore_shared: bool = False) -> None:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         qmp = self.qmp
         # The default 128 MiB/s cap makes a snapshot take ~0.5 s instead of ~60 ms.
         qmp.command("migrate-set-parameters", **{"max-bandwidth": 1 << 34})
+        _set_ignore_shared(qmp, ignore_shared)
         qmp.command("stop")
         qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(tmp))}")
         deadline = time.monotonic() + 120
@@ -328,7 +353,9 @@ class QemuDriver(Driver):
                     vm.channel = await self._accept(listener, process)
             await anyio.to_thread.run_sync(qmp.connect, time.monotonic() + CONNECT_TIMEOUT)
             if snapshot is not None:
-                await anyio.to_thread.run_sync(self._incoming, qmp, snapshot)
+                await anyio.to_thread.run_sync(
+                    self._incoming, qmp, snapshot, spec.options.get("ignore_shared") == "on"
+                )
         except BaseException as exc:
             if not hasattr(vm, "channel"):
                 vm.channel = _Closed()
@@ -366,8 +393,9 @@ class QemuDriver(Driver):
         return result[0]
 
     @staticmethod
-    def _incoming(qmp: QmpClient, snapshot: Path) -> None:
+    def _incoming(qmp: QmpClient, snapshot: Path, ignore_shared: bool = False) -> None:
         qmp.command("migrate-set-parameters", **{"max-bandwidth": 1 << 34})
+        _set_ignore_shared(qmp, ignore_shared)
         qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snapshot))}")
         deadline = time.monotonic() + 60
         while True:
@@ -384,6 +412,15 @@ class QemuDriver(Driver):
                 f"migration {info.get('status')!r} {info.get('error-desc', '')}"
             )
         qmp.command("cont")
+
+
+def _set_ignore_shared(qmp: QmpClient, on: bool) -> None:
+    """Both ends of a migration must agree: with it, shared RAM blocks are not in the stream
+    (set both ways: a restored QEMU keeps the capability for its later named snapshots)."""
+    qmp.command(
+        "migrate-set-capabilities",
+        capabilities=[{"capability": "x-ignore-shared", "state": on}],
+    )
 
 
 class _Closed(anyio.abc.ByteStream):

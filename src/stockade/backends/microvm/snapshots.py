@@ -5,13 +5,13 @@ workspace upper layer lives in guest RAM, so it is included) plus a copy of the 
 workspace disk when the sandbox has one. It is stored with the sandbox's state under
 ``<state>/snapshots/<sandbox>/<tag>/``. ``restore`` puts a running sandbox back into one of
 its snapshots; ``fork`` starts a new sandbox from one (same policy). A resumed VM's agent
-is already configured, so after the handshake the host sets the guest clock and reseeds
-its entropy pool (two forks must not share random state).
+is already configured, so after the handshake the host has that running agent set the
+guest clock and reseed its entropy pool (``sandbox.reseed``: two forks must not share
+random state).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -39,23 +39,6 @@ __all__ = [
 ]
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-#: Run in the resumed guest: set the wall clock, add fresh entropy and reseed the CRNG,
-#: directly as root, or through the launcher's clock helper when commands run unprivileged.
-RESEED = (
-    "import os,sys,time,binascii\n"
-    "ns,seed=sys.argv[1],sys.argv[2]\n"
-    "if os.getuid()==0:\n"
-    "    import fcntl,struct\n"
-    "    time.clock_settime_ns(time.CLOCK_REALTIME,int(ns)); s=binascii.a2b_base64(seed)\n"
-    "    fd=os.open('/dev/urandom',os.O_WRONLY)\n"
-    "    fcntl.ioctl(fd,0x40085203,struct.pack('ii',len(s)*8,len(s))+s);fcntl.ioctl(fd,0x5207)\n"
-    "else:\n"
-    "    import socket\n"
-    "    c=socket.socket(socket.AF_UNIX);c.connect('/run/stockade/clock.sock')\n"
-    "    c.sendall(f'time {ns} {seed}'.encode());r=c.recv(200).decode()\n"
-    "    sys.exit(0 if r.startswith('ok') else r)\n"
-)
 
 
 def _check_tag(tag: str) -> None:
@@ -191,11 +174,6 @@ async def handle_control(sandbox: AsyncSandbox, method: str, params: dict[str, A
         await restore_sandbox(sandbox, tag)
         return {}
     raise SandboxStateError(f"unknown snapshot method {method!r}")
-
-
-def guest_reseed_argv(now_ns: int, seed: bytes) -> list[str]:
-    return ["/usr/bin/python3", "-S", "-I", "-c", RESEED, str(now_ns),
-            base64.b64encode(seed).decode()]  # fmt: skip
 
 
 def copy_sparse(src: Path, dst: Path) -> None:

@@ -1,15 +1,18 @@
 """stockade microVM launcher: PID 1 of the guest after switch_root (stdlib only).
 
 It loads the guest agent, opens the agent channel (the virtio-serial port named ``agent``,
-or a vsock port), says it is ready and waits for the host's per-sandbox configuration. A
-VM snapshot is taken in that waiting state, so every sandbox restored from it, like every
-cold-booted one, gets its own configuration here: wall clock, entropy, hostname, files,
-environment, workspace. Then the agent serves the protocol on the channel, in this
-process, and when it returns the VM powers off.
+or a vsock port), says it is ready and, once the host answers, serves the agent protocol
+on the channel in this process, still unconfigured. Every sandbox then gets its own
+configuration (wall clock, entropy, hostname, files, environment, workspace, the agent's
+options) in one ``sandbox.configure`` request to that running agent. The image's VM
+snapshot is taken after the agent has served a first command, so a restored sandbox runs
+nothing but that request before its first command. When the agent returns the VM powers
+off.
 
 Channel handshake, in the agent protocol's framing (4-byte big-endian length + JSON):
-guest -> ``{"launcher": 1, ...}``; host -> configuration (then, for a streamed workspace,
-exactly ``workspace.size`` bytes of tar); guest -> ``{"ok": true}`` or ``{"error": "..."}``.
+guest -> ``{"launcher": 1, ...}``; host -> ``{}`` or ``{"warmup": true}`` (a VM about to be
+snapshotted); guest -> ``{"serving": true, ...}`` or ``{"error": "..."}``; then the agent
+protocol, plus ``sandbox.configure`` (once) and ``sandbox.reseed`` (a resumed named snapshot).
 """
 
 # Stdlib only and start-up time matters: contextlib.suppress would cost an import.
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
 AGENT = "/run/stockade/agent.py"
 WS_STATE = "/run/stockade/ws"
 MAX_CONFIG = 16 * 1024 * 1024
+#: The agent's frame limit: ``sandbox.configure`` carries a streamed workspace (base64).
+MAX_FRAME = 32 * 1024 * 1024
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 BLKFLSBUF = 0x1261
@@ -175,6 +180,48 @@ def write_file(path: str, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
+class Entry:
+    """One workspace entry (backend.py ``_tree_entries``) as the agent's tar extraction
+    sees a tar member: the same checks and the same writes, without ``tarfile``."""
+
+    def __init__(self, kind: str, name: str, mode: int, mtime: float, payload: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.mode = int(mode)
+        self.mtime = mtime
+        self.payload = payload
+        self.linkname = payload if kind in ("l", "h") else ""
+
+    def isdir(self) -> bool:
+        return self.kind == "d"
+
+    def isfile(self) -> bool:
+        return self.kind == "f"
+
+    def issym(self) -> bool:
+        return self.kind == "l"
+
+    def islnk(self) -> bool:
+        return self.kind == "h"
+
+
+class Entries:
+    """What ``_extract_members`` reads file contents from (a tar archive's one method)."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def extractfile(self, member: Entry) -> Any:
+        import io
+
+        return io.BytesIO(self.agent.binascii.a2b_base64(member.payload))
+
+
+def extract_entries(agent: Any, entries: list[Any], dest: str) -> int:
+    members = [Entry(*entry) for entry in entries]
+    return int(agent._extract_members(Entries(agent), members, os.path.realpath(dest)))
+
+
 def chown_tree(top: str, uid: int, gid: int) -> None:
     os.chown(top, uid, gid, follow_symlinks=False)
     for root, dirs, files in os.walk(top):
@@ -182,7 +229,7 @@ def chown_tree(top: str, uid: int, gid: int) -> None:
             os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
-def setup_workspace(agent: Any, fd: int, ws: dict[str, Any], user: list[int] | None = None) -> None:
+def setup_workspace(agent: Any, ws: dict[str, Any], user: list[int] | None = None) -> None:
     """Lower (streamed tar or the second disk) + tmpfs upper, overlaid at ws['path']."""
     mode = ws["mode"]
     target = ws["path"]
@@ -193,19 +240,7 @@ def setup_workspace(agent: Any, fd: int, ws: dict[str, Any], user: list[int] | N
     lower = f"{WS_STATE}/lower"
     os.mkdir(lower, 0o755)
     if ws["source"] == "stream":
-        size = int(ws["size"])
-        spool = os.open(WS_STATE, os.O_RDWR | os.O_TMPFILE, 0o600)
-        remaining = size
-        while remaining:
-            block = os.read(fd, min(remaining, 1 << 20))
-            if not block:
-                raise EOFError("the host closed the channel during the workspace")
-            write_all(spool, block)
-            remaining -= len(block)
-        os.lseek(spool, 0, 0)
-        mark("ws received")
-        with os.fdopen(spool, "rb") as tar:
-            agent.extract_tar(tar, lower)
+        extract_entries(agent, ws["entries"], lower)
         os.chmod(lower, int(ws.get("root_mode", 0o755)))
         if user:
             chown_tree(lower, int(user[0]), int(user[1]))
@@ -249,6 +284,7 @@ def warm_up(agent: Any) -> None:
     scratch = "/run/stockade/warm"
     os.makedirs(scratch, exist_ok=True)
     mount("stockade-warm", scratch, "tmpfs", 0, "mode=0700,size=1m")
+    os.mkdir(f"{scratch}/tar", 0o700)
     try:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -257,8 +293,33 @@ def warm_up(agent: Any) -> None:
                 info.size = 4
                 tar.addfile(info, io.BytesIO(b"warm"))
         buf.seek(0)
-        agent.extract_tar(buf, scratch)
-        write_file(f"{scratch}/f", b"x", 0o644)
+        # configure()'s own steps, on scratch targets or with values that change nothing.
+        time.clock_settime_ns(time.CLOCK_REALTIME, time.time_ns())
+        import _socket
+
+        _socket.sethostname(os.uname().nodename)
+        os.mkdir(f"{scratch}/lower", 0o755)
+        agent.extract_tar(buf, f"{scratch}/tar")
+        extract_entries(
+            agent,
+            [["d", "d", 0o755, 0, ""], ["f", "d/b", 0o644, 0, agent.b64encode(b"warm")],
+             ["l", "c", 0o777, 0, "d/b"], ["h", "a", 0o644, 0, "d/b"]],
+            f"{scratch}/lower",
+        )  # fmt: skip
+        os.chmod(f"{scratch}/lower", 0o700)
+        chown_tree(f"{scratch}/lower", 0, 0)
+        for name in ("upper", "work", "ws"):
+            os.mkdir(f"{scratch}/{name}", 0o755)
+        mount(
+            "stockade-warm-ws", f"{scratch}/ws", "overlay", 0,
+            f"lowerdir={scratch}/lower,upperdir={scratch}/upper,workdir={scratch}/work,"
+            "redirect_dir=off,metacopy=off",
+        )  # fmt: skip
+        mount(f"{scratch}/ws/a", f"{scratch}/ws/a", None, MS_BIND)
+        mount("", f"{scratch}/ws/a", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        _LIBC[0].umount2(f"{scratch}/ws/a".encode(), 2)
+        _LIBC[0].umount2(f"{scratch}/ws".encode(), 2)
+        write_file(f"{scratch}/f", agent.binascii.a2b_base64(agent.b64encode(b"x")), 0o644)
         agent.json_loads(agent.json_dumps({"env": dict(os.environ), "n": [1, 2.5, None]}).decode())
         os.makedirs(f"{scratch}/x/y", exist_ok=True)
         seed_entropy(os.urandom(32))
@@ -325,7 +386,7 @@ def start_clock_helper() -> None:
 DOCKER_LOG = "/run/stockade/dockerd.log"
 
 
-def start_docker(fd: int, docker: dict[str, Any]) -> None:
+def start_docker(fd: int, docker: dict[str, Any], env: dict[str, str]) -> None:
     """Start this VM's own dockerd (``docker = true``) in the background, as root.
 
     Its data root is a tmpfs of its own (overlay2 cannot stack on the root's overlay); there
@@ -353,7 +414,7 @@ def start_docker(fd: int, docker: dict[str, Any]) -> None:
         os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        os.execv(argv[0], argv)  # noqa: S606
+        os.execve(argv[0], argv, env)  # noqa: S606
     finally:
         os._exit(127)
 
@@ -366,8 +427,13 @@ def mark(label: str) -> None:
     MARKS.append([label, uptime()])
 
 
-def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
-    """Apply the host's configuration; return the agent's arguments."""
+def configure(agent: Any, server: Any, config: dict[str, Any]) -> None:
+    """Apply one sandbox's configuration in the running agent (``sandbox.configure``).
+
+    The clock and fresh entropy come first, before anything else can run. Everything is
+    done in this process, with no fork or exec: after a restore under emulation every new
+    code path is translated again, so the fewer the cheaper.
+    """
     time.clock_settime_ns(time.CLOCK_REALTIME, int(config["time_ns"]))
     seed_entropy(agent.binascii.a2b_base64(config["seed"]))
     mark("clock+seed")
@@ -384,15 +450,18 @@ def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
         mount("", "/run/stockade/rootrw", None, MS_REMOUNT, f"size={int(config['disk_bytes'])}")
     for directory in config.get("dirs", ()):
         os.makedirs(directory, exist_ok=True)
-    os.environ.clear()
-    os.environ.update(config.get("env", {}))
+    env = {str(k): str(v) for k, v in config.get("env", {}).items()}
+    # Commands get it from the agent (``os.environ`` is left alone: changing it costs more
+    # under emulation than the agent ever needs from it).
+    server.base_env = env
     mark("files+env")
     ws = config.get("workspace")
     if ws:
-        setup_workspace(agent, fd, ws, config.get("user"))
+        setup_workspace(agent, ws, config.get("user"))
         mark("workspace")
     if config.get("docker"):
-        start_docker(fd, config["docker"])
+        start_docker(server.in_fd, config["docker"], env)
+    apply_agent_options(agent, server, [str(a) for a in config.get("args", ())])
     user = config.get("user")
     if user:
         uid, gid = int(user[0]), int(user[1])
@@ -402,7 +471,87 @@ def configure(agent: Any, fd: int, config: dict[str, Any]) -> list[str]:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
-    return [str(a) for a in config.get("args", ())]
+
+
+def apply_agent_options(agent: Any, server: Any, args: list[str]) -> None:
+    """The agent's per-sandbox options, given to the already running agent: working
+    directory, resource limits and the egress listeners (as ``agent.main`` would)."""
+    opts = agent.parse_options(args)
+    if opts.workspace is not None:
+        server.workspace = opts.workspace
+    if opts.rlimits:
+        import resource
+
+        for name, soft_value, hard_value in opts.rlimits:
+            which = getattr(resource, agent.RLIMIT_NAMES[name])
+            soft = resource.RLIM_INFINITY if soft_value < 0 else soft_value
+            hard = resource.RLIM_INFINITY if hard_value < 0 else hard_value
+            if name == "cpu":
+                server.child_rlimits.append((resource.setrlimit, which, soft, hard))
+            else:
+                resource.setrlimit(which, (soft, hard))
+    if opts.net_proxy is not None or opts.net_forwards:
+        for listener in agent.open_listeners(opts):
+            server.listeners.append(listener)
+            server.listener_fds[listener.fd] = listener
+            server._watch(listener.fd, agent._POLLIN)
+
+
+def reseed(agent: Any, now_ns: int, seed: str) -> None:
+    """Set the clock and reseed entropy: directly as root, else through the clock helper."""
+    if os.getuid() == 0:
+        time.clock_settime_ns(time.CLOCK_REALTIME, now_ns)
+        seed_entropy(agent.binascii.a2b_base64(seed)[:256])
+        return
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.connect(CLOCK_SOCKET)
+        sock.sendall(f"time {now_ns} {seed}".encode())
+        answer = sock.recv(200).decode()
+    finally:
+        sock.close()
+    if not answer.startswith("ok"):
+        raise OSError(f"the clock helper refused: {answer.strip()}")
+
+
+def add_methods(agent: Any, server: Any) -> None:
+    """The launcher's own requests, served by the agent loop next to the protocol's."""
+
+    def sandbox_configure(request_id: Any, p: Any) -> dict[str, Any]:
+        if server.configured:
+            raise agent.RpcError(agent.INVALID_PARAMS, "this VM is already configured")
+        MARKS.clear()
+        received = uptime()
+        configure(agent, server, dict(p.raw))
+        p.raw.clear()
+        server.configured = True
+        # What a warm-up before the snapshot left behind is no sandbox's business.
+        server.finished.clear()
+        return {"ok": True, "uptime_config": received, "uptime_done": uptime(), "marks": MARKS}
+
+    def sandbox_reseed(request_id: Any, p: Any) -> dict[str, Any]:
+        now_ns = p.integer("time_ns")
+        seed = p.string("seed")
+        p.done()
+        reseed(agent, now_ns, seed)
+        return {}
+
+    def sandbox_warm(request_id: Any, p: Any) -> dict[str, Any]:
+        # A warm pool's restored VM: the emulator translates configure's paths now, before
+        # a sandbox takes the VM (nothing of it lasts; the sandbox's configure still runs).
+        p.done()
+        if server.configured:
+            raise agent.RpcError(agent.INVALID_PARAMS, "this VM is already configured")
+        begun = uptime()
+        warm_up(agent)
+        return {"seconds": round(uptime() - begun, 3)}
+
+    server.configured = False
+    server.methods["sandbox.configure"] = sandbox_configure
+    server.methods["sandbox.warm"] = sandbox_warm
+    server.methods["sandbox.reseed"] = sandbox_reseed
 
 
 def uptime() -> float:
@@ -417,15 +566,14 @@ def main() -> None:
     # for the host then holds it, and restored sandboxes do not pay for it.
     # The agent's own lazy imports on its start and exec paths too (`resource` is a shared
     # object: a dlopen from the root image after a restore costs ~0.1 s under TCG).
+    # What every start needs is loaded here; what only some sandboxes use (tar transfers,
+    # PTYs) is loaded for a snapshot below: importing ``tarfile`` (with ``shutil``, ``re``,
+    # ``enum``...) costs about a second of a cold boot under emulation.
     import _socket  # noqa: F401
     import ctypes
     import fcntl  # noqa: F401
     import resource  # noqa: F401
-    import shutil  # noqa: F401
-    import stat  # noqa: F401
     import struct  # noqa: F401
-    import tarfile  # noqa: F401
-    import termios  # noqa: F401
 
     _LIBC.append(ctypes.CDLL(None, use_errno=True))
     os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -448,31 +596,47 @@ def main() -> None:
         },
     )
     try:
-        config = receive(agent, fd)
-        while config.get("warmup"):
-            # A warm pool's VM: run the paths configuring will take once now, so that after
-            # a restore (when emulation has no translated code yet) the real one is fast.
-            started = uptime()
+        request = receive(agent, fd)
+        warm = None
+        if request.get("warmup"):
+            # A VM about to be snapshotted: run configuring's paths once now (lazy imports,
+            # caches, the page cache they fill), so restored sandboxes do not pay for them.
+            import shutil  # noqa: F401
+            import stat  # noqa: F401
+            import tarfile  # noqa: F401
+            import termios  # noqa: F401
+
+            begun = uptime()
             warm_up(agent)
-            send(agent, fd, {"warm": True, "seconds": round(uptime() - started, 3)})
-            config = receive(agent, fd)
-        received = uptime()
-        args = configure(agent, fd, config)
+            warm = round(uptime() - begun, 3)
+        server = make_server(agent, fd)
     except Exception as exc:
-        say(f"configuration failed: {type(exc).__name__}: {exc}")
+        say(f"start-up failed: {type(exc).__name__}: {exc}")
         try:
             send(agent, fd, {"error": f"{type(exc).__name__}: {exc}"})
         except OSError:
             pass
         return
-    send(
-        agent,
-        fd,
-        {"ok": True, "uptime_config": received, "uptime_done": uptime(), "marks": MARKS},
+    # The agent owns the channel now (on a descriptor of its own): it sends this first.
+    server._queue(
+        agent.json_dumps({"serving": True, "warm_seconds": warm, "uptime_serving": uptime()})
     )
-    sys.argv = [AGENT, *args]
-    status = agent.main(["--fd-in", str(fd), "--fd-out", str(fd), *args])
+    server._flush()
+    server._update_channel()
+    sys.argv = [AGENT]
+    status = server.run()
     say(f"agent exited with status {status}")
+
+
+def make_server(agent: Any, fd: int) -> Any:
+    """The guest agent on the channel, not yet configured (as ``agent.main`` sets it up)."""
+    opts = agent.parse_options(
+        ["--fd-in", str(fd), "--fd-out", str(fd), "--max-frame", str(MAX_FRAME)]
+    )
+    agent._protect_fds()
+    server = agent.Agent(opts, 0, None, [])
+    add_methods(agent, server)
+    return server
 
 
 if __name__ == "__main__":
