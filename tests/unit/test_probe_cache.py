@@ -150,6 +150,11 @@ def test_a_tampered_result_with_the_right_key_but_bad_shape_probes_again(
     path.write_text(json.dumps(data))
     probe_cache.cached_probe("fake", fake)
     assert fake.calls == 2
+    data = json.loads(path.read_text())
+    data["fake"]["time"] = "yesterday"
+    path.write_text(json.dumps(data))
+    probe_cache.cached_probe("fake", fake)
+    assert fake.calls == 3
 
 
 def test_an_unwritable_cache_only_costs_a_probe(

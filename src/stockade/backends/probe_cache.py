@@ -153,7 +153,10 @@ def cached_probe(name: str, cls: type[Backend], *, fresh: bool = False) -> Avail
         entry = entries.get(name)
         if isinstance(entry, dict) and entry.get("fingerprint") == key:
             cached = _decode(entry.get("result"))
-            age = now - float(entry.get("time", 0))
+            try:
+                age = now - float(entry.get("time", 0))
+            except (TypeError, ValueError):
+                age = -1.0  # a damaged entry: probe again
             if cached is not None and 0 <= age < (TTL_OK if cached.ok else TTL_FAILED):
                 return cached
     result = cls.probe()
