@@ -25,9 +25,39 @@ from stockade.backends.base import LaunchedSandbox
 if TYPE_CHECKING:
     from stockade.backends._cgroups import SandboxCgroup
 
-__all__ = ["ProcessSandbox", "socket_channel", "tail"]
+__all__ = [
+    "ProcessSandbox",
+    "kill_process",
+    "socket_channel",
+    "stop_process",
+    "tail",
+    "term_process",
+]
 
 logger = logging.getLogger(__name__)
+
+
+async def term_process(process: Process, grace: float) -> None:
+    """SIGTERM ``process`` if it still runs and wait for it up to ``grace`` seconds."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(grace):
+            await process.wait()
+
+
+async def kill_process(process: Process) -> None:
+    """SIGKILL ``process`` if it still runs, and reap it."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+async def stop_process(process: Process, grace: float) -> None:
+    """SIGTERM, up to ``grace`` seconds, then SIGKILL; returns once it is reaped."""
+    await term_process(process, grace)
+    await kill_process(process)
 
 
 def tail(path: Path, limit: int = 4000) -> str:
@@ -129,18 +159,11 @@ class ProcessSandbox(LaunchedSandbox):
 
     async def _term_process(self, grace: float) -> None:
         """SIGTERM the process if it still runs and wait for it up to ``grace`` seconds."""
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(grace):
-                await self.process.wait()
+        await term_process(self.process, grace)
 
     async def _kill_process_and_close(self) -> None:
         """SIGKILL the process if it still runs, reap it, and close the channel."""
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
+        await kill_process(self.process)
         with contextlib.suppress(Exception):
             await self.channel.aclose()
 

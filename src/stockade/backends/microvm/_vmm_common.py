@@ -31,7 +31,7 @@ import anyio
 from anyio.abc import ByteStream, Process, SocketStream
 
 from stockade._errors import SandboxStartError, SandboxStateError
-from stockade.backends._process import tail
+from stockade.backends._process import stop_process, tail
 from stockade.backends.base import Availability
 from stockade.backends.microvm.driver import Driver, VmHandle, VmSpec
 from stockade.backends.microvm.hybrid_vsock import HybridVsockError, wait_hybrid_vsock
@@ -286,15 +286,7 @@ class VmmProcess:
             return
         self._stopped_by_us = self._stopped_by_us or self.alive()
         with anyio.CancelScope(shield=True):
-            if self.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.send_signal(signal.SIGTERM)
-                with anyio.move_on_after(grace):
-                    await self.process.wait()
-            if self.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
+            await stop_process(self.process, grace)
             survivors = await anyio.to_thread.run_sync(self._reap_session)
             self._gone = True
             if self._pidfd is not None:

@@ -17,7 +17,6 @@ import logging
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import anyio
 from anyio.abc import Process, SocketListener
 
 from stockade._errors import SandboxStartError
-from stockade.backends._process import tail
+from stockade.backends._process import stop_process, tail
 from stockade.backends.base import Availability
 from stockade.backends.microvm.driver import (
     Driver,
@@ -224,14 +223,7 @@ class QemuVm(VmHandle):
         with anyio.CancelScope(shield=True):
             if self.process.returncode is None:
                 self._stopped = True
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.send_signal(signal.SIGTERM)
-                with anyio.move_on_after(grace):
-                    await self.process.wait()
-            if self.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
+            await stop_process(self.process, grace)
             if self._reason is None:
                 self._reason = self._decide_reason()
             with contextlib.suppress(Exception):
