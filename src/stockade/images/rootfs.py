@@ -61,6 +61,17 @@ class ImageBuildError(BackendUnavailableError):
     """An image could not be built; the message says which step failed and how to fix it."""
 
 
+def require_tool(name: str, purpose: str, package: str) -> str:
+    """The path of build tool ``name`` on PATH, or an error saying what it is for and how to
+    install it (``purpose`` completes "it ...")."""
+    found = shutil.which(name)
+    if found is None:
+        raise ImageBuildError(
+            f"{name} not found on PATH; it {purpose}", fix=f"apt-get install {package}"
+        )
+    return found
+
+
 @dataclass(frozen=True)
 class ImageProfile:
     """A named set of extra packages on top of the base image."""
@@ -206,13 +217,11 @@ def ensure_rootfs(
     with _locked(cache / f".rootfs-{key}.lock"):
         if (final / "complete").is_file() and not rebuild:
             return _entry(final, profile, key, packages)
-        mmdebstrap = shutil.which("mmdebstrap")
-        if mmdebstrap is None:
-            raise ImageBuildError(
-                "mmdebstrap not found on PATH; it builds the sandbox root filesystem from "
-                "the Debian archive",
-                fix="install it: apt-get install mmdebstrap",
-            )
+        mmdebstrap = require_tool(
+            "mmdebstrap",
+            "builds the sandbox root filesystem from the Debian archive",
+            "mmdebstrap",
+        )
         tmp = cache / f".rootfs-{key}.tmp-{os.getpid()}"
         _remove(tmp)
         tmp.mkdir(parents=True, mode=0o755)

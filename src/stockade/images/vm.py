@@ -28,7 +28,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stockade.images.rootfs import ImageBuildError, ensure_rootfs, find_rootfs, image_cache_dir
+from stockade.images.rootfs import (
+    ImageBuildError,
+    ensure_rootfs,
+    find_rootfs,
+    image_cache_dir,
+    require_tool,
+)
 
 __all__ = [
     "GUEST_MODULES",
@@ -124,12 +130,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
             "extracts the uncompressed vmlinux from Debian's LZ4 bzImage",
             fix="use Debian's linux-image-cloud-amd64, or set STOCKADE_MICROVM_KERNEL to a vmlinux",
         )
-    lz4 = shutil.which("lz4")
-    if lz4 is None:
-        raise ImageBuildError(
-            "lz4 not found on PATH; it decompresses the guest kernel",
-            fix="apt-get install lz4",
-        )
+    lz4 = require_tool("lz4", "decompresses the guest kernel", "lz4")
     # lz4 stops at the end of the frame and complains about the trailing bytes: the
     # output is complete all the same, so judge by the result, not the exit status.
     proc = subprocess.run(
@@ -320,11 +321,7 @@ def _initramfs(cache: Path, version: str, say: Progress) -> Path:
     final = cache / f"initramfs-{version}-{key}.cpio"
     if final.is_file():
         return final
-    cpio = shutil.which("cpio")
-    if cpio is None:
-        raise ImageBuildError(
-            "cpio not found on PATH; it packs the guest initramfs", fix="apt-get install cpio"
-        )
+    cpio = require_tool("cpio", "packs the guest initramfs", "cpio")
     say(f"building the initramfs ({len(modules)} modules, busybox, guest agent)")
     with tempfile.TemporaryDirectory(prefix=".initramfs-", dir=cache) as tmpdir:
         root = Path(tmpdir) / "root"
@@ -381,12 +378,7 @@ def _root_image(cache: Path, tree: Path, rootfs_key: str, say: Progress) -> Path
     final = cache / f"root-{rootfs_key}-v{VM_RECIPE_VERSION}.erofs"
     if final.is_file():
         return final
-    mkfs = shutil.which("mkfs.erofs")
-    if mkfs is None:
-        raise ImageBuildError(
-            "mkfs.erofs not found on PATH; it packs the guest root filesystem",
-            fix="apt-get install erofs-utils",
-        )
+    mkfs = require_tool("mkfs.erofs", "packs the guest root filesystem", "erofs-utils")
     say("packing the root filesystem as erofs (lz4)")
     tmp = cache / f".{final.name}.tmp-{os.getpid()}"
     try:
