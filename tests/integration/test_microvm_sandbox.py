@@ -1,5 +1,6 @@
-"""The microVM backend for real: QEMU microvm guests (TCG here), the conformance behaviours
-of the namespace backend, root inside the VM, guest death, snapshots, large workspaces.
+"""The microVM backend for real: QEMU microvm guests (TCG here), root inside the VM, guest
+death, snapshots, large workspaces. Files, stdin, signals, PTY and timeouts are the shared
+conformance suite's (tests/contract/test_conformance.py), which runs on microvm too.
 
 Boots are slow under emulation, so most tests share one module-scoped sandbox; tests that
 need a fresh VM get one restored from the image's snapshot.
@@ -21,7 +22,7 @@ import pytest
 
 from conftest import require_backend
 from sandbox_helpers import ReachableHandler, serve_http
-from stockade import ExecTimeoutError, Sandbox, SandboxStateError
+from stockade import Sandbox, SandboxStateError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -107,52 +108,6 @@ def test_exec_basics(sb: Sandbox) -> None:
     assert sb.commands.run(["sh", "-c", "cat"], stdin=b"piped").stdout == "piped"
     assert sb.commands.run("pwd").stdout.strip() == "/workspace"
     assert sb.commands.run("uname -r").stdout.strip() != os.uname().release
-
-
-def test_files_api(sb: Sandbox) -> None:
-    sb.files.write("/tmp/dir/note.txt", "hello files")
-    assert sb.files.read("/tmp/dir/note.txt") == "hello files"
-    big = os.urandom(3 * 1024 * 1024)
-    sb.files.write("/tmp/big.bin", big)
-    assert sb.files.read("/tmp/big.bin", format="bytes") == big
-    assert [e.name for e in sb.files.list("/tmp/dir")] == ["note.txt"]
-    sb.files.remove("/tmp/dir", recursive=True)
-    assert not sb.files.exists("/tmp/dir/note.txt")
-    from stockade import SandboxFileNotFoundError
-
-    with pytest.raises(SandboxFileNotFoundError):
-        sb.files.read("/tmp/missing.txt")
-
-
-def test_background_command_and_signals(sb: Sandbox) -> None:
-    handle = sb.commands.run("read line; echo got $line", background=True, stdin=b"")
-    handle.send_stdin("value\n")
-    assert handle.wait().stdout == "got value\n"
-    sleeper = sb.commands.run(["sleep", "60"], background=True)
-    sleeper.signal(15)
-    result = sleeper.wait()
-    assert result.signal == 15 or result.exit_code == 143
-
-
-def test_command_timeout(sb: Sandbox) -> None:
-    marker = f"98765{uuid.uuid4().int % 1000}"
-    with pytest.raises(ExecTimeoutError) as info:
-        sb.commands.run(f"sleep {marker} & sleep {marker}", timeout=0.5)
-    assert info.value.result is not None and info.value.result.timed_out
-    time.sleep(0.5)
-    left = sb.commands.run(f"ps -eo args 2>/dev/null | grep -c '^sleep {marker}' || true")
-    assert left.stdout.strip() in ("0", "")
-
-
-def test_pty_session(sb: Sandbox) -> None:
-    chunks: list[bytes] = []
-    handle = sb.pty.create(["/bin/sh", "-i"], rows=30, cols=100, on_data=chunks.append)
-    handle.send_stdin(b"stty size; tty; exit 5\n")
-    result = handle.wait()
-    output = b"".join(chunks).decode(errors="replace")
-    assert result.exit_code == 5
-    assert "30 100" in output
-    assert "/dev/pts/" in output
 
 
 def test_protected_paths_cannot_be_written(sb: Sandbox, shared_project: Path) -> None:

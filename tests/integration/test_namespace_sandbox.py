@@ -230,17 +230,6 @@ def test_unprivileged_user(namespace_backend: str) -> None:
     assert r.stdout.strip() == "0 ['1000', 'a'] ['b.txt'] 403"
 
 
-def test_pty_session(sb: Sandbox) -> None:
-    chunks: list[bytes] = []
-    handle = sb.pty.create(["/bin/sh", "-i"], rows=30, cols=100, on_data=chunks.append)
-    handle.send_stdin(b"stty size; tty; exit 5\n")
-    result = handle.wait()
-    output = b"".join(chunks).decode(errors="replace")
-    assert result.exit_code == 5
-    assert "30 100" in output
-    assert "/dev/pts/" in output
-
-
 def test_workspace_modes(namespace_backend: str, project: Path) -> None:
     with Sandbox.create(project_dir=project, backend=namespace_backend, workspace_mode="none") as a:
         assert a.commands.run("ls /workspace").exit_code != 0
@@ -269,16 +258,6 @@ def test_files_api(sb: Sandbox) -> None:
         sb.files.read("missing.txt")
     with pytest.raises(SandboxPermissionError):
         sb.files.write("/usr/evil.txt", "x")
-
-
-def test_background_command_and_signals(sb: Sandbox) -> None:
-    handle = sb.commands.run("read line; echo got $line", background=True, stdin=b"")
-    handle.send_stdin("value\n")
-    assert handle.wait().stdout == "got value\n"
-    sleeper = sb.commands.run(["sleep", "60"], background=True)
-    sleeper.signal(15)
-    result = sleeper.wait()
-    assert result.signal == 15 or result.exit_code == 143
 
 
 def test_sandbox_wall_clock_timeout(namespace_backend: str, project: Path) -> None:
