@@ -19,38 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
+from _common import PY_PASS, RAW_BWRAP, median_ms, sdk_lifecycle, time_cmd, warm_exec
 
 from stockade import AsyncSandbox
-
-PY_PASS = ["/usr/bin/python3", "-S", "-c", "pass"]
-RAW_BWRAP = [
-    "bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-    "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-    "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-    "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-    "--", *PY_PASS,
-]  # fmt: skip
-
-
-def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
-
-
-def time_cmd(argv: list[str], runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, cwd="/")
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def raw_bundle(work: Path) -> Path:
@@ -145,36 +124,13 @@ def raw_engine(engine: str, runs: int) -> list[float]:
         cli += ["--remote", "--url", _engine_url("podman") or ""]
     argv = [*cli, "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
             "-v", "/usr:/usr:ro", image, *PY_PASS]  # fmt: skip
-    return time_cmd(argv, runs)
+    return time_cmd(argv, runs, cwd="/")
 
 
 def create_kwargs(target: str) -> dict[str, Any]:
     backend, _, variant = target.partition("/")
     config = {"container.engine": variant} if variant else {}
     return {"backend": backend, "config": config}
-
-
-async def sdk_lifecycle(target: str, project: Path, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sb = await AsyncSandbox.create(project_dir=project, **create_kwargs(target))
-        await sb.commands.run(["true"])
-        await sb.aclose()
-        out.append(time.perf_counter() - t)
-    return out
-
-
-async def warm_exec(target: str, project: Path, runs: int) -> list[float]:
-    async with await AsyncSandbox.create(project_dir=project, **create_kwargs(target)) as sb:
-        for _ in range(5):
-            await sb.commands.run(["true"])
-        out = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            await sb.commands.run(["true"])
-            out.append(time.perf_counter() - t)
-        return out
 
 
 def targets() -> list[str]:
@@ -205,7 +161,7 @@ def main() -> None:
     runs = args.runs
     chosen = args.only.split(",") if args.only else targets()
 
-    plain_true = median_ms(time_cmd(["true"], runs * 3))
+    plain_true = median_ms(time_cmd(["true"], runs * 3, cwd="/"))
     results: list[dict[str, Any]] = []
     for target in chosen:
         backend, _, variant = target.partition("/")
@@ -216,7 +172,7 @@ def main() -> None:
         elif variant in ("docker", "podman"):
             raw_name, raw = f"{variant} run --rm", raw_engine(variant, runs)
         elif backend == "namespace":
-            raw_name, raw = "bwrap", time_cmd(RAW_BWRAP, runs)
+            raw_name, raw = "bwrap", time_cmd(RAW_BWRAP, runs, cwd="/")
         else:
             raw_name, raw = "-", []
         same: list[float] = []
@@ -224,9 +180,9 @@ def main() -> None:
             same = anyio.run(same_bundle, "runsc" if backend == "gvisor" else variant, project,
                              runs, work)  # fmt: skip
         # One untimed round first: caches (compiled agent, images, probes) are warm in use.
-        anyio.run(sdk_lifecycle, target, project, 1)
-        ours = median_ms(anyio.run(sdk_lifecycle, target, project, runs))
-        warm = median_ms(anyio.run(warm_exec, target, project, runs * 3))
+        anyio.run(partial(sdk_lifecycle, project, 1, **create_kwargs(target)))
+        ours = median_ms(anyio.run(partial(sdk_lifecycle, project, runs, **create_kwargs(target))))
+        warm = median_ms(anyio.run(partial(warm_exec, project, runs * 3, **create_kwargs(target))))
         raw_ms = median_ms(raw) if raw else float("nan")
         results.append({"backend": target, "lifecycle_ms": ours, "raw": raw_name,
                         "raw_ms": raw_ms, "ratio": ours / raw_ms if raw else float("nan"),

@@ -16,36 +16,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
+from _common import RAW_BWRAP, median_ms, sdk_lifecycle, time_cmd, warm_exec
 
 from stockade import AsyncSandbox
-
-RAW_BWRAP = [
-    "bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-    "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-    "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-    "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-    "--", "/usr/bin/python3", "-S", "-c", "pass",
-]  # fmt: skip
-
-
-def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
-
-
-def time_cmd(argv: list[str], runs: int, **kw: object) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def pss_kib(pid: int) -> int:
@@ -63,29 +43,6 @@ def pss_kib(pid: int) -> int:
         except OSError:
             continue
     return total
-
-
-async def sdk_lifecycle(project: Path, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sb = await AsyncSandbox.create(project_dir=project, backend="namespace")
-        await sb.commands.run(["true"])
-        await sb.aclose()
-        out.append(time.perf_counter() - t)
-    return out
-
-
-async def warm_exec(project: Path, runs: int) -> list[float]:
-    async with await AsyncSandbox.create(project_dir=project, backend="namespace") as sb:
-        for _ in range(5):
-            await sb.commands.run(["true"])
-        out = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            await sb.commands.run(["true"])
-            out.append(time.perf_counter() - t)
-        return out
 
 
 async def concurrent(project: Path, count: int) -> tuple[float, list[int]]:
@@ -129,14 +86,14 @@ def main() -> None:
     runs = args.runs
 
     raw = time_cmd(RAW_BWRAP, runs)
-    sdk = anyio.run(sdk_lifecycle, project, runs)
+    sdk = anyio.run(partial(sdk_lifecycle, project, runs, backend="namespace"))
     rows.append(
         ("SDK create+exec+destroy", median_ms(sdk), "raw bwrap python3 -S -c pass",
          median_ms(raw), "<= 2x")
     )  # fmt: skip
 
     plain_true = time_cmd(["true"], runs)
-    warm = anyio.run(warm_exec, project, runs * 3)
+    warm = anyio.run(partial(warm_exec, project, runs * 3, backend="namespace"))
     rows.append(
         ("warm exec `true`", median_ms(warm), "subprocess `true`", median_ms(plain_true), "< 2 ms")
     )

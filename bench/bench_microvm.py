@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import anyio
+from _common import median_ms
 
 from stockade import AsyncSandbox
 from stockade.backends.microvm.backend import restored_spec, snapshot_key, snapshot_path
@@ -36,10 +37,6 @@ from stockade.backends.microvm.qemu import QemuDriver, build_qemu_argv, host_tsc
 from stockade.images.vm import ensure_vm_image
 
 TRIVIAL_INIT = "#!/bin/busybox sh\n/bin/busybox poweroff -f\n"
-
-
-def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
 
 
 def mem_kib(pid: int) -> tuple[int, int]:
