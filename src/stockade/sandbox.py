@@ -777,6 +777,15 @@ class AsyncSandbox:
         return sandbox
 
     async def _launch(self) -> None:
+        try:
+            await self._launch_backend()
+        except StockadeError:
+            from stockade.backends.probe_cache import forget
+
+            forget(self._backend.name)  # a failed start: the next auto choice probes it again
+            raise
+
+    async def _launch_backend(self) -> None:
         if self._egress is None and self._backend.capabilities.network_policy:
             from stockade.egress.runtime import EgressRuntime
 
@@ -796,13 +805,7 @@ class AsyncSandbox:
             cache_dir=self._store.root / "cache",
             egress=self._egress.launch if self._egress is not None else None,
         )
-        try:
-            self._launched = await self._backend.launch(spec)
-        except StockadeError:
-            from stockade.backends.probe_cache import forget
-
-            forget(self._backend.name)  # the next auto choice probes this backend again
-            raise
+        self._launched = await self._backend.launch(spec)
         self._client = AgentClient(self._launched.channel)
         if self._egress is not None:
             from stockade._background import BackgroundTasks
@@ -813,9 +816,6 @@ class AsyncSandbox:
             with anyio.fail_after(START_TIMEOUT):
                 self.agent_info = await self._client.hello()
         except (StockadeError, TimeoutError) as exc:
-            from stockade.backends.probe_cache import forget
-
-            forget(self._backend.name)  # the next auto choice probes this backend again
             details = self._launched.failure_details()
             raise SandboxStartError(
                 f"the {self._backend.name} sandbox did not start: {exc}"

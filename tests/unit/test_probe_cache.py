@@ -199,3 +199,26 @@ def test_a_second_process_reuses_the_first_ones_probe(tmp_path: Path) -> None:
     ]
     assert runs[0][1] == "1"
     assert runs[1] == [runs[0][0], "0"]
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap not installed")
+def test_a_sandbox_that_fails_to_start_drops_its_backends_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stockade import Sandbox, SandboxStartError
+    from stockade.backends.bubblewrap import BubblewrapBackend
+
+    monkeypatch.setenv("STOCKADE_PROBE_CACHE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from stockade.backends.registry import probe
+
+    assert probe("namespace").ok
+    assert "namespace" in json.loads(probe_cache.cache_path().read_text())
+
+    async def refuse(self: BubblewrapBackend, spec: Any) -> Any:
+        raise SandboxStartError("simulated: the launch chain failed")
+
+    monkeypatch.setattr(BubblewrapBackend, "launch", refuse)
+    with pytest.raises(SandboxStartError, match="simulated"):
+        Sandbox.create(backend="namespace")
+    assert "namespace" not in json.loads(probe_cache.cache_path().read_text())
