@@ -445,8 +445,9 @@ class AsyncFiles:
 
         Streamed as a tar archive (spooled to disk past 8 MiB, so memory stays bounded).
         """
-        import tarfile
         import tempfile
+
+        from stockade._tarfile import tarfile
 
         src = Path(source)
         if not src.exists():
@@ -489,8 +490,9 @@ class AsyncFiles:
         The archive comes from the guest, which is not trusted: it is unpacked with
         tarfile's 'data' filter (no absolute paths, no escapes, no devices, no setuid).
         """
-        import tarfile
         import tempfile
+
+        from stockade._tarfile import tarfile
 
         out = Path(dest)
         out.mkdir(parents=True, exist_ok=True)
@@ -523,7 +525,7 @@ class AsyncFiles:
 
             def unpack() -> builtins.list[Path]:
                 with tarfile.open(fileobj=spool, mode="r") as tar:
-                    tar.extractall(out, filter=safe)  # noqa: S202 - every member passes data_filter
+                    tar.extractall(out, filter=safe)
                 return written
 
             return await anyio.to_thread.run_sync(unpack)
