@@ -219,7 +219,8 @@ class UntrustedConfigError(ConfigError):
             head = f"{self.file} is not trusted"
         lines = [f"{head}, and it sets values that would weaken the sandbox:"]
         for w in self.weakenings:
-            lines.append(f"  {w.key} = {w.value} (from {w.where}): {w.reason}")
+            where = w.where.removeprefix(f"{self.file} ")  # "[workspace]": the file is named
+            lines.append(f"  {w.key} = {w.value} (in {where}): {w.reason}")
         fixes = list(dict.fromkeys(w.fix_cli if cli else w.fix_sdk for w in self.weakenings))
         own = f"set these keys in your own config file {self.user_file}"
         if all(fixes):
