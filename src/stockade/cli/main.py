@@ -91,7 +91,7 @@ def _compile(opts: dict[str, Any]) -> Any:
         flags["allow_dangerous_mounts"] = list(opts["allow_dangerous_mounts"])
     project = Path(opts["project"]) if opts.get("project") else None
     from stockade._errors import ConfigError
-    from stockade.config.trust import UntrustedConfigError
+    from stockade.config import UntrustedConfigError
 
     try:
         loaded = load_config(project, profile=opts.get("profile"), flags=flags)
@@ -639,7 +639,7 @@ def trust(path: str | None, list_: bool, revoke: bool) -> None:
     weaken the sandbox (backend 'host', an 'rw' workspace, secrets, ...); any change to it
     makes it untrusted again until you trust it anew.
     """
-    from stockade.config.load import project_file_weakenings, trust_store
+    from stockade.config import project_file_weakenings, trust_store
 
     store = trust_store()
     if list_:
