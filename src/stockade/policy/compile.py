@@ -360,14 +360,18 @@ _CONSEQUENCE = {
 
 
 def _check_shared_dir(
-    loaded: LoadedConfig, key: str, path: Path, mode: str, environ: Mapping[str, str]
+    loaded: LoadedConfig,
+    key: str,
+    path: Path,
+    mode: Literal["cow", "ro", "rw"],
+    environ: Mapping[str, str],
 ) -> None:
     """Refuse sharing host directory ``path`` if it exposes a danger the user did not accept.
 
     Whoever set ``key`` (the user's own file, a flag, the SDK call) gets the same answer:
     only ``allow_dangerous_mounts`` naming the danger lets it through.
     """
-    dangers = mount_dangers(path, writable=mode == "rw", environ=environ, homes=_homes(environ))
+    dangers = mount_dangers(path, mode=mode, environ=environ, homes=_homes(environ))
     accepted = set(loaded.config.allow_dangerous_mounts)
     refused = [d for d in dangers if d.kind not in accepted]
     for danger in dangers:

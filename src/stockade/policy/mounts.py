@@ -5,8 +5,14 @@ or libraries the host runs later (when the sandbox may write it), or unix socket
 services (a socket answers through a read-only bind too: the Docker API is root on the host).
 Each danger is refused unless the user names it in ``allow_dangerous_mounts``. The checks
 look at the directory itself, at every directory it lies inside, and at what it contains
-(an ancestor of ``~/.ssh`` exposes ``~/.ssh``); sockets below it are found with a bounded,
-breadth-first walk, so a socket buried deeper than the walk goes is not seen.
+(an ancestor of ``~/.ssh`` exposes ``~/.ssh``).
+
+Sockets below a directory shared by a bind (``ro``, ``rw``) are found with a bounded,
+breadth-first walk, so a socket buried deeper than the walk goes is not seen. A ``cow``
+workspace is not walked: through overlayfs (and gVisor's gofer, and the microVM's copy) a
+socket of the host answers no connection (the conformance suite checks it on every backend);
+the well-known socket directories (``/run/user``, the Docker socket's) are refused in every
+mode all the same.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from stockade.config.models import DangerousMount
 
@@ -149,7 +156,7 @@ class MountDanger:
 def mount_dangers(
     path: Path,
     *,
-    writable: bool,
+    mode: Literal["cow", "ro", "rw"],
     environ: Mapping[str, str],
     homes: Sequence[Path],
     walk_depth: int = SOCKET_WALK_DEPTH,
@@ -157,10 +164,10 @@ def mount_dangers(
 ) -> list[MountDanger]:
     """Every danger of sharing host directory ``path`` with a sandbox, one per kind.
 
-    ``writable`` says whether the sandbox may write it in place (``workspace.mode = 'rw'``):
-    directories of programs are dangerous only then. ``environ`` gives PATH and the
-    variables that name credential files and sockets; ``homes`` are the user's home
-    directories (``$HOME`` and the passwd entry's, when they differ).
+    ``mode`` is how the sandbox sees it: directories of programs are dangerous only when it
+    may write them in place (``rw``), sockets found below it only through a bind (not
+    ``cow``). ``environ`` gives PATH and the variables that name credential files and
+    sockets; ``homes`` are the user's home directories (``$HOME`` and the passwd entry's).
     """
     forms = _forms(path)
     found: dict[DangerousMount, str] = {}
@@ -175,7 +182,7 @@ def mount_dangers(
     if reason:
         found["credentials"] = reason
 
-    if writable:
+    if mode == "rw":
         programs = [Path(entry) for entry in environ.get("PATH", "").split(os.pathsep)]
         programs = [p for p in programs if p.is_absolute()]
         programs += [h / rel for h in homes for rel in _HOME_EXECUTABLES]
@@ -196,7 +203,7 @@ def mount_dangers(
             where = Path(value)
             sockets.append(where if name == "XDG_RUNTIME_DIR" else where.parent)
     reason = _related(forms, [(p, "holds sockets of host services") for p in sockets])
-    if reason is None:
+    if reason is None and mode != "cow":
         socket = _find_socket(forms[-1], walk_depth, walk_entries)
         if socket is not None:
             reason = f"{socket} is a unix socket: the sandbox could talk to the service behind it"
