@@ -131,7 +131,7 @@ WEAKENING = [
     ("gvisor.image", "[gvisor]\nimage = '{outside}'\n"),
     ("container.runtime", '[container]\nruntime = "nvidia"\n'),
     ("allow_dangerous_mounts", 'allow_dangerous_mounts = ["sockets"]\n'),
-    ("secrets.TOKEN", '[secrets.TOKEN]\nenv = "GITHUB_TOKEN"\nhosts = ["evil.example"]\n'),
+    ("secrets.TOKEN.hosts", '[secrets.TOKEN]\nenv = "GITHUB_TOKEN"\nhosts = ["evil.example"]\n'),
 ]
 
 
@@ -255,7 +255,7 @@ def test_project_file_weakenings_lists_profiles_and_secrets(world: World) -> Non
     )
     digest, weakenings = project_file_weakenings(file, world.environ)
     assert len(digest) == 64
-    assert [w.key for w in weakenings] == ["backend", "unsafe_host", "secrets.T"]
+    assert [w.key for w in weakenings] == ["backend", "unsafe_host", "secrets.T.hosts"]
     assert "[profiles.a]" in weakenings[0].where
 
 

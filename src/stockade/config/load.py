@@ -370,7 +370,7 @@ def project_file_weakenings(
             found.setdefault((weakening.key, weakening.where), weakening)
     for name, secret in secrets.items():
         where = _table_where(project_file, _section(project_file), f"secrets.{name}")
-        found.setdefault((f"secrets.{name}", where), secret_weakening(name, secret, where))
+        found.setdefault((f"secrets.{name}.hosts", where), secret_weakening(name, secret, where))
     return digest, list(found.values())
 
 

@@ -131,7 +131,8 @@ def weakening_reason(
         local = [entry for entry in value if _names_local_addresses(entry, key)]
         if local:
             return (
-                f"{local} open the host itself, the local network or cloud metadata to the sandbox"
+                f"it opens {', '.join(local)} to the sandbox: addresses of the host itself, "
+                "the local network or cloud metadata"
             )
     rootfs = key in ("container.image", "gvisor.image") and str(value).startswith("/")
     if rootfs and not _inside(Path(value), project_root):
@@ -157,8 +158,8 @@ def secret_weakening(name: str, secret: SecretConfig, where: str) -> Weakening:
         else f"keyring entry {secret.keyring}"
     )
     return Weakening(
-        key=f"secrets.{name}",
-        value=f"hosts = {list(secret.hosts)}",
+        key=f"secrets.{name}.hosts",
+        value=repr(list(secret.hosts)),
         reason=f"it sends your credential from {source} to these hosts",
         where=where,
     )
