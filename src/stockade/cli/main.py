@@ -50,6 +50,7 @@ def _policy_options(fn: F) -> F:
             "--allow-dangerous-mount",
             "allow_dangerous_mounts",
             multiple=True,
+            # config.models.DANGEROUS_MOUNTS, spelled out: no pydantic import at start-up.
             type=click.Choice(["credentials", "executables", "sockets"]),
             help="Share a directory that holds credentials, host programs (rw) or sockets "
             "anyway (repeatable).",
