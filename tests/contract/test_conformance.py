@@ -214,6 +214,40 @@ def test_diff_apply_reset(target: str, tmp_path: Path) -> None:
     assert (project / ".git" / "config").read_text() == "[core]\n"
 
 
+_CONNECT = """
+import socket
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect("svc.sock")
+except FileNotFoundError:
+    print("missing")
+except OSError as exc:
+    print("refused", exc.errno)
+else:
+    print("connected")
+"""
+
+
+def test_host_socket_in_a_cow_workspace_answers_nothing(target: str, tmp_path: Path) -> None:
+    # Why policy/mounts.py does not refuse a cow workspace holding a socket (ro/rw binds it).
+    import socket
+
+    project = make_project(tmp_path / "project")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(project / "svc.sock"))
+    server.listen(1)
+    server.setblocking(False)
+    try:
+        with fresh(target, project) as sb:
+            r = sb.commands.run(["python3", "-c", _CONNECT])
+            assert r.exit_code == 0, r.stderr
+            assert r.stdout.split()[0] in ("missing", "refused"), r.stdout
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing ever reached the host's service
+    finally:
+        server.close()
+
+
 # --- limits -----------------------------------------------------------------------------
 
 

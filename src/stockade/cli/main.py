@@ -46,6 +46,15 @@ def _policy_options(fn: F) -> F:
             default=None,
             help="Allow the 'host' backend: NO isolation at all.",
         ),
+        click.option(
+            "--allow-dangerous-mount",
+            "allow_dangerous_mounts",
+            multiple=True,
+            # config.models.DANGEROUS_MOUNTS, spelled out: no pydantic import at start-up.
+            type=click.Choice(["credentials", "executables", "sockets"]),
+            help="Share a directory that holds credentials, host programs (rw) or sockets "
+            "anyway (repeatable).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -79,8 +88,16 @@ def _compile(opts: dict[str, Any]) -> Any:
                 raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
             env[key] = value
         flags["env.set"] = env
+    if opts.get("allow_dangerous_mounts"):
+        flags["allow_dangerous_mounts"] = list(opts["allow_dangerous_mounts"])
     project = Path(opts["project"]) if opts.get("project") else None
-    loaded = load_config(project, profile=opts.get("profile"), flags=flags)
+    from stockade._errors import ConfigError
+    from stockade.config import UntrustedConfigError
+
+    try:
+        loaded = load_config(project, profile=opts.get("profile"), flags=flags)
+    except UntrustedConfigError as exc:
+        raise ConfigError(exc.cli_message()) from None  # the fixes as options, not arguments
     return compile_policy(loaded)
 
 
@@ -607,6 +624,92 @@ def net_log(name: str, as_json: bool) -> None:
             f"up={row['bytes_up']} down={row['bytes_down']}"
             + ("" if row["decision"] == "allowed" else f"  ({row['reason']})")
         )
+
+
+# --- trust ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option("--list", "list_", is_flag=True, help="List the trusted files and their state.")
+@click.option("--revoke", is_flag=True, help="Stop trusting the file.")
+def trust(path: str | None, list_: bool, revoke: bool) -> None:
+    """Trust the project's config file (stockade.toml) as it is now.
+
+    PATH is the file or a project directory (default: the project here). A trusted file may
+    weaken the sandbox (backend 'host', an 'rw' workspace, secrets, ...); any change to it
+    makes it untrusted again until you trust it anew.
+    """
+    from stockade.config import project_file_weakenings, trust_store
+
+    store = trust_store()
+    if list_:
+        if path or revoke:
+            raise click.UsageError("--list takes no PATH and no --revoke")
+        _list_trusted(store)
+        return
+    file = _trust_target(path, must_exist=not revoke)
+    if revoke:
+        if store.revoke(file) is None:
+            raise click.ClickException(f"{_shown_path(file)} is not trusted; nothing to revoke")
+        click.echo(f"no longer trusted: {_shown_path(file)}")
+        return
+    digest, weakenings = project_file_weakenings(file)
+    store.trust(file, digest)
+    click.echo(f"trusted {_shown_path(file)} (sha256 {digest[:16]}...)")
+    if weakenings:
+        click.secho("it may now weaken the sandbox:", fg="yellow", err=True)
+        for w in weakenings:
+            line = _shown_path(f"  {w.key} = {w.value}: {w.reason}")
+            click.secho(line, fg="yellow", err=True)
+    click.echo("any change to the file makes it untrusted again", err=True)
+
+
+def _trust_target(path: str | None, *, must_exist: bool) -> Path:
+    """The project file named by PATH: the file itself, or the one a directory's project uses."""
+    from stockade.config.load import PROJECT_FILE, PYPROJECT_FILE, find_project_root
+
+    target = Path(path or ".").absolute()
+    if target.is_dir():
+        _root, found = find_project_root(target, home=Path.home())
+        if found is None:
+            raise click.UsageError(
+                f"no {PROJECT_FILE} or {PYPROJECT_FILE} with [tool.stockade] in "
+                f"{_shown_path(target)} or above; name the file to trust"
+            )
+        return found
+    if target.name not in (PROJECT_FILE, PYPROJECT_FILE):
+        raise click.UsageError(
+            f"{_shown_path(target)} is not a project config file: stockade reads only "
+            f"{PROJECT_FILE} and [tool.stockade] in {PYPROJECT_FILE}"
+        )
+    if must_exist and not target.is_file():
+        raise click.UsageError(f"{_shown_path(target)} does not exist")
+    return target
+
+
+def _list_trusted(store: Any) -> None:
+    from stockade.config.trust import file_digest
+
+    records = store.records()
+    if not records:
+        click.echo("no trusted project files", err=True)
+        return
+    for record in records.values():
+        try:
+            now = file_digest(Path(record.path).read_bytes())
+        except FileNotFoundError:
+            state = "missing"
+        except OSError as exc:
+            state = f"unreadable ({exc.strerror})"
+        else:
+            state = "trusted" if now == record.sha256 else "CHANGED (untrusted until trusted again)"
+        click.echo(f"{_shown_path(Path(record.path))}  {state}")
+
+
+def _shown_path(path: Path | str) -> str:
+    """Text for a human: control characters and undecodable bytes escaped (``\\r``, ``\\udcff``)."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(path))
 
 
 # --- audit and doctor -------------------------------------------------------------------
