@@ -435,12 +435,17 @@ class StateStore:
                 conn.execute(_INSERT_SQL, values)
         except sqlite3.IntegrityError as exc:
             if "sandboxes.name" in str(exc):
-                raise ConfigError(
-                    f"a sandbox named {record.name!r} already exists; pick another name or "
-                    f"`stockade rm {record.name}`"
-                ) from exc
+                raise ConfigError(_taken_message(record.name)) from exc
             raise ConfigError(f"a sandbox with id {record.id!r} already exists") from exc
         return record
+
+    def check_name_free(self, name: str) -> None:
+        """ConfigError if ``name`` is invalid or a sandbox has it (``insert`` claims it)."""
+        validate_name(name)
+        with self._connect() as conn:
+            row = conn.execute("SELECT 1 FROM sandboxes WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            raise ConfigError(_taken_message(name))
 
     def get(self, name: str) -> SandboxRecord:
         """The sandbox called ``name``; SandboxNotFoundError (with close names) if none."""
@@ -566,6 +571,10 @@ def _from_row(row: sqlite3.Row) -> SandboxRecord:
     data = {column: row[column] for column in _COLUMNS}
     data["status"] = _status(data["status"])
     return SandboxRecord(**data)
+
+
+def _taken_message(name: str) -> str:
+    return f"a sandbox named {name!r} already exists; pick another name or `stockade rm {name}`"
 
 
 def _not_found_message(name: str, names: builtins.list[str]) -> str:

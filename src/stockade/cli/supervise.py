@@ -31,6 +31,10 @@ def spawn_supervisor(
 
     ``resume``: a microVM snapshot directory to start from (``stockade fork``)."""
     store = StateStore()
+    if name is not None:
+        # Before the name makes a log path, and so a taken name fails before anything runs.
+        store.check_name_free(name)
+    store.check_writable()
     name = name or store.new_name()
     logs = store.root / "logs"
     logs.mkdir(mode=0o700, exist_ok=True)
