@@ -7,10 +7,12 @@ real CLI runs on the namespace backend.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +54,36 @@ def fill(disk: Path) -> None:
 def no_crash(r: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert "Traceback" not in r.stderr and "sqlite3" not in r.stderr, r.stderr
     return r
+
+
+def test_store_reads_and_frees_on_a_full_disk(small_state_disk: Path) -> None:
+    from stockade import DiskFullError
+    from stockade.state import SandboxRecord, SandboxStatus, StateStore
+
+    store = StateStore()
+    now = time.time()
+    dead = SandboxRecord(name="dead", id=StateStore.new_id(), backend="namespace",
+                         status=SandboxStatus.RUNNING, created_at=now, updated_at=now,
+                         supervisor_pid=2**22 + 1)  # fmt: skip
+    store.insert(dead)
+    store.close()  # the last connection checkpoints the WAL and drops its index
+    ballast = small_state_disk / "ballast"
+    ballast.write_bytes(b"\0" * (2 << 20))
+    fill(small_state_disk)
+
+    store = StateStore()
+    assert store.read_only
+    assert [r.name for r in store.list()] == ["dead"]
+    seen = store.reconcile(store.get("dead"))  # reported, not recorded: no write possible
+    assert seen.status == SandboxStatus.FAILED and "died" in (seen.error or "")
+    with pytest.raises(DiskFullError, match=r"disk is full \(0 bytes free\): free space"):
+        store.insert(dataclasses.replace(dead, name="more", id=StateStore.new_id()))
+    with pytest.raises(DiskFullError):
+        store.check_writable()
+
+    ballast.unlink()  # what `rm` does first: free the space
+    assert store.delete("dead").name == "dead"
+    assert not store.read_only and store.list() == []
 
 
 def test_full_state_disk(namespace_backend: str, project: Path, small_state_disk: Path) -> None:
