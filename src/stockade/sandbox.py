@@ -823,6 +823,8 @@ class AsyncSandbox:
                     await anyio.to_thread.run_sync(
                         lambda: _forget_failed_start(store, record, owns_dir=True)
                     )
+            if isinstance(exc, OSError) and is_disk_full(exc, store.root):
+                raise disk_full_error(store.root) from exc
             raise
         return sandbox
 
