@@ -468,6 +468,8 @@ def rm(names: tuple[str, ...], all_: bool, force: bool) -> None:
             if leftover.removable:
                 remove_orphan(store, leftover)
                 click.echo(f"{_shown(leftover.what)}: removed")
+            else:
+                click.echo(f"{_shown(leftover.what)}: kept: {_shown(leftover.why_not)}", err=True)
 
 
 def _confirm_discard(records: list[Any], all_: bool) -> list[Any]:
