@@ -1,5 +1,6 @@
 """The on-disk layers of a copy-on-write workspace: the host project (lower), the sandbox's
-writes (upper), overlayfs scratch (work) and the baseline used to detect host-side changes.
+writes (upper), overlayfs scratch (work) and the baseline (a git tree of the project as the
+sandbox first saw it, see ``baseline.py``).
 
 Everything here works on plain directories, so backends that copy an upper layer back from a
 guest share it with the overlayfs backends. Paths inside upper are written by the untrusted
@@ -21,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stockade._errors import WorkspaceError
+from stockade.workspace.baseline import BASELINE_DIR, WorkspaceBaseline
 
 __all__ = ["WorkspaceLayers"]
 
 logger = logging.getLogger(__name__)
 
 _STATE_MODE = 0o700
-_BASELINE_NAME = "workspace-baseline"
 _APPLIED_NAME = "workspace-applied.json"
+_BASELINE_META = "stockade-baseline.json"
 # How long create()/reset() wait for the filesystem clock to tick past the baseline.
 _BASELINE_TICK_TIMEOUT = 2.5
 
@@ -40,15 +42,23 @@ class WorkspaceLayers:
     """Where one sandbox's workspace lives on the host.
 
     ``lower`` is the user's project (read-only to the sandbox), ``upper`` receives the
-    sandbox's writes, ``work`` is overlayfs scratch space, and ``baseline_path`` records the
-    filesystem time at which the sandbox started: a host path whose ``st_ctime_ns`` is newer
-    changed on the host since then.
+    sandbox's writes, ``work`` is overlayfs scratch space, and ``baseline_path`` is the
+    private git repository holding the baseline (``baseline``).
     """
 
     lower: Path
     upper: Path
     work: Path
     baseline_path: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.upper.parent
+
+    @property
+    def baseline(self) -> WorkspaceBaseline:
+        """The project as the sandbox first saw it; WorkspaceError when missing."""
+        return WorkspaceBaseline.open(self.state_dir, self.lower)
 
     @classmethod
     def at(
@@ -60,7 +70,7 @@ class WorkspaceLayers:
             lower=Path(lower).resolve(),
             upper=state / "upper",
             work=state / "work",
-            baseline_path=state / _BASELINE_NAME,
+            baseline_path=state / BASELINE_DIR,
         )
 
     @classmethod
@@ -95,17 +105,17 @@ class WorkspaceLayers:
         return (
             _is_real_dir(self.upper)
             and _is_real_dir(self.work)
-            and os.path.isfile(self.baseline_path)
-            and not os.path.islink(self.baseline_path)
+            and _is_real_dir(self.baseline_path)
         )
 
+    # Legacy: the ctime baseline and apply record used by apply.py until it compares
+    # contents against ``baseline`` (ws-apply's rewrite); remove them together then.
     @property
     def baseline_ns(self) -> int:
-        """Filesystem ctime (ns) at which the sandbox started seeing the project."""
+        """Filesystem ctime (ns) at which the baseline was recorded (legacy, see above)."""
         try:
-            text = self.baseline_path.read_text(encoding="ascii")
-            return int(text.strip())
-        except (OSError, ValueError) as exc:
+            return os.stat(self.baseline_path / _BASELINE_META).st_ctime_ns
+        except OSError as exc:
             raise WorkspaceError(
                 f"workspace baseline {str(self.baseline_path)!r} is missing or corrupt; "
                 "conflicts cannot be detected. Reset the workspace to record a new one"
@@ -147,19 +157,8 @@ class WorkspaceLayers:
         self._record_baseline()
 
     def _record_baseline(self) -> None:
-        state = self.baseline_path.parent
-        tmp = state / f".{_BASELINE_NAME}.{secrets.token_hex(6)}"
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            baseline = os.fstat(fd).st_ctime_ns
-            os.write(fd, f"{baseline}\n".encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.baseline_path)
-        _wait_for_tick_after(baseline, state)
+        WorkspaceBaseline.record(self.state_dir, self.lower)
+        _wait_for_tick_after(self.baseline_ns, self.state_dir)
 
     def load_applied(self) -> dict[str, int]:
         """ctimes that apply gave to host paths, keyed by workspace-relative path."""
