@@ -66,7 +66,7 @@ from stockade.protocol.messages import (
     TransferWriteResult,
 )
 from stockade.state import SandboxRecord, SandboxStatus, StateStore, process_start_time
-from stockade.workspace import ApplyResult, WorkspaceDiff, WorkspaceLayers
+from stockade.workspace import ApplyResult, ConflictMode, WorkspaceDiff, WorkspaceLayers
 
 if TYPE_CHECKING:
     from stockade._background import BackgroundTasks
@@ -557,9 +557,18 @@ class AsyncWorkspace:
         return result
 
     async def apply(
-        self, paths: Sequence[str] | None = None, *, force: bool = False
+        self,
+        paths: Sequence[str] | None = None,
+        *,
+        force: bool = False,
+        conflicts: ConflictMode = "skip",
     ) -> ApplyResult:
-        """Write the sandbox's changes to the host (conflict- and escape-checked)."""
+        """Write the sandbox's changes to the host, judged by content against what the
+        sandbox started from: text changed on both sides is merged; a real conflict is left
+        unapplied (``conflicts="skip"``) or written with conflict markers
+        (``conflicts="markers"``); ``force=True`` overwrites the host's version. Files that
+        configure host tools and symlinks leaving the project apply only when named in
+        ``paths``. The agent's commits become branch ``stockade/NAME``."""
         from stockade.workspace import apply_diff
 
         layers = self._layers()
@@ -570,12 +579,11 @@ class AsyncWorkspace:
                 paths=paths,
                 protected=self._sandbox.policy.workspace.protected,
                 force=force,
+                conflicts=conflicts,
+                branch=f"stockade/{self._sandbox.name}",
             )
         )
-        self._sandbox._audit(
-            "workspace.applied",
-            details={"applied": result.applied[:200], "skipped": [p for p, _ in result.skipped]},
-        )
+        self._sandbox._audit("workspace.applied", details=result.audit_details())
         return result
 
     async def reset(self) -> None:

@@ -28,7 +28,7 @@ from stockade.sandbox import (
     AsyncWorkspace,
     OutputHandler,
 )
-from stockade.workspace import ApplyResult, WorkspaceDiff
+from stockade.workspace import ApplyResult, ConflictMode, WorkspaceDiff
 
 __all__ = ["CommandHandle", "Commands", "Files", "Network", "Pty", "Sandbox", "Workspace"]
 
@@ -269,8 +269,16 @@ class Workspace(_PortalBound):
         result: WorkspaceDiff = self._run(self._workspace.diff)
         return result
 
-    def apply(self, paths: Sequence[str] | None = None, *, force: bool = False) -> ApplyResult:
-        result: ApplyResult = self._run(self._workspace.apply, paths, force=force)
+    def apply(
+        self,
+        paths: Sequence[str] | None = None,
+        *,
+        force: bool = False,
+        conflicts: ConflictMode = "skip",
+    ) -> ApplyResult:
+        result: ApplyResult = self._run(
+            self._workspace.apply, paths, force=force, conflicts=conflicts
+        )
         return result
 
     def reset(self) -> None:

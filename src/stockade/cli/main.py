@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 
@@ -490,32 +490,116 @@ def _audit(store: Any, record: Any) -> Any:
 @cli.command()
 @click.argument("name", required=False)
 @click.argument("paths", nargs=-1)
-@click.option("--force", is_flag=True, help="Overwrite host files that changed meanwhile.")
+@click.option(
+    "--conflicts",
+    type=click.Choice(["skip", "markers"]),
+    default="skip",
+    show_default=True,
+    help="For text changed on both sides that does not merge: leave it, or write conflict markers.",
+)
+@click.option("--force", is_flag=True, help="Overwrite host changes with the sandbox's version.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def apply(name: str | None, paths: tuple[str, ...], force: bool, as_json: bool) -> None:
-    """Write the sandbox's workspace changes to the project (all, or just PATHS)."""
+@click.option("--verbose", "-v", is_flag=True, help="List every path and what happened to it.")
+def apply(
+    name: str | None,
+    paths: tuple[str, ...],
+    conflicts: Literal["skip", "markers"],
+    force: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """Write the sandbox's workspace changes to the project (all, or just PATHS).
+
+    Text changed both in the sandbox and on the host is merged; what does not merge is left
+    alone (or written with conflict markers). Files that configure tools on the host
+    (stockade.toml, CI workflows, .vscode/...) and symlinks leaving the project are applied
+    only when named in PATHS. The sandbox's commits become branch stockade/NAME.
+    """
     from stockade.workspace import apply_diff
 
     store = _store()
     record = _resolve(store, name)
     _sync_running(record)
     result = apply_diff(
-        _layers(record), paths=list(paths) or None, protected=_protected(record), force=force
+        _layers(record),
+        paths=list(paths) or None,
+        protected=_protected(record),
+        force=force,
+        conflicts=conflicts,
+        branch=f"stockade/{record.name}",
     )
-    _audit(store, record).append(
-        "workspace.applied",
-        actor="cli",
-        details={"applied": result.applied[:200], "skipped": [p for p, _ in result.skipped]},
-    )
+    _audit(store, record).append("workspace.applied", actor="cli", details=result.audit_details())
     if as_json:
-        click.echo(json.dumps({"applied": result.applied, "skipped": result.skipped}))
+        click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    for path in result.applied:
-        click.echo(f"applied {path}")
-    for path, reason in result.skipped:
-        click.secho(f"skipped {path}: {reason}", fg="yellow", err=True)
-    if not result.applied and not result.skipped:
-        click.echo(f"sandbox {record.name}: nothing to apply", err=True)
+    _print_apply(record.name, result, verbose=verbose)
+
+
+def _print_apply(name: str, result: Any, *, verbose: bool) -> None:
+    from stockade.workspace._display_shim import display_path
+
+    def first(items: list[str], limit: int = 3) -> str:
+        text = ", ".join(items[:limit])
+        return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+    if verbose:
+        for path in result.applied:
+            click.echo(f"applied    {display_path(path)}")
+        for path in result.merged:
+            click.echo(f"merged     {display_path(path)}")
+        for conflict in result.conflicts:
+            click.echo(f"conflict   {display_path(conflict.path)}: {conflict.reason}")
+        for path, reason in result.held:
+            click.echo(f"held back  {display_path(path)}: {reason}")
+        for path, reason in result.skipped:
+            click.echo(f"skipped    {display_path(path)}: {reason}")
+    line = f"sandbox {name}: {len(result.applied)} applied, {len(result.merged)} merged"
+    if result.conflicts:
+        shown = [f"{display_path(c.path)} ({c.reason})" for c in result.conflicts]
+        noun = "conflict" if len(result.conflicts) == 1 else "conflicts"
+        line += f", {len(result.conflicts)} {noun}: " + first(shown)
+    else:
+        line += ", 0 conflicts"
+    click.echo(line)
+    open_conflicts = [c for c in result.conflicts if not c.written]
+    if any(c.written for c in result.conflicts):
+        marked = [display_path(c.path) for c in result.conflicts if c.written]
+        click.secho(f"  resolve the conflict markers in: {first(marked)}", fg="yellow", err=True)
+    if any(c.kind == "text" for c in open_conflicts):
+        click.secho(
+            "  rerun with --conflicts markers to write conflict markers, or --force to "
+            "overwrite the host's version",
+            fg="yellow",
+            err=True,
+        )
+    elif open_conflicts:
+        click.secho("  rerun with --force to overwrite the host's version", fg="yellow", err=True)
+    if result.held:
+        held = [display_path(p) for p, _ in result.held]
+        click.secho(
+            f"  {len(result.held)} held back (they configure tools on the host or link outside "
+            f"the project): {first(held)}; review them with `stockade diff {name}`, then apply "
+            f"them by name: stockade apply {name} PATH...",
+            fg="yellow",
+            err=True,
+        )
+    for warning in result.warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    if result.overwritten:
+        overwritten = first([display_path(p) for p in result.overwritten])
+        click.secho(f"  --force overwrote host changes in: {overwritten}", fg="yellow", err=True)
+    if result.branch:
+        count = len(result.commits)
+        click.echo(
+            f"  the sandbox's {count} commit{'s' if count != 1 else ''} "
+            f"{'are' if count != 1 else 'is'} on branch {result.branch}"
+        )
+    if result.skipped and not verbose:
+        click.echo(
+            f"  {len(result.skipped)} skipped (already on the host or not applicable; "
+            "--verbose lists them)",
+            err=True,
+        )
 
 
 @cli.command()

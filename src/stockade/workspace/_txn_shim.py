@@ -6,7 +6,6 @@ Removed when ``stockade.workspace.txn`` is merged; apply.py imports from there t
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import secrets
@@ -56,7 +55,9 @@ def _now(project: Path, path: str) -> HostState | None:
         if stat.S_ISDIR(st.st_mode):
             return HostState("dir")
         if stat.S_ISLNK(st.st_mode):
-            return HostState("symlink", git_blob_id(os.fsencode(os.readlink(parts[-1], dir_fd=dfd))))
+            return HostState(
+                "symlink", git_blob_id(os.fsencode(os.readlink(parts[-1], dir_fd=dfd)))
+            )
         fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         try:
             return HostState("file", git_blob_id_fd(fd))
@@ -115,7 +116,9 @@ def _one(dfd: int, name: str, op: Op) -> None:
         if op.kind == "symlink":
             os.symlink(op.target or "", tmp, dir_fd=dfd)
         else:
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+            out = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd
+            )
             try:
                 digest = hashlib.sha256()
                 if op.data is not None:
@@ -140,4 +143,3 @@ def _one(dfd: int, name: str, op: Op) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dfd)
         raise
-    _ = errno

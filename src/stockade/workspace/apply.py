@@ -20,19 +20,18 @@ import contextlib
 import hashlib
 import logging
 import os
-import posixpath
 import secrets
 import shutil
 import stat
-import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from stockade._errors import WorkspaceError
+from stockade.workspace._display_shim import display_path
 from stockade.workspace._txn_shim import HostState, Op, apply_ops
-from stockade.workspace.baseline import WorkspaceBaseline, git_blob_id, git_blob_id_fd, git_env
+from stockade.workspace.baseline import git_blob_id, git_blob_id_fd, git_env, run_git
 from stockade.workspace.diff import (
     FileChange,
     WorkspaceDiff,
@@ -137,15 +136,11 @@ class ApplyResult:
     @property
     def written(self) -> list[str]:
         """Every path this apply changed on the host."""
-        return sorted(
-            {*self.applied, *self.merged, *(c.path for c in self.conflicts if c.written)}
-        )
+        return sorted({*self.applied, *self.merged, *(c.path for c in self.conflicts if c.written)})
 
     def summary(self, limit: int = 3) -> str:
         """``"3 applied, 1 merged, 2 conflicts: a.txt (...), b.bin (...)"``: counts, then the
         first ``limit`` conflicts and held paths (names escaped for a terminal)."""
-        from stockade.workspace.display import display_path
-
         parts = [f"{len(self.applied)} applied", f"{len(self.merged)} merged"]
         text = ", ".join(parts)
         if self.conflicts:
@@ -159,7 +154,7 @@ class ApplyResult:
         if self.held:
             shown = [display_path(p) for p, _ in self.held[:limit]]
             more = len(self.held) - limit
-            text += f"; {len(self.held)} held back until named: " + ", ".join(shown)
+            text += f"; {len(self.held)} held back until named in paths: " + ", ".join(shown)
             if more > 0:
                 text += f" and {more} more"
         return text
@@ -177,11 +172,16 @@ class ApplyResult:
             "applied": [_text(p) for p in self.applied],
             "merged": [_text(p) for p in self.merged],
             "conflicts": [
-                {"path": _text(c.path), "reason": c.reason, "kind": c.kind, "written": c.written}
+                {
+                    "path": _text(c.path),
+                    "reason": _text(c.reason),
+                    "kind": c.kind,
+                    "written": c.written,
+                }
                 for c in self.conflicts
             ],
-            "held": [{"path": _text(p), "reason": r} for p, r in self.held],
-            "skipped": [{"path": _text(p), "reason": r} for p, r in self.skipped],
+            "held": [{"path": _text(p), "reason": _text(r)} for p, r in self.held],
+            "skipped": [{"path": _text(p), "reason": _text(r)} for p, r in self.skipped],
             "overwritten": [_text(p) for p in self.overwritten],
             "warnings": [_text(w) for w in self.warnings],
             "branch": self.branch,
@@ -194,7 +194,7 @@ class ApplyResult:
             "applied": [_text(p) for p in self.applied[:limit]],
             "merged": [_text(p) for p in self.merged[:limit]],
             "conflicts": [
-                {"path": _text(c.path), "reason": c.reason, "written": c.written}
+                {"path": _text(c.path), "reason": _text(c.reason), "written": c.written}
                 for c in self.conflicts[:limit]
             ],
             "held": [_text(p) for p, _ in self.held[:limit]],
@@ -374,7 +374,7 @@ class _Planner:
     ) -> None:
         self.layers = layers
         self.project = layers.lower
-        self.baseline = WorkspaceBaseline.open(layers.upper.parent, layers.lower)
+        self.baseline = layers.baseline
         self.names = names
         self.protected = protected
         self.force = force
@@ -524,26 +524,8 @@ class _Planner:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
                 names.append(str(target))
-            argv = [
-                "git",
-                "merge-file",
-                "-p",
-                "-L",
-                "host",
-                "-L",
-                "baseline",
-                "-L",
-                "sandbox",
-                *names,
-            ]
-            proc = subprocess.run(  # noqa: S603 - argv list, fixed program
-                argv,
-                cwd=scratch,
-                env=git_env(self.baseline.git_dir),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                check=False,
-            )
+            argv = ["merge-file", "-p", "-L", "host", "-L", "baseline", "-L", "sandbox", *names]
+            proc = run_git(argv, git_env(self.baseline.git_dir), cwd=scratch, check=False)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         if proc.returncode < 0 or proc.returncode > 127:
@@ -634,14 +616,14 @@ class _Planner:
     def _held_reason(self, path: str, new: _State) -> str | None:
         why = host_config_reason(path)
         if why is not None and not self._named_config(path):
-            return f"configures a tool on the host ({why}); name it to apply"
+            return f"configures a tool on the host: {why}"
         if (
             new.kind == "symlink"
             and new.target is not None
             and leaves_project(path, new.target)
             and path not in (self.names or ())
         ):
-            return "symlink pointing outside the project; name it to apply"
+            return f"symlink pointing outside the project (to {display_path(new.target)})"
         return None
 
     def _named_config(self, path: str) -> bool:
@@ -658,8 +640,8 @@ class _Planner:
         if why is not None:
             self.named_config.add(path)
             self.warnings.append(
-                f"applied {_text(path)}, which configures a tool on the host ({why}): it was "
-                "named explicitly; review it before that tool next runs"
+                f"applied {display_path(path)}, which configures a tool on the host ({why}): "
+                "it was named explicitly; review it before that tool next runs"
             )
 
     # -- consistency of the whole plan ---------------------------------------------------
@@ -695,7 +677,11 @@ class _Planner:
                 self.applied.remove(path)
                 deleting.discard(path)
                 self.skipped.append(
-                    (path, f"the host keeps {_text(kept)} in it, which the sandbox did not delete")
+                    (
+                        path,
+                        f"the host keeps {display_path(kept)} in it, which the sandbox did not "
+                        "delete",
+                    )
                 )
 
     def _check_parents(self) -> None:
@@ -735,7 +721,7 @@ class _Planner:
         (never the host's HEAD, index or existing refs)."""
         if not getattr(fresh, "commits", None):
             return
-        from stockade.workspace.gitrepo import import_commits
+        from stockade.workspace.gitrepo import import_commits  # type: ignore[import-not-found]
 
         try:
             self.commits = import_commits(self.layers, self.project, branch)
@@ -841,14 +827,14 @@ def _parent_problem(project: Path, path: str, prefix: str) -> str | None:
     A symlink raises: writing through it could leave the project."""
     st = _lstat_or_none(project / prefix)
     if st is None:
-        return f"its directory {_text(prefix)} was removed on the host"
+        return f"its directory {display_path(prefix)} was removed on the host"
     if stat.S_ISLNK(st.st_mode):
         raise WorkspaceError(
-            f"refusing to apply {_text(path)!r}: its parent {_text(prefix)!r} is a symlink on "
-            "the host, writing through it could leave the project"
+            f"refusing to apply {display_path(path)}: its parent {display_path(prefix)} is a "
+            "symlink on the host, writing through it could leave the project"
         )
     if not stat.S_ISDIR(st.st_mode):
-        return f"its directory {_text(prefix)} is not a directory on the host"
+        return f"its directory {display_path(prefix)} is not a directory on the host"
     return None
 
 
