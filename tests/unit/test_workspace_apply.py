@@ -16,6 +16,7 @@ from stockade._errors import WorkspaceConflictError, WorkspaceError
 from stockade.workspace import FileChange, WorkspaceDiff, WorkspaceLayers, apply_diff, compute_diff
 from stockade.workspace import apply as apply_mod
 from stockade.workspace.apply import host_config_reason, leaves_project
+from stockade.workspace.baseline import git_blob_id
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["git", "--version"], capture_output=True).returncode != 0,
@@ -132,6 +133,20 @@ def test_apply_selected_paths_creates_new_parents(layers: WorkspaceLayers, proje
     second = apply_diff(layers)
     assert "README.md" in second.applied and second.conflicts == []
     assert (project / "README.md").read_text() == "# hello\n"
+
+
+def test_apply_advances_the_baseline(layers: WorkspaceLayers, project: Path) -> None:
+    write(layers.upper / "README.md", "# sandbox\n")
+    os.symlink("/etc/passwd", layers.upper / "passwd")
+    assert apply_diff(layers, paths=["README.md"]).applied == ["README.md"]
+    entry = layers.baseline.entry("README.md")
+    assert entry is not None and entry.oid == git_blob_id(b"# sandbox\n")
+    assert layers.baseline.entry("passwd") is None  # held back: not applied, not advanced
+    # The host's README is what apply wrote, not a host edit: a new change applies cleanly.
+    write(layers.upper / "README.md", "# sandbox, again\n")
+    again = apply_diff(layers, paths=["README.md"])
+    assert (again.applied, again.conflicts) == (["README.md"], [])
+    assert (project / "README.md").read_text() == "# sandbox, again\n"
 
 
 def test_paths_naming_nothing_is_an_error(layers: WorkspaceLayers) -> None:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import secrets
 import shutil
 import stat
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +248,7 @@ def apply_diff(
     ops = planner.ordered_ops()
     if ops:
         apply_ops(layers.lower, layers.upper.parent / "apply-journal", ops)
+    planner.advance_baseline()
     if branch is not None:
         planner.import_commits(fresh, branch)
     result = planner.result()
@@ -358,6 +361,7 @@ class _State:
 
 
 _ABSENT = _State("absent")
+_SAME = "the host already has the sandbox's version"
 
 
 class _Planner:
@@ -395,6 +399,7 @@ class _Planner:
         self.named_config: set[str] = set()
         self.branch: str | None = None
         self.commits: list[str] = []
+        self.sandbox: dict[str, _State] = {}
 
     def plan(self, selected: list[FileChange]) -> None:
         groups: dict[str, list[FileChange]] = {}
@@ -423,12 +428,13 @@ class _Planner:
     # -- one path ------------------------------------------------------------------------
     def _decide(self, path: str, now: list[FileChange]) -> None:
         new = self._sandbox_state(now)
+        self.sandbox[path] = new
         if (why := self._held_reason(path, new)) is not None:
             self.held.append((path, why))
             return
         host = self._host_state(path)
         if _same(host, new):
-            self.skipped.append((path, "the host already has the sandbox's version"))
+            self.skipped.append((path, _SAME))
             return
         base = self._base_state(path)
         if not _host_moved(base, host):
@@ -716,6 +722,26 @@ class _Planner:
         writes.sort(key=lambda op: op.path.split("/"))
         return deletes + writes
 
+    def advance_baseline(self) -> None:
+        """What the host now has from the sandbox becomes the baseline of those paths, so
+        the diff stops showing them and a later host edit there is seen as one."""
+        done = {*self.applied, *self.merged, *(c.path for c in self.conflicts if c.written)}
+        done.update(p for p, why in self.skipped if why == _SAME)
+        updates = {
+            p: self.sandbox[p]
+            for p in done
+            if p in self.sandbox and self.sandbox[p].kind in ("file", "symlink", "absent")
+        }
+        if not updates:
+            return
+        try:
+            _advance_baseline(self.layers, updates)
+        except (OSError, WorkspaceError) as exc:
+            self.warnings.append(
+                f"the workspace baseline was not advanced past this apply ({exc}); the diff "
+                "keeps showing the applied paths, and applying them again changes nothing"
+            )
+
     def import_commits(self, fresh: WorkspaceDiff, branch: str) -> None:
         """The agent's commits become ``branch`` on the host, through git's object transfer
         (never the host's HEAD, index or existing refs)."""
@@ -742,6 +768,75 @@ class _Planner:
             branch=self.branch,
             commits=list(self.commits),
         )
+
+
+def _advance_baseline(layers: WorkspaceLayers, updates: dict[str, _State]) -> None:
+    """Rewrite the baseline tree with ``updates`` (the sandbox's version of each path, or
+    absent), storing the sandbox's blobs in the baseline repository."""
+    baseline = layers.baseline
+    git_dir = baseline.git_dir
+    env = git_env(git_dir)
+    lines: list[bytes] = []
+    additions: list[bytes] = []
+    for path in sorted(updates, key=lambda p: p.split("/")):
+        state = updates[path]
+        raw = os.fsencode(path)
+        lines.append(b"0 " + b"0" * 40 + b"\t" + raw + b"\0")
+        if state.kind == "absent":
+            continue
+        if state.kind == "symlink":
+            oid = _store_blob(env, data=os.fsencode(state.target or ""))
+            mode = b"120000"
+        else:
+            fd = open_file_beneath(layers.upper, _split(path), owned=True)
+            try:
+                oid = _store_blob(env, fd=fd)
+            finally:
+                os.close(fd)
+            mode = b"100755" if _exec(state.mode) else b"100644"
+        if oid != state.oid:
+            continue  # changed in the sandbox since: its diff entry stays
+        additions.append(mode + b" " + oid.encode("ascii") + b"\t" + raw + b"\0")
+    index = git_dir / f"apply-index-{secrets.token_hex(6)}"
+    try:
+        ienv = {**env, "GIT_INDEX_FILE": str(index)}
+        run_git(["read-tree", baseline.tree], ienv)
+        run_git(["update-index", "-z", "--index-info"], ienv, input=b"".join(lines))
+        run_git(["update-index", "-z", "--index-info"], ienv, input=b"".join(additions))
+        tree = run_git(["write-tree"], ienv).stdout.decode("ascii").strip()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(index)
+    message = ["commit-tree", tree, "-m", "stockade workspace baseline (after apply)"]
+    commit = run_git(message, env).stdout.decode("ascii").strip()
+    run_git(["update-ref", "refs/stockade/baseline", commit], env)
+    meta_path = git_dir / "stockade-baseline.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta.update(tree=tree, commit=commit)
+    tmp = meta_path.with_name(f".{meta_path.name}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(meta, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, meta_path)
+
+
+def _store_blob(env: dict[str, str], *, data: bytes | None = None, fd: int | None = None) -> str:
+    """Write a blob into the repository of ``env`` (content given, or read from ``fd``)."""
+    argv = ["git", "hash-object", "-w", "--no-filters", "--stdin"]
+    proc = subprocess.run(
+        argv,
+        env=env,
+        input=data,
+        stdin=fd if data is None else None,
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        message = proc.stderr.decode("utf-8", "replace").strip()
+        raise WorkspaceError(f"git hash-object failed: {message}")
+    return proc.stdout.decode("ascii").strip()
 
 
 # --- helpers ----------------------------------------------------------------------------
