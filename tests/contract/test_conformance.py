@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -212,6 +213,78 @@ def test_diff_apply_reset(target: str, tmp_path: Path) -> None:
         assert sb.commands.run("cat src/app.py").stdout == "print('app')\n"
     assert not (project / ".git" / "hooks" / "pre-commit").exists()
     assert (project / ".git" / "config").read_text() == "[core]\n"
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(repo),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+    }
+    argv = ["git", "-c", "user.name=host", "-c", "user.email=host@x", *args]
+    return subprocess.run(argv, cwd=repo, env=env, check=True, capture_output=True).stdout.decode()
+
+
+def _lines(tag: str, edits: dict[int, str]) -> str:
+    return "".join(f"{edits.get(i, f'{tag} line {i}')}\n" for i in range(1, 21))
+
+
+def test_apply_merges_and_reports_conflicts_in_a_git_repo(target: str, tmp_path: Path) -> None:
+    project = tmp_path / "repo"
+    project.mkdir()
+    _git(project, "init", "-q", "-b", "main")
+    (project / "notes.txt").write_text(_lines("notes", {}))
+    (project / "other.txt").write_text(_lines("other", {}))
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "start")
+    with fresh(target, project) as sb:
+        script = (
+            "import sys\n"
+            "def edit(name, line, text):\n"
+            "    lines = open(name).read().splitlines(keepends=True)\n"
+            "    lines[line - 1] = text + '\\n'\n"
+            "    open(name, 'w').write(''.join(lines))\n"
+            "edit('notes.txt', 2, 'sandbox 2')\n"
+            "edit('other.txt', 5, 'sandbox 5')\n"
+        )
+        r = sb.commands.run(["python3", "-c", script])
+        assert r.exit_code == 0, r.stderr
+        # Meanwhile the user edits and commits on the host.
+        (project / "notes.txt").write_text(_lines("notes", {18: "host 18"}))
+        host_other = _lines("other", {5: "host 5"})
+        (project / "other.txt").write_text(host_other)
+        _git(project, "commit", "-qam", "host edits")
+        refs = _git(project, "for-each-ref", "--format=%(refname) %(objectname)")
+        reflog = _git(project, "reflog", "--format=%H %gs")
+        head = _git(project, "rev-parse", "HEAD")
+
+        result = sb.workspace.apply()
+
+        assert result.merged == ["notes.txt"]
+        assert [(c.path, c.reason, c.written) for c in result.conflicts] == [
+            ("other.txt", "changed on the host and in the sandbox", False)
+        ]
+        assert (project / "notes.txt").read_text() == _lines(
+            "notes", {2: "sandbox 2", 18: "host 18"}
+        )
+        assert (project / "other.txt").read_text() == host_other
+    # The host's history is untouched: same refs (a stockade/ branch may be added), reflog,
+    # HEAD; only the working tree changed; the object store is sound.
+    after = _git(project, "for-each-ref", "--format=%(refname) %(objectname)").splitlines()
+    assert [r for r in after if not r.startswith("refs/heads/stockade/")] == refs.splitlines()
+    assert _git(project, "reflog", "--format=%H %gs") == reflog
+    assert _git(project, "rev-parse", "HEAD") == head
+    assert _git(project, "status", "--porcelain") == " M notes.txt\n"
+    fsck = subprocess.run(
+        ["git", "fsck", "--strict", "--no-dangling"],
+        cwd=project,
+        env={"PATH": os.environ["PATH"], "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(project)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
 # --- limits -----------------------------------------------------------------------------
