@@ -472,6 +472,7 @@ def test_host_config_files_are_held_until_named(layers: WorkspaceLayers, project
     write(layers.upper / "stockade.toml", 'backend = "host"\n')
     write(layers.upper / ".github" / "workflows" / "ci.yml", "on: push\n")
     write(layers.upper / ".env.local", "TOKEN=x\n")
+    write(layers.upper / ".vscode" / "tasks.json", "{}\n")
     write(layers.upper / ".gitignore", "*.log\n")
     write(layers.upper / "Makefile", "all:\n")
     result = apply_diff(layers)
@@ -481,11 +482,16 @@ def test_host_config_files_are_held_until_named(layers: WorkspaceLayers, project
         ".github",
         ".github/workflows",
         ".github/workflows/ci.yml",
+        ".vscode",
+        ".vscode/tasks.json",
         "stockade.toml",
     ]
     assert all("configures a tool on the host" in why for _, why in result.held)
     assert not (project / "stockade.toml").exists()
     assert not (project / ".github").exists()
+    one = apply_diff(layers, paths=[".vscode/tasks.json"])  # brings its new directory
+    assert one.applied == [".vscode", ".vscode/tasks.json"]
+    assert (project / ".vscode" / "tasks.json").read_text() == "{}\n"
     named = apply_diff(layers, paths=["stockade.toml", ".github"])
     assert named.applied == [
         ".github",

@@ -633,9 +633,10 @@ class _Planner:
         return None
 
     def _named_config(self, path: str) -> bool:
-        """Named exactly, or through a directory that is itself host configuration."""
+        """Named exactly, through a directory that is itself host configuration, or a new
+        directory that a named path needs (``.github`` for ``.github/workflows/ci.yml``)."""
         for name in self.names or ():
-            if name == path:
+            if name == path or _under(name, path):
                 return True
             if name and _under(path, name) and host_config_reason(name) is not None:
                 return True
