@@ -332,20 +332,22 @@ def remove_tree(path: Path) -> None:
     parent_fd = os.open(path.parent, _DIR_FLAGS)
     try:
         if stat.S_ISDIR(st.st_mode):
-            _remove_dir_at(parent_fd, path.name)
+            remove_tree_at(parent_fd, path.name)
         else:
             os.unlink(path.name, dir_fd=parent_fd)
     finally:
         os.close(parent_fd)
 
 
-def _remove_dir_at(parent_fd: int, name: str) -> None:
+def remove_tree_at(parent_fd: int, name: str) -> None:
+    """Delete directory ``name`` of ``parent_fd`` recursively, never following a symlink,
+    making mode-000 directories accessible first."""
     fd = _open_dir_for_removal(parent_fd, name)
     try:
         for child in os.listdir(fd):
             child_st = os.stat(child, dir_fd=fd, follow_symlinks=False)
             if stat.S_ISDIR(child_st.st_mode):
-                _remove_dir_at(fd, child)
+                remove_tree_at(fd, child)
             else:
                 os.unlink(child, dir_fd=fd)
     finally:
