@@ -356,6 +356,30 @@ def test_type_change_on_the_host_is_a_conflict(layers: WorkspaceLayers, project:
     assert os.readlink(project / "README.md") == "notes.txt"
 
 
+def test_type_changes_in_the_sandbox_apply(layers: WorkspaceLayers, project: Path) -> None:
+    write(layers.upper / "README.md" / "x", "now a directory\n")  # file -> directory
+    write(layers.upper / "old", "now a file\n")  # directory (with a subtree) -> file
+    result = apply_diff(layers)
+    assert result.conflicts == [] and result.skipped == []
+    assert (project / "README.md" / "x").read_text() == "now a directory\n"
+    assert (project / "old").read_text() == "now a file\n"
+    assert temp_files(project) == []
+
+
+def test_directory_replaced_by_a_file_keeps_host_additions(
+    layers: WorkspaceLayers, project: Path
+) -> None:
+    write(layers.upper / "old", "now a file\n")
+    write(project / "old" / "added-on-host.txt", "keep me\n")
+    result = apply_diff(layers)
+    assert (
+        "old",
+        "the host keeps old/added-on-host.txt in it, which the sandbox did not delete",
+    ) in [(c.path, c.reason) for c in result.conflicts]
+    assert (project / "old" / "added-on-host.txt").read_text() == "keep me\n"
+    assert (project / "old" / "x.txt").read_text() == "x\n"  # the directory stays whole
+
+
 def test_added_on_both_sides(layers: WorkspaceLayers, project: Path) -> None:
     write(layers.upper / "same.txt", "same\n")
     write(project / "same.txt", "same\n")

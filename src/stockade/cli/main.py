@@ -536,7 +536,7 @@ def apply(
 
 
 def _print_apply(name: str, result: Any, *, verbose: bool) -> None:
-    from stockade.workspace._display_shim import display_path
+    from stockade.workspace.display import display_path
 
     def first(items: list[str], limit: int = 3) -> str:
         text = ", ".join(items[:limit])

@@ -28,11 +28,9 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from stockade._errors import WorkspaceError
-from stockade.workspace._display_shim import display_path
-from stockade.workspace._txn_shim import HostState, Op, apply_ops
 from stockade.workspace.baseline import git_blob_id, git_blob_id_fd, git_env, run_git
 from stockade.workspace.diff import (
     FileChange,
@@ -41,7 +39,9 @@ from stockade.workspace.diff import (
     is_protected,
     normalize_protected,
 )
+from stockade.workspace.display import display_path
 from stockade.workspace.layers import WorkspaceLayers, open_dir_beneath, open_file_beneath
+from stockade.workspace.txn import ABSENT, JOURNAL_DIR_NAME, HostState, Op, apply_ops
 
 __all__ = [
     "ApplyConflict",
@@ -247,7 +247,7 @@ def apply_diff(
     planner.plan(selected)
     ops = planner.ordered_ops()
     if ops:
-        apply_ops(layers.lower, layers.upper.parent / "apply-journal", ops)
+        apply_ops(layers.lower, layers.upper.parent / JOURNAL_DIR_NAME, ops)
     planner.advance_baseline()
     if branch is not None:
         planner.import_commits(fresh, branch)
@@ -353,11 +353,11 @@ class _State:
     def same_content(self, other: _State) -> bool:
         return self.kind == other.kind and self.oid == other.oid
 
-    def expect(self) -> HostState | None:
+    def expect(self) -> HostState:
+        """What the host must still hold when the apply commits (kind and content)."""
         if self.kind in ("absent", "other"):
-            return None
-        kind: Literal["file", "symlink", "dir"] = self.kind  # type: ignore[assignment]
-        return HostState(kind, self.oid)
+            return ABSENT
+        return HostState(cast(Literal["file", "symlink", "dir"], self.kind), self.oid)
 
 
 _ABSENT = _State("absent")
@@ -388,6 +388,7 @@ class _Planner:
         for change in fresh.changes:
             self.current.setdefault(change.path, []).append(change)
         self.ops: dict[str, Op] = {}
+        self.replaced: dict[str, Op] = {}  # deletes that come with a new entry of another type
         self.host: dict[str, _State] = {}
         self.applied: list[str] = []
         self.merged: list[str] = []
@@ -444,7 +445,7 @@ class _Planner:
             self._merge(path, base, host, new)
             return
         kind, reason = _conflict(base, host, new)
-        if self.force:
+        if self.force and host.kind != "other":
             self._write(path, new, base, host)
             self.overwritten.append(path)
             return
@@ -453,6 +454,10 @@ class _Planner:
     def _write(self, path: str, new: _State, base: _State, host: _State) -> None:
         change = new.change
         expect = host.expect()
+        if new.kind not in ("absent", host.kind) and "dir" in (host.kind, new.kind):
+            # A directory replaced by a file or the reverse: the transaction takes a delete
+            # and the new entry at the same path.
+            self.replaced[path] = Op(path=path, kind="delete", expect=expect)
         if new.kind == "absent":
             self.ops[path] = Op(path=path, kind="delete", expect=expect)
         elif new.kind == "dir":
@@ -675,21 +680,29 @@ class _Planner:
     def _check_deleted_dirs(self) -> None:
         """Delete a directory only when nothing the host holds in it is kept."""
         deleting = {p for p, op in self.ops.items() if op.kind == "delete"}
-        for path in sorted(deleting, key=lambda p: p.split("/")):
-            if self._host_state(path).kind != "dir":
+        going = deleting | {p for p in self.replaced if p in self.ops}
+        for path in sorted(going, key=lambda p: p.split("/")):
+            if path not in self.ops or self._host_state(path).kind != "dir":
                 continue
             kept = _first_kept(self.project, path, deleting)
-            if kept is not None:
+            if kept is None:
+                continue
+            why = f"the host keeps {display_path(kept)} in it, which the sandbox did not delete"
+            deleting.discard(path)
+            if path in self.replaced:
+                # Replacing the directory is one change: its deletions go with it.
+                self._drop(path, why)
+                for child in [p for p in self.ops if p.startswith(path + "/")]:
+                    del self.ops[child]
+                    self.applied.remove(child)
+                    deleting.discard(child)
+                    self.skipped.append(
+                        (child, f"part of replacing {display_path(path)}, which conflicts")
+                    )
+            else:
                 del self.ops[path]
                 self.applied.remove(path)
-                deleting.discard(path)
-                self.skipped.append(
-                    (
-                        path,
-                        f"the host keeps {display_path(kept)} in it, which the sandbox did not "
-                        "delete",
-                    )
-                )
+                self.skipped.append((path, why))
 
     def _check_parents(self) -> None:
         """Refuse symlinked parents; a change whose parent the host removed or replaced with
@@ -718,6 +731,7 @@ class _Planner:
 
     def ordered_ops(self) -> list[Op]:
         deletes = [op for op in self.ops.values() if op.kind == "delete"]
+        deletes += [op for path, op in self.replaced.items() if path in self.ops]
         writes = [op for op in self.ops.values() if op.kind != "delete"]
         deletes.sort(key=lambda op: op.path.split("/"), reverse=True)
         writes.sort(key=lambda op: op.path.split("/"))
