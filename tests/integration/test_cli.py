@@ -229,3 +229,69 @@ def test_sigterm_to_supervisor_stops_the_sandbox_in_order(
         assert pids_with_marker(f"sleep\x00{marker}") == []
     finally:
         stockade("rm", name, check=False)
+
+
+def _numbered(tag: str, edits: dict[int, str]) -> str:
+    return "".join(f"{edits.get(i, f'{tag} {i}')}\n" for i in range(1, 21))
+
+
+def test_apply_merges_and_reports_conflicts_in_cli_wording(
+    namespace_backend: str, project: Path
+) -> None:
+    (project / "notes.txt").write_text(_numbered("notes", {}))
+    (project / "other.txt").write_text(_numbered("other", {}))
+    name = f"a-{uuid.uuid4().hex[:8]}"
+    agent = (
+        "import os\n"
+        "def edit(p, n, t):\n"
+        "    lines = open(p).read().splitlines(keepends=True)\n"
+        "    lines[n - 1] = t + '\\n'\n"
+        "    open(p, 'w').write(''.join(lines))\n"
+        "edit('notes.txt', 2, 'sandbox 2')\n"
+        "edit('other.txt', 5, 'sandbox 5')\n"
+        "open('stockade.toml', 'w').write('backend = \"host\"\\n')\n"
+        "open('ok.txt\\rHIDDEN', 'w').write('x\\n')\n"
+    )
+    stockade("run", "--name", name, "--", "python3", "-c", agent, cwd=project)
+    try:
+        (project / "notes.txt").write_text(_numbered("notes", {18: "host 18"}))
+        host_other = _numbered("other", {5: "host 5"})
+        (project / "other.txt").write_text(host_other)
+
+        r = stockade("apply", name, "--verbose", cwd=project)
+        assert r.stdout.splitlines()[-1] == (
+            f"sandbox {name}: 1 applied, 1 merged, 1 conflict: other.txt (changed on the host "
+            "and in the sandbox)"
+        )
+        assert 'applied    "ok.txt\\rHIDDEN"' in r.stdout  # escaped and quoted
+        assert "rerun with --conflicts markers to write conflict markers, or --force" in r.stderr
+        assert "force=True" not in r.stdout + r.stderr  # CLI wording, not the SDK's
+        assert "held back" in r.stderr and "stockade.toml" in r.stderr
+        assert "\r" not in r.stdout + r.stderr
+        assert (project / "ok.txt\rHIDDEN").read_text() == "x\n"
+        assert (project / "other.txt").read_text() == host_other
+        assert not (project / "stockade.toml").exists()
+        merged = (project / "notes.txt").read_text()
+        assert merged == _numbered("notes", {2: "sandbox 2", 18: "host 18"})
+
+        as_json = json.loads(stockade("apply", name, "--json", cwd=project).stdout)
+        assert [c["path"] for c in as_json["conflicts"]] == ["other.txt"]
+        assert [h["path"] for h in as_json["held"]] == ["stockade.toml"]
+
+        r = stockade("apply", name, "--conflicts", "markers", cwd=project)
+        assert "resolve the conflict markers in: other.txt" in r.stderr
+        assert (
+            "<<<<<<< host\nhost 5\n=======\nsandbox 5\n>>>>>>> sandbox\n"
+            in (project / "other.txt").read_text()
+        )
+
+        r = stockade("apply", name, "stockade.toml", cwd=project)
+        assert "warning: applied stockade.toml" in r.stderr
+        assert (project / "stockade.toml").read_text() == 'backend = "host"\n'
+
+        events = [json.loads(x) for x in stockade("audit", name, "--json").stdout.splitlines()]
+        applied = [e for e in events if e["action"] == "workspace.applied"]
+        assert applied and applied[0]["details"]["merged"] == ["notes.txt"]
+        assert "chain intact" in stockade("audit", name, "--verify").stdout
+    finally:
+        stockade("rm", name, check=False)

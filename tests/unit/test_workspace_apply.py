@@ -272,6 +272,10 @@ def test_text_changed_on_both_sides_in_other_regions_merges(
     assert (project / "notes.txt").read_text() == edit(edit(TEXT, 2, "sandbox 2"), 18, "host 18")
     assert temp_files(layers.upper.parent) == []
     assert [p.name for p in layers.upper.parent.iterdir() if p.name.startswith("merge-")] == []
+    # Applying again finds the sandbox's change already in the host's file.
+    again = apply_diff(layers)
+    assert (again.merged, again.conflicts) == ([], [])
+    assert ("notes.txt", "the host already has the sandbox's changes") in again.skipped
 
 
 def test_same_region_conflict_is_left_unapplied_by_default(

@@ -362,6 +362,7 @@ class _State:
 
 _ABSENT = _State("absent")
 _SAME = "the host already has the sandbox's version"
+_SAME_MERGED = "the host already has the sandbox's changes"
 
 
 class _Planner:
@@ -497,6 +498,9 @@ class _Planner:
             return
         merged, clean = self._merge_file(host_bytes, base_bytes, new_bytes)
         mode = _file_mode(new, base, host)
+        if clean and merged == host_bytes:
+            self.skipped.append((path, _SAME_MERGED))
+            return
         if clean:
             self.ops[path] = Op(
                 path=path, kind="file", mode=mode, data=merged, expect=host.expect()
@@ -741,7 +745,7 @@ class _Planner:
         """What the host now has from the sandbox becomes the baseline of those paths, so
         the diff stops showing them and a later host edit there is seen as one."""
         done = {*self.applied, *self.merged, *(c.path for c in self.conflicts if c.written)}
-        done.update(p for p, why in self.skipped if why == _SAME)
+        done.update(p for p, why in self.skipped if why in (_SAME, _SAME_MERGED))
         updates = {
             p: self.sandbox[p]
             for p in done
