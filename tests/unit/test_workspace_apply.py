@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from layer_helpers import needs_root, snapshot, whiteout, write
-from stockade._errors import WorkspaceConflictError, WorkspaceError
+from layer_helpers import snapshot, whiteout, write
+from stockade._errors import WorkspaceError
 from stockade.workspace import FileChange, WorkspaceDiff, WorkspaceLayers, apply_diff, compute_diff
 
 
@@ -104,33 +104,6 @@ def test_host_edit_right_after_create_is_newer_than_baseline(tmp_path: Path, pro
     assert os.stat(project / "README.md").st_ctime_ns > layers.baseline_ns
 
 
-def test_apply_everything_then_diff_is_empty(layers: WorkspaceLayers, project: Path) -> None:
-    before = snapshot(project)
-    mutate(layers)
-    diff = compute_diff(layers)
-    assert snapshot(project) == before  # diffing never touches the host
-    result = apply_diff(layers, diff)
-    assert result.skipped == []
-    assert set(result.applied) == {c.path for c in diff}
-    assert snapshot(project) == expected_after(before)
-    assert not compute_diff(layers)
-    assert temp_files(project) == []
-
-
-def test_apply_selected_paths_creates_new_parents(layers: WorkspaceLayers, project: Path) -> None:
-    mutate(layers)
-    result = apply_diff(layers, paths=["new/pkg/m.py", "./src/a.py"])
-    assert result.applied == ["new", "new/pkg", "new/pkg/m.py", "src/a.py"]
-    assert (project / "new" / "pkg" / "m.py").read_text() == "m\n"
-    assert (project / "README.md").read_text() == "# hi\n"
-    remaining = {c.path for c in compute_diff(layers)}
-    assert not remaining & {"new", "new/pkg", "new/pkg/m.py", "src/a.py"}
-    assert "README.md" in remaining
-    # A later apply does not take the first apply's own writes for host edits.
-    apply_diff(layers)
-    assert not compute_diff(layers)
-
-
 def test_paths_naming_nothing_is_an_error(layers: WorkspaceLayers) -> None:
     mutate(layers)
     with pytest.raises(WorkspaceError, match="no change at 'nothing/here'"):
@@ -201,122 +174,6 @@ def test_diff_reviewed_then_changed_in_sandbox_is_skipped(
     assert result.applied == []
     assert result.skipped == [("README.md", "changed in the sandbox since the diff was computed")]
     assert (project / "README.md").read_text() == "# hi\n"
-
-
-def test_protected_paths_are_skipped_and_refused_by_name(
-    layers: WorkspaceLayers, project: Path
-) -> None:
-    write(layers.upper / ".git" / "config", "[core]\nhooksPath=/tmp/x\n")
-    os.chmod(layers.upper / ".git", stat.S_IMODE(os.stat(project / ".git").st_mode))
-    write(layers.upper / ".git" / "hooks" / "pre-commit", "#!/bin/sh\nevil\n", 0o755)
-    write(layers.upper / "README.md", "ok\n")
-    protected = [".git/hooks", ".git/config"]
-    result = apply_diff(layers, protected=protected)
-    assert result.applied == ["README.md"]
-    assert [p for p, _ in result.skipped] == [".git/config", ".git/hooks", ".git/hooks/pre-commit"]
-    assert all("protected" in why for _, why in result.skipped)
-    assert (project / ".git" / "config").read_text() == "[core]\n"
-    assert not (project / ".git" / "hooks").exists()
-    with pytest.raises(WorkspaceError, match="protected"):
-        apply_diff(layers, paths=[".git/hooks/pre-commit"], protected=protected)
-    # A diff computed with a protected list carries the flag to apply.
-    flagged = compute_diff(layers, protected=[".git"])
-    with pytest.raises(WorkspaceError, match="protected"):
-        apply_diff(layers, flagged, paths=[".git/config"])
-
-
-def test_host_edit_after_baseline_is_a_conflict(layers: WorkspaceLayers, project: Path) -> None:
-    mutate(layers)
-    write(project / "README.md", "edited on the host\n")
-    os.chmod(project / "run.sh", 0o700)
-    before = snapshot(project)
-    with pytest.raises(WorkspaceConflictError) as info:
-        apply_diff(layers)
-    assert info.value.paths == ["README.md", "run.sh"]
-    assert snapshot(project) == before  # nothing written
-    result = apply_diff(layers, force=True)
-    assert "README.md" in result.applied
-    assert (project / "README.md").read_text() == "# hello\n"
-    assert not compute_diff(layers)
-
-
-def test_host_file_created_or_removed_after_baseline_conflicts(
-    layers: WorkspaceLayers, project: Path
-) -> None:
-    write(layers.upper / "brand-new.txt", "sandbox\n")
-    copy_dir(layers, "src")
-    write(layers.upper / "src" / "a.py", "a = 3\n")
-    reviewed = compute_diff(layers)
-    write(project / "brand-new.txt", "host\n")
-    os.unlink(project / "src" / "a.py")
-    with pytest.raises(WorkspaceConflictError) as info:
-        apply_diff(layers, reviewed)
-    assert info.value.paths == ["brand-new.txt", "src/a.py"]
-    assert (project / "brand-new.txt").read_text() == "host\n"
-    # Forcing applies what the sandbox holds now: its files win.
-    result = apply_diff(layers, reviewed, force=True)
-    assert result.applied == ["brand-new.txt", "src/a.py"]
-    assert (project / "brand-new.txt").read_text() == "sandbox\n"
-    assert (project / "src" / "a.py").read_text() == "a = 3\n"
-    assert not compute_diff(layers)
-
-
-@needs_root
-def test_deleted_dir_with_new_host_file(layers: WorkspaceLayers, project: Path) -> None:
-    whiteout(layers.upper / "old")
-    reviewed = compute_diff(layers)
-    write(project / "old" / "added-on-host.txt", "keep me\n")
-    # A fresh diff would list the host's new file among the deleted ones: a conflict too.
-    with pytest.raises(WorkspaceConflictError) as info:
-        apply_diff(layers)
-    assert info.value.paths == ["old", "old/added-on-host.txt"]
-    with pytest.raises(WorkspaceConflictError) as info:
-        apply_diff(layers, reviewed)
-    assert info.value.paths == ["old"]
-    result = apply_diff(layers, reviewed, force=True)
-    assert ("old", "directory holds host entries that are not in the diff") in result.skipped
-    assert (project / "old" / "added-on-host.txt").read_text() == "keep me\n"
-    assert not (project / "old" / "x.txt").exists()
-    assert not (project / "old" / "deep").exists()
-
-
-def test_failed_replace_leaves_no_temp_and_host_intact(
-    layers: WorkspaceLayers, project: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    copy_dir(layers, "src")
-    write(layers.upper / "src" / "a.py", "a = 2\n")
-    write(layers.upper / "src" / "b.py", "b = 2\n")
-    real_replace = os.replace
-    calls: list[str] = []
-
-    def flaky_replace(src: str, dst: str, **kw: int) -> None:
-        calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        real_replace(src, dst, **kw)
-
-    monkeypatch.setattr(os, "replace", flaky_replace)
-    with pytest.raises(
-        WorkspaceError, match=r"apply failed at 'src/b.py'.*already applied: src/a.py"
-    ):
-        apply_diff(layers)
-    monkeypatch.undo()
-    assert (project / "src" / "a.py").read_text() == "a = 2\n"
-    assert (project / "src" / "b.py").read_text() == "b = 1\n"
-    assert temp_files(project) == []
-    # The remaining change still applies, and the first write is not taken for a conflict.
-    assert apply_diff(layers).applied == ["src/b.py"]
-
-
-def test_read_only_new_dir_gets_children_then_mode(layers: WorkspaceLayers, project: Path) -> None:
-    write(layers.upper / "ro" / "f.txt", "f\n", 0o444)
-    os.chmod(layers.upper / "ro", 0o555)
-    apply_diff(layers)
-    assert stat.S_IMODE(os.stat(project / "ro").st_mode) == 0o555
-    assert stat.S_IMODE(os.stat(project / "ro" / "f.txt").st_mode) == 0o444
-    assert not compute_diff(layers)
-    os.chmod(layers.upper / "ro", 0o755)  # let tmp_path cleanup proceed as non-root
-    os.chmod(project / "ro", 0o755)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
