@@ -116,6 +116,11 @@ def test_patch_applies_to_the_host_and_reproduces_the_sandbox(
     assert sorted(diff.ignored_paths) == [".venv", "debug.log", "src/__pycache__"]
 
     patch = diff.patch_bytes()
+    per_file = {c.path: c.patch() for c in diff if c.type != "dir"}
+    assert all(per_file.values()), [p for p, text in per_file.items() if not text]
+    assert per_file['quote"back\\slash.txt'].startswith(
+        'diff --git "a/quote\\"back\\\\slash.txt" "b/quote\\"back\\\\slash.txt"\n'
+    )
     assert b"GIT binary patch" in patch
     assert b"rename from README.md\nrename to README.renamed.md\n" in patch
     assert b"old mode 100644\nnew mode 100755\n" in patch

@@ -161,10 +161,10 @@ class FileChange:
         return data
 
     def patch(self) -> str:
-        """git's patch for this path alone ("" for directories)."""
+        """git's patch for this path alone, without rename pairing ("" for directories)."""
         if self.type == "dir" or self._source is None:
             return ""
-        return _decode(self._source.patch([self.path], rename=False))
+        return _decode(self._source.patches_by_path().get(self.path, b""))
 
 
 @dataclass(frozen=True)
@@ -871,6 +871,7 @@ class _PatchSource:
         self.keep = keep  # a temporary baseline lives as long as its diff
         self.changes: list[FileChange] = []
         self._commit: str | None = None
+        self._by_path: dict[str, bytes] | None = None
         self._lock = threading.Lock()
 
     def patch(self, paths: list[str], *, rename: bool = True) -> bytes:
@@ -892,6 +893,33 @@ class _PatchSource:
         ]
         env = git_env(self.baseline.git_dir, config={"core.quotePath": "true"})
         return run_git(args, env).stdout
+
+    def patches_by_path(self) -> dict[str, bytes]:
+        """Each changed path's own patch, from one diff-tree run (no rename pairing)."""
+        with self._lock:
+            cached = self._by_path
+        if cached is not None:
+            return cached
+        paths = sorted({c.path for c in self.changes if c.type != "dir"})
+        headers = {
+            b"diff --git " + _git_quote("a/" + p) + b" " + _git_quote("b/" + p) + b"\n": p
+            for p in paths
+        }
+        out: dict[str, bytes] = {}
+        current: str | None = None
+        chunks: list[bytes] = []
+        data = self.patch(paths, rename=False) if paths else b""
+        for line in data.splitlines(keepends=True):
+            if line.startswith(b"diff --git ") and line in headers:
+                if current is not None:
+                    out[current] = out.get(current, b"") + b"".join(chunks)
+                current, chunks = headers[line], []
+            chunks.append(line)
+        if current is not None:
+            out[current] = out.get(current, b"") + b"".join(chunks)
+        with self._lock:
+            self._by_path = out
+        return out
 
     def commit(self) -> str:
         with self._lock:
@@ -1005,6 +1033,28 @@ def _quote(path: str) -> bytes:
     out = bytearray(b'"')
     for byte in os.fsencode(path):
         if byte in (0x22, 0x5C):
+            out += b"\\" + bytes([byte])
+        elif byte < 0x20 or byte >= 0x7F:
+            out += b"\\%03o" % byte
+        else:
+            out.append(byte)
+    out += b'"'
+    return bytes(out)
+
+
+_C_ESCAPES = {7: b"\\a", 8: b"\\b", 9: b"\\t", 10: b"\\n", 11: b"\\v", 12: b"\\f", 13: b"\\r"}
+
+
+def _git_quote(name: str) -> bytes:
+    """A name as git prints it in patch headers with core.quotePath=true."""
+    raw = os.fsencode(name)
+    if not any(b < 0x20 or b in (0x22, 0x5C) or b >= 0x7F for b in raw):
+        return raw
+    out = bytearray(b'"')
+    for byte in raw:
+        if byte in _C_ESCAPES:
+            out += _C_ESCAPES[byte]
+        elif byte in (0x22, 0x5C):
             out += b"\\" + bytes([byte])
         elif byte < 0x20 or byte >= 0x7F:
             out += b"\\%03o" % byte
