@@ -544,14 +544,26 @@ class AsyncWorkspace:
             )
         return layers
 
-    async def diff(self) -> WorkspaceDiff:
-        """Files the sandbox added, modified or deleted, compared with the host."""
+    async def diff(
+        self, paths: Sequence[str] | None = None, *, include_ignored: bool = False
+    ) -> WorkspaceDiff:
+        """What the sandbox changed since it started (against the recorded baseline): files
+        added, modified or deleted, as a git patch, and the commits the agent made.
+
+        ``paths`` keeps changes at or below those project-relative paths; paths ignored by
+        ``.gitignore`` are left out (counted in ``ignored_paths``) unless ``include_ignored``.
+        """
         from stockade.workspace import compute_diff
 
         layers = self._layers()
         await self._sandbox._sync_workspace()
         result = await anyio.to_thread.run_sync(
-            lambda: compute_diff(layers, protected=self._sandbox.policy.workspace.protected)
+            lambda: compute_diff(
+                layers,
+                protected=self._sandbox.policy.workspace.protected,
+                paths=paths,
+                include_ignored=include_ignored,
+            )
         )
         self._sandbox._audit("workspace.diffed", details={"summary": result.summary()})
         return result

@@ -265,8 +265,12 @@ class Workspace(_PortalBound):
         super().__init__(portal)
         self._workspace = workspace
 
-    def diff(self) -> WorkspaceDiff:
-        result: WorkspaceDiff = self._run(self._workspace.diff)
+    def diff(
+        self, paths: Sequence[str] | None = None, *, include_ignored: bool = False
+    ) -> WorkspaceDiff:
+        result: WorkspaceDiff = self._run(
+            self._workspace.diff, paths, include_ignored=include_ignored
+        )
         return result
 
     def apply(

@@ -272,10 +272,10 @@ def test_text_changed_on_both_sides_in_other_regions_merges(
     assert (project / "notes.txt").read_text() == edit(edit(TEXT, 2, "sandbox 2"), 18, "host 18")
     assert temp_files(layers.upper.parent) == []
     assert [p.name for p in layers.upper.parent.iterdir() if p.name.startswith("merge-")] == []
-    # Applying again finds the sandbox's change already in the host's file.
+    # The baseline moved past the sandbox's change: nothing left to apply or merge.
+    assert not compute_diff(layers)
     again = apply_diff(layers)
-    assert (again.merged, again.conflicts) == ([], [])
-    assert ("notes.txt", "the host already has the sandbox's changes") in again.skipped
+    assert (again.merged, again.conflicts, again.skipped) == ([], [], [])
 
 
 def test_same_region_conflict_is_left_unapplied_by_default(
@@ -552,10 +552,8 @@ def test_invalid_utf8_names_apply_and_encode_safely(layers: WorkspaceLayers, pro
     assert details["conflicts"][0]["path"] == "notes.txt"
     json.dumps(result.to_dict(), ensure_ascii=False).encode("utf-8")
     assert "\x1b" not in result.summary() and "\udcff" not in result.summary()
-    # A second apply: the name goes through host hashing and comparison too.
-    assert apply_diff(layers, paths=[name]).skipped == [
-        (name, "the host already has the sandbox's version")
-    ]
+    # Through the baseline too: the applied name is no change any more.
+    assert [c.path for c in compute_diff(layers)] == ["notes.txt"]
 
 
 # --- reset ----------------------------------------------------------------------------------

@@ -439,45 +439,135 @@ def _protected(record: Any) -> tuple[str, ...]:
 
 @cli.command()
 @click.argument("name", required=False)
+@click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with patches).")
 @click.option("--stat", is_flag=True, help="Only list the changed files.")
-def diff(name: str | None, as_json: bool, stat: bool) -> None:
-    """Show what the sandbox changed in the workspace (default: newest sandbox here)."""
+@click.option(
+    "--include-ignored", is_flag=True, help="Also show paths that .gitignore rules leave out."
+)
+def diff(
+    name: str | None, paths: tuple[str, ...], as_json: bool, stat: bool, include_ignored: bool
+) -> None:
+    """Show what the sandbox changed in the workspace (default: newest sandbox here).
+
+    Prints a patch `git apply` accepts on stdout (the summary goes to stderr), limited to
+    PATHs when given (relative to the current directory inside the project).
+    """
     from stockade.workspace import compute_diff
 
     store = _store()
     record = _resolve(store, name)
     _sync_running(record)
-    result = compute_diff(_layers(record), protected=_protected(record))
+    layers = _layers(record)
+    selected = [_project_path(layers.lower, p) for p in paths] if paths else None
+    result = compute_diff(
+        layers, protected=_protected(record), paths=selected, include_ignored=include_ignored
+    )
     _audit(store, record).append(
         "workspace.diffed", actor="cli", details={"summary": result.summary()}
     )
+    branch = f"stockade/{record.name}"
     if as_json:
-        click.echo(json.dumps(result.to_dict(include_patch=True), indent=2))
-        return
-    if not result:
-        click.echo(f"sandbox {record.name}: no changes", err=True)
+        data = result.to_dict(include_patch=True)
+        data["branch"] = branch if result.commits else None
+        click.echo(json.dumps(data, indent=2))
         return
     if stat:
         for change in result:
-            click.echo(f"{change.kind[0].upper()} {change.path}")
-        click.echo(result.summary(), err=True)
-        return
-    color = sys.stdout.isatty()
-    for line in result.patch().splitlines():
-        if not color:
-            click.echo(line)
-        elif line.startswith(("+++", "---")):
-            click.secho(line, bold=True)
-        elif line.startswith("+"):
-            click.secho(line, fg="green")
-        elif line.startswith("-"):
-            click.secho(line, fg="red")
-        elif line.startswith("@@"):
-            click.secho(line, fg="cyan")
+            suffix = "/" if change.type == "dir" else ""
+            click.echo(f"{change.kind[0].upper()} {_shown(change.path)}{suffix}")
+    elif result:
+        _print_patch(result.patch_bytes())
+    _print_diff_summary(record.name, result, branch, include_ignored=include_ignored)
+
+
+def _project_path(project: Path, arg: str) -> str:
+    """A PATH argument as a project-relative posix path (relative to the current directory
+    when that is inside the project, else to the project root)."""
+    cwd = Path(os.getcwd())
+    base = cwd if cwd == project or project in cwd.parents else project
+    full = os.path.normpath(os.path.join(base, arg))
+    rel = os.path.relpath(full, project)
+    if rel == os.curdir:
+        return ""
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        raise click.BadParameter(
+            f"{arg!r} is outside the sandbox's project {str(project)!r}", param_hint="PATH"
+        )
+    return Path(rel).as_posix()
+
+
+def _shown(path: str) -> str:
+    """A path safe to print: control characters and undecodable bytes escaped."""
+    if path.isprintable() and not any("\udc80" <= ch <= "\udcff" for ch in path):
+        return path
+    out = []
+    for ch in path:
+        if "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch in {"\\", '"'}:
+            out.append("\\" + ch)
+        elif not ch.isprintable():
+            out.append(ch.encode("unicode_escape").decode("ascii"))
         else:
-            click.echo(line)
-    click.echo(f"sandbox {record.name}: {result.summary()}", err=True)
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _print_patch(patch: bytes) -> None:
+    """The patch as git wrote it (names are quoted by git); coloured on a terminal."""
+    out = sys.stdout.buffer
+    if not sys.stdout.isatty():
+        out.write(patch)
+        out.flush()
+        return
+    colors: tuple[tuple[bytes, bytes], ...] = (
+        (b"+++", b"\x1b[1m"),
+        (b"---", b"\x1b[1m"),
+        (b"+", b"\x1b[32m"),
+        (b"-", b"\x1b[31m"),
+        (b"@@", b"\x1b[36m"),
+        (b"diff --git", b"\x1b[1m"),
+    )
+    for line in patch.splitlines(keepends=True):
+        body = line.rstrip(b"\n")
+        # Escape control bytes a patch line could carry to the terminal (ESC, CR...).
+        body = bytes(b if b >= 0x20 or b == 0x09 else 0x3F for b in body)
+        code = next((c for prefix, c in colors if body.startswith(prefix)), None)
+        out.write(code + body + b"\x1b[0m\n" if code else body + b"\n")
+    out.flush()
+
+
+def _print_diff_summary(name: str, result: Any, branch: str, *, include_ignored: bool) -> None:
+    if not result and not result.commits:
+        click.echo(f"sandbox {name}: no changes", err=True)
+    else:
+        click.echo(f"sandbox {name}: {result.summary()}", err=True)
+    empty = result.empty_dirs
+    if empty:
+        shown = ", ".join(_shown(p) + "/" for p in empty[:10])
+        more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        click.echo(f"  new empty directories (not in the patch): {shown}{more}", err=True)
+    if result.ignored_paths and not include_ignored:
+        first = ", ".join(_shown(p) for p in result.ignored_paths[:5])
+        more = ", ..." if len(result.ignored_paths) > 5 else ""
+        click.echo(
+            f"  {len(result.ignored_paths)} path(s) ignored by .gitignore left out ({first}{more});"
+            " show them with --include-ignored",
+            err=True,
+        )
+    for path, reason in result.ignored:
+        click.echo(f"  not carried: {_shown(path)}: {reason}", err=True)
+    if result.commits:
+        click.echo(
+            f"  {len(result.commits)} commit(s) made in the sandbox, to become branch "
+            f"{branch} on apply:",
+            err=True,
+        )
+        for commit in result.commits[:20]:
+            click.echo(f"    {commit.sha[:12]} {_shown(commit.subject)}", err=True)
+        if len(result.commits) > 20:
+            click.echo(f"    ... and {len(result.commits) - 20} more", err=True)
 
 
 def _audit(store: Any, record: Any) -> Any:

@@ -558,14 +558,15 @@ class _Planner:
         if last.type == "symlink":
             target = last.new_target or ""
             return _State("symlink", git_blob_id(os.fsencode(target)), target=target, change=last)
-        oid: str | None = getattr(last, "new_oid", None)
-        if oid is None:
-            fd = self._opener(last.path)()
-            try:
-                oid = git_blob_id_fd(fd)
-            finally:
-                os.close(fd)
-        return _State("file", oid, mode=last.new_mode, change=last)
+        # The diff carries git's modes (0o644/0o755); a new file gets the sandbox's own
+        # permission bits (a 0o600 file stays private).
+        fd = self._opener(last.path)()
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode) & 0o777
+            oid = last.new_oid if last.new_oid is not None else git_blob_id_fd(fd)
+        finally:
+            os.close(fd)
+        return _State("file", oid, mode=mode, change=last)
 
     def _base_state(self, path: str) -> _State:
         entry = self.baseline.entry(path)
@@ -764,9 +765,9 @@ class _Planner:
     def import_commits(self, fresh: WorkspaceDiff, branch: str) -> None:
         """The agent's commits become ``branch`` on the host, through git's object transfer
         (never the host's HEAD, index or existing refs)."""
-        if not getattr(fresh, "commits", None):
+        if not fresh.commits:
             return
-        from stockade.workspace.gitrepo import import_commits  # type: ignore[import-not-found]
+        from stockade.workspace.gitrepo import import_commits
 
         try:
             self.commits = import_commits(self.layers, self.project, branch)
@@ -908,15 +909,19 @@ def _noun(state: _State) -> str:
 
 
 def _exec(mode: int | None) -> bool:
-    return bool((mode or 0) & 0o111)
+    return bool((mode or 0) & 0o100)  # git's executable bit: the owner's
 
 
 def _file_mode(new: _State, base: _State, host: _State) -> int | None:
-    """The sandbox's mode, except that a host chmod survives when the sandbox kept the
-    executable bit the baseline had (git, and so the baseline, only knows that bit)."""
-    if host.kind == "file" and base.kind == "file" and _exec(new.mode) == _exec(base.mode):
+    """The host's mode for a file it has (git, and so the baseline, knows only the execute
+    bit: a change of it in the sandbox is carried over), the sandbox's for a new one."""
+    if host.kind != "file" or host.mode is None:
+        return new.mode
+    if base.kind != "file" or _exec(new.mode) == _exec(base.mode):
         return host.mode
-    return new.mode
+    if _exec(new.mode):
+        return host.mode | (host.mode & 0o444) >> 2
+    return host.mode & ~0o111
 
 
 def _is_binary(data: bytes) -> bool:
