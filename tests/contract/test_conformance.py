@@ -287,6 +287,45 @@ def test_apply_merges_and_reports_conflicts_in_a_git_repo(target: str, tmp_path:
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
+def test_agent_commit_becomes_a_branch_on_apply(target: str, tmp_path: Path) -> None:
+    project = tmp_path / "repo"
+    project.mkdir()
+    _git(project, "init", "-q", "-b", "main")
+    (project / "a.txt").write_text("a\n")
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "start")
+    with fresh(target, project) as sb:
+        if sb.commands.run("command -v git").exit_code != 0:
+            pytest.skip(f"no git inside the {target} sandbox to commit with")
+        r = sb.commands.run(
+            "echo b > b.txt && git add b.txt && "
+            "git -c user.name=agent -c user.email=agent@x commit -qm 'agent work'"
+        )
+        assert r.exit_code == 0, r.stderr
+        (project / "host.txt").write_text("host\n")
+        _git(project, "add", "host.txt")
+        _git(project, "commit", "-qm", "host work")
+        reflog = _git(project, "reflog", "--format=%H %gs")
+        head = _git(project, "rev-parse", "HEAD")
+        result = sb.workspace.apply()
+        name = sb.name
+    assert result.branch == f"stockade/{name}"
+    assert len(result.commits) == 1
+    assert _git(project, "log", "--format=%s", f"stockade/{name}") == "agent work\nstart\n"
+    assert _git(project, "rev-parse", "HEAD") == head  # the host's branch is where it was
+    assert _git(project, "reflog", "--format=%H %gs") == reflog
+    assert _git(project, "log", "--format=%s", "main") == "host work\nstart\n"
+    fsck = subprocess.run(
+        ["git", "fsck", "--strict"],
+        cwd=project,
+        env={"PATH": os.environ["PATH"], "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(project)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
 # --- limits -----------------------------------------------------------------------------
 
 
