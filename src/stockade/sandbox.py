@@ -574,13 +574,15 @@ class AsyncWorkspace:
         *,
         force: bool = False,
         conflicts: ConflictMode = "skip",
+        include_ignored: bool = False,
     ) -> ApplyResult:
         """Write the sandbox's changes to the host, judged by content against what the
         sandbox started from: text changed on both sides is merged; a real conflict is left
         unapplied (``conflicts="skip"``) or written with conflict markers
         (``conflicts="markers"``); ``force=True`` overwrites the host's version. Files that
         configure host tools and symlinks leaving the project apply only when named in
-        ``paths``. The agent's commits become branch ``stockade/NAME``."""
+        ``paths``. The agent's commits become branch ``stockade/NAME``. Paths .gitignore
+        leaves out are applied only with ``include_ignored=True``."""
         from stockade.workspace import apply_diff
 
         layers = self._layers()
@@ -593,6 +595,7 @@ class AsyncWorkspace:
                 force=force,
                 conflicts=conflicts,
                 branch=f"stockade/{self._sandbox.name}",
+                include_ignored=include_ignored,
             )
         )
         self._sandbox._audit("workspace.applied", details=result.audit_details())

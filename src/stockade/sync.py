@@ -279,9 +279,14 @@ class Workspace(_PortalBound):
         *,
         force: bool = False,
         conflicts: ConflictMode = "skip",
+        include_ignored: bool = False,
     ) -> ApplyResult:
         result: ApplyResult = self._run(
-            self._workspace.apply, paths, force=force, conflicts=conflicts
+            self._workspace.apply,
+            paths,
+            force=force,
+            conflicts=conflicts,
+            include_ignored=include_ignored,
         )
         return result
 

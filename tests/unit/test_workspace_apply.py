@@ -149,6 +149,15 @@ def test_apply_advances_the_baseline(layers: WorkspaceLayers, project: Path) -> 
     assert (project / "README.md").read_text() == "# sandbox, again\n"
 
 
+def test_ignored_paths_apply_only_when_included(layers: WorkspaceLayers, project: Path) -> None:
+    write(layers.upper / ".gitignore", "*.log\n")
+    write(layers.upper / "debug.log", "junk\n")
+    assert apply_diff(layers).applied == [".gitignore"]
+    assert not (project / "debug.log").exists()
+    assert apply_diff(layers, include_ignored=True).applied == ["debug.log"]
+    assert (project / "debug.log").read_text() == "junk\n"
+
+
 def test_paths_naming_nothing_is_an_error(layers: WorkspaceLayers) -> None:
     mutate(layers)
     with pytest.raises(WorkspaceError, match="no change at 'nothing/here'"):

@@ -579,7 +579,7 @@ def _audit(store: Any, record: Any) -> Any:
 
 @cli.command()
 @click.argument("name", required=False)
-@click.argument("paths", nargs=-1)
+@click.argument("paths", nargs=-1, type=click.Path())
 @click.option(
     "--conflicts",
     type=click.Choice(["skip", "markers"]),
@@ -590,6 +590,9 @@ def _audit(store: Any, record: Any) -> Any:
 @click.option("--force", is_flag=True, help="Overwrite host changes with the sandbox's version.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--verbose", "-v", is_flag=True, help="List every path and what happened to it.")
+@click.option(
+    "--include-ignored", is_flag=True, help="Also apply paths that .gitignore rules leave out."
+)
 def apply(
     name: str | None,
     paths: tuple[str, ...],
@@ -597,6 +600,7 @@ def apply(
     force: bool,
     as_json: bool,
     verbose: bool,
+    include_ignored: bool,
 ) -> None:
     """Write the sandbox's workspace changes to the project (all, or just PATHS).
 
@@ -610,13 +614,15 @@ def apply(
     store = _store()
     record = _resolve(store, name)
     _sync_running(record)
+    layers = _layers(record)
     result = apply_diff(
-        _layers(record),
-        paths=list(paths) or None,
+        layers,
+        paths=[_project_path(layers.lower, p) for p in paths] if paths else None,
         protected=_protected(record),
         force=force,
         conflicts=conflicts,
         branch=f"stockade/{record.name}",
+        include_ignored=include_ignored,
     )
     _audit(store, record).append("workspace.applied", actor="cli", details=result.audit_details())
     if as_json:

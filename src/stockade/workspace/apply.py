@@ -216,6 +216,7 @@ def apply_diff(
     force: bool = False,
     conflicts: ConflictMode = "skip",
     branch: str | None = None,
+    include_ignored: bool = False,
 ) -> ApplyResult:
     """Apply the sandbox's changes (all, or those at/under ``paths``) to ``layers.lower``.
 
@@ -224,6 +225,7 @@ def apply_diff(
     (``conflicts="skip"``) or written with conflict markers (``conflicts="markers"``);
     ``force=True`` writes the sandbox's version over any host change. ``branch`` names the
     branch the agent's commits are imported to (``stockade/NAME``); None leaves them.
+    Paths ``.gitignore`` leaves out are not applied unless ``include_ignored``.
 
     Raises WorkspaceError, before writing anything, for a path that could leave the project
     (absolute, ``..``, a symlinked parent on the host) or a protected path named in ``paths``;
@@ -233,7 +235,7 @@ def apply_diff(
     if conflicts not in ("skip", "markers"):
         raise ValueError(f"conflicts must be 'skip' or 'markers', not {conflicts!r}")
     protected_set = normalize_protected(protected)
-    fresh = compute_diff(layers, protected=protected_set)
+    fresh = compute_diff(layers, protected=protected_set, include_ignored=include_ignored)
     reviewed = fresh if diff is None else diff
     for change in reviewed.changes:
         _split(change.path)
