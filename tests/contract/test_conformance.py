@@ -10,7 +10,9 @@ every backend: behaviour through stockade's API must not depend on the isolation
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -212,6 +214,104 @@ def test_diff_apply_reset(target: str, tmp_path: Path) -> None:
         assert sb.commands.run("cat src/app.py").stdout == "print('app')\n"
     assert not (project / ".git" / "hooks" / "pre-commit").exists()
     assert (project / ".git" / "config").read_text() == "[core]\n"
+
+
+def _host_git(repo: Path, *args: str) -> str:
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(repo),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+    }
+    argv = ["git", "-c", "user.name=host", "-c", "user.email=host@x", *args]
+    proc = subprocess.run(argv, cwd=repo, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def _git_state(repo: Path) -> dict[str, bytes]:
+    """HEAD, index, packed-refs, every loose ref and reflog of a repository."""
+    git_dir = repo / ".git"
+    out = {n: (git_dir / n).read_bytes() for n in ("HEAD", "index", "packed-refs")
+           if (git_dir / n).exists()}  # fmt: skip
+    for sub in ("refs", "logs"):
+        for dirpath, _dirs, files in os.walk(git_dir / sub):
+            for name in files:
+                path = Path(dirpath) / name
+                out[path.relative_to(git_dir).as_posix()] = path.read_bytes()
+    return out
+
+
+_AGENT_WORK = """
+set -e
+echo 'agent line' >> README.md
+mkdir -p pkg/sub
+echo 'x = 1' > pkg/sub/m.py
+echo 'y = 2' > pkg/n.py
+rm src/old.py
+mkdir -p .venv/lib src/__pycache__ .pytest_cache
+echo junk > .venv/lib/site.py
+printf 'junk' > src/__pycache__/app.cpython-311.pyc
+echo cache > .pytest_cache/v
+git add -A
+git -c user.name=agent -c user.email=agent@x commit -q -m 'agent: add pkg'
+git rev-parse HEAD
+"""
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed on the host")
+def test_git_repository_review(target: str, tmp_path: Path) -> None:
+    """A real repository: the agent edits, creates a dir, deletes, makes ignored junk and
+    commits while the host commits too. The diff holds only what matters and applies with
+    git; the agent's commit becomes stockade/NAME; the host's refs and reflogs stay."""
+    from stockade.workspace.gitrepo import import_commits
+
+    project = tmp_path / "project"
+    project.mkdir()
+    _host_git(project, "init", "-q", "-b", "main")
+    (project / ".gitignore").write_text(".venv/\n__pycache__/\n.pytest_cache/\n")
+    (project / "README.md").write_text("hello\n")
+    (project / "src").mkdir()
+    (project / "src" / "app.py").write_text("print('app')\n")
+    (project / "src" / "old.py").write_text("old = True\n")
+    _host_git(project, "add", "-A")
+    _host_git(project, "commit", "-q", "-m", "init")
+    with fresh(target, project) as sb:
+        if sb.commands.run("command -v git").exit_code != 0:
+            pytest.skip(f"the {target} sandbox has no git program (its image lacks git)")
+        r = sb.commands.run(_AGENT_WORK)
+        assert r.exit_code == 0, r.stderr
+        agent_sha = r.stdout.strip().splitlines()[-1]
+        (project / "host.txt").write_text("the host's own work\n")
+        _host_git(project, "add", "host.txt")
+        _host_git(project, "commit", "-q", "-m", "host: meanwhile")
+        host_sha = _host_git(project, "rev-parse", "HEAD").strip()
+        before = _git_state(project)
+
+        diff = sb.workspace.diff()
+        files = {c.path: c.kind for c in diff if c.type != "dir"}
+        assert files == {
+            "README.md": "modified",
+            "pkg/n.py": "added",
+            "pkg/sub/m.py": "added",
+            "src/old.py": "deleted",
+        }
+        assert {".venv", ".pytest_cache", "src/__pycache__"} <= set(diff.ignored_paths)
+        assert not any(".git" in c.path.split("/") for c in diff)
+        assert [(c.sha, c.subject) for c in diff.commits] == [(agent_sha, "agent: add pkg")]
+        patch = tmp_path / "agent.patch"
+        patch.write_bytes(diff.patch_bytes())
+        _host_git(project, "apply", "--check", str(patch))
+
+        layers = sb._inner._layers
+        assert layers is not None
+        assert import_commits(layers, project, f"stockade/{sb.name}") == [agent_sha]
+    after = _git_state(project)
+    assert after.pop(f"refs/heads/stockade/{sb.name}").decode().strip() == agent_sha
+    assert after == before  # HEAD, index, main, reflogs untouched; no new reflog
+    assert _host_git(project, "rev-parse", "main").strip() == host_sha
+    assert _host_git(project, "show", f"stockade/{sb.name}:pkg/sub/m.py") == "x = 1\n"
+    _host_git(project, "fsck", "--strict")
 
 
 # --- limits -----------------------------------------------------------------------------
