@@ -210,3 +210,26 @@ def test_layers_record_and_reset_baseline(tmp_path: Path, repo: Path) -> None:
     assert layers.baseline.entry("later.txt") is not None
     leftovers = [p.name for p in (tmp_path / "state").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_advance_records_applied_entries(tmp_path: Path, repo: Path) -> None:
+    layers = WorkspaceLayers.create(tmp_path / "state", repo)
+    (layers.upper / "README.md").write_text("applied\n")
+    (layers.upper / "new.txt").write_text("n\n")
+    from stockade.workspace import compute_diff
+
+    assert {c.path for c in compute_diff(layers)} == {"README.md", "new.txt"}
+    baseline = layers.baseline
+    oid = baseline.write_blob(b"applied\n")
+    new = baseline.advance(
+        {
+            "README.md": BaselineEntry("file", 0o644, oid),
+            "src/a.py": None,
+        }
+    )
+    assert new.read("README.md") == b"applied\n" and new.entry("src/a.py") is None
+    assert baseline.read("README.md") == b"hello\n"  # the old object is unchanged
+    reopened = layers.baseline
+    assert reopened.tree == new.tree and reopened.head == baseline.head
+    diff = compute_diff(layers)
+    assert {c.path for c in diff} == {"new.txt"}

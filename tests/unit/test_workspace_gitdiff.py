@@ -312,3 +312,21 @@ def test_ignore_matcher_agrees_with_git_check_ignore(tmp_path: Path) -> None:
             env={"PATH": os.environ["PATH"], "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(repo)},
         )
         assert is_ignored(path, is_dir, stack) == (proc.returncode == 0), path
+
+
+def test_untracked_files_in_an_ignored_dir_with_tracked_ones(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    git(project, "init", "-q")
+    write(project / ".gitignore", "out/\n")
+    write(project / "out" / "keep.txt", "tracked\n")
+    git(project, "add", "-A")
+    git(project, "add", "-f", "out/keep.txt")
+    git(project, "commit", "-qm", "init")
+    layers = WorkspaceLayers.create(tmp_path / "state", project)
+    write(layers.upper / "out" / "keep.txt", "changed\n")
+    write(layers.upper / "out" / "new.txt", "untracked in an ignored dir\n")
+    diff = compute_diff(layers)
+    assert [c.path for c in diff] == ["out/keep.txt"]
+    assert diff.ignored_paths == ["out/new.txt"]
+    assert [c.path for c in compute_diff(layers, paths=["."])] == ["out/keep.txt"]

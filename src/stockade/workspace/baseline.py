@@ -351,6 +351,53 @@ class WorkspaceBaseline:
         proc = run_git(["cat-file", "blob", oid], git_env(self._git_dir))
         return proc.stdout
 
+    def write_blob(self, data: bytes) -> str:
+        """Store ``data`` as a blob of the baseline's repository; returns its id."""
+        proc = run_git(["hash-object", "-w", "--stdin"], git_env(self._git_dir), input=data)
+        return proc.stdout.decode("ascii").strip()
+
+    def advance(self, updates: Mapping[str, BaselineEntry | None]) -> WorkspaceBaseline:
+        """Record that the host now holds these entries (None: the path is gone), e.g.
+        after apply wrote them, so they stop being differences. Blobs must already be in the
+        repository (``write_blob``, or written by a diff's patch). Returns the new baseline
+        (this object is left describing the old one)."""
+        if not updates:
+            return self
+        index = self._git_dir / f"advance-{secrets.token_hex(6)}.index"
+        env = git_env(self._git_dir, index_file=index)
+        try:
+            run_git(["read-tree", self._tree], env)
+            lines = bytearray()
+            for path, entry in updates.items():
+                raw = os.fsencode(path)
+                if entry is None:
+                    lines += b"0 " + b"0" * 40 + b"\t" + raw + b"\0"
+                else:
+                    mode = 0o120000 if entry.kind == "symlink" else 0o100000 | entry.mode
+                    lines += b"%o %s\t%s\0" % (mode, entry.oid.encode("ascii"), raw)
+            run_git(["update-index", "-z", "--index-info"], env, input=bytes(lines))
+            tree = run_git(["write-tree"], env).stdout.decode("ascii").strip()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                index.unlink()
+        env = git_env(self._git_dir)
+        commit = (
+            run_git(["commit-tree", tree, "-m", "stockade workspace baseline"], env)
+            .stdout.decode("ascii")
+            .strip()
+        )
+        run_git(["update-ref", _BASELINE_REF, commit], env)
+        meta: dict[str, object] = {
+            "version": 1,
+            "project": os.fsdecode(self._project),
+            "tree": tree,
+            "commit": commit,
+            "head": self._head,
+            "host_git_dir": None if self._host_git_dir is None else os.fsdecode(self._host_git_dir),
+        }
+        _write_meta(self._git_dir, meta)
+        return WorkspaceBaseline(self._git_dir, self._project, meta)
+
     def _load(self) -> dict[str, BaselineEntry]:
         if self._entries is not None:
             return self._entries
@@ -461,9 +508,21 @@ def _record_into(git_dir: Path, project: Path) -> dict[str, object]:
         "head": head,
         "host_git_dir": None if host is None else os.fsdecode(host[0]),
     }
-    meta_path = git_dir / _META_NAME
-    meta_path.write_text(json.dumps(meta, sort_keys=True) + "\n", encoding="utf-8")
+    _write_meta(git_dir, meta)
     return meta
+
+
+def _write_meta(git_dir: Path, meta: Mapping[str, object]) -> None:
+    """Replace the baseline record atomically (write, fsync, rename)."""
+    tmp = git_dir / f".{_META_NAME}.{secrets.token_hex(6)}"
+    data = (json.dumps(meta, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, git_dir / _META_NAME)
 
 
 def _add_all(env: Mapping[str, str], project: Path) -> subprocess.CompletedProcess[bytes]:

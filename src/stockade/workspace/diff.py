@@ -310,6 +310,8 @@ def compute_diff(
         baseline = WorkspaceBaseline.record(Path(keep.name), lower_root)
     source = _PatchSource(baseline, upper_root, keep)
     selected = None if paths is None else normalize_protected(paths)
+    if paths is not None and any(not normalize_protected([p]) for p in paths):
+        selected = None  # the project root itself was named
     walker = _DiffWalker(
         lower_root,
         upper_root,
@@ -437,11 +439,15 @@ class _DiffWalker:
 
     def check_ignored(
         self, path: str, is_dir: bool, stack: tuple[IgnoreFile, ...], inherited: bool
-    ) -> bool:
-        """Ignored and not in the baseline (tracked paths are never ignored)."""
-        if self.baseline.entry(path) is not None or (is_dir and self.baseline.is_dir(path)):
-            return False
-        return inherited or is_ignored(path, is_dir, stack)
+    ) -> tuple[bool, bool]:
+        """(left out, matched): ``matched`` by the rules (or inside a matched directory,
+        which git never enters for untracked files); left out only when also not in the
+        baseline (tracked paths are never ignored)."""
+        matched = inherited or is_ignored(path, is_dir, stack)
+        if not matched:
+            return False, False
+        tracked = self.baseline.entry(path) is not None or (is_dir and self.baseline.is_dir(path))
+        return not tracked, True
 
     def dir_stack(
         self,
@@ -504,12 +510,12 @@ class _DiffWalker:
                     self.deleted(path, lower_path, stack, inherited)
                 continue  # in an opaque dir the entry below is reported by the sweep
             seen.add(name)
-            ignored = self.check_ignored(path, is_dir, stack, inherited)
+            ignored, matched = self.check_ignored(path, is_dir, stack, inherited)
             if ignored and not self.include_ignored:
                 self.ignored_paths.add(path)
                 continue
             if is_dir:
-                self.visit_dir(dir_fd, name, child, lower_path, opaque, stack, ignored)
+                self.visit_dir(dir_fd, name, child, lower_path, opaque, stack, ignored, matched)
             elif stat.S_ISREG(st.st_mode):
                 new = self.read_upper_file(dir_fd, name, path)
                 self.compare(path, new, lower_path, ignored)
@@ -561,6 +567,7 @@ class _DiffWalker:
         opaque: bool,
         stack: tuple[IgnoreFile, ...],
         ignored: bool,
+        matched: bool,
     ) -> None:
         path = "/".join(rel)
         # A directory the sandbox made inaccessible stays readable until its walk is done.
@@ -574,7 +581,7 @@ class _DiffWalker:
             lower_is_dir = lower_st is not None and stat.S_ISDIR(lower_st.st_mode)
             old = self.baseline.entry(path)
             if old is not None:  # a file or symlink of the baseline became a directory
-                self.pending.append(_Pending(path, "deleted", old.kind, old, None))
+                self.add_pending(path, "deleted", old.kind, old, None)
             elif ignored and lower_st is not None and not lower_is_dir and lower_path:
                 self.deleted_lower(path, lower_path, lower_st)
             if self.baseline.is_dir(path) or (old is None and lower_is_dir):
@@ -584,14 +591,14 @@ class _DiffWalker:
                     lower_path if lower_is_dir else None,
                     opaque=opaque or is_opaque,
                     stack=stack,
-                    inherited=ignored,
+                    inherited=matched,
                 )
                 return
             if self.selected_change(path):
                 self.pending.append(
                     _Pending(path, "added", "dir", None, _Side("dir", mode & _PERM_MASK), ignored)
                 )
-            self.walk(fd, rel, None, opaque=True, stack=stack, inherited=ignored)
+            self.walk(fd, rel, None, opaque=True, stack=stack, inherited=matched)
         finally:
             os.close(fd)
             restore_modes(restore)
