@@ -7,8 +7,9 @@ One call to :func:`apply_ops` is a transaction with three phases.
    target under a hidden name holding the transaction id (``.stockade-txn-<id>-<n>.tmp``), or,
    below a directory that is itself new, under its final name inside that staged directory.
    Files are copied hole by hole (``SEEK_DATA``/``SEEK_HOLE``) so sparse files stay sparse,
-   verified against their sha256, fsynced. Any error here (ENOSPC included) removes what was
-   staged: nothing on the host has been touched.
+   and verified against their sha256; one ``syncfs`` per filesystem makes all of it durable.
+   Any error here (ENOSPC included) removes what was staged: nothing on the host has been
+   touched.
 2. **Commit.** Right before the first rename, every ``expect`` and every assumption made while
    staging is checked again (a mismatch rolls back, :class:`WorkspaceConflictError`). The
    journal then says ``committing``: from here on the transaction is rolled *forward*. Entries
@@ -34,6 +35,7 @@ symlink planted in the project cannot redirect them. Applies of one project hold
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -468,29 +470,35 @@ class _Transaction:
         )
 
     def _stage(self) -> None:
-        synced: dict[tuple[str, ...], None] = {}
-        for step in self.steps:
-            if step.action not in ("place", "nested"):
-                continue
-            parent_parts = step.physical[:-1]
-            name = step.physical[-1]
-            parent = self._open_dir(parent_parts, step.path)
-            try:
-                self._stage_one(parent, name, step)
-            finally:
-                os.close(parent)
-            synced[parent_parts] = None
-        for parts in synced:
-            fd = self._open_dir(parts, "/".join(parts))
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        devices: dict[int, tuple[str, ...]] = {}  # one directory per filesystem written to
+        current: tuple[tuple[str, ...], int] | None = None
+        try:
+            for step in self.steps:
+                if step.action not in ("place", "nested"):
+                    continue
+                parent_parts = step.physical[:-1]
+                if current is None or current[0] != parent_parts:
+                    if current is not None:
+                        os.close(current[1])
+                        current = None
+                    current = (parent_parts, self._open_dir(parent_parts, step.path))
+                    devices.setdefault(os.fstat(current[1]).st_dev, parent_parts)
+                self._stage_one(current[1], step.physical[-1], step)
+        finally:
+            if current is not None:
+                os.close(current[1])
         for step in sorted(self.new_dirs, key=lambda s: s.parts, reverse=True):
             fd = self._open_dir(step.physical, step.path)
             try:
                 os.fchmod(fd, step.mode if step.mode is not None else 0o755)
-                os.fsync(fd)
+            finally:
+                os.close(fd)
+        # One syncfs per filesystem makes every staged file, directory entry and mode
+        # durable before the commit point, far faster than an fsync per file.
+        for parts in devices.values():
+            fd = self._open_dir(parts, "/".join(parts))
+            try:
+                _syncfs(fd)
             finally:
                 os.close(fd)
 
@@ -540,7 +548,6 @@ class _Transaction:
             if step.owner is not None:
                 os.fchown(dst, *step.owner)
             os.fchmod(dst, mode & _FILE_MODE_MASK)
-            os.fsync(dst)
         finally:
             os.close(dst)
         if op.sha256 is not None and digest.hexdigest() != op.sha256:
@@ -944,15 +951,17 @@ def _remove_journal(journal_dir: Path, txid: str) -> None:
 
 
 def _check_op(op: Op) -> None:
-    where = display_path(op.path)
+    problem = None
     if op.kind not in ("file", "symlink", "dir", "delete"):
-        raise WorkspaceError(f"unknown operation kind {op.kind!r} for {where}")
-    if op.kind == "file" and (op.data is None) == (op.source is None):
-        raise WorkspaceError(f"file operation for {where} needs exactly one of data or source")
-    if op.kind == "symlink" and not op.target:
-        raise WorkspaceError(f"symlink operation for {where} needs a target")
-    if op.kind == "symlink" and "\0" in (op.target or ""):
-        raise WorkspaceError(f"symlink target for {where} contains a NUL byte")
+        problem = f"has an unknown kind {op.kind!r}"
+    elif op.kind == "file" and (op.data is None) == (op.source is None):
+        problem = "needs exactly one of data or source"
+    elif op.kind == "symlink" and not op.target:
+        problem = "needs a target"
+    elif op.kind == "symlink" and "\0" in (op.target or ""):
+        problem = "has a target containing a NUL byte"
+    if problem is not None:
+        raise WorkspaceError(f"the {op.kind} operation for {display_path(op.path)} {problem}")
 
 
 def _open_source(op: Op) -> int:
@@ -1053,6 +1062,18 @@ def _remove_ours(parent: int, name: str, ours: re.Pattern[str]) -> bool:
     if clean:
         os.rmdir(name, dir_fd=parent)
     return clean
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2): flush the whole filesystem holding ``fd`` (errors reported since 5.8)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    syncfs = getattr(libc, "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    if syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _fsync_dirs(project: Path, dirs: dict[tuple[str, ...], None]) -> None:
