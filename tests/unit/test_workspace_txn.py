@@ -495,3 +495,89 @@ def test_journal_of_another_project_is_not_replayed_here(
 def test_recover_without_a_journal_dir_does_nothing(proj: Path, tmp_path: Path) -> None:
     assert recover(proj, tmp_path / "never-made") is None
     assert not (tmp_path / "never-made").exists()
+
+
+def test_doctor_recovers_every_sandbox(
+    proj: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from stockade.cli.doctor import recover_interrupted_applies
+    from stockade.state import SandboxRecord, SandboxStatus, StateStore
+
+    store = StateStore()
+    sandbox_id = store.new_id()
+    state_dir = store.sandbox_dir(sandbox_id)
+    now = time.time()
+    store.insert(
+        SandboxRecord(
+            name="crashed",
+            id=sandbox_id,
+            backend="namespace",
+            status=SandboxStatus.STOPPED,
+            created_at=now,
+            updated_at=now,
+            workspace=str(proj),
+            dir=str(state_dir),
+        )
+    )
+    other = store.new_id()
+    store.insert(
+        SandboxRecord(
+            name="no-workspace",
+            id=other,
+            backend="namespace",
+            status=SandboxStatus.STOPPED,
+            created_at=now,
+            updated_at=now,
+            dir=str(store.sandbox_dir(other)),
+        )
+    )
+    journal = state_dir / txn.JOURNAL_DIR_NAME
+    ops = many_ops(proj)
+    with monkeypatch.context() as m:
+        crash_at(m, "rename", 9)
+        with pytest.raises(Crash):
+            apply_ops(proj, journal, ops)
+    rows = recover_interrupted_applies()
+    assert len(rows) == 1 and rows[0]["sandbox"] == "crashed"
+    assert "finished interrupted apply" in rows[0]["recovered"]
+    assert_new_state(proj)
+    assert recover_interrupted_applies() == []
+
+
+def test_applies_of_one_project_never_interleave(
+    proj: Path, journal: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one apply runs, the project directory's lock is held: another apply (from any
+    sandbox, whatever its journal directory) waits for it."""
+    import fcntl
+
+    held: list[bool] = []
+    real = txn._Transaction._stage
+
+    def stage_and_probe(self: txn._Transaction) -> None:
+        fd = os.open(proj, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        real(self)
+
+    monkeypatch.setattr(txn._Transaction, "_stage", stage_and_probe)
+    apply_ops(proj, journal, [Op("x", "file", data=b"x")])
+    assert held == [True]
+    fd = os.open(proj, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+    finally:
+        os.close(fd)
+
+
+def test_symlink_target_with_invalid_utf8(proj: Path, journal: Path) -> None:
+    target = os.fsdecode(b"../\xff\xfe-target")
+    apply_ops(proj, journal, [Op("odd-link", "symlink", target=target)])
+    assert os.readlink(os.fsencode(proj / "odd-link")) == b"../\xff\xfe-target"
