@@ -581,3 +581,48 @@ def test_symlink_target_with_invalid_utf8(proj: Path, journal: Path) -> None:
     target = os.fsdecode(b"../\xff\xfe-target")
     apply_ops(proj, journal, [Op("odd-link", "symlink", target=target)])
     assert os.readlink(os.fsencode(proj / "odd-link")) == b"../\xff\xfe-target"
+
+
+def test_git_directory_is_never_written(proj: Path, journal: Path) -> None:
+    for path in (".git/refs/heads/main", "sub/.git/HEAD", ".git"):
+        with pytest.raises(WorkspaceError, match="never written as files"):
+            apply_ops(proj, journal, [Op(path, "file", data=b"x")])
+    assert not (proj / ".git").exists()
+
+
+def test_full_state_disk_at_the_commit_point_changes_nothing(
+    proj: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = txn._write_journal
+
+    def full_at_commit(*args: object) -> None:
+        if args[3] == "committing":
+            raise OSError(28, "No space left on device")
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(txn, "_write_journal", full_at_commit)
+    before = snapshot(proj)
+    with pytest.raises(WorkspaceError, match="cannot write the apply journal"):
+        apply_ops(proj, journal, many_ops(proj))
+    after = snapshot(proj)
+    assert {k: v for k, v in after.items() if not k.startswith("src/f")} == before
+    assert all(v[2].startswith(b"old") for k, v in after.items() if k.startswith("src/f"))
+    assert leftovers(proj) == []
+    assert [p.name for p in journal.iterdir()] == ["apply.lock"]
+
+
+def test_damaged_journal_is_not_followed(
+    proj: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        crash_at(m, "rename", 0)
+        with pytest.raises(Crash):
+            apply_ops(proj, journal, [Op("keep.txt", "file", data=b"x")])
+    path = next(journal.glob("txn-*.json"))
+    data = json.loads(path.read_bytes())
+    data["steps"][0]["backup"] = "src"  # would rename the project's src away
+    path.write_text(json.dumps(data))
+    with pytest.raises(WorkspaceError, match="unreadable"):
+        recover(proj, journal)
+    assert (proj / "src" / "app.py").exists()
+    assert (proj / "keep.txt").read_bytes() == b"keep\n"

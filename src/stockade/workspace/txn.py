@@ -164,7 +164,16 @@ class _Step:
         }
 
     @classmethod
-    def from_json(cls, index: int, data: dict[str, Any]) -> _Step:
+    def from_json(cls, txid: str, index: int, data: dict[str, Any]) -> _Step:
+        """A journal's step, refusing names that are not this transaction's own: a damaged
+        journal must not make recovery remove or rename anything else."""
+        split_path(str(data["path"]))
+        for key, suffix in (("staged", "tmp"), ("backup", "bak")):
+            name = data.get(key)
+            if name is not None and name != f"{TXN_PREFIX}{txid}-{index}.{suffix}":
+                raise ValueError(f"step {index} has an unexpected {key} name {name!r}")
+        if data["action"] not in ("place", "nested", "delete", "chmod", "none"):
+            raise ValueError(f"step {index} has an unknown action {data['action']!r}")
         return cls(
             index=index,
             path=str(data["path"]),
@@ -270,7 +279,10 @@ class _Transaction:
         self._plan()
         needed, count = self._space_needed()
         self._check_space(needed, count)
-        _write_journal(self.journal_dir, self.txid, self.project, "staging", self.steps)
+        try:
+            _write_journal(self.journal_dir, self.txid, self.project, "staging", self.steps)
+        except OSError as exc:
+            raise self._journal_error(exc) from exc
         committing = False
         try:
             try:
@@ -284,7 +296,10 @@ class _Transaction:
                 ) from exc
             self._verify_before_commit()
             committing = True
-            _write_journal(self.journal_dir, self.txid, self.project, "committing", self.steps)
+            try:
+                _write_journal(self.journal_dir, self.txid, self.project, "committing", self.steps)
+            except OSError as exc:
+                raise self._journal_error(exc) from exc
         except BaseException:
             self._abort(committing)
             raise
@@ -300,6 +315,13 @@ class _Transaction:
                 "`stockade doctor` or apply again to finish it"
             ) from exc
         return sorted({op.path for op in self.ops})
+
+    def _journal_error(self, exc: OSError) -> WorkspaceError:
+        return WorkspaceError(
+            f"cannot write the apply journal in {str(self.journal_dir)!r} ({exc.strerror}); "
+            "nothing on the host was changed. Free space in the state directory (`stockade "
+            "rm` of sandboxes you no longer need) and apply again"
+        )
 
     def _abort(self, committing: bool) -> None:
         """Roll back before the commit point. If the "committing" journal may have landed
@@ -318,7 +340,11 @@ class _Transaction:
         deletes: dict[str, Op] = {}
         entries: dict[str, Op] = {}
         for op in self.ops:
-            split_path(op.path)
+            if ".git" in split_path(op.path):
+                raise WorkspaceError(
+                    f"refusing to apply {display_path(op.path)}: .git is never written as "
+                    "files (the sandbox's commits come back as a branch)"
+                )
             _check_op(op)
             table = deletes if op.kind == "delete" else entries
             if op.path in table:
@@ -806,13 +832,13 @@ def _recover_locked(project: Path, journal_dir: Path) -> str | None:
         if match is None:
             continue
         txid = match.group(1)
-        journal = _read_journal(journal_dir / name)
+        journal = _read_journal(journal_dir / name, txid)
         if journal["project"] != str(project):
             raise WorkspaceError(
                 f"apply journal {str(journal_dir / name)!r} belongs to project "
                 f"{journal['project']!r}, not {str(project)!r}; recover it with that project"
             )
-        steps = [_Step.from_json(i, s) for i, s in enumerate(journal["steps"])]
+        steps: list[_Step] = journal["steps"]
         state = journal["state"]
         try:
             if state == "staging":
@@ -918,18 +944,21 @@ def _write_journal(
         os.close(dir_fd)
 
 
-def _read_journal(path: Path) -> dict[str, Any]:
+def _read_journal(path: Path, txid: str) -> dict[str, Any]:
+    """The journal with its steps parsed (``data["steps"]`` is a list of _Step)."""
     try:
         data = json.loads(path.read_bytes())
         if (
             not isinstance(data, dict)
             or data.get("version") != _JOURNAL_VERSION
+            or data.get("txn") != txid
             or data.get("state") not in ("staging", "committing", "finishing")
             or not isinstance(data.get("steps"), list)
             or not isinstance(data.get("project"), str)
         ):
             raise ValueError("unexpected content")
-    except (OSError, ValueError) as exc:
+        data["steps"] = [_Step.from_json(txid, i, s) for i, s in enumerate(data["steps"])]
+    except (OSError, ValueError, KeyError, TypeError, WorkspaceError) as exc:
         raise WorkspaceError(
             f"apply journal {str(path)!r} is unreadable ({exc}); check the project by hand "
             f"for entries named {TXN_PREFIX}* before removing it"
