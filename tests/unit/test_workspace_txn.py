@@ -626,3 +626,10 @@ def test_damaged_journal_is_not_followed(
         recover(proj, journal)
     assert (proj / "src" / "app.py").exists()
     assert (proj / "keep.txt").read_bytes() == b"keep\n"
+
+
+def test_recover_with_nothing_pending_needs_no_project(
+    proj: Path, journal: Path, tmp_path: Path
+) -> None:
+    apply_ops(proj, journal, [Op("x", "file", data=b"x")])
+    assert recover(tmp_path / "project-removed-since", journal) is None

@@ -221,8 +221,12 @@ def recover(project: Path, journal_dir: Path) -> str | None:
     """
     project = Path(os.path.realpath(project))
     journal_dir = Path(journal_dir)
-    if not journal_dir.is_dir():
+    try:
+        names = os.listdir(journal_dir)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    if not any(_JOURNAL_RE.fullmatch(n) or n.startswith(".txn-") for n in names):
+        return None  # nothing pending: the project need not even exist any more
     with _locked(project, journal_dir):
         return _recover_locked(project, journal_dir)
 
