@@ -633,3 +633,34 @@ def test_recover_with_nothing_pending_needs_no_project(
 ) -> None:
     apply_ops(proj, journal, [Op("x", "file", data=b"x")])
     assert recover(tmp_path / "project-removed-since", journal) is None
+
+
+def test_replayed_commit_never_deletes_the_new_tree(
+    proj: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """old/ is replaced by a new old/ holding a new a.txt: after every rename was done, a
+    replay of the commit must find the deleted old/a.txt in old/'s backup, not take the new
+    old/a.txt for it."""
+    real = txn._write_journal
+
+    def crash_before_finishing(*args: object) -> None:
+        if args[3] == "finishing":
+            raise Crash
+        real(*args)  # type: ignore[arg-type]
+
+    ops = [
+        Op("old/a.txt", "delete"),
+        Op("old/b.txt", "delete"),
+        Op("old", "delete"),
+        Op("old", "dir", mode=0o755),
+        Op("old/a.txt", "file", data=b"the new a\n"),
+    ]
+    with monkeypatch.context() as m:
+        m.setattr(txn, "_write_journal", crash_before_finishing)
+        with pytest.raises(Crash):
+            apply_ops(proj, journal, ops)
+    assert (proj / "old" / "a.txt").read_bytes() == b"the new a\n"
+    assert recover(proj, journal) is not None
+    assert (proj / "old" / "a.txt").read_bytes() == b"the new a\n"
+    assert sorted(os.listdir(proj / "old")) == ["a.txt"]
+    assert leftovers(proj) == []

@@ -711,12 +711,18 @@ def _commit(project: Path, steps: Sequence[_Step]) -> None:
     """Deletions (deepest first), then placements. Safe to repeat: a step whose backup
     already exists, or whose staged entry is gone, was done."""
     parents: dict[tuple[str, ...], None] = {}
+    moved: dict[str, list[str]] = {}  # path -> backup names it may have been renamed to
+    for step in steps:
+        if step.backup is not None and step.action in ("delete", "place"):
+            moved.setdefault(step.path, []).append(step.backup)
     for step in sorted(
         (s for s in steps if s.action == "delete"), key=lambda s: s.parts, reverse=True
     ):
         assert step.backup is not None
         parts = step.parts
-        parent = _open_parent(project, parts)
+        # Found through the backups of its ancestors: once a directory has been renamed
+        # aside, a new entry at its path must never be taken for what this step deletes.
+        parent = _open_parent_through_backups(project, parts, moved)
         if parent is None:
             continue
         try:
@@ -744,6 +750,31 @@ def _commit(project: Path, steps: Sequence[_Step]) -> None:
         finally:
             os.close(parent)
     _fsync_dirs(project, parents)
+
+
+def _open_parent_through_backups(
+    project: Path, parts: tuple[str, ...], moved: dict[str, list[str]]
+) -> int | None:
+    """The directory holding ``parts[-1]`` as this transaction left it: where an ancestor
+    was renamed to its backup, the walk goes through the backup. None when it is gone."""
+    fd = os.open(project, _DIR_FLAGS)
+    try:
+        for i, name in enumerate(parts[:-1]):
+            actual = name
+            for backup in moved.get("/".join(parts[: i + 1]), ()):
+                st = _lstat_at(fd, backup)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    actual = backup
+                    break
+            child = os.open(actual, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    return fd
 
 
 def _back_up(
