@@ -495,3 +495,172 @@ def test_journal_of_another_project_is_not_replayed_here(
 def test_recover_without_a_journal_dir_does_nothing(proj: Path, tmp_path: Path) -> None:
     assert recover(proj, tmp_path / "never-made") is None
     assert not (tmp_path / "never-made").exists()
+
+
+def test_doctor_recovers_every_sandbox(
+    proj: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from stockade.cli.doctor import recover_interrupted_applies
+    from stockade.state import SandboxRecord, SandboxStatus, StateStore
+
+    store = StateStore()
+    sandbox_id = store.new_id()
+    state_dir = store.sandbox_dir(sandbox_id)
+    now = time.time()
+    store.insert(
+        SandboxRecord(
+            name="crashed",
+            id=sandbox_id,
+            backend="namespace",
+            status=SandboxStatus.STOPPED,
+            created_at=now,
+            updated_at=now,
+            workspace=str(proj),
+            dir=str(state_dir),
+        )
+    )
+    other = store.new_id()
+    store.insert(
+        SandboxRecord(
+            name="no-workspace",
+            id=other,
+            backend="namespace",
+            status=SandboxStatus.STOPPED,
+            created_at=now,
+            updated_at=now,
+            dir=str(store.sandbox_dir(other)),
+        )
+    )
+    journal = state_dir / txn.JOURNAL_DIR_NAME
+    ops = many_ops(proj)
+    with monkeypatch.context() as m:
+        crash_at(m, "rename", 9)
+        with pytest.raises(Crash):
+            apply_ops(proj, journal, ops)
+    rows = recover_interrupted_applies()
+    assert len(rows) == 1 and rows[0]["sandbox"] == "crashed"
+    assert "finished interrupted apply" in rows[0]["recovered"]
+    assert_new_state(proj)
+    assert recover_interrupted_applies() == []
+
+
+def test_applies_of_one_project_never_interleave(
+    proj: Path, journal: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one apply runs, the project directory's lock is held: another apply (from any
+    sandbox, whatever its journal directory) waits for it."""
+    import fcntl
+
+    held: list[bool] = []
+    real = txn._Transaction._stage
+
+    def stage_and_probe(self: txn._Transaction) -> None:
+        fd = os.open(proj, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        real(self)
+
+    monkeypatch.setattr(txn._Transaction, "_stage", stage_and_probe)
+    apply_ops(proj, journal, [Op("x", "file", data=b"x")])
+    assert held == [True]
+    fd = os.open(proj, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+    finally:
+        os.close(fd)
+
+
+def test_symlink_target_with_invalid_utf8(proj: Path, journal: Path) -> None:
+    target = os.fsdecode(b"../\xff\xfe-target")
+    apply_ops(proj, journal, [Op("odd-link", "symlink", target=target)])
+    assert os.readlink(os.fsencode(proj / "odd-link")) == b"../\xff\xfe-target"
+
+
+def test_git_directory_is_never_written(proj: Path, journal: Path) -> None:
+    for path in (".git/refs/heads/main", "sub/.git/HEAD", ".git"):
+        with pytest.raises(WorkspaceError, match="never written as files"):
+            apply_ops(proj, journal, [Op(path, "file", data=b"x")])
+    assert not (proj / ".git").exists()
+
+
+def test_full_state_disk_at_the_commit_point_changes_nothing(
+    proj: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = txn._write_journal
+
+    def full_at_commit(*args: object) -> None:
+        if args[3] == "committing":
+            raise OSError(28, "No space left on device")
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(txn, "_write_journal", full_at_commit)
+    before = snapshot(proj)
+    with pytest.raises(WorkspaceError, match="cannot write the apply journal"):
+        apply_ops(proj, journal, many_ops(proj))
+    after = snapshot(proj)
+    assert {k: v for k, v in after.items() if not k.startswith("src/f")} == before
+    assert all(v[2].startswith(b"old") for k, v in after.items() if k.startswith("src/f"))
+    assert leftovers(proj) == []
+    assert [p.name for p in journal.iterdir()] == ["apply.lock"]
+
+
+def test_damaged_journal_is_not_followed(
+    proj: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        crash_at(m, "rename", 0)
+        with pytest.raises(Crash):
+            apply_ops(proj, journal, [Op("keep.txt", "file", data=b"x")])
+    path = next(journal.glob("txn-*.json"))
+    data = json.loads(path.read_bytes())
+    data["steps"][0]["backup"] = "src"  # would rename the project's src away
+    path.write_text(json.dumps(data))
+    with pytest.raises(WorkspaceError, match="unreadable"):
+        recover(proj, journal)
+    assert (proj / "src" / "app.py").exists()
+    assert (proj / "keep.txt").read_bytes() == b"keep\n"
+
+
+def test_recover_with_nothing_pending_needs_no_project(
+    proj: Path, journal: Path, tmp_path: Path
+) -> None:
+    apply_ops(proj, journal, [Op("x", "file", data=b"x")])
+    assert recover(tmp_path / "project-removed-since", journal) is None
+
+
+def test_replayed_commit_never_deletes_the_new_tree(
+    proj: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """old/ is replaced by a new old/ holding a new a.txt: after every rename was done, a
+    replay of the commit must find the deleted old/a.txt in old/'s backup, not take the new
+    old/a.txt for it."""
+    real = txn._write_journal
+
+    def crash_before_finishing(*args: object) -> None:
+        if args[3] == "finishing":
+            raise Crash
+        real(*args)  # type: ignore[arg-type]
+
+    ops = [
+        Op("old/a.txt", "delete"),
+        Op("old/b.txt", "delete"),
+        Op("old", "delete"),
+        Op("old", "dir", mode=0o755),
+        Op("old/a.txt", "file", data=b"the new a\n"),
+    ]
+    with monkeypatch.context() as m:
+        m.setattr(txn, "_write_journal", crash_before_finishing)
+        with pytest.raises(Crash):
+            apply_ops(proj, journal, ops)
+    assert (proj / "old" / "a.txt").read_bytes() == b"the new a\n"
+    assert recover(proj, journal) is not None
+    assert (proj / "old" / "a.txt").read_bytes() == b"the new a\n"
+    assert sorted(os.listdir(proj / "old")) == ["a.txt"]
+    assert leftovers(proj) == []
