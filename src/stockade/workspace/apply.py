@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -31,7 +30,13 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from stockade._errors import WorkspaceError
-from stockade.workspace.baseline import git_blob_id, git_blob_id_fd, git_env, run_git
+from stockade.workspace.baseline import (
+    BaselineEntry,
+    git_blob_id,
+    git_blob_id_fd,
+    git_env,
+    run_git,
+)
 from stockade.workspace.diff import (
     FileChange,
     WorkspaceDiff,
@@ -793,55 +798,28 @@ class _Planner:
 
 
 def _advance_baseline(layers: WorkspaceLayers, updates: dict[str, _State]) -> None:
-    """Rewrite the baseline tree with ``updates`` (the sandbox's version of each path, or
-    absent), storing the sandbox's blobs in the baseline repository."""
+    """Make the sandbox's version of each path (or its absence) the baseline's, storing the
+    sandbox's blobs in the baseline repository."""
     baseline = layers.baseline
-    git_dir = baseline.git_dir
-    env = git_env(git_dir)
-    lines: list[bytes] = []
-    additions: list[bytes] = []
-    for path in sorted(updates, key=lambda p: p.split("/")):
-        state = updates[path]
-        raw = os.fsencode(path)
-        lines.append(b"0 " + b"0" * 40 + b"\t" + raw + b"\0")
+    env = git_env(baseline.git_dir)
+    entries: dict[str, BaselineEntry | None] = {}
+    for path, state in updates.items():
         if state.kind == "absent":
+            entries[path] = None
             continue
         if state.kind == "symlink":
             oid = _store_blob(env, data=os.fsencode(state.target or ""))
-            mode = b"120000"
+            entry = BaselineEntry("symlink", 0, oid)
         else:
             fd = open_file_beneath(layers.upper, _split(path), owned=True)
             try:
                 oid = _store_blob(env, fd=fd)
             finally:
                 os.close(fd)
-            mode = b"100755" if _exec(state.mode) else b"100644"
-        if oid != state.oid:
-            continue  # changed in the sandbox since: its diff entry stays
-        additions.append(mode + b" " + oid.encode("ascii") + b"\t" + raw + b"\0")
-    index = git_dir / f"apply-index-{secrets.token_hex(6)}"
-    try:
-        ienv = {**env, "GIT_INDEX_FILE": str(index)}
-        run_git(["read-tree", baseline.tree], ienv)
-        run_git(["update-index", "-z", "--index-info"], ienv, input=b"".join(lines))
-        run_git(["update-index", "-z", "--index-info"], ienv, input=b"".join(additions))
-        tree = run_git(["write-tree"], ienv).stdout.decode("ascii").strip()
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(index)
-    message = ["commit-tree", tree, "-m", "stockade workspace baseline (after apply)"]
-    commit = run_git(message, env).stdout.decode("ascii").strip()
-    run_git(["update-ref", "refs/stockade/baseline", commit], env)
-    meta_path = git_dir / "stockade-baseline.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    meta.update(tree=tree, commit=commit)
-    tmp = meta_path.with_name(f".{meta_path.name}.{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(meta, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, meta_path)
+            entry = BaselineEntry("file", 0o755 if _exec(state.mode) else 0o644, oid)
+        if oid == state.oid:  # else changed in the sandbox since: its diff entry stays
+            entries[path] = entry
+    baseline.advance(entries)
 
 
 def _store_blob(env: dict[str, str], *, data: bytes | None = None, fd: int | None = None) -> str:
