@@ -10,14 +10,11 @@ never redirect a read, a chmod or a delete to the host.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import logging
 import os
 import secrets
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +26,6 @@ __all__ = ["WorkspaceLayers"]
 logger = logging.getLogger(__name__)
 
 _STATE_MODE = 0o700
-_APPLIED_NAME = "workspace-applied.json"
-_BASELINE_META = "stockade-baseline.json"
-# How long create()/reset() wait for the filesystem clock to tick past the baseline.
-_BASELINE_TICK_TIMEOUT = 2.5
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -108,24 +101,6 @@ class WorkspaceLayers:
             and _is_real_dir(self.baseline_path)
         )
 
-    # Legacy: the ctime baseline and apply record used by apply.py until it compares
-    # contents against ``baseline`` (ws-apply's rewrite); remove them together then.
-    @property
-    def baseline_ns(self) -> int:
-        """Filesystem ctime (ns) at which the baseline was recorded (legacy, see above)."""
-        try:
-            return os.stat(self.baseline_path / _BASELINE_META).st_ctime_ns
-        except OSError as exc:
-            raise WorkspaceError(
-                f"workspace baseline {str(self.baseline_path)!r} is missing or corrupt; "
-                "conflicts cannot be detected. Reset the workspace to record a new one"
-            ) from exc
-
-    @property
-    def applied_path(self) -> Path:
-        """Record of the ctimes that apply itself gave to host paths (not host-side edits)."""
-        return self.baseline_path.with_name(_APPLIED_NAME)
-
     def reset(self) -> None:
         """Discard everything the sandbox wrote: recreate empty upper and work, new baseline.
 
@@ -151,68 +126,11 @@ class WorkspaceLayers:
                     "workspace is already empty, remove that directory as root or from "
                     "inside the sandbox's user namespace"
                 ) from exc
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.applied_path)
         # The sandbox now sees the host as it is, so host edits before now are not conflicts.
         self._record_baseline()
 
     def _record_baseline(self) -> None:
         WorkspaceBaseline.record(self.state_dir, self.lower)
-        _wait_for_tick_after(self.baseline_ns, self.state_dir)
-
-    def load_applied(self) -> dict[str, int]:
-        """ctimes that apply gave to host paths, keyed by workspace-relative path."""
-        try:
-            data = json.loads(self.applied_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise WorkspaceError(f"corrupt apply record {str(self.applied_path)!r}") from exc
-        if not isinstance(data, dict):
-            raise WorkspaceError(f"corrupt apply record {str(self.applied_path)!r}")
-        return {str(k): int(v) for k, v in data.items()}
-
-    def save_applied(self, record: dict[str, int]) -> None:
-        tmp = self.applied_path.with_name(f".{_APPLIED_NAME}.{secrets.token_hex(6)}")
-        data = json.dumps(record, sort_keys=True).encode("utf-8")
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.applied_path)
-
-
-def _wait_for_tick_after(baseline: int, directory: Path) -> None:
-    """Return once a change made now would get a ctime strictly newer than ``baseline``.
-
-    Filesystem timestamps come from a coarse clock, so a host edit made right after the
-    baseline could share its value and go unnoticed. A probe file is changed until its ctime
-    passes the baseline: instant on kernels with fine-grained (multigrain) timestamps, at
-    most one clock tick on others.
-    """
-    probe = directory / f".probe-{secrets.token_hex(6)}"
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + _BASELINE_TICK_TIMEOUT
-        mode = 0o600
-        while os.fstat(fd).st_ctime_ns <= baseline:
-            if time.monotonic() > deadline:
-                logger.warning(
-                    "filesystem clock of %s did not advance past the workspace baseline; "
-                    "host edits in the same tick may not be seen as conflicts",
-                    directory,
-                )
-                break
-            time.sleep(0.0005)
-            mode ^= 0o040
-            os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-        os.unlink(probe)
 
 
 def _make_private_dir(path: Path) -> None:
