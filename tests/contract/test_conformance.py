@@ -24,6 +24,7 @@ import pytest
 from conftest import require_backend
 from sandbox_helpers import HelloHandler, host_pids, serve_http
 from stockade import ExecTimeoutError, Sandbox
+from stockade.audit import AuditLog
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -335,6 +336,7 @@ def test_apply_merges_and_reports_conflicts_in_a_git_repo(target: str, tmp_path:
             "    open(name, 'w').write(''.join(lines))\n"
             "edit('notes.txt', 2, 'sandbox 2')\n"
             "edit('other.txt', 5, 'sandbox 5')\n"
+            "open(b'bad\\xff.txt', 'wb').write(b'odd name')\n"
         )
         r = sb.commands.run(["python3", "-c", script])
         assert r.exit_code == 0, r.stderr
@@ -357,13 +359,22 @@ def test_apply_merges_and_reports_conflicts_in_a_git_repo(target: str, tmp_path:
             "notes", {2: "sandbox 2", 18: "host 18"}
         )
         assert (project / "other.txt").read_text() == host_other
+        # A name that is not UTF-8 goes through apply and into the audit log.
+        assert result.applied == [os.fsdecode(b"bad\xff.txt")]
+        assert (project / os.fsdecode(b"bad\xff.txt")).read_bytes() == b"odd name"
+        audit = AuditLog(sb.audit_path, sb.name)
+        events = [e for e in audit.read() if e.action == "workspace.applied"]
+        assert [e.details["applied"] for e in events] == [["bad\\xff.txt"]]
+        assert events[0].details["merged"] == ["notes.txt"]
+        assert audit.verify().ok
     # The host's history is untouched: same refs (a stockade/ branch may be added), reflog,
     # HEAD; only the working tree changed; the object store is sound.
     after = _host_git(project, "for-each-ref", "--format=%(refname) %(objectname)").splitlines()
     assert [r for r in after if not r.startswith("refs/heads/stockade/")] == refs.splitlines()
     assert _host_git(project, "reflog", "--format=%H %gs") == reflog
     assert _host_git(project, "rev-parse", "HEAD") == head
-    assert _host_git(project, "status", "--porcelain") == " M notes.txt\n"
+    status = _host_git(project, "status", "--porcelain")
+    assert status == ' M notes.txt\n?? "bad\\377.txt"\n'  # git quotes the odd name
     fsck = subprocess.run(
         ["git", "fsck", "--strict", "--no-dangling"],
         cwd=project,
