@@ -258,7 +258,8 @@ def test_apply_merges_and_reports_conflicts_in_cli_wording(
         host_other = _numbered("other", {5: "host 5"})
         (project / "other.txt").write_text(host_other)
 
-        r = stockade("apply", name, "--verbose", cwd=project)
+        r = stockade("apply", name, "--verbose", cwd=project, check=False)
+        assert r.returncode == 1  # a conflict remains
         assert r.stdout.splitlines()[-1] == (
             f"sandbox {name}: 1 applied, 1 merged, 1 conflict: other.txt (changed on the host "
             "and in the sandbox)"
@@ -274,11 +275,12 @@ def test_apply_merges_and_reports_conflicts_in_cli_wording(
         merged = (project / "notes.txt").read_text()
         assert merged == _numbered("notes", {2: "sandbox 2", 18: "host 18"})
 
-        as_json = json.loads(stockade("apply", name, "--json", cwd=project).stdout)
+        as_json = json.loads(stockade("apply", name, "--json", cwd=project, check=False).stdout)
         assert [c["path"] for c in as_json["conflicts"]] == ["other.txt"]
         assert [h["path"] for h in as_json["held"]] == ["stockade.toml"]
 
-        r = stockade("apply", name, "--conflicts", "markers", cwd=project)
+        r = stockade("apply", name, "--conflicts", "markers", cwd=project, check=False)
+        assert r.returncode == 1
         assert "resolve the conflict markers in: other.txt" in r.stderr
         assert (
             "<<<<<<< host\nhost 5\n=======\nsandbox 5\n>>>>>>> sandbox\n"

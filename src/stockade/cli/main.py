@@ -607,7 +607,8 @@ def apply(
     Text changed both in the sandbox and on the host is merged; what does not merge is left
     alone (or written with conflict markers). Files that configure tools on the host
     (stockade.toml, CI workflows, .vscode/...) and symlinks leaving the project are applied
-    only when named in PATHS. The sandbox's commits become branch stockade/NAME.
+    only when named in PATHS. The sandbox's commits become branch stockade/NAME. Exits
+    with 1 when conflicts remain (left alone or written with markers).
     """
     from stockade.workspace import apply_diff
 
@@ -627,8 +628,10 @@ def apply(
     _audit(store, record).append("workspace.applied", actor="cli", details=result.audit_details())
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
-        return
-    _print_apply(record.name, result, verbose=verbose)
+    else:
+        _print_apply(record.name, result, verbose=verbose)
+    if result.conflicts:
+        raise SystemExit(1)  # as git merge: conflicts remain to be resolved
 
 
 def _print_apply(name: str, result: Any, *, verbose: bool) -> None:

@@ -661,7 +661,7 @@ class _Planner:
 
     def _note_named_config(self, path: str) -> None:
         why = host_config_reason(path)
-        if why is not None:
+        if why is not None and self.sandbox[path].kind != "dir":
             self.named_config.add(path)
             self.warnings.append(
                 f"applied {display_path(path)}, which configures a tool on the host ({why}): "
@@ -769,6 +769,15 @@ class _Planner:
                 "keeps showing the applied paths, and applying them again changes nothing"
             )
 
+    def _held_shown(self) -> list[tuple[str, str]]:
+        """Held paths, leaving out a new directory whose held contents say it already."""
+        paths = [p for p, _ in self.held]
+        return [
+            (path, why)
+            for path, why in self.held
+            if self.sandbox[path].kind != "dir" or not any(p.startswith(path + "/") for p in paths)
+        ]
+
     def import_commits(self, fresh: WorkspaceDiff, branch: str) -> None:
         """The agent's commits become ``branch`` on the host, through git's object transfer
         (never the host's HEAD, index or existing refs)."""
@@ -789,7 +798,7 @@ class _Planner:
             merged=sorted(self.merged, key=lambda p: p.split("/")),
             conflicts=sorted(self.conflicts, key=lambda c: c.path.split("/")),
             skipped=sorted(self.skipped, key=lambda s: s[0].split("/")),
-            held=sorted(self.held, key=lambda s: s[0].split("/")),
+            held=sorted(self._held_shown(), key=lambda s: s[0].split("/")),
             overwritten=sorted(self.overwritten, key=lambda p: p.split("/")),
             warnings=list(self.warnings),
             branch=self.branch,
