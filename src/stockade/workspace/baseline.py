@@ -18,6 +18,7 @@ config, no hooks, no fsmonitor, fixed author, so nothing in the project can make
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import hashlib
@@ -330,7 +331,11 @@ class WorkspaceBaseline:
         if not prefix:
             return dict(entries)
         start = prefix.rstrip("/") + "/"
-        return {p: e for p, e in entries.items() if p.startswith(start)}
+        # "/" + 1 == "0": every path below the directory sorts in [start, end).
+        end = start[:-1] + "0"
+        lo = bisect.bisect_left(self._sorted, start)
+        hi = bisect.bisect_left(self._sorted, end)
+        return {p: entries[p] for p in self._sorted[lo:hi]}
 
     def is_dir(self, path: str) -> bool:
         """True when ``path`` is a directory of the baseline (it has entries below)."""
@@ -421,12 +426,14 @@ class WorkspaceBaseline:
             parts = path.split("/")
             for i in range(1, len(parts)):
                 dirs.add("/".join(parts[:i]))
+        self._sorted = sorted(entries)
         self._entries = entries
         self._gitlinks = frozenset(gitlinks)
         self._dirs = frozenset(dirs)
         return entries
 
     _dirs: frozenset[str] = frozenset()
+    _sorted: list[str] = []
 
 
 def _record_into(git_dir: Path, project: Path) -> dict[str, object]:
@@ -468,6 +475,10 @@ def _record_into(git_dir: Path, project: Path) -> dict[str, object]:
         (info / "exclude").write_bytes(b"\n".join(e.rstrip(b"\n") for e in excludes) + b"\n")
 
     work_env = git_env(git_dir, work_tree=project, index_file=index)
+    if copied and _has_flagged_entries(work_env, project):
+        # assume-unchanged or skip-worktree entries would keep stale or absent files.
+        index.unlink()
+        copied = False
     proc = _add_all(work_env, project)
     if copied and proc.returncode != 0:
         # A host index this git cannot use (split index, newer format): start fresh (files
@@ -527,6 +538,14 @@ def _write_meta(git_dir: Path, meta: Mapping[str, object]) -> None:
 
 def _add_all(env: Mapping[str, str], project: Path) -> subprocess.CompletedProcess[bytes]:
     return run_git(["add", "--all", "--ignore-errors", "--", "."], env, cwd=project, check=False)
+
+
+def _has_flagged_entries(env: Mapping[str, str], project: Path) -> bool:
+    """Whether the (copied) index marks entries assume-unchanged or skip-worktree."""
+    proc = run_git(["ls-files", "-v", "-z"], env, cwd=project, check=False)
+    if proc.returncode != 0:
+        return True
+    return any(rec[:1].islower() or rec[:2] == b"S " for rec in proc.stdout.split(b"\0") if rec)
 
 
 def _has_attributes(env: Mapping[str, str], project: Path) -> bool:
