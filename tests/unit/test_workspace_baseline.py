@@ -258,3 +258,22 @@ def test_legacy_sandbox_gets_a_baseline_recorded(tmp_path: Path, repo: Path) -> 
         _ = layers.baseline
     (state / "workspace-baseline").write_text("123\n")  # what older stockade wrote
     assert layers.baseline.entry("README.md") is not None
+
+
+def test_refresh_rerecords_paths_from_the_project(tmp_path: Path, repo: Path) -> None:
+    baseline = WorkspaceBaseline.record(tmp_path, repo)
+    (repo / "README.md").write_text("applied\n")
+    (repo / "src" / "a.py").unlink()
+    (repo / "debug2.log").write_text("named although ignored\n")
+    (repo / "other.txt").write_text("not named\n")
+    new = baseline.refresh(["README.md", "src", "debug2.log"])
+    assert new.read("README.md") == b"applied\n"
+    assert new.entry("src/a.py") is None
+    assert new.entry("debug2.log") is not None
+    assert new.entry("other.txt") is None
+    assert new.entry("untracked.txt") == baseline.entry("untracked.txt")
+    (repo / "emptydir").mkdir()
+    os.symlink("README.md", repo / "newlink")
+    newer = new.refresh(["emptydir", "newlink", "gone-anyway"])
+    assert newer.entry("newlink") == BaselineEntry("symlink", 0, git_blob_id(b"README.md"))
+    assert newer.entry("emptydir") is None

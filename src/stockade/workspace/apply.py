@@ -106,6 +106,8 @@ def apply_diff(
 
     plan.check(todo)
     result = plan.execute()
+    # What apply wrote is the host's now: no longer a difference from the baseline.
+    layers.baseline.refresh(result.applied)
     result.skipped[:0] = skipped
     result.skipped.sort()
     return result

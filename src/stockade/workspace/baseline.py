@@ -29,7 +29,7 @@ import secrets
 import shutil
 import stat
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -362,25 +362,59 @@ class WorkspaceBaseline:
         return proc.stdout.decode("ascii").strip()
 
     def advance(self, updates: Mapping[str, BaselineEntry | None]) -> WorkspaceBaseline:
-        """Record that the host now holds these entries (None: the path is gone), e.g.
-        after apply wrote them, so they stop being differences. Blobs must already be in the
-        repository (``write_blob``, or written by a diff's patch). Returns the new baseline
-        (this object is left describing the old one)."""
+        """Record that the host now holds these entries (None: the path is gone), so they
+        stop being differences. Blobs must already be in the repository (``write_blob``, or
+        written by a diff's patch). Returns the new baseline (this object keeps describing
+        the old one)."""
         if not updates:
             return self
-        index = self._git_dir / f"advance-{secrets.token_hex(6)}.index"
-        env = git_env(self._git_dir, index_file=index)
+        lines = bytearray()
+        for path, entry in updates.items():
+            raw = os.fsencode(path)
+            if entry is None:
+                lines += b"0 " + b"0" * 40 + b"\t" + raw + b"\0"
+            else:
+                mode = 0o120000 if entry.kind == "symlink" else 0o100000 | entry.mode
+                lines += b"%o %s\t%s\0" % (mode, entry.oid.encode("ascii"), raw)
+
+        def change(env: dict[str, str]) -> None:
+            run_git(["update-index", "-z", "--index-info"], env, input=bytes(lines))
+
+        return self._rewrite(change)
+
+    def refresh(self, paths: Iterable[str]) -> WorkspaceBaseline:
+        """Re-record ``paths`` (files, or directories and all below) from the project as
+        it is now, e.g. after apply wrote them, so they stop being differences. A path gone
+        from the project leaves the baseline; ignore rules do not apply (named paths are
+        taken as they are). Returns the new baseline."""
+        files: set[str] = set()
+        for path in paths:
+            if not path:
+                continue
+            if self.entry(path) is not None:
+                files.add(path)
+            files.update(self.entries_under(path))
+            files.update(_host_files(self._project, path))
+        if not files:
+            return self
+        data = b"".join(os.fsencode(p) + b"\0" for p in sorted(files))
+
+        def change(env: dict[str, str]) -> None:
+            args = ["update-index", "--add", "--remove", "-z", "--stdin"]
+            run_git(args, env, cwd=self._project, input=data)
+
+        return self._rewrite(change, work_tree=self._project)
+
+    def _rewrite(
+        self, change: Callable[[dict[str, str]], None], *, work_tree: Path | None = None
+    ) -> WorkspaceBaseline:
+        """A new baseline: this tree, changed through a temporary index, committed, and the
+        record replaced atomically."""
+        index = self._git_dir / f"rewrite-{secrets.token_hex(6)}.index"
+        env = git_env(self._git_dir, index_file=index, work_tree=work_tree)
         try:
             run_git(["read-tree", self._tree], env)
-            lines = bytearray()
-            for path, entry in updates.items():
-                raw = os.fsencode(path)
-                if entry is None:
-                    lines += b"0 " + b"0" * 40 + b"\t" + raw + b"\0"
-                else:
-                    mode = 0o120000 if entry.kind == "symlink" else 0o100000 | entry.mode
-                    lines += b"%o %s\t%s\0" % (mode, entry.oid.encode("ascii"), raw)
-            run_git(["update-index", "-z", "--index-info"], env, input=bytes(lines))
+            change(env)
             tree = run_git(["write-tree"], env).stdout.decode("ascii").strip()
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -392,13 +426,14 @@ class WorkspaceBaseline:
             .strip()
         )
         run_git(["update-ref", _BASELINE_REF, commit], env)
+        host = None if self._host_git_dir is None else os.fsdecode(self._host_git_dir)
         meta: dict[str, object] = {
             "version": 1,
             "project": os.fsdecode(self._project),
             "tree": tree,
             "commit": commit,
             "head": self._head,
-            "host_git_dir": None if self._host_git_dir is None else os.fsdecode(self._host_git_dir),
+            "host_git_dir": host,
         }
         _write_meta(self._git_dir, meta)
         return WorkspaceBaseline(self._git_dir, self._project, meta)
@@ -521,6 +556,30 @@ def _record_into(git_dir: Path, project: Path) -> dict[str, object]:
     }
     _write_meta(git_dir, meta)
     return meta
+
+
+def _host_files(project: Path, path: str) -> list[str]:
+    """Regular files and symlinks at or below ``path`` in the project (no symlink followed,
+    ``.git`` skipped)."""
+    full = project.joinpath(*path.split("/"))
+    try:
+        st = os.lstat(full)
+    except OSError:
+        return []
+    if not stat.S_ISDIR(st.st_mode):
+        return [path] if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else []
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(full):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        rel = Path(dirpath).relative_to(project).as_posix()
+        for name in filenames:
+            mode = os.lstat(os.path.join(dirpath, name)).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                out.append(f"{rel}/{name}")
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                out.append(f"{rel}/{name}")
+    return out
 
 
 def _write_meta(git_dir: Path, meta: Mapping[str, object]) -> None:
