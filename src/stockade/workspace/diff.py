@@ -343,7 +343,7 @@ def compute_diff(
     if isinstance(layers, WorkspaceLayers):
         try:
             commits = describe_commits(layers)
-        except WorkspaceError as exc:
+        except (WorkspaceError, OSError) as exc:
             walker.ignored.append((".git", f"the sandbox's commits could not be read: {exc}"))
     return WorkspaceDiff(
         changes=changes,
