@@ -233,3 +233,47 @@ def test_advance_records_applied_entries(tmp_path: Path, repo: Path) -> None:
     assert reopened.tree == new.tree and reopened.head == baseline.head
     diff = compute_diff(layers)
     assert {c.path for c in diff} == {"new.txt"}
+
+
+def test_assume_unchanged_entries_are_rehashed(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    _git(project, "init", "-q")
+    (project / "conf.txt").write_text("committed\n")
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "init")
+    _git(project, "update-index", "--assume-unchanged", "conf.txt")
+    (project / "conf.txt").write_text("edited locally, same size?\n")
+    baseline = WorkspaceBaseline.record(tmp_path, project)
+    assert baseline.read("conf.txt") == b"edited locally, same size?\n"
+
+
+def test_legacy_sandbox_gets_a_baseline_recorded(tmp_path: Path, repo: Path) -> None:
+    state = tmp_path / "state"
+    layers = WorkspaceLayers.create(state, repo)
+    import shutil
+
+    shutil.rmtree(layers.baseline_path)
+    with pytest.raises(WorkspaceError):
+        _ = layers.baseline
+    (state / "workspace-baseline").write_text("123\n")  # what older stockade wrote
+    assert layers.baseline.entry("README.md") is not None
+
+
+def test_refresh_rerecords_paths_from_the_project(tmp_path: Path, repo: Path) -> None:
+    baseline = WorkspaceBaseline.record(tmp_path, repo)
+    (repo / "README.md").write_text("applied\n")
+    (repo / "src" / "a.py").unlink()
+    (repo / "debug2.log").write_text("named although ignored\n")
+    (repo / "other.txt").write_text("not named\n")
+    new = baseline.refresh(["README.md", "src", "debug2.log"])
+    assert new.read("README.md") == b"applied\n"
+    assert new.entry("src/a.py") is None
+    assert new.entry("debug2.log") is not None
+    assert new.entry("other.txt") is None
+    assert new.entry("untracked.txt") == baseline.entry("untracked.txt")
+    (repo / "emptydir").mkdir()
+    os.symlink("README.md", repo / "newlink")
+    newer = new.refresh(["emptydir", "newlink", "gone-anyway"])
+    assert newer.entry("newlink") == BaselineEntry("symlink", 0, git_blob_id(b"README.md"))
+    assert newer.entry("emptydir") is None

@@ -330,3 +330,28 @@ def test_untracked_files_in_an_ignored_dir_with_tracked_ones(tmp_path: Path) -> 
     assert [c.path for c in diff] == ["out/keep.txt"]
     assert diff.ignored_paths == ["out/new.txt"]
     assert [c.path for c in compute_diff(layers, paths=["."])] == ["out/keep.txt"]
+
+
+@needs_root
+def test_included_ignored_changes_apply_to_the_host(tmp_path: Path, project: Path) -> None:
+    write(project / "debug.log", "host log\n")
+    write(project / ".venv" / "old.py", "old\n")
+    write(project / ".venv" / "keep.py", "keep\n")
+    layers = WorkspaceLayers.create(tmp_path / "state", project)
+    write(layers.upper / "debug.log", "sandbox log\n")
+    whiteout(layers.upper / ".venv" / "old.py")
+    write(layers.upper / ".venv" / "new.py", "new\n")
+    diff = compute_diff(layers, include_ignored=True)
+    assert {(c.path, c.kind) for c in diff if c.type != "dir"} == {
+        ("debug.log", "modified"),
+        (".venv/old.py", "deleted"),
+        (".venv/new.py", "added"),
+    }
+    patch = tmp_path / "p"
+    patch.write_bytes(diff.patch_bytes())
+    git(project, "apply", "--check", str(patch))
+    git(project, "apply", str(patch))
+    assert (project / "debug.log").read_text() == "sandbox log\n"
+    assert not (project / ".venv" / "old.py").exists()
+    assert (project / ".venv" / "keep.py").read_text() == "keep\n"
+    assert not compute_diff(layers).changes  # without the flag: all left out

@@ -143,3 +143,15 @@ def test_hostile_sandbox_git_files_are_not_trusted(tmp_path: Path, project: Path
     assert agent_head(layers) is None
     diff = compute_diff(layers)
     assert diff.commits == [] and not diff
+
+
+def test_a_host_commit_seen_through_lower_is_not_the_agents(tmp_path: Path, project: Path) -> None:
+    layers = WorkspaceLayers.create(tmp_path / "state", project)
+    write(project / "host.txt", "host\n")
+    git(project, "add", "host.txt")
+    git(project, "commit", "-qm", "host: meanwhile")
+    # The sandbox sees the host's live .git: its HEAD is now the host's new commit.
+    assert agent_head(layers) == git(project, "rev-parse", "HEAD").strip()
+    assert compute_diff(layers).commits == []
+    assert import_commits(layers, project, "stockade/none") == []
+    assert "stockade/none" not in git(project, "branch", "--list")

@@ -18,6 +18,7 @@ config, no hooks, no fsmonitor, fixed author, so nothing in the project can make
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import hashlib
@@ -28,7 +29,7 @@ import secrets
 import shutil
 import stat
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -330,7 +331,11 @@ class WorkspaceBaseline:
         if not prefix:
             return dict(entries)
         start = prefix.rstrip("/") + "/"
-        return {p: e for p, e in entries.items() if p.startswith(start)}
+        # "/" + 1 == "0": every path below the directory sorts in [start, end).
+        end = start[:-1] + "0"
+        lo = bisect.bisect_left(self._sorted, start)
+        hi = bisect.bisect_left(self._sorted, end)
+        return {p: entries[p] for p in self._sorted[lo:hi]}
 
     def is_dir(self, path: str) -> bool:
         """True when ``path`` is a directory of the baseline (it has entries below)."""
@@ -357,25 +362,59 @@ class WorkspaceBaseline:
         return proc.stdout.decode("ascii").strip()
 
     def advance(self, updates: Mapping[str, BaselineEntry | None]) -> WorkspaceBaseline:
-        """Record that the host now holds these entries (None: the path is gone), e.g.
-        after apply wrote them, so they stop being differences. Blobs must already be in the
-        repository (``write_blob``, or written by a diff's patch). Returns the new baseline
-        (this object is left describing the old one)."""
+        """Record that the host now holds these entries (None: the path is gone), so they
+        stop being differences. Blobs must already be in the repository (``write_blob``, or
+        written by a diff's patch). Returns the new baseline (this object keeps describing
+        the old one)."""
         if not updates:
             return self
-        index = self._git_dir / f"advance-{secrets.token_hex(6)}.index"
-        env = git_env(self._git_dir, index_file=index)
+        lines = bytearray()
+        for path, entry in updates.items():
+            raw = os.fsencode(path)
+            if entry is None:
+                lines += b"0 " + b"0" * 40 + b"\t" + raw + b"\0"
+            else:
+                mode = 0o120000 if entry.kind == "symlink" else 0o100000 | entry.mode
+                lines += b"%o %s\t%s\0" % (mode, entry.oid.encode("ascii"), raw)
+
+        def change(env: dict[str, str]) -> None:
+            run_git(["update-index", "-z", "--index-info"], env, input=bytes(lines))
+
+        return self._rewrite(change)
+
+    def refresh(self, paths: Iterable[str]) -> WorkspaceBaseline:
+        """Re-record ``paths`` (files, or directories and all below) from the project as
+        it is now, e.g. after apply wrote them, so they stop being differences. A path gone
+        from the project leaves the baseline; ignore rules do not apply (named paths are
+        taken as they are). Returns the new baseline."""
+        files: set[str] = set()
+        for path in paths:
+            if not path:
+                continue
+            if self.entry(path) is not None:
+                files.add(path)
+            files.update(self.entries_under(path))
+            files.update(_host_files(self._project, path))
+        if not files:
+            return self
+        data = b"".join(os.fsencode(p) + b"\0" for p in sorted(files))
+
+        def change(env: dict[str, str]) -> None:
+            args = ["update-index", "--add", "--remove", "-z", "--stdin"]
+            run_git(args, env, cwd=self._project, input=data)
+
+        return self._rewrite(change, work_tree=self._project)
+
+    def _rewrite(
+        self, change: Callable[[dict[str, str]], None], *, work_tree: Path | None = None
+    ) -> WorkspaceBaseline:
+        """A new baseline: this tree, changed through a temporary index, committed, and the
+        record replaced atomically."""
+        index = self._git_dir / f"rewrite-{secrets.token_hex(6)}.index"
+        env = git_env(self._git_dir, index_file=index, work_tree=work_tree)
         try:
             run_git(["read-tree", self._tree], env)
-            lines = bytearray()
-            for path, entry in updates.items():
-                raw = os.fsencode(path)
-                if entry is None:
-                    lines += b"0 " + b"0" * 40 + b"\t" + raw + b"\0"
-                else:
-                    mode = 0o120000 if entry.kind == "symlink" else 0o100000 | entry.mode
-                    lines += b"%o %s\t%s\0" % (mode, entry.oid.encode("ascii"), raw)
-            run_git(["update-index", "-z", "--index-info"], env, input=bytes(lines))
+            change(env)
             tree = run_git(["write-tree"], env).stdout.decode("ascii").strip()
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -387,13 +426,14 @@ class WorkspaceBaseline:
             .strip()
         )
         run_git(["update-ref", _BASELINE_REF, commit], env)
+        host = None if self._host_git_dir is None else os.fsdecode(self._host_git_dir)
         meta: dict[str, object] = {
             "version": 1,
             "project": os.fsdecode(self._project),
             "tree": tree,
             "commit": commit,
             "head": self._head,
-            "host_git_dir": None if self._host_git_dir is None else os.fsdecode(self._host_git_dir),
+            "host_git_dir": host,
         }
         _write_meta(self._git_dir, meta)
         return WorkspaceBaseline(self._git_dir, self._project, meta)
@@ -421,12 +461,14 @@ class WorkspaceBaseline:
             parts = path.split("/")
             for i in range(1, len(parts)):
                 dirs.add("/".join(parts[:i]))
+        self._sorted = sorted(entries)
         self._entries = entries
         self._gitlinks = frozenset(gitlinks)
         self._dirs = frozenset(dirs)
         return entries
 
     _dirs: frozenset[str] = frozenset()
+    _sorted: list[str] = []
 
 
 def _record_into(git_dir: Path, project: Path) -> dict[str, object]:
@@ -468,6 +510,10 @@ def _record_into(git_dir: Path, project: Path) -> dict[str, object]:
         (info / "exclude").write_bytes(b"\n".join(e.rstrip(b"\n") for e in excludes) + b"\n")
 
     work_env = git_env(git_dir, work_tree=project, index_file=index)
+    if copied and _has_flagged_entries(work_env, project):
+        # assume-unchanged or skip-worktree entries would keep stale or absent files.
+        index.unlink()
+        copied = False
     proc = _add_all(work_env, project)
     if copied and proc.returncode != 0:
         # A host index this git cannot use (split index, newer format): start fresh (files
@@ -512,6 +558,30 @@ def _record_into(git_dir: Path, project: Path) -> dict[str, object]:
     return meta
 
 
+def _host_files(project: Path, path: str) -> list[str]:
+    """Regular files and symlinks at or below ``path`` in the project (no symlink followed,
+    ``.git`` skipped)."""
+    full = project.joinpath(*path.split("/"))
+    try:
+        st = os.lstat(full)
+    except OSError:
+        return []
+    if not stat.S_ISDIR(st.st_mode):
+        return [path] if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else []
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(full):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        rel = Path(dirpath).relative_to(project).as_posix()
+        for name in filenames:
+            mode = os.lstat(os.path.join(dirpath, name)).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                out.append(f"{rel}/{name}")
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                out.append(f"{rel}/{name}")
+    return out
+
+
 def _write_meta(git_dir: Path, meta: Mapping[str, object]) -> None:
     """Replace the baseline record atomically (write, fsync, rename)."""
     tmp = git_dir / f".{_META_NAME}.{secrets.token_hex(6)}"
@@ -527,6 +597,14 @@ def _write_meta(git_dir: Path, meta: Mapping[str, object]) -> None:
 
 def _add_all(env: Mapping[str, str], project: Path) -> subprocess.CompletedProcess[bytes]:
     return run_git(["add", "--all", "--ignore-errors", "--", "."], env, cwd=project, check=False)
+
+
+def _has_flagged_entries(env: Mapping[str, str], project: Path) -> bool:
+    """Whether the (copied) index marks entries assume-unchanged or skip-worktree."""
+    proc = run_git(["ls-files", "-v", "-z"], env, cwd=project, check=False)
+    if proc.returncode != 0:
+        return True
+    return any(rec[:1].islower() or rec[:2] == b"S " for rec in proc.stdout.split(b"\0") if rec)
 
 
 def _has_attributes(env: Mapping[str, str], project: Path) -> bool:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import stat
 import subprocess
 import tempfile
@@ -90,7 +91,6 @@ _CHUNK = 1024 * 1024
 _PERM_MASK = 0o777
 _OVERLAY_XATTR_PREFIXES = ("user.overlay.", "trusted.overlay.")
 _KIND_ORDER = {"deleted": 0, "modified": 1, "added": 2}
-_SANDBOX_REF = "refs/stockade/sandbox"
 _IGNORE_FILE_LIMIT = 1024 * 1024
 
 
@@ -308,7 +308,7 @@ def compute_diff(
         lower_root, upper_root = Path(layers).resolve(), Path(upper)
         keep = tempfile.TemporaryDirectory(prefix="stockade-baseline-")
         baseline = WorkspaceBaseline.record(Path(keep.name), lower_root)
-    source = _PatchSource(baseline, upper_root, keep)
+    source = _PatchSource(baseline, lower_root, upper_root, keep)
     selected = None if paths is None else normalize_protected(paths)
     if paths is not None and any(not normalize_protected([p]) for p in paths):
         selected = None  # the project root itself was named
@@ -343,7 +343,7 @@ def compute_diff(
     if isinstance(layers, WorkspaceLayers):
         try:
             commits = describe_commits(layers)
-        except WorkspaceError as exc:
+        except (WorkspaceError, OSError) as exc:
             walker.ignored.append((".git", f"the sandbox's commits could not be read: {exc}"))
     return WorkspaceDiff(
         changes=changes,
@@ -870,19 +870,21 @@ class _PatchSource:
     def __init__(
         self,
         baseline: WorkspaceBaseline,
+        lower: Path,
         upper: Path,
         keep: tempfile.TemporaryDirectory[str] | None,
     ) -> None:
         self.baseline = baseline
+        self.lower = lower
         self.upper = upper
         self.keep = keep  # a temporary baseline lives as long as its diff
         self.changes: list[FileChange] = []
-        self._commit: str | None = None
+        self._commits: tuple[str, str] | None = None
         self._by_path: dict[str, bytes] | None = None
         self._lock = threading.Lock()
 
     def patch(self, paths: list[str], *, rename: bool = True) -> bytes:
-        commit = self.commit()
+        base, commit = self.commits()
         args = [
             "diff-tree",
             "-r",
@@ -893,7 +895,7 @@ class _PatchSource:
             "--no-ext-diff",
             "--no-textconv",
             *(["-M"] if rename else []),
-            self.baseline.commit,
+            base,
             commit,
             "--",
             *(f":(literal){p}" for p in paths),
@@ -928,19 +930,28 @@ class _PatchSource:
             self._by_path = out
         return out
 
-    def commit(self) -> str:
+    def commits(self) -> tuple[str, str]:
+        """(base, sandbox) commit ids: the patch goes from the first to the second."""
         with self._lock:
-            if self._commit is None:
-                self._commit = self._build()
-            return self._commit
+            if self._commits is None:
+                self._commits = self._build()
+            return self._commits
 
-    def _build(self) -> str:
+    def _build(self) -> tuple[str, str]:
         """The sandbox's view as a commit on top of the baseline commit.
 
         Every changed file of the whole diff goes in (not only a selection), so one commit
-        serves every patch asked of this diff.
+        serves every patch asked of this diff. Ignored paths that were included and existed
+        on the host (which the baseline does not hold) first go into a base commit with
+        their host version, so the patch applies to the host.
         """
         changes = [c for c in self.changes if c.type != "dir"]
+        host_sides = [
+            c for c in changes if c.ignored and c.kind != "added" and c.old_oid is not None
+        ]
+        token = secrets.token_hex(8)
+        base_ref = f"refs/stockade/tmp-{token}-base".encode()
+        view_ref = f"refs/stockade/tmp-{token}-view".encode()
         env = git_env(self.baseline.git_dir)
         proc = subprocess.Popen(
             ["git", "fast-import", "--quiet", "--force", "--done"],
@@ -956,42 +967,43 @@ class _PatchSource:
         )
         reader.start()
         ok = False
+        stream = proc.stdin
         try:
+            mark = 0
+            host_marks: dict[str, int] = {}
+            for change in host_sides:
+                mark += 1
+                host_marks[change.path] = mark
+                self._feed_host_blob(stream, change, mark)
             marks: dict[str, int] = {}
-            for i, change in enumerate(c for c in changes if c.kind != "deleted"):
-                mark = i + 1
-                marks[change.path] = mark
-                self._feed_blob(proc.stdin, change, mark)
-            message = b"stockade sandbox view\n"
-            proc.stdin.write(
-                b"commit " + _SANDBOX_REF.encode() + b"\n"
-                b"committer stockade <stockade@localhost> 0 +0000\n"
-                b"data %d\n%s"
-                % (len(message), message)
-                + b"from "
-                + self.baseline.commit.encode("ascii")
-                + b"\n"
-            )
-            for change in changes:
-                if change.kind == "deleted":
-                    proc.stdin.write(b"D " + _quote(change.path) + b"\n")
             for change in changes:
                 if change.kind != "deleted":
-                    mode = (
-                        b"120000"
-                        if change.type == "symlink"
-                        else b"%o" % (0o100000 | (change.new_mode or 0o644))
-                    )
-                    proc.stdin.write(
-                        b"M %s :%d %s\n" % (mode, marks[change.path], _quote(change.path))
-                    )
-            proc.stdin.write(b"\ndone\n")
+                    mark += 1
+                    marks[change.path] = mark
+                    self._feed_blob(stream, change, mark)
+            base_from = self.baseline.commit.encode("ascii")
+            stream.write(_commit_header(base_ref, b"stockade base", base_from))
+            for change in host_sides:
+                mode = _git_mode_bytes(change.type, change.old_mode)
+                stream.write(
+                    b"M %s :%d %s\n" % (mode, host_marks[change.path], _quote(change.path))
+                )
+            stream.write(b"\n")
+            stream.write(_commit_header(view_ref, b"stockade sandbox view", base_ref))
+            for change in changes:
+                if change.kind == "deleted":
+                    stream.write(b"D " + _quote(change.path) + b"\n")
+            for change in changes:
+                if change.kind != "deleted":
+                    mode = _git_mode_bytes(change.type, change.new_mode)
+                    stream.write(b"M %s :%d %s\n" % (mode, marks[change.path], _quote(change.path)))
+            stream.write(b"\ndone\n")
             ok = True
         except BrokenPipeError:
             pass
         finally:
             try:
-                proc.stdin.close()
+                stream.close()
             except BrokenPipeError:
                 ok = False
             if not ok:
@@ -1001,8 +1013,35 @@ class _PatchSource:
         if proc.returncode != 0 or not ok:
             message_text = b"".join(stderr_chunks).decode("utf-8", "replace").strip()
             raise WorkspaceError(f"git fast-import failed: {message_text or 'aborted'}")
-        rev = run_git(["rev-parse", "--verify", _SANDBOX_REF + "^{commit}"], env)
-        return rev.stdout.decode("ascii").strip()
+        ids = []
+        for ref in (base_ref, view_ref):
+            name = ref.decode()
+            rev = run_git(["rev-parse", "--verify", name + "^{commit}"], env)
+            ids.append(rev.stdout.decode("ascii").strip())
+            run_git(["update-ref", "-d", name], env)
+        return ids[0], ids[1]
+
+    def _feed_host_blob(self, stream: Any, change: FileChange, mark: int) -> None:
+        """The host's version of an ignored path (verified against the diff's id)."""
+        if change.type == "symlink":
+            data = os.fsencode(change.old_target or "")
+        else:
+            try:
+                fd = open_file_beneath(self.lower, tuple(change.path.split("/")))
+            except OSError as exc:
+                raise WorkspaceError(
+                    f"{change.path!r} changed on the host since the diff was taken "
+                    f"({exc.strerror}); take the diff again"
+                ) from exc
+            try:
+                data = _read_all(fd)
+            finally:
+                os.close(fd)
+        if git_blob_id(data) != change.old_oid:
+            raise WorkspaceError(
+                f"{change.path!r} changed on the host since the diff was taken; take the diff again"
+            )
+        stream.write(b"blob\nmark :%d\ndata %d\n" % (mark, len(data)) + data + b"\n")
 
     def _feed_blob(self, stream: Any, change: FileChange, mark: int) -> None:
         if change.type == "symlink":
@@ -1033,6 +1072,25 @@ class _PatchSource:
             stream.write(b"\n")
         finally:
             os.close(fd)
+
+
+def _commit_header(ref: bytes, message: bytes, parent: bytes) -> bytes:
+    """A fast-import commit command (fixed identity and date) up to its file changes."""
+    return (
+        b"commit %s\ncommitter stockade <stockade@localhost> 0 +0000\n" % ref
+        + b"data %d\n%s\nfrom %s\n" % (len(message), message, parent)
+    )
+
+
+def _git_mode_bytes(type_: EntryType, mode: int | None) -> bytes:
+    return b"120000" if type_ == "symlink" else b"%o" % (0o100000 | (mode or 0o644))
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, _CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _quote(path: str) -> bytes:

@@ -49,7 +49,6 @@ _PACK_NAME = re.compile(r"pack-[0-9a-f]{40}\.pack")
 _REF_NAME = re.compile(r"refs/[A-Za-z0-9._/+-]{1,200}")
 _SMALL = 1024 * 1024
 _CHUNK = 1024 * 1024
-_MAX_SUBJECTS = 1000
 
 
 @dataclass(frozen=True)
@@ -84,44 +83,24 @@ def agent_head(layers: WorkspaceLayers) -> str | None:
 
 
 def describe_commits(layers: WorkspaceLayers) -> list[AgentCommit]:
-    """The commits on the sandbox's HEAD that the baseline's HEAD lacks, oldest first."""
-    baseline = layers.baseline
-    if baseline.head is None:
-        return []
-    head = agent_head(layers)
-    if head is None or head == baseline.head:
-        return []
-    view = _build_view(layers)
-    proc = run_git(
-        [
-            "log",
-            "--format=%H %s",
-            "--reverse",
-            f"--max-count={_MAX_SUBJECTS}",
-            head,
-            f"^{baseline.head}",
-        ],
-        git_env(view),
-    )
-    commits: list[AgentCommit] = []
-    for line in proc.stdout.decode("utf-8", "replace").splitlines():
-        sha, _, subject = line.partition(" ")
-        commits.append(AgentCommit(sha, subject))
-    return commits
+    """The commits on the sandbox's HEAD that the host lacks, oldest first.
+
+    "Lacks": not reachable from the baseline's HEAD nor from any branch (but stockade/...),
+    tag or remote ref of the host now (the sandbox sees the host's live ``.git`` under its
+    own writes, so a commit the host made meanwhile can show up as the sandbox's HEAD).
+    """
+    found = _agent_commits(layers)
+    return [] if found is None else found[1]
 
 
 def import_commits(layers: WorkspaceLayers, host_project: Path, branch_name: str) -> list[str]:
     """Make ``refs/heads/<branch_name>`` of the host repository point at the sandbox's HEAD.
 
-    Returns the commit ids the branch brings that the baseline's HEAD lacks (oldest first);
-    an empty list, and no branch, when the sandbox's HEAD is the baseline's. Objects travel
-    by ``git fetch`` with fsck; nothing but that one ref is written on the host (no reflog,
-    no FETCH_HEAD). The branch is moved (forced) if it exists: it belongs to the sandbox.
+    Only when the sandbox's HEAD holds commits the host lacks (see ``describe_commits``);
+    returns their ids, oldest first, or an empty list (and no branch). Objects travel by
+    ``git fetch`` with fsck; nothing but that one ref is written on the host (no reflog, no
+    FETCH_HEAD). The branch is moved (forced) if it exists: it belongs to the sandbox.
     """
-    baseline = layers.baseline
-    head = agent_head(layers)
-    if head is None or head == baseline.head:
-        return []
     host = find_git_dirs(Path(host_project))
     if host is None:
         raise WorkspaceError(
@@ -134,8 +113,11 @@ def import_commits(layers: WorkspaceLayers, host_project: Path, branch_name: str
     )
     if check.returncode != 0:
         raise WorkspaceError(f"{branch_name!r} is not a valid git branch name")
-    view = _build_view(layers)
-    run_git(["rev-parse", "--verify", "--quiet", f"{head}^{{commit}}"], git_env(view))
+    found = _agent_commits(layers)
+    if found is None or not found[1]:
+        return []
+    view, commits = found
+    head = commits[-1].sha
     ref = f"refs/heads/{branch_name}"
     fetch_env = git_env(
         host_git_dir,
@@ -165,9 +147,50 @@ def import_commits(layers: WorkspaceLayers, host_project: Path, branch_name: str
     landed = run_git(["rev-parse", "--verify", ref], git_env(host_git_dir))
     if landed.stdout.decode("ascii").strip() != head:
         raise WorkspaceError(f"the host branch {branch_name!r} does not point at {head}")
-    exclude = [f"^{baseline.head}"] if baseline.head else []
-    listed = run_git(["rev-list", "--reverse", head, *exclude], git_env(host_git_dir))
-    return listed.stdout.decode("ascii").split()
+    return [c.sha for c in commits]
+
+
+def _agent_commits(layers: WorkspaceLayers) -> tuple[Path, list[AgentCommit]] | None:
+    """(view repository, new commits oldest first), None when HEAD is the baseline's."""
+    baseline = layers.baseline
+    if baseline.head is None:
+        return None
+    head = agent_head(layers)
+    if head is None or head == baseline.head:
+        return None
+    host = find_git_dirs(layers.lower)
+    if host is None:
+        return None
+    refs = run_git(
+        [
+            "for-each-ref",
+            "--format=%(objectname) %(refname)",
+            "refs/heads",
+            "refs/tags",
+            "refs/remotes",
+        ],
+        git_env(host[0]),
+    ).stdout.decode("utf-8", "replace")
+    # Branches made from sandboxes (stockade/...) do not count as the host having them.
+    tips = [
+        line.split(" ", 1)[0]
+        for line in refs.splitlines()
+        if not line.split(" ", 1)[-1].startswith("refs/heads/stockade/")
+    ]
+    view = _build_view(layers)
+    negative = "".join(f"^{sha}\n" for sha in {baseline.head, *tips}).encode("ascii")
+    proc = run_git(
+        ["log", "--format=%H %s", "--reverse", "--stdin", head],
+        git_env(view),
+        input=negative,
+    )
+    commits: list[AgentCommit] = []
+    for line in proc.stdout.decode("utf-8", "replace").splitlines():
+        sha, _, subject = line.partition(" ")
+        commits.append(AgentCommit(sha, subject))
+    if commits and commits[-1].sha != head:
+        raise WorkspaceError(f"could not list the sandbox's commits up to {head}")
+    return view, commits
 
 
 def _packed_ref(data: bytes | None, name: str) -> str | None:

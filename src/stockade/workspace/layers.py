@@ -26,6 +26,7 @@ __all__ = ["WorkspaceLayers"]
 logger = logging.getLogger(__name__)
 
 _STATE_MODE = 0o700
+_LEGACY_BASELINE_NAME = "workspace-baseline"  # ctime file of stockade before git baselines
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -50,8 +51,23 @@ class WorkspaceLayers:
 
     @property
     def baseline(self) -> WorkspaceBaseline:
-        """The project as the sandbox first saw it; WorkspaceError when missing."""
-        return WorkspaceBaseline.open(self.state_dir, self.lower)
+        """The project as the sandbox first saw it; WorkspaceError when missing.
+
+        A sandbox made by an older stockade (a ctime baseline file, no git baseline) gets
+        one recorded from the project as it is now, with a warning: host edits made before
+        this moment can no longer be told from the sandbox's baseline.
+        """
+        try:
+            return WorkspaceBaseline.open(self.state_dir, self.lower)
+        except WorkspaceError:
+            if not os.path.isfile(self.state_dir / _LEGACY_BASELINE_NAME):
+                raise
+        logger.warning(
+            "sandbox workspace in %s predates git baselines; recording one from the project "
+            "as it is now",
+            self.state_dir,
+        )
+        return WorkspaceBaseline.record(self.state_dir, self.lower)
 
     @classmethod
     def at(
