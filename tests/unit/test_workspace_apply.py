@@ -287,6 +287,19 @@ def test_text_changed_on_both_sides_in_other_regions_merges(
     assert (again.merged, again.conflicts, again.skipped) == ([], [], [])
 
 
+def test_after_a_merge_later_sandbox_changes_keep_the_host_edit(
+    layers: WorkspaceLayers, project: Path
+) -> None:
+    write(layers.upper / "notes.txt", edit(TEXT, 2, "sandbox 2"))
+    (project / "notes.txt").write_text(edit(TEXT, 18, "host 18"))
+    assert apply_diff(layers).merged == ["notes.txt"]
+    write(layers.upper / "notes.txt", edit(edit(TEXT, 2, "sandbox 2"), 10, "sandbox 10"))
+    second = apply_diff(layers)
+    assert (second.merged, second.conflicts) == (["notes.txt"], [])
+    expected = edit(edit(edit(TEXT, 2, "sandbox 2"), 10, "sandbox 10"), 18, "host 18")
+    assert (project / "notes.txt").read_text() == expected
+
+
 def test_same_region_conflict_is_left_unapplied_by_default(
     layers: WorkspaceLayers, project: Path
 ) -> None:
