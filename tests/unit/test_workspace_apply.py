@@ -432,8 +432,9 @@ def test_host_change_between_planning_and_writing_aborts_everything(
         return ops
 
     monkeypatch.setattr(apply_mod._Planner, "ordered_ops", racing)
-    with pytest.raises(WorkspaceConflictError):
+    with pytest.raises(WorkspaceConflictError, match="apply again") as info:
         apply_diff(layers)
+    assert info.value.paths == ["notes.txt"]
     assert (project / "README.md").read_text() == "# hi\n"
     assert (project / "notes.txt").read_text() == "edited by the host meanwhile\n"
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from stockade._errors import WorkspaceError
+from stockade._errors import WorkspaceConflictError, WorkspaceError
 from stockade.workspace.baseline import (
     BaselineEntry,
     git_blob_id,
@@ -46,7 +46,14 @@ from stockade.workspace.diff import (
 )
 from stockade.workspace.display import display_path
 from stockade.workspace.layers import WorkspaceLayers, open_dir_beneath, open_file_beneath
-from stockade.workspace.txn import ABSENT, JOURNAL_DIR_NAME, HostState, Op, apply_ops
+from stockade.workspace.txn import (
+    ABSENT,
+    JOURNAL_DIR_NAME,
+    HostState,
+    Op,
+    apply_ops,
+    split_path,
+)
 
 __all__ = [
     "ApplyConflict",
@@ -243,7 +250,7 @@ def apply_diff(
     fresh = compute_diff(layers, protected=protected_set, include_ignored=include_ignored)
     reviewed = fresh if diff is None else diff
     for change in reviewed.changes:
-        _split(change.path)
+        split_path(change.path)
     names = _normalize_names(paths)
     flagged = frozenset(c.path for c in reviewed.changes if c.protected)
     selected = _select(reviewed, names, protected_set | flagged)
@@ -254,7 +261,14 @@ def apply_diff(
     planner.plan(selected)
     ops = planner.ordered_ops()
     if ops:
-        apply_ops(layers.lower, layers.upper.parent / JOURNAL_DIR_NAME, ops)
+        try:
+            apply_ops(layers.lower, layers.upper.parent / JOURNAL_DIR_NAME, ops)
+        except WorkspaceConflictError as exc:
+            raise WorkspaceConflictError(
+                f"the host changed while the apply was being prepared: {exc}; apply again "
+                "to judge the changes against the host as it is now",
+                paths=exc.paths,
+            ) from exc
     planner.advance_baseline()
     if branch is not None:
         planner.import_commits(fresh, branch)
@@ -296,18 +310,6 @@ def leaves_project(path: str, target: str) -> bool:
 
 
 # --- selection --------------------------------------------------------------------------
-
-
-def _split(path: str) -> tuple[str, ...]:
-    """A diff path as components; refuses anything that could leave the project root."""
-    parts = tuple(path.split("/"))
-    if not path or path.startswith("/") or "\0" in path:
-        raise WorkspaceError(f"refusing to apply {path!r}: not a relative path")
-    if any(part in ("", ".", "..") for part in parts):
-        raise WorkspaceError(
-            f"refusing to apply {path!r}: empty, '.' or '..' components could escape the project"
-        )
-    return parts
 
 
 def _normalize_names(paths: Iterable[str] | None) -> list[str] | None:
@@ -589,7 +591,7 @@ class _Planner:
         return state
 
     def _opener(self, path: str) -> Callable[[], int]:
-        upper, parts = self.layers.upper, _split(path)
+        upper, parts = self.layers.upper, split_path(path)
         return lambda: open_file_beneath(upper, parts, owned=True)
 
     def _read_upper(self, path: str, change: FileChange) -> bytes | None:
@@ -613,7 +615,7 @@ class _Planner:
         return data
 
     def _read_host(self, path: str, host: _State) -> bytes | None:
-        parts = _split(path)
+        parts = split_path(path)
         try:
             fd = open_file_beneath(self.project, parts)
         except OSError:
@@ -820,7 +822,7 @@ def _advance_baseline(layers: WorkspaceLayers, updates: dict[str, _State]) -> No
             oid = _store_blob(env, data=os.fsencode(state.target or ""))
             entry = BaselineEntry("symlink", 0, oid)
         else:
-            fd = open_file_beneath(layers.upper, _split(path), owned=True)
+            fd = open_file_beneath(layers.upper, split_path(path), owned=True)
             try:
                 oid = _store_blob(env, fd=fd)
             finally:
