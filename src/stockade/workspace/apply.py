@@ -407,7 +407,6 @@ class _Planner:
         self.held: list[tuple[str, str]] = []
         self.overwritten: list[str] = []
         self.warnings: list[str] = []
-        self.named_config: set[str] = set()
         self.branch: str | None = None
         self.commits: list[str] = []
         self.sandbox: dict[str, _State] = {}
@@ -664,7 +663,6 @@ class _Planner:
     def _note_named_config(self, path: str) -> None:
         why = host_config_reason(path)
         if why is not None and self.sandbox[path].kind != "dir":
-            self.named_config.add(path)
             self.warnings.append(
                 f"applied {display_path(path)}, which configures a tool on the host ({why}): "
                 "it was named explicitly; review it before that tool next runs"
