@@ -297,3 +297,51 @@ def test_apply_merges_and_reports_conflicts_in_cli_wording(
         assert "chain intact" in stockade("audit", name, "--verify").stdout
     finally:
         stockade("rm", name, check=False)
+
+
+def test_diff_of_a_git_repository(namespace_backend: str, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
+    ident = ["-c", "user.name=u", "-c", "user.email=u@x"]
+
+    def host_git(*args: str) -> str:
+        argv = ["git", *ident, *args]
+        return subprocess.run(
+            argv, cwd=repo, env=env, check=True, capture_output=True
+        ).stdout.decode()
+
+    host_git("init", "-q", "-b", "main")
+    (repo / ".gitignore").write_text(".venv/\n")
+    (repo / "a.txt").write_text("a\n")
+    (repo / "src").mkdir()
+    (repo / "src" / "m.py").write_text("m = 1\n")
+    host_git("add", "-A")
+    host_git("commit", "-q", "-m", "init")
+    name = f"g-{uuid.uuid4().hex[:8]}"
+    script = (
+        "echo b > a.txt && echo n = 2 > src/n.py && mkdir -p .venv empty && echo j > .venv/j"
+        " && git -c user.name=a -c user.email=a@b commit -qam 'agent: edit a'"
+    )
+    stockade("run", "--name", name, "--", "sh", "-c", script, cwd=repo)
+    try:
+        r = stockade("diff", name, cwd=repo)
+        assert r.stdout.startswith("diff --git a/a.txt b/a.txt\n")
+        assert ".venv" not in r.stdout and ".git/" not in r.stdout
+        assert "1 path(s) ignored by .gitignore left out (.venv)" in r.stderr
+        assert "new empty directories (not in the patch): empty/" in r.stderr
+        assert f"to become branch stockade/{name}" in r.stderr and "agent: edit a" in r.stderr
+        patch = tmp_path / "p.patch"
+        patch.write_text(r.stdout)
+        host_git("apply", "--check", str(patch))
+        only_src = stockade("diff", name, "src", cwd=repo).stdout
+        assert "b/src/n.py" in only_src and "a.txt" not in only_src
+        assert stockade("diff", name, "n.py", cwd=repo / "src").stdout == only_src
+        stat = stockade("diff", name, "--stat", "--include-ignored", cwd=repo).stdout
+        assert "A .venv/j" in stat.splitlines()
+        data = json.loads(stockade("diff", name, "--json", cwd=repo).stdout)
+        assert data["branch"] == f"stockade/{name}"
+        assert [c["subject"] for c in data["commits"]] == ["agent: edit a"]
+        assert data["patch"] == r.stdout
+    finally:
+        stockade("rm", name, check=False)

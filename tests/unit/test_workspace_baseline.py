@@ -160,6 +160,13 @@ def test_global_excludes_file_is_honoured(tmp_path: Path, monkeypatch: pytest.Mo
     (project / "edit.swp").write_text("s")
     baseline = WorkspaceBaseline.record(tmp_path, project)
     assert set(baseline.entries_under("")) == {"keep.txt"}
+    # The repository's info/exclude outranks the global file.
+    _git(project, "init", "-q")
+    (project / ".git" / "info").mkdir(exist_ok=True)
+    (project / ".git" / "info" / "exclude").write_text("!important.swp\n")
+    (project / "important.swp").write_text("i")
+    baseline = WorkspaceBaseline.record(tmp_path, project)
+    assert set(baseline.entries_under("")) == {"keep.txt", "important.swp"}
 
 
 def test_empty_project(tmp_path: Path) -> None:

@@ -355,3 +355,24 @@ def test_included_ignored_changes_apply_to_the_host(tmp_path: Path, project: Pat
     assert not (project / ".venv" / "old.py").exists()
     assert (project / ".venv" / "keep.py").read_text() == "keep\n"
     assert not compute_diff(layers).changes  # without the flag: all left out
+
+
+def test_names_git_would_refuse_are_not_carried(layers: WorkspaceLayers, tmp_path: Path) -> None:
+    for name in (".GIT", ".Git", "git~1", ".git.", ".git::$INDEX_ALLOCATION"):
+        write(layers.upper / name / "config", "[core]\n\thooksPath = /tmp/evil\n")
+    write(layers.upper / "sub" / ".git" / "HEAD", "ref: refs/heads/x\n")
+    os.symlink("/etc/passwd", layers.upper / ".gitmodules")
+    write(layers.upper / "ok.txt", "ok\n")
+    diff = compute_diff(layers)
+    assert [c.path for c in diff] == ["ok.txt", "sub"]
+    assert {p for p, _ in diff.ignored} == {
+        ".GIT",
+        ".Git",
+        "git~1",
+        ".git.",
+        ".git::$INDEX_ALLOCATION",
+        ".gitmodules",
+    }
+    patch = tmp_path / "p"
+    patch.write_bytes(diff.patch_bytes())
+    git(layers.lower, "apply", "--check", str(patch))

@@ -505,7 +505,8 @@ def _record_into(git_dir: Path, project: Path) -> dict[str, object]:
                 copied = True
     global_excludes = _global_excludes()
     if global_excludes:
-        excludes.append(global_excludes)
+        # info/exclude outranks the global file: later patterns win, so it goes last.
+        excludes.insert(0, global_excludes)
     if excludes:
         (info / "exclude").write_bytes(b"\n".join(e.rstrip(b"\n") for e in excludes) + b"\n")
 

@@ -495,6 +495,11 @@ class _DiffWalker:
             if name == ".git":
                 seen.add(name)
                 continue
+            if _is_dotgit_alias(name):
+                seen.add(name)
+                if self.wanted(path, is_dir=True):
+                    self.ignored.append((path, "a name git takes for .git: never carried"))
+                continue
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             is_dir = stat.S_ISDIR(st.st_mode)
             if not self.wanted(path, is_dir=is_dir or stat.S_ISCHR(st.st_mode)):
@@ -519,6 +524,8 @@ class _DiffWalker:
             elif stat.S_ISREG(st.st_mode):
                 new = self.read_upper_file(dir_fd, name, path)
                 self.compare(path, new, lower_path, ignored)
+            elif stat.S_ISLNK(st.st_mode) and name.lower() == ".gitmodules":
+                self.ignored.append((path, "a symlinked .gitmodules: git refuses to carry it"))
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(name, dir_fd=dir_fd)
                 raw = os.fsencode(target)
@@ -1144,6 +1151,15 @@ def _looks_binary(head: bytes, size: int) -> bool:
         # A multi-byte character cut at the sniff boundary is not a sign of binary.
         return not (exc.reason == "unexpected end of data" and len(head) >= _SNIFF_BYTES)
     return False
+
+
+def _is_dotgit_alias(name: str) -> bool:
+    """Names git refuses as aliases of ``.git`` (case, NTFS trailing dots/spaces, streams,
+    the 8.3 short name): a patch holding one would not apply."""
+    lowered = name.lower()
+    if lowered.split(":", 1)[0].rstrip(" .") == ".git":
+        return True
+    return lowered == "git~1"
 
 
 def _hash_file(fd: int) -> _Side:
