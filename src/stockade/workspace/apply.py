@@ -235,7 +235,10 @@ def apply_diff(
     Conflicts (the host changed a path since the sandbox started, and so did the sandbox) are
     merged when both sides are text; a merge with conflicting regions is left unapplied
     (``conflicts="skip"``) or written with conflict markers (``conflicts="markers"``);
-    ``force=True`` writes the sandbox's version over any host change. ``branch`` names the
+    ``force=True`` writes the sandbox's version over any other host change (and over text
+    conflicts too unless markers are asked for); clean merges are merged whatever ``force``
+    says. Files configuring host tools and symlinks leaving the project are held back
+    unless named in ``paths``; protected paths are never applied. ``branch`` names the
     branch the agent's commits are imported to (``stockade/NAME``); None leaves them.
     Paths ``.gitignore`` leaves out are not applied unless ``include_ignored``.
 
