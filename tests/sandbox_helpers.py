@@ -126,3 +126,16 @@ def run_as_nobody(
         )
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def write_trusted_config(project: Path, body: str) -> Path:
+    """Write the project's ``stockade.toml`` and trust it, as its user does with ``stockade
+    trust``: settings such as ``[secrets]`` or loopback allow rules are honoured from a
+    project file only once it is trusted (in the test's own XDG_CONFIG_HOME)."""
+    from stockade.config import trust_store
+    from stockade.config.trust import file_digest
+
+    path = project / "stockade.toml"
+    path.write_text(body)
+    trust_store().trust(path, file_digest(path.read_bytes()))
+    return path

@@ -75,7 +75,7 @@ from stockade.state import (
     process_start_time,
     validate_name,
 )
-from stockade.workspace import ApplyResult, WorkspaceDiff, WorkspaceLayers
+from stockade.workspace import ApplyResult, ConflictMode, WorkspaceDiff, WorkspaceLayers
 
 if TYPE_CHECKING:
     from stockade._background import BackgroundTasks
@@ -577,22 +577,45 @@ class AsyncWorkspace:
             )
         return layers
 
-    async def diff(self) -> WorkspaceDiff:
-        """Files the sandbox added, modified or deleted, compared with the host."""
+    async def diff(
+        self, paths: Sequence[str] | None = None, *, include_ignored: bool = False
+    ) -> WorkspaceDiff:
+        """What the sandbox changed since it started (against the recorded baseline): files
+        added, modified or deleted, as a git patch, and the commits the agent made.
+
+        ``paths`` keeps changes at or below those project-relative paths; paths ignored by
+        ``.gitignore`` are left out (counted in ``ignored_paths``) unless ``include_ignored``.
+        """
         from stockade.workspace import compute_diff
 
         layers = self._layers()
         await self._sandbox._sync_workspace()
         result = await anyio.to_thread.run_sync(
-            lambda: compute_diff(layers, protected=self._sandbox.policy.workspace.protected)
+            lambda: compute_diff(
+                layers,
+                protected=self._sandbox.policy.workspace.protected,
+                paths=paths,
+                include_ignored=include_ignored,
+            )
         )
         self._sandbox._audit("workspace.diffed", details={"summary": result.summary()})
         return result
 
     async def apply(
-        self, paths: Sequence[str] | None = None, *, force: bool = False
+        self,
+        paths: Sequence[str] | None = None,
+        *,
+        force: bool = False,
+        conflicts: ConflictMode = "skip",
+        include_ignored: bool = False,
     ) -> ApplyResult:
-        """Write the sandbox's changes to the host (conflict- and escape-checked)."""
+        """Write the sandbox's changes to the host, judged by content against what the
+        sandbox started from: text changed on both sides is merged; a real conflict is left
+        unapplied (``conflicts="skip"``) or written with conflict markers
+        (``conflicts="markers"``); ``force=True`` overwrites the host's version. Files that
+        configure host tools and symlinks leaving the project apply only when named in
+        ``paths``. The agent's commits become branch ``stockade/NAME``. Paths .gitignore
+        leaves out are applied only with ``include_ignored=True``."""
         from stockade.workspace import apply_diff
 
         layers = self._layers()
@@ -603,12 +626,12 @@ class AsyncWorkspace:
                 paths=paths,
                 protected=self._sandbox.policy.workspace.protected,
                 force=force,
+                conflicts=conflicts,
+                branch=f"stockade/{self._sandbox.name}",
+                include_ignored=include_ignored,
             )
         )
-        self._sandbox._audit(
-            "workspace.applied",
-            details={"applied": result.applied[:200], "skipped": [p for p, _ in result.skipped]},
-        )
+        self._sandbox._audit("workspace.applied", details=result.audit_details())
         return result
 
     async def reset(self) -> None:

@@ -28,7 +28,7 @@ from stockade.sandbox import (
     AsyncWorkspace,
     OutputHandler,
 )
-from stockade.workspace import ApplyResult, WorkspaceDiff
+from stockade.workspace import ApplyResult, ConflictMode, WorkspaceDiff
 
 __all__ = ["CommandHandle", "Commands", "Files", "Network", "Pty", "Sandbox", "Workspace"]
 
@@ -265,12 +265,29 @@ class Workspace(_PortalBound):
         super().__init__(portal)
         self._workspace = workspace
 
-    def diff(self) -> WorkspaceDiff:
-        result: WorkspaceDiff = self._run(self._workspace.diff)
+    def diff(
+        self, paths: Sequence[str] | None = None, *, include_ignored: bool = False
+    ) -> WorkspaceDiff:
+        result: WorkspaceDiff = self._run(
+            self._workspace.diff, paths, include_ignored=include_ignored
+        )
         return result
 
-    def apply(self, paths: Sequence[str] | None = None, *, force: bool = False) -> ApplyResult:
-        result: ApplyResult = self._run(self._workspace.apply, paths, force=force)
+    def apply(
+        self,
+        paths: Sequence[str] | None = None,
+        *,
+        force: bool = False,
+        conflicts: ConflictMode = "skip",
+        include_ignored: bool = False,
+    ) -> ApplyResult:
+        result: ApplyResult = self._run(
+            self._workspace.apply,
+            paths,
+            force=force,
+            conflicts=conflicts,
+            include_ignored=include_ignored,
+        )
         return result
 
     def reset(self) -> None:

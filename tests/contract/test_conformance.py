@@ -10,7 +10,9 @@ every backend: behaviour through stockade's API must not depend on the isolation
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,8 +22,9 @@ from typing import Any
 import pytest
 
 from conftest import require_backend
-from sandbox_helpers import HelloHandler, host_pids, serve_http
+from sandbox_helpers import HelloHandler, host_pids, serve_http, write_trusted_config
 from stockade import ExecTimeoutError, Sandbox
+from stockade.audit import AuditLog
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -248,6 +251,214 @@ def test_host_socket_in_a_cow_workspace_answers_nothing(target: str, tmp_path: P
         server.close()
 
 
+def _host_git(repo: Path, *args: str) -> str:
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(repo),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+    }
+    argv = ["git", "-c", "user.name=host", "-c", "user.email=host@x", *args]
+    proc = subprocess.run(argv, cwd=repo, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def _git_state(repo: Path) -> dict[str, bytes]:
+    """HEAD, index, packed-refs, every loose ref and reflog of a repository."""
+    git_dir = repo / ".git"
+    out = {n: (git_dir / n).read_bytes() for n in ("HEAD", "index", "packed-refs")
+           if (git_dir / n).exists()}  # fmt: skip
+    for sub in ("refs", "logs"):
+        for dirpath, _dirs, files in os.walk(git_dir / sub):
+            for name in files:
+                path = Path(dirpath) / name
+                out[path.relative_to(git_dir).as_posix()] = path.read_bytes()
+    return out
+
+
+_AGENT_WORK = """
+set -e
+echo 'agent line' >> README.md
+mkdir -p pkg/sub
+echo 'x = 1' > pkg/sub/m.py
+echo 'y = 2' > pkg/n.py
+rm src/old.py
+mkdir -p .venv/lib src/__pycache__ .pytest_cache
+echo junk > .venv/lib/site.py
+printf 'junk' > src/__pycache__/app.cpython-311.pyc
+echo cache > .pytest_cache/v
+git add -A
+git -c user.name=agent -c user.email=agent@x commit -q -m 'agent: add pkg'
+git rev-parse HEAD
+"""
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed on the host")
+def test_git_repository_review(target: str, tmp_path: Path) -> None:
+    """A real repository: the agent edits, creates a dir, deletes, makes ignored junk and
+    commits while the host commits too. The diff holds only what matters and applies with
+    git; the agent's commit becomes stockade/NAME; the host's refs and reflogs stay."""
+    from stockade.workspace.gitrepo import import_commits
+
+    project = tmp_path / "project"
+    project.mkdir()
+    _host_git(project, "init", "-q", "-b", "main")
+    (project / ".gitignore").write_text(".venv/\n__pycache__/\n.pytest_cache/\n")
+    (project / "README.md").write_text("hello\n")
+    (project / "src").mkdir()
+    (project / "src" / "app.py").write_text("print('app')\n")
+    (project / "src" / "old.py").write_text("old = True\n")
+    _host_git(project, "add", "-A")
+    _host_git(project, "commit", "-q", "-m", "init")
+    with fresh(target, project) as sb:
+        if sb.commands.run("command -v git").exit_code != 0:
+            pytest.skip(f"the {target} sandbox has no git program (its image lacks git)")
+        r = sb.commands.run(_AGENT_WORK)
+        assert r.exit_code == 0, r.stderr
+        agent_sha = r.stdout.strip().splitlines()[-1]
+        (project / "host.txt").write_text("the host's own work\n")
+        _host_git(project, "add", "host.txt")
+        _host_git(project, "commit", "-q", "-m", "host: meanwhile")
+        host_sha = _host_git(project, "rev-parse", "HEAD").strip()
+        before = _git_state(project)
+
+        diff = sb.workspace.diff()
+        files = {c.path: c.kind for c in diff if c.type != "dir"}
+        assert files == {
+            "README.md": "modified",
+            "pkg/n.py": "added",
+            "pkg/sub/m.py": "added",
+            "src/old.py": "deleted",
+        }
+        assert {".venv", ".pytest_cache", "src/__pycache__"} <= set(diff.ignored_paths)
+        assert not any(".git" in c.path.split("/") for c in diff)
+        assert [(c.sha, c.subject) for c in diff.commits] == [(agent_sha, "agent: add pkg")]
+        patch = tmp_path / "agent.patch"
+        patch.write_bytes(diff.patch_bytes())
+        _host_git(project, "apply", "--check", str(patch))
+
+        layers = sb._inner._layers
+        assert layers is not None
+        assert import_commits(layers, project, f"stockade/{sb.name}") == [agent_sha]
+    after = _git_state(project)
+    assert after.pop(f"refs/heads/stockade/{sb.name}").decode().strip() == agent_sha
+    assert after == before  # HEAD, index, main, reflogs untouched; no new reflog
+    assert _host_git(project, "rev-parse", "main").strip() == host_sha
+    assert _host_git(project, "show", f"stockade/{sb.name}:pkg/sub/m.py") == "x = 1\n"
+    _host_git(project, "fsck", "--strict")
+
+
+def _lines(tag: str, edits: dict[int, str]) -> str:
+    return "".join(f"{edits.get(i, f'{tag} line {i}')}\n" for i in range(1, 21))
+
+
+def test_apply_merges_and_reports_conflicts_in_a_git_repo(target: str, tmp_path: Path) -> None:
+    project = tmp_path / "repo"
+    project.mkdir()
+    _host_git(project, "init", "-q", "-b", "main")
+    (project / "notes.txt").write_text(_lines("notes", {}))
+    (project / "other.txt").write_text(_lines("other", {}))
+    _host_git(project, "add", "-A")
+    _host_git(project, "commit", "-qm", "start")
+    with fresh(target, project) as sb:
+        script = (
+            "import sys\n"
+            "def edit(name, line, text):\n"
+            "    lines = open(name).read().splitlines(keepends=True)\n"
+            "    lines[line - 1] = text + '\\n'\n"
+            "    open(name, 'w').write(''.join(lines))\n"
+            "edit('notes.txt', 2, 'sandbox 2')\n"
+            "edit('other.txt', 5, 'sandbox 5')\n"
+            "open(b'bad\\xff.txt', 'wb').write(b'odd name')\n"
+        )
+        r = sb.commands.run(["python3", "-c", script])
+        assert r.exit_code == 0, r.stderr
+        # Meanwhile the user edits and commits on the host.
+        (project / "notes.txt").write_text(_lines("notes", {18: "host 18"}))
+        host_other = _lines("other", {5: "host 5"})
+        (project / "other.txt").write_text(host_other)
+        _host_git(project, "commit", "-qam", "host edits")
+        refs = _host_git(project, "for-each-ref", "--format=%(refname) %(objectname)")
+        reflog = _host_git(project, "reflog", "--format=%H %gs")
+        head = _host_git(project, "rev-parse", "HEAD")
+
+        result = sb.workspace.apply()
+
+        assert result.merged == ["notes.txt"]
+        assert [(c.path, c.reason, c.written) for c in result.conflicts] == [
+            ("other.txt", "changed on the host and in the sandbox", False)
+        ]
+        assert (project / "notes.txt").read_text() == _lines(
+            "notes", {2: "sandbox 2", 18: "host 18"}
+        )
+        assert (project / "other.txt").read_text() == host_other
+        # A name that is not UTF-8 goes through apply and into the audit log.
+        assert result.applied == [os.fsdecode(b"bad\xff.txt")]
+        assert (project / os.fsdecode(b"bad\xff.txt")).read_bytes() == b"odd name"
+        audit = AuditLog(sb.audit_path, sb.name)
+        events = [e for e in audit.read() if e.action == "workspace.applied"]
+        assert [e.details["applied"] for e in events] == [["bad\\xff.txt"]]
+        assert events[0].details["merged"] == ["notes.txt"]
+        assert audit.verify().ok
+    # The host's history is untouched: same refs (a stockade/ branch may be added), reflog,
+    # HEAD; only the working tree changed; the object store is sound.
+    after = _host_git(project, "for-each-ref", "--format=%(refname) %(objectname)").splitlines()
+    assert [r for r in after if not r.startswith("refs/heads/stockade/")] == refs.splitlines()
+    assert _host_git(project, "reflog", "--format=%H %gs") == reflog
+    assert _host_git(project, "rev-parse", "HEAD") == head
+    status = _host_git(project, "status", "--porcelain")
+    assert status == ' M notes.txt\n?? "bad\\377.txt"\n'  # git quotes the odd name
+    fsck = subprocess.run(
+        ["git", "fsck", "--strict", "--no-dangling"],
+        cwd=project,
+        env={"PATH": os.environ["PATH"], "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(project)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_agent_commit_becomes_a_branch_on_apply(target: str, tmp_path: Path) -> None:
+    project = tmp_path / "repo"
+    project.mkdir()
+    _host_git(project, "init", "-q", "-b", "main")
+    (project / "a.txt").write_text("a\n")
+    _host_git(project, "add", "-A")
+    _host_git(project, "commit", "-qm", "start")
+    with fresh(target, project) as sb:
+        if sb.commands.run("command -v git").exit_code != 0:
+            pytest.skip(f"no git inside the {target} sandbox to commit with")
+        r = sb.commands.run(
+            "echo b > b.txt && git add b.txt && "
+            "git -c user.name=agent -c user.email=agent@x commit -qm 'agent work'"
+        )
+        assert r.exit_code == 0, r.stderr
+        (project / "host.txt").write_text("host\n")
+        _host_git(project, "add", "host.txt")
+        _host_git(project, "commit", "-qm", "host work")
+        reflog = _host_git(project, "reflog", "--format=%H %gs")
+        head = _host_git(project, "rev-parse", "HEAD")
+        result = sb.workspace.apply()
+        name = sb.name
+    assert result.branch == f"stockade/{name}"
+    assert len(result.commits) == 1
+    assert _host_git(project, "log", "--format=%s", f"stockade/{name}") == "agent work\nstart\n"
+    assert _host_git(project, "rev-parse", "HEAD") == head  # the host's branch is where it was
+    assert _host_git(project, "reflog", "--format=%H %gs") == reflog
+    assert _host_git(project, "log", "--format=%s", "main") == "host work\nstart\n"
+    fsck = subprocess.run(
+        ["git", "fsck", "--strict"],
+        cwd=project,
+        env={"PATH": os.environ["PATH"], "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(project)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
 # --- limits -----------------------------------------------------------------------------
 
 
@@ -293,8 +504,8 @@ def test_secrets_are_invisible(
     secret = f"real-secret-{uuid.uuid4().hex}"
     monkeypatch.setenv("CONFORMANCE_TOKEN", secret)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"aws-{secret}")
-    (project / "stockade.toml").write_text(
-        '[secrets.API_TOKEN]\nenv = "CONFORMANCE_TOKEN"\nhosts = ["127.0.0.1"]\n'
+    write_trusted_config(
+        project, '[secrets.API_TOKEN]\nenv = "CONFORMANCE_TOKEN"\nhosts = ["127.0.0.1"]\n'
     )
     with fresh(target, project) as sb:
         token = sb.commands.run("printf %s $API_TOKEN").stdout
@@ -319,7 +530,7 @@ def test_secrets_are_invisible(
 
 def test_network_only_through_the_proxy(target: str, tmp_path: Path, host_server: int) -> None:
     project = make_project(tmp_path / "project")
-    (project / "stockade.toml").write_text('[network]\nallow = ["127.0.0.1"]\n')
+    write_trusted_config(project, '[network]\nallow = ["127.0.0.1"]\n')
     direct = (
         "import socket, sys\n"
         "for addr in (('127.0.0.1', int(sys.argv[1])), ('203.0.113.7', 80)):\n"
@@ -444,7 +655,7 @@ def test_a_failed_start_leaves_nothing(
     project = make_project(tmp_path / "project")
     monkeypatch.delenv("CONFORMANCE_UNSET_SECRET", raising=False)
     config, message = _FAILED_STARTS[failure]
-    (project / "stockade.toml").write_text(config)
+    write_trusted_config(project, config)
     state = default_state_dir()  # short enough for the sockets made in it
     with pytest.raises(StockadeError, match=message):
         fresh(target, project, keep=keep)

@@ -229,3 +229,119 @@ def test_sigterm_to_supervisor_stops_the_sandbox_in_order(
         assert pids_with_marker(f"sleep\x00{marker}") == []
     finally:
         stockade("rm", "--force", name, check=False)
+
+
+def _numbered(tag: str, edits: dict[int, str]) -> str:
+    return "".join(f"{edits.get(i, f'{tag} {i}')}\n" for i in range(1, 21))
+
+
+def test_apply_merges_and_reports_conflicts_in_cli_wording(
+    namespace_backend: str, project: Path
+) -> None:
+    (project / "notes.txt").write_text(_numbered("notes", {}))
+    (project / "other.txt").write_text(_numbered("other", {}))
+    name = f"a-{uuid.uuid4().hex[:8]}"
+    agent = (
+        "import os\n"
+        "def edit(p, n, t):\n"
+        "    lines = open(p).read().splitlines(keepends=True)\n"
+        "    lines[n - 1] = t + '\\n'\n"
+        "    open(p, 'w').write(''.join(lines))\n"
+        "edit('notes.txt', 2, 'sandbox 2')\n"
+        "edit('other.txt', 5, 'sandbox 5')\n"
+        "open('stockade.toml', 'w').write('backend = \"host\"\\n')\n"
+        "open('ok.txt\\rHIDDEN', 'w').write('x\\n')\n"
+    )
+    stockade("run", "--name", name, "--", "python3", "-c", agent, cwd=project)
+    try:
+        (project / "notes.txt").write_text(_numbered("notes", {18: "host 18"}))
+        host_other = _numbered("other", {5: "host 5"})
+        (project / "other.txt").write_text(host_other)
+
+        r = stockade("apply", name, "--verbose", cwd=project, check=False)
+        assert r.returncode == 1  # a conflict remains
+        assert r.stdout.splitlines()[-1] == (
+            f"sandbox {name}: 1 applied, 1 merged, 1 conflict: other.txt (changed on the host "
+            "and in the sandbox)"
+        )
+        assert 'applied    "ok.txt\\rHIDDEN"' in r.stdout  # escaped and quoted
+        assert "rerun with --conflicts markers to write conflict markers, or --force" in r.stderr
+        assert "force=True" not in r.stdout + r.stderr  # CLI wording, not the SDK's
+        assert "held back" in r.stderr and "stockade.toml" in r.stderr
+        assert "\r" not in r.stdout + r.stderr
+        assert (project / "ok.txt\rHIDDEN").read_text() == "x\n"
+        assert (project / "other.txt").read_text() == host_other
+        assert not (project / "stockade.toml").exists()
+        merged = (project / "notes.txt").read_text()
+        assert merged == _numbered("notes", {2: "sandbox 2", 18: "host 18"})
+
+        as_json = json.loads(stockade("apply", name, "--json", cwd=project, check=False).stdout)
+        assert [c["path"] for c in as_json["conflicts"]] == ["other.txt"]
+        assert [h["path"] for h in as_json["held"]] == ["stockade.toml"]
+
+        r = stockade("apply", name, "--conflicts", "markers", cwd=project, check=False)
+        assert r.returncode == 1
+        assert "resolve the conflict markers in: other.txt" in r.stderr
+        assert (
+            "<<<<<<< host\nhost 5\n=======\nsandbox 5\n>>>>>>> sandbox\n"
+            in (project / "other.txt").read_text()
+        )
+
+        r = stockade("apply", name, "stockade.toml", cwd=project)
+        assert "warning: applied stockade.toml" in r.stderr
+        assert (project / "stockade.toml").read_text() == 'backend = "host"\n'
+
+        events = [json.loads(x) for x in stockade("audit", name, "--json").stdout.splitlines()]
+        applied = [e for e in events if e["action"] == "workspace.applied"]
+        assert applied and applied[0]["details"]["merged"] == ["notes.txt"]
+        assert "chain intact" in stockade("audit", name, "--verify").stdout
+    finally:
+        stockade("rm", "--force", name, check=False)
+
+
+def test_diff_of_a_git_repository(namespace_backend: str, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
+    ident = ["-c", "user.name=u", "-c", "user.email=u@x"]
+
+    def host_git(*args: str) -> str:
+        argv = ["git", *ident, *args]
+        return subprocess.run(
+            argv, cwd=repo, env=env, check=True, capture_output=True
+        ).stdout.decode()
+
+    host_git("init", "-q", "-b", "main")
+    (repo / ".gitignore").write_text(".venv/\n")
+    (repo / "a.txt").write_text("a\n")
+    (repo / "src").mkdir()
+    (repo / "src" / "m.py").write_text("m = 1\n")
+    host_git("add", "-A")
+    host_git("commit", "-q", "-m", "init")
+    name = f"g-{uuid.uuid4().hex[:8]}"
+    script = (
+        "echo b > a.txt && echo n = 2 > src/n.py && mkdir -p .venv empty && echo j > .venv/j"
+        " && git -c user.name=a -c user.email=a@b commit -qam 'agent: edit a'"
+    )
+    stockade("run", "--name", name, "--", "sh", "-c", script, cwd=repo)
+    try:
+        r = stockade("diff", name, cwd=repo)
+        assert r.stdout.startswith("diff --git a/a.txt b/a.txt\n")
+        assert ".venv" not in r.stdout and ".git/" not in r.stdout
+        assert "1 path(s) ignored by .gitignore left out (.venv)" in r.stderr
+        assert "new empty directories (not in the patch): empty/" in r.stderr
+        assert f"to become branch stockade/{name}" in r.stderr and "agent: edit a" in r.stderr
+        patch = tmp_path / "p.patch"
+        patch.write_text(r.stdout)
+        host_git("apply", "--check", str(patch))
+        only_src = stockade("diff", name, "src", cwd=repo).stdout
+        assert "b/src/n.py" in only_src and "a.txt" not in only_src
+        assert stockade("diff", name, "n.py", cwd=repo / "src").stdout == only_src
+        stat = stockade("diff", name, "--stat", "--include-ignored", cwd=repo).stdout
+        assert "A .venv/j" in stat.splitlines()
+        data = json.loads(stockade("diff", name, "--json", cwd=repo).stdout)
+        assert data["branch"] == f"stockade/{name}"
+        assert [c["subject"] for c in data["commits"]] == ["agent: edit a"]
+        assert data["patch"] == r.stdout
+    finally:
+        stockade("rm", "--force", name, check=False)

@@ -121,6 +121,7 @@ def _failing(kind: str, project: Path, command: str) -> list[str]:
         (project / "stockade.toml").write_text(
             '[secrets.TOKEN]\nenv = "STOCKADE_TEST_UNSET_SECRET"\nhosts = ["example.com"]\n'
         )
+        stockade("trust", str(project / "stockade.toml"))  # [secrets] need a trusted file
     if kind == "backend start":
         # bwrap cannot make a mount point inside a file: the sandbox never comes up.
         (project / "stockade.toml").write_text('[workspace]\nmount = "/etc/passwd/ws"\n')

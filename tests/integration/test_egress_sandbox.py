@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import HelloHandler, QuietHandler, serve_http
+from sandbox_helpers import HelloHandler, QuietHandler, serve_http, write_trusted_config
 from stockade import Sandbox
 
 pytestmark = pytest.mark.timeout(180)
@@ -38,7 +38,7 @@ def egress_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
 
 def write_config(project: Path, body: str) -> None:
-    (project / "stockade.toml").write_text(body)
+    write_trusted_config(project, body)  # loopback allow rules and secrets need trust
 
 
 VIA_PROXY = 'curl -sS --noproxy "" -x http://127.0.0.1:3128'

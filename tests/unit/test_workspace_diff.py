@@ -1,4 +1,5 @@
-"""compute_diff over hand-built overlayfs upper layers (whiteouts, opaque dirs, copy-ups)."""
+"""compute_diff over hand-built overlayfs upper layers (whiteouts, opaque dirs, copy-ups),
+against a recorded baseline, with git's patch."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import pytest
 from layer_helpers import needs_root, whiteout, write
 from stockade._errors import WorkspaceError
 from stockade.workspace import TEXT_PATCH_LIMIT, WorkspaceLayers, compute_diff
+from stockade.workspace.baseline import git_blob_id
+
+ZERO = "0" * 40
 
 
 def opaque(path: Path, namespace: str = "user") -> None:
@@ -58,9 +62,11 @@ def test_added_file_and_dirs(trees: tuple[Path, Path]) -> None:
     assert m.new_mode == 0o755 and m.old_mode is None
     assert m.new_sha256 is not None and m.old_sha256 is None
     assert m.size == 6 and not m.binary
+    assert m.new_oid == git_blob_id(b"x = 1\n")
     assert m.patch() == (
         "diff --git a/pkg/deep/m.py b/pkg/deep/m.py\n"
         "new file mode 100755\n"
+        f"index {ZERO}..{m.new_oid}\n"
         "--- /dev/null\n"
         "+++ b/pkg/deep/m.py\n"
         "@@ -0,0 +1 @@\n"
@@ -80,6 +86,7 @@ def test_modified_content_patch(trees: tuple[Path, Path]) -> None:
     assert change.old_sha256 != change.new_sha256
     assert change.patch() == (
         "diff --git a/src/a.py b/src/a.py\n"
+        f"index {change.old_oid}..{change.new_oid} 100644\n"
         "--- a/src/a.py\n"
         "+++ b/src/a.py\n"
         "@@ -1,3 +1,3 @@\n"
@@ -107,19 +114,17 @@ def test_chmod_only_is_a_mode_change(trees: tuple[Path, Path]) -> None:
     lower, upper = trees
     write(lower / "run.sh", "#!/bin/sh\n", 0o644)
     write(upper / "run.sh", "#!/bin/sh\n", 0o755)
+    write(lower / "private.txt", "p\n", 0o644)
+    write(upper / "private.txt", "p\n", 0o600)  # git does not see this
     (lower / "d").mkdir(mode=0o755)
     (upper / "d").mkdir()
-    os.chmod(upper / "d", 0o700)
+    os.chmod(upper / "d", 0o700)  # nor directory modes
     diff = compute_diff(lower, upper)
-    assert [(c.path, c.kind, c.type) for c in diff] == [
-        ("d", "modified", "dir"),
-        ("run.sh", "modified", "file"),
-    ]
-    run = diff.changes[1]
+    assert [(c.path, c.kind, c.type) for c in diff] == [("run.sh", "modified", "file")]
+    run = diff.changes[0]
     assert run.mode_changed and not run.content_changed
     assert (run.old_mode, run.new_mode) == (0o644, 0o755)
     assert run.patch() == ("diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n")
-    assert "old mode 040755\nnew mode 040700\n" in diff.changes[0].patch()
 
 
 def test_setuid_bits_are_not_carried(trees: tuple[Path, Path]) -> None:
@@ -204,8 +209,10 @@ def test_symlinks_added_modified_deleted(trees: tuple[Path, Path]) -> None:
     assert by_path["new"].kind == "added" and by_path["new"].type == "symlink"
     assert by_path["new"].new_mode is None
     assert "same" not in by_path
-    assert by_path["changed"].patch() == (
+    changed = by_path["changed"]
+    assert changed.patch() == (
         "diff --git a/changed b/changed\n"
+        f"index {changed.old_oid}..{changed.new_oid} 120000\n"
         "--- a/changed\n+++ b/changed\n"
         "@@ -1 +1 @@\n"
         "-target-a\n\\ No newline at end of file\n"
@@ -235,15 +242,12 @@ def test_binary_and_large_files_patch_with_hashes(trees: tuple[Path, Path]) -> N
     by_path = {c.path: c for c in diff}
     img = by_path["img.png"]
     assert img.binary and img.kind == "modified"
-    assert img.patch().endswith(
-        f"Binary files a/img.png and b/img.png differ (sha256 {img.old_sha256} -> "
-        f"{img.new_sha256})\n"
-    )
+    assert img.old_sha256 != img.new_sha256
+    assert f"index {img.old_oid}..{img.new_oid} 100644\nGIT binary patch\n" in img.patch()
     assert by_path["latin1.txt"].binary
     big = by_path["big.txt"]
     assert not big.binary and big.size > TEXT_PATCH_LIMIT
-    assert big.patch().endswith(f"(sha256 - -> {big.new_sha256})\n")
-    assert "Large files /dev/null and b/big.txt differ" in big.patch()
+    assert big.patch().count("\n+line") == TEXT_PATCH_LIMIT // 5 + 10
 
 
 @needs_root
@@ -283,18 +287,19 @@ def test_type_changes_are_delete_plus_add(trees: tuple[Path, Path]) -> None:
 
 def test_protected_flag(trees: tuple[Path, Path]) -> None:
     lower, upper = trees
-    write(lower / ".git" / "config", "[core]\n")
-    write(upper / ".git" / "config", "[core]\nhooksPath=/tmp\n")
-    write(upper / ".git" / "hooks" / "pre-commit", "#!/bin/sh\n", 0o755)
+    write(lower / "ci" / "config.yml", "a\n")
+    write(upper / "ci" / "config.yml", "b\n")
+    write(upper / "ci" / "hooks" / "pre", "#!/bin/sh\n", 0o755)
+    write(upper / "stockade.toml", "x\n")
     write(upper / ".gitignore", "x\n")
-    os.chmod(upper / ".git", stat.S_IMODE(os.stat(lower / ".git").st_mode))
-    diff = compute_diff(lower, upper, protected=["./.git/hooks/", ".git/config"])
+    diff = compute_diff(lower, upper, protected=["./ci/hooks/", "stockade.toml"])
     flags = {c.path: c.protected for c in diff}
     assert flags == {
-        ".git/config": True,
-        ".git/hooks": True,
-        ".git/hooks/pre-commit": True,
         ".gitignore": False,
+        "ci/config.yml": False,
+        "ci/hooks": True,
+        "ci/hooks/pre": True,
+        "stockade.toml": True,
     }
 
 
@@ -332,10 +337,18 @@ def test_to_dict_is_json_and_layers_overload(tmp_path: Path) -> None:
     write(layers.upper / "n.bin", b"\0")
     diff = compute_diff(layers)
     data = json.loads(json.dumps(diff.to_dict(include_patch=True)))
-    assert data["summary"] == {"added": 1, "modified": 1, "deleted": 0}
+    assert data["summary"] == {
+        "added": 1,
+        "modified": 1,
+        "deleted": 0,
+        "ignored_paths": 0,
+        "commits": 0,
+    }
     a = data["changes"][0]
-    assert a["path"] == "a.txt" and a["old_mode"] == "0644" and a["new_mode"] == "0600"
-    assert a["patch"].startswith("diff --git a/a.txt b/a.txt\nold mode 100644\nnew mode 100600\n")
+    assert a["path"] == "a.txt" and a["old_mode"] == "0644" and a["new_mode"] == "0644"
+    assert a["old_oid"] == git_blob_id(b"a\n") and a["new_oid"] == git_blob_id(b"b\n")
+    assert a["patch"].startswith("diff --git a/a.txt b/a.txt\nindex ")
+    assert data["patch"] == diff.patch()
     assert [c.path for c in diff.added] == ["n.bin"]
     assert [c.path for c in diff.modified] == ["a.txt"]
     assert diff.deleted == []
@@ -346,4 +359,5 @@ def test_patch_notices_content_changed_after_diff(trees: tuple[Path, Path]) -> N
     write(upper / "f.txt", "one\n")
     diff = compute_diff(lower, upper)
     write(upper / "f.txt", "two\n")
-    assert "changed again since the diff was taken" in diff.patch()
+    with pytest.raises(WorkspaceError, match="changed in the sandbox since the diff was taken"):
+        diff.patch()

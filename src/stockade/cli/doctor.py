@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-__all__ = ["host_facts", "run_doctor"]
+__all__ = ["host_facts", "recover_interrupted_applies", "run_doctor"]
 
 
 def _landlock_abi() -> int:
@@ -170,6 +170,27 @@ def _print_leftovers(console: Any, report: dict[str, Any]) -> None:
         console.print(f"  {escape(row['what'])}: {state}")
 
 
+def recover_interrupted_applies() -> list[dict[str, str]]:
+    """Finish or roll back every apply a crash interrupted, for each sandbox with a
+    workspace: one row (sandbox, what was done, or the error) per sandbox that had one."""
+    from stockade._errors import WorkspaceError
+    from stockade.state import StateStore
+    from stockade.workspace.txn import JOURNAL_DIR_NAME, recover
+
+    rows: list[dict[str, str]] = []
+    for record in StateStore().list():
+        if not record.workspace or not record.dir:
+            continue
+        try:
+            done = recover(Path(record.workspace), Path(record.dir) / JOURNAL_DIR_NAME)
+        except WorkspaceError as exc:
+            rows.append({"sandbox": record.name, "error": str(exc)})
+            continue
+        if done is not None:
+            rows.append({"sandbox": record.name, "recovered": done})
+    return rows
+
+
 def run_doctor(as_json: bool, measure: bool = True, *, fix: bool = False) -> None:
     from stockade.backends.registry import get_backend_class, probe_all, variants
 
@@ -207,12 +228,10 @@ def run_doctor(as_json: bool, measure: bool = True, *, fix: bool = False) -> Non
         )
     facts = host_facts()
     leftovers = leftovers_report(fix)
+    applies = recover_interrupted_applies()
     if as_json:
-        click.echo(
-            json.dumps(
-                {"auto": chosen, "backends": rows, "host": facts, "state": leftovers}, indent=2
-            )
-        )
+        report = {"auto": chosen, "backends": rows, "host": facts, "state": leftovers}
+        click.echo(json.dumps({**report, "interrupted_applies": applies}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -260,6 +279,7 @@ def run_doctor(as_json: bool, measure: bool = True, *, fix: bool = False) -> Non
         )
     )
     _print_leftovers(console, leftovers)
+    _print_applies(console, applies)
     for row in rows:
         if row["enforces"]:
             console.print(f"\n[bold]{row['backend']}[/] enforces:")
@@ -267,3 +287,13 @@ def run_doctor(as_json: bool, measure: bool = True, *, fix: bool = False) -> Non
                 console.print(f"  + {item}")
             for item in row["does_not_enforce"]:
                 console.print(f"  - does not: {item}")
+
+
+def _print_applies(console: Any, applies: list[dict[str, str]]) -> None:
+    from rich.markup import escape
+
+    for row in applies:
+        if "error" in row:
+            console.print(f"[red]sandbox {escape(row['sandbox'])}:[/] {escape(row['error'])}")
+        else:
+            console.print(f"sandbox {escape(row['sandbox'])}: {escape(row['recovered'])}")

@@ -11,11 +11,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 
 from stockade._errors import SandboxNotFoundError, SandboxStateError, StockadeError
+from stockade.workspace.display import display_path
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -245,22 +246,8 @@ def _shown_changes(diff: Any) -> list[str]:
         is_dir = getattr(change, "type", None) == "dir"
         if is_dir and change.kind == "added":
             added_dirs.append(change.path + "/")
-        shown.append(_shown(change.path) + ("/" if is_dir else ""))
+        shown.append(display_path(change.path) + ("/" if is_dir else ""))
     return shown
-
-
-def _shown(text: str) -> str:
-    """``text`` with control characters and undecodable bytes escaped, safe to print."""
-    out = []
-    for char in text:
-        code = ord(char)
-        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif code < 0x20 or 0x7F <= code < 0xA0 or char == "\\":
-            out.append(char.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(char)
-    return "".join(out)
 
 
 def _first(items: list[str], limit: int) -> str:
@@ -435,9 +422,9 @@ def ls(as_json: bool, all_: bool) -> None:
     elif leftovers:
         click.echo("leftovers of sandboxes (`stockade doctor --fix` removes them):")
         for leftover in leftovers:
-            click.echo(f"  {_shown(leftover.what)}")
+            click.echo(f"  {display_path(leftover.what)}")
             if not leftover.removable:
-                click.echo(f"    kept by --fix: {_shown(leftover.why_not)}")
+                click.echo(f"    kept by --fix: {display_path(leftover.why_not)}")
 
 
 @cli.command()
@@ -484,9 +471,12 @@ def rm(names: tuple[str, ...], all_: bool, force: bool) -> None:
         for leftover in _orphans(store, containers=True):
             if leftover.removable:
                 remove_orphan(store, leftover)
-                click.echo(f"{_shown(leftover.what)}: removed")
+                click.echo(f"{display_path(leftover.what)}: removed")
             else:
-                click.echo(f"{_shown(leftover.what)}: kept: {_shown(leftover.why_not)}", err=True)
+                click.echo(
+                    f"{display_path(leftover.what)}: kept: {display_path(leftover.why_not)}",
+                    err=True,
+                )
 
 
 def _confirm_discard(records: list[Any], all_: bool) -> list[Any]:
@@ -569,45 +559,118 @@ def _protected(record: Any) -> tuple[str, ...]:
 
 @cli.command()
 @click.argument("name", required=False)
+@click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with patches).")
 @click.option("--stat", is_flag=True, help="Only list the changed files.")
-def diff(name: str | None, as_json: bool, stat: bool) -> None:
-    """Show what the sandbox changed in the workspace (default: newest sandbox here)."""
+@click.option(
+    "--include-ignored", is_flag=True, help="Also show paths that .gitignore rules leave out."
+)
+def diff(
+    name: str | None, paths: tuple[str, ...], as_json: bool, stat: bool, include_ignored: bool
+) -> None:
+    """Show what the sandbox changed in the workspace (default: newest sandbox here).
+
+    Prints a patch `git apply` accepts on stdout (the summary goes to stderr), limited to
+    PATHs when given (relative to the current directory inside the project).
+    """
     from stockade.workspace import compute_diff
 
     store = _store()
     record = _resolve(store, name)
     _sync_running(record)
-    result = compute_diff(_layers(record), protected=_protected(record))
+    layers = _layers(record)
+    selected = [_project_path(layers.lower, p) for p in paths] if paths else None
+    result = compute_diff(
+        layers, protected=_protected(record), paths=selected, include_ignored=include_ignored
+    )
     _audit(store, record).append(
         "workspace.diffed", actor="cli", details={"summary": result.summary()}
     )
+    branch = f"stockade/{record.name}"
     if as_json:
-        click.echo(json.dumps(result.to_dict(include_patch=True), indent=2))
-        return
-    if not result:
-        click.echo(f"sandbox {record.name}: no changes", err=True)
+        data = result.to_dict(include_patch=True)
+        data["branch"] = branch if result.commits else None
+        click.echo(json.dumps(data, indent=2))
         return
     if stat:
         for change in result:
-            click.echo(f"{change.kind[0].upper()} {change.path}")
-        click.echo(result.summary(), err=True)
+            suffix = "/" if change.type == "dir" else ""
+            click.echo(f"{change.kind[0].upper()} {display_path(change.path)}{suffix}")
+    elif result:
+        _print_patch(result.patch_bytes())
+    _print_diff_summary(record.name, result, branch, include_ignored=include_ignored)
+
+
+def _project_path(project: Path, arg: str) -> str:
+    """A PATH argument as a project-relative posix path (relative to the current directory
+    when that is inside the project, else to the project root)."""
+    cwd = Path(os.getcwd())
+    base = cwd if cwd == project or project in cwd.parents else project
+    full = os.path.normpath(os.path.join(base, arg))
+    rel = os.path.relpath(full, project)
+    if rel == os.curdir:
+        return ""
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        raise click.BadParameter(
+            f"{arg!r} is outside the sandbox's project {str(project)!r}", param_hint="PATH"
+        )
+    return Path(rel).as_posix()
+
+
+def _print_patch(patch: bytes) -> None:
+    """The patch as git wrote it (names are quoted by git); coloured on a terminal."""
+    out = sys.stdout.buffer
+    if not sys.stdout.isatty():
+        out.write(patch)
+        out.flush()
         return
-    color = sys.stdout.isatty()
-    for line in result.patch().splitlines():
-        if not color:
-            click.echo(line)
-        elif line.startswith(("+++", "---")):
-            click.secho(line, bold=True)
-        elif line.startswith("+"):
-            click.secho(line, fg="green")
-        elif line.startswith("-"):
-            click.secho(line, fg="red")
-        elif line.startswith("@@"):
-            click.secho(line, fg="cyan")
-        else:
-            click.echo(line)
-    click.echo(f"sandbox {record.name}: {result.summary()}", err=True)
+    colors: tuple[tuple[bytes, bytes], ...] = (
+        (b"+++", b"\x1b[1m"),
+        (b"---", b"\x1b[1m"),
+        (b"+", b"\x1b[32m"),
+        (b"-", b"\x1b[31m"),
+        (b"@@", b"\x1b[36m"),
+        (b"diff --git", b"\x1b[1m"),
+    )
+    for line in patch.splitlines(keepends=True):
+        body = line.rstrip(b"\n")
+        # Escape control bytes a patch line could carry to the terminal (ESC, CR...).
+        body = bytes(b if b >= 0x20 or b == 0x09 else 0x3F for b in body)
+        code = next((c for prefix, c in colors if body.startswith(prefix)), None)
+        out.write(code + body + b"\x1b[0m\n" if code else body + b"\n")
+    out.flush()
+
+
+def _print_diff_summary(name: str, result: Any, branch: str, *, include_ignored: bool) -> None:
+    if not result and not result.commits:
+        click.echo(f"sandbox {name}: no changes", err=True)
+    else:
+        click.echo(f"sandbox {name}: {result.summary()}", err=True)
+    empty = result.empty_dirs
+    if empty:
+        shown = ", ".join(display_path(p) + "/" for p in empty[:10])
+        more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        click.echo(f"  new empty directories (not in the patch): {shown}{more}", err=True)
+    if result.ignored_paths and not include_ignored:
+        first = ", ".join(display_path(p) for p in result.ignored_paths[:5])
+        more = ", ..." if len(result.ignored_paths) > 5 else ""
+        click.echo(
+            f"  {len(result.ignored_paths)} path(s) ignored by .gitignore left out ({first}{more});"
+            " show them with --include-ignored",
+            err=True,
+        )
+    for path, reason in result.ignored:
+        click.echo(f"  not carried: {display_path(path)}: {reason}", err=True)
+    if result.commits:
+        click.echo(
+            f"  {len(result.commits)} commit(s) made in the sandbox, to become branch "
+            f"{branch} on apply:",
+            err=True,
+        )
+        for commit in result.commits[:20]:
+            click.echo(f"    {commit.sha[:12]} {display_path(commit.subject)}", err=True)
+        if len(result.commits) > 20:
+            click.echo(f"    ... and {len(result.commits) - 20} more", err=True)
 
 
 def _audit(store: Any, record: Any) -> Any:
@@ -649,33 +712,125 @@ class _CliAuditLog:
 
 @cli.command()
 @click.argument("name", required=False)
-@click.argument("paths", nargs=-1)
-@click.option("--force", is_flag=True, help="Overwrite host files that changed meanwhile.")
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option(
+    "--conflicts",
+    type=click.Choice(["skip", "markers"]),
+    default="skip",
+    show_default=True,
+    help="For text changed on both sides that does not merge: leave it, or write conflict markers.",
+)
+@click.option("--force", is_flag=True, help="Overwrite host changes with the sandbox's version.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def apply(name: str | None, paths: tuple[str, ...], force: bool, as_json: bool) -> None:
-    """Write the sandbox's workspace changes to the project (all, or just PATHS)."""
+@click.option("--verbose", "-v", is_flag=True, help="List every path and what happened to it.")
+@click.option(
+    "--include-ignored", is_flag=True, help="Also apply paths that .gitignore rules leave out."
+)
+def apply(
+    name: str | None,
+    paths: tuple[str, ...],
+    conflicts: Literal["skip", "markers"],
+    force: bool,
+    as_json: bool,
+    verbose: bool,
+    include_ignored: bool,
+) -> None:
+    """Write the sandbox's workspace changes to the project (all, or just PATHS).
+
+    Text changed both in the sandbox and on the host is merged; what does not merge is left
+    alone (or written with conflict markers). Files that configure tools on the host
+    (stockade.toml, CI workflows, .vscode/...) and symlinks leaving the project are applied
+    only when named in PATHS. The sandbox's commits become branch stockade/NAME. Exits
+    with 1 when conflicts remain (left alone or written with markers).
+    """
     from stockade.workspace import apply_diff
 
     store = _store()
     record = _resolve(store, name)
     _sync_running(record)
+    layers = _layers(record)
     result = apply_diff(
-        _layers(record), paths=list(paths) or None, protected=_protected(record), force=force
+        layers,
+        paths=[_project_path(layers.lower, p) for p in paths] if paths else None,
+        protected=_protected(record),
+        force=force,
+        conflicts=conflicts,
+        branch=f"stockade/{record.name}",
+        include_ignored=include_ignored,
     )
-    _audit(store, record).append(
-        "workspace.applied",
-        actor="cli",
-        details={"applied": result.applied[:200], "skipped": [p for p, _ in result.skipped]},
-    )
+    _audit(store, record).append("workspace.applied", actor="cli", details=result.audit_details())
     if as_json:
-        click.echo(json.dumps({"applied": result.applied, "skipped": result.skipped}))
-        return
-    for path in result.applied:
-        click.echo(f"applied {path}")
-    for path, reason in result.skipped:
-        click.secho(f"skipped {path}: {reason}", fg="yellow", err=True)
-    if not result.applied and not result.skipped:
-        click.echo(f"sandbox {record.name}: nothing to apply", err=True)
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_apply(record.name, result, verbose=verbose)
+    if result.conflicts:
+        raise SystemExit(1)  # as git merge: conflicts remain to be resolved
+
+
+def _print_apply(name: str, result: Any, *, verbose: bool) -> None:
+
+    def first(items: list[str], limit: int = 3) -> str:
+        text = ", ".join(items[:limit])
+        return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+    if verbose:
+        for path in result.applied:
+            click.echo(f"applied    {display_path(path)}")
+        for path in result.merged:
+            click.echo(f"merged     {display_path(path)}")
+        for conflict in result.conflicts:
+            click.echo(f"conflict   {display_path(conflict.path)}: {conflict.reason}")
+        for path, reason in result.held:
+            click.echo(f"held back  {display_path(path)}: {reason}")
+        for path, reason in result.skipped:
+            click.echo(f"skipped    {display_path(path)}: {reason}")
+    line = f"sandbox {name}: {len(result.applied)} applied, {len(result.merged)} merged"
+    if result.conflicts:
+        shown = [f"{display_path(c.path)} ({c.reason})" for c in result.conflicts]
+        noun = "conflict" if len(result.conflicts) == 1 else "conflicts"
+        line += f", {len(result.conflicts)} {noun}: " + first(shown)
+    else:
+        line += ", 0 conflicts"
+    click.echo(line)
+    open_conflicts = [c for c in result.conflicts if not c.written]
+    if any(c.written for c in result.conflicts):
+        marked = [display_path(c.path) for c in result.conflicts if c.written]
+        click.secho(f"  resolve the conflict markers in: {first(marked)}", fg="yellow", err=True)
+    if any(c.kind == "text" for c in open_conflicts):
+        click.secho(
+            "  rerun with --conflicts markers to write conflict markers, or --force to "
+            "overwrite the host's version",
+            fg="yellow",
+            err=True,
+        )
+    elif open_conflicts:
+        click.secho("  rerun with --force to overwrite the host's version", fg="yellow", err=True)
+    if result.held:
+        held = [display_path(p) for p, _ in result.held]
+        click.secho(
+            f"  {len(result.held)} held back (they configure tools on the host or link outside "
+            f"the project): {first(held)}; review them with `stockade diff {name}`, then apply "
+            f"them by name: stockade apply {name} PATH...",
+            fg="yellow",
+            err=True,
+        )
+    for warning in result.warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    if result.overwritten:
+        overwritten = first([display_path(p) for p in result.overwritten])
+        click.secho(f"  --force overwrote host changes in: {overwritten}", fg="yellow", err=True)
+    if result.branch:
+        count = len(result.commits)
+        click.echo(
+            f"  the sandbox's {count} commit{'s' if count != 1 else ''} "
+            f"{'are' if count != 1 else 'is'} on branch {result.branch}"
+        )
+    if result.skipped and not verbose:
+        click.echo(
+            f"  {len(result.skipped)} skipped (already on the host or not applicable; "
+            "--verbose lists them)",
+            err=True,
+        )
 
 
 @cli.command()

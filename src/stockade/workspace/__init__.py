@@ -3,7 +3,7 @@ changed, and applying that diff to the project (conflict-checked) or resetting i
 
 from __future__ import annotations
 
-from stockade.workspace.apply import ApplyResult, apply_diff
+from stockade.workspace.apply import ApplyConflict, ApplyResult, ConflictMode, apply_diff
 from stockade.workspace.diff import (
     TEXT_PATCH_LIMIT,
     ChangeKind,
@@ -16,8 +16,10 @@ from stockade.workspace.layers import WorkspaceLayers
 
 __all__ = [
     "TEXT_PATCH_LIMIT",
+    "ApplyConflict",
     "ApplyResult",
     "ChangeKind",
+    "ConflictMode",
     "EntryType",
     "FileChange",
     "WorkspaceDiff",

@@ -1,5 +1,6 @@
 """The on-disk layers of a copy-on-write workspace: the host project (lower), the sandbox's
-writes (upper), overlayfs scratch (work) and the baseline used to detect host-side changes.
+writes (upper), overlayfs scratch (work) and the baseline (a git tree of the project as the
+sandbox first saw it, see ``baseline.py``).
 
 Everything here works on plain directories, so backends that copy an upper layer back from a
 guest share it with the overlayfs backends. Paths inside upper are written by the untrusted
@@ -9,28 +10,23 @@ never redirect a read, a chmod or a delete to the host.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import logging
 import os
 import secrets
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from stockade._errors import WorkspaceError
+from stockade.workspace.baseline import BASELINE_DIR, WorkspaceBaseline
 
 __all__ = ["WorkspaceLayers"]
 
 logger = logging.getLogger(__name__)
 
 _STATE_MODE = 0o700
-_BASELINE_NAME = "workspace-baseline"
-_APPLIED_NAME = "workspace-applied.json"
-# How long create()/reset() wait for the filesystem clock to tick past the baseline.
-_BASELINE_TICK_TIMEOUT = 2.5
+_LEGACY_BASELINE_NAME = "workspace-baseline"  # ctime file of stockade before git baselines
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -40,15 +36,38 @@ class WorkspaceLayers:
     """Where one sandbox's workspace lives on the host.
 
     ``lower`` is the user's project (read-only to the sandbox), ``upper`` receives the
-    sandbox's writes, ``work`` is overlayfs scratch space, and ``baseline_path`` records the
-    filesystem time at which the sandbox started: a host path whose ``st_ctime_ns`` is newer
-    changed on the host since then.
+    sandbox's writes, ``work`` is overlayfs scratch space, and ``baseline_path`` is the
+    private git repository holding the baseline (``baseline``).
     """
 
     lower: Path
     upper: Path
     work: Path
     baseline_path: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.upper.parent
+
+    @property
+    def baseline(self) -> WorkspaceBaseline:
+        """The project as the sandbox first saw it; WorkspaceError when missing.
+
+        A sandbox made by an older stockade (a ctime baseline file, no git baseline) gets
+        one recorded from the project as it is now, with a warning: host edits made before
+        this moment can no longer be told from the sandbox's baseline.
+        """
+        try:
+            return WorkspaceBaseline.open(self.state_dir, self.lower)
+        except WorkspaceError:
+            if not os.path.isfile(self.state_dir / _LEGACY_BASELINE_NAME):
+                raise
+        logger.warning(
+            "sandbox workspace in %s predates git baselines; recording one from the project "
+            "as it is now",
+            self.state_dir,
+        )
+        return WorkspaceBaseline.record(self.state_dir, self.lower)
 
     @classmethod
     def at(
@@ -60,7 +79,7 @@ class WorkspaceLayers:
             lower=Path(lower).resolve(),
             upper=state / "upper",
             work=state / "work",
-            baseline_path=state / _BASELINE_NAME,
+            baseline_path=state / BASELINE_DIR,
         )
 
     @classmethod
@@ -95,26 +114,8 @@ class WorkspaceLayers:
         return (
             _is_real_dir(self.upper)
             and _is_real_dir(self.work)
-            and os.path.isfile(self.baseline_path)
-            and not os.path.islink(self.baseline_path)
+            and _is_real_dir(self.baseline_path)
         )
-
-    @property
-    def baseline_ns(self) -> int:
-        """Filesystem ctime (ns) at which the sandbox started seeing the project."""
-        try:
-            text = self.baseline_path.read_text(encoding="ascii")
-            return int(text.strip())
-        except (OSError, ValueError) as exc:
-            raise WorkspaceError(
-                f"workspace baseline {str(self.baseline_path)!r} is missing or corrupt; "
-                "conflicts cannot be detected. Reset the workspace to record a new one"
-            ) from exc
-
-    @property
-    def applied_path(self) -> Path:
-        """Record of the ctimes that apply itself gave to host paths (not host-side edits)."""
-        return self.baseline_path.with_name(_APPLIED_NAME)
 
     def reset(self) -> None:
         """Discard everything the sandbox wrote: recreate empty upper and work, new baseline.
@@ -141,79 +142,11 @@ class WorkspaceLayers:
                     "workspace is already empty, remove that directory as root or from "
                     "inside the sandbox's user namespace"
                 ) from exc
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.applied_path)
         # The sandbox now sees the host as it is, so host edits before now are not conflicts.
         self._record_baseline()
 
     def _record_baseline(self) -> None:
-        state = self.baseline_path.parent
-        tmp = state / f".{_BASELINE_NAME}.{secrets.token_hex(6)}"
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            baseline = os.fstat(fd).st_ctime_ns
-            os.write(fd, f"{baseline}\n".encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.baseline_path)
-        _wait_for_tick_after(baseline, state)
-
-    def load_applied(self) -> dict[str, int]:
-        """ctimes that apply gave to host paths, keyed by workspace-relative path."""
-        try:
-            data = json.loads(self.applied_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise WorkspaceError(f"corrupt apply record {str(self.applied_path)!r}") from exc
-        if not isinstance(data, dict):
-            raise WorkspaceError(f"corrupt apply record {str(self.applied_path)!r}")
-        return {str(k): int(v) for k, v in data.items()}
-
-    def save_applied(self, record: dict[str, int]) -> None:
-        tmp = self.applied_path.with_name(f".{_APPLIED_NAME}.{secrets.token_hex(6)}")
-        data = json.dumps(record, sort_keys=True).encode("utf-8")
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.applied_path)
-
-
-def _wait_for_tick_after(baseline: int, directory: Path) -> None:
-    """Return once a change made now would get a ctime strictly newer than ``baseline``.
-
-    Filesystem timestamps come from a coarse clock, so a host edit made right after the
-    baseline could share its value and go unnoticed. A probe file is changed until its ctime
-    passes the baseline: instant on kernels with fine-grained (multigrain) timestamps, at
-    most one clock tick on others.
-    """
-    probe = directory / f".probe-{secrets.token_hex(6)}"
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + _BASELINE_TICK_TIMEOUT
-        mode = 0o600
-        while os.fstat(fd).st_ctime_ns <= baseline:
-            if time.monotonic() > deadline:
-                logger.warning(
-                    "filesystem clock of %s did not advance past the workspace baseline; "
-                    "host edits in the same tick may not be seen as conflicts",
-                    directory,
-                )
-                break
-            time.sleep(0.0005)
-            mode ^= 0o040
-            os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-        os.unlink(probe)
+        WorkspaceBaseline.record(self.state_dir, self.lower)
 
 
 def _make_private_dir(path: Path) -> None:
@@ -333,20 +266,22 @@ def remove_tree(path: Path) -> None:
     parent_fd = os.open(path.parent, _DIR_FLAGS)
     try:
         if stat.S_ISDIR(st.st_mode):
-            _remove_dir_at(parent_fd, path.name)
+            remove_tree_at(parent_fd, path.name)
         else:
             os.unlink(path.name, dir_fd=parent_fd)
     finally:
         os.close(parent_fd)
 
 
-def _remove_dir_at(parent_fd: int, name: str) -> None:
+def remove_tree_at(parent_fd: int, name: str) -> None:
+    """Delete directory ``name`` of ``parent_fd`` recursively, never following a symlink,
+    making mode-000 directories accessible first."""
     fd = _open_dir_for_removal(parent_fd, name)
     try:
         for child in os.listdir(fd):
             child_st = os.stat(child, dir_fd=fd, follow_symlinks=False)
             if stat.S_ISDIR(child_st.st_mode):
-                _remove_dir_at(fd, child)
+                remove_tree_at(fd, child)
             else:
                 os.unlink(child, dir_fd=fd)
     finally:
