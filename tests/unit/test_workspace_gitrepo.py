@@ -110,6 +110,7 @@ def test_agent_commit_becomes_a_branch_and_host_refs_stay(tmp_path: Path, projec
     git(project, "fsck", "--strict", "--no-dangling")
     # Importing again is a no-op move of the same branch.
     assert import_commits(layers, project, "stockade/demo") == imported
+    assert not list(layers.state_dir.glob(".agent-view-*"))  # private views removed
 
 
 def test_no_commit_no_branch(tmp_path: Path, project: Path) -> None:

@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import re
+import secrets
 import shutil
 import stat
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ __all__ = ["AgentCommit", "agent_head", "describe_commits", "import_commits"]
 
 logger = logging.getLogger(__name__)
 
-_VIEW_DIR = "agent-view.git"
+_VIEW_PREFIX = ".agent-view-"
 _VIEW_REF = "refs/heads/agent"
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 _LOOSE_DIR = re.compile(r"[0-9a-f]{2}")
@@ -90,7 +91,10 @@ def describe_commits(layers: WorkspaceLayers) -> list[AgentCommit]:
     own writes, so a commit the host made meanwhile can show up as the sandbox's HEAD).
     """
     found = _agent_commits(layers)
-    return [] if found is None else found[1]
+    if found is None:
+        return []
+    shutil.rmtree(found[0], ignore_errors=True)
+    return found[1]
 
 
 def import_commits(layers: WorkspaceLayers, host_project: Path, branch_name: str) -> list[str]:
@@ -114,10 +118,19 @@ def import_commits(layers: WorkspaceLayers, host_project: Path, branch_name: str
     if check.returncode != 0:
         raise WorkspaceError(f"{branch_name!r} is not a valid git branch name")
     found = _agent_commits(layers)
-    if found is None or not found[1]:
+    if found is None:
         return []
     view, commits = found
-    head = commits[-1].sha
+    try:
+        if commits:
+            _fetch(host_git_dir, view, branch_name, commits[-1].sha)
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    return [c.sha for c in commits]
+
+
+def _fetch(host_git_dir: Path, view: Path, branch_name: str, head: str) -> None:
+    """Fetch the view's agent ref into the host as ``refs/heads/<branch_name>``."""
     ref = f"refs/heads/{branch_name}"
     fetch_env = git_env(
         host_git_dir,
@@ -147,7 +160,6 @@ def import_commits(layers: WorkspaceLayers, host_project: Path, branch_name: str
     landed = run_git(["rev-parse", "--verify", ref], git_env(host_git_dir))
     if landed.stdout.decode("ascii").strip() != head:
         raise WorkspaceError(f"the host branch {branch_name!r} does not point at {head}")
-    return [c.sha for c in commits]
 
 
 def _agent_commits(layers: WorkspaceLayers) -> tuple[Path, list[AgentCommit]] | None:
@@ -177,7 +189,7 @@ def _agent_commits(layers: WorkspaceLayers) -> tuple[Path, list[AgentCommit]] | 
         for line in refs.splitlines()
         if not line.split(" ", 1)[-1].startswith("refs/heads/stockade/")
     ]
-    view = _build_view(layers)
+    view = _build_view(layers, head)
     negative = "".join(f"^{sha}\n" for sha in {baseline.head, *tips}).encode("ascii")
     proc = run_git(
         ["log", "--format=%H %s", "--reverse", "--stdin", head],
@@ -279,8 +291,9 @@ def _read_small_fd(fd: int) -> bytes | None:
         os.close(fd)
 
 
-def _build_view(layers: WorkspaceLayers) -> Path:
-    """(Re)make the private view repository: the agent's objects + the host's by alternates.
+def _build_view(layers: WorkspaceLayers, head: str) -> Path:
+    """A new private view repository: the agent's objects + the host's by alternates (the
+    caller removes it).
 
     The view's ``refs/heads/agent`` is set to the sandbox's HEAD; a HEAD whose objects are
     missing or corrupt is a WorkspaceError.
@@ -288,15 +301,23 @@ def _build_view(layers: WorkspaceLayers) -> Path:
     host = find_git_dirs(layers.lower)
     if host is None:
         raise WorkspaceError(f"{str(layers.lower)!r} is not a git repository")
-    view = layers.state_dir / _VIEW_DIR
-    if os.path.lexists(view):
-        shutil.rmtree(view)
+    # One private directory per use: two diffs of one sandbox may run at once.
+    view = layers.state_dir / f"{_VIEW_PREFIX}{secrets.token_hex(6)}.git"
+    try:
+        _fill_view(layers, host[1], view, head)
+    except BaseException:
+        shutil.rmtree(view, ignore_errors=True)
+        raise
+    return view
+
+
+def _fill_view(layers: WorkspaceLayers, host_common: Path, view: Path, head: str) -> None:
     env = git_env(view)
     run_git(["init", "--bare", "--quiet", "--template=", str(view)], env)
     objects = view / "objects"
     (objects / "info").mkdir(parents=True, exist_ok=True)
     (objects / "info" / "alternates").write_bytes(
-        os.fsencode((host[1] / "objects").resolve()) + b"\n"
+        os.fsencode((host_common / "objects").resolve()) + b"\n"
     )
     packs = _copy_agent_objects(layers.upper, objects)
     for pack in packs:
@@ -304,16 +325,12 @@ def _build_view(layers: WorkspaceLayers) -> Path:
         if proc.returncode != 0:
             logger.warning("skipping a corrupt pack of the sandbox's repository: %s", pack.name)
             pack.unlink()
-    head = agent_head(layers)
-    if head is None:
-        raise WorkspaceError("the sandbox's git HEAD could not be resolved")
     proc = run_git(["update-ref", _VIEW_REF, head], env, check=False)
     if proc.returncode != 0:
         raise WorkspaceError(
             f"the sandbox's HEAD {head} cannot be read (objects missing or corrupt): "
             f"{proc.stderr.decode('utf-8', 'replace').strip()}"
         )
-    return view
 
 
 def _copy_agent_objects(upper: Path, objects: Path) -> list[Path]:
