@@ -41,9 +41,15 @@ def _parts(name: str) -> tuple[str, ...]:
     return parts
 
 
+def _regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
+    """A sparse member's (offset, length) data regions (tarfile parsed them)."""
+    regions: list[tuple[int, int]] = member.sparse or []  # type: ignore[assignment]
+    return regions
+
+
 def _check_sparse(member: tarfile.TarInfo) -> None:
     """A sparse member's map must be ordered, disjoint and inside the file."""
-    regions = member.sparse or []
+    regions = _regions(member)
     if len(regions) > _MAX_REGIONS:
         raise WorkspaceError(f"guest workspace archive member {member.name!r} has too many regions")
     end = 0
@@ -57,7 +63,7 @@ def _check_sparse(member: tarfile.TarInfo) -> None:
 
 def _copy_sparse(source: IO[bytes], out: IO[bytes], member: tarfile.TarInfo) -> None:
     """Write only the data regions; the rest stays a hole."""
-    for offset, length in member.sparse or []:
+    for offset, length in _regions(member):
         source.seek(offset)
         out.seek(offset)
         remaining = length

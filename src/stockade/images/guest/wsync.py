@@ -10,9 +10,9 @@ archive stays well-formed (the next sync brings the file as it is then).
 
 An unprivileged packer cannot read ``trusted.overlay.opaque``, so with LOWER and MERGED it
 infers it: an upper directory is opaque when a name of its lower counterpart is missing
-from the merged view without a whiteout hiding it (where no such name exists, opaque or not reads the same in a diff).
-Everything else (fifos, sockets, other devices) is left out, as the namespace backend's
-diff ignores it.
+from the merged view without a whiteout hiding it (where no such name exists, opaque or
+not reads the same in a diff). Everything else (fifos, sockets, other devices) is left
+out, as the namespace backend's diff ignores it.
 The host validates every member again: this program runs in the untrusted guest.
 """
 
