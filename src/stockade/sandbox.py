@@ -983,7 +983,7 @@ class AsyncSandbox:
                             await launched.sync_workspace(client)
                     except TimeoutError:
                         reason = f"saving them took longer than {SAVE_TIMEOUT:g} s"
-                    except StockadeError as exc:
+                    except (StockadeError, OSError) as exc:
                         reason = str(exc)
                     except Exception as exc:  # teardown goes on; the loss is reported
                         logger.exception("sandbox %s: saving the workspace failed", self.name)

@@ -481,6 +481,24 @@ def test_changes_survive_stop(target: str, tmp_path: Path) -> None:
         discard(target, name)
 
 
+def test_changes_survive_supervisor_shutdown(target: str, tmp_path: Path) -> None:
+    from stockade.state import StateStore
+
+    project, name = make_project(tmp_path / "project"), unique("supervisor")
+    cli(target, "create", "--name", name, "-C", str(project))
+    try:
+        cli(target, "exec", name, "--", "sh", "-c", WRITE)
+        pid = StateStore().get(name).supervisor_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)  # as a system shutdown would
+        deadline = time.monotonic() + 200
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert_kept(target, name)
+    finally:
+        discard(target, name)
+
+
 def test_changes_survive_run_without_rm(target: str, tmp_path: Path) -> None:
     project, name = make_project(tmp_path / "project"), unique("run")
     try:

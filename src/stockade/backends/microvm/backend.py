@@ -467,9 +467,14 @@ class MicrovmSandbox(LaunchedSandbox):
                     "could not read the workspace back from the VM (the packer exited with "
                     f"{exit_info.exit_code}): {stderr.decode(errors='replace')[-1000:]}"
                 )
-            spool.flush()
-            spool.seek(0)
-            await anyio.to_thread.run_sync(import_upper, spool, layers.upper)
+            try:
+                spool.flush()
+                spool.seek(0)
+                await anyio.to_thread.run_sync(import_upper, spool, layers.upper)
+            except OSError as exc:  # the host's disk is full (nothing was replaced)
+                raise SandboxStateError(
+                    f"could not write the VM's workspace into {layers.upper}: {exc.strerror or exc}"
+                ) from exc
 
 
 def _process_params(argv: list[str]) -> Any:
