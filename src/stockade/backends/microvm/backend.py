@@ -12,9 +12,9 @@ NIC: its only way out is the agent channel, so the egress tunnel is its only net
 Workspace: a small project is streamed in as a tar inside the configuration; a large
 one becomes a second virtio-blk disk (``mke2fs -d``, no loop mounts). Either way it is the
 lower layer of an overlay inside the guest, whose upper layer is a guest tmpfs. Before a
-diff or an apply the guest's upper layer is copied back into the host's
-``WorkspaceLayers.upper`` (``sync_workspace``), so diff/apply/reset are the namespace
-backend's own code.
+diff or an apply, and before the sandbox ends, the guest's upper layer is streamed back into
+the host's ``WorkspaceLayers.upper`` (``sync_workspace``), so diff/apply/reset are the
+namespace backend's own code.
 """
 
 from __future__ import annotations
