@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from stockade._errors import (
     CommandFailedError,
     ExecTimeoutError,
+    SandboxNotFoundError,
     SandboxStartError,
     SandboxStateError,
     StockadeError,
@@ -67,7 +68,15 @@ from stockade.protocol.messages import (
     TransferWriteParams,
     TransferWriteResult,
 )
-from stockade.state import SandboxRecord, SandboxStatus, StateStore, process_start_time
+from stockade.state import (
+    SandboxRecord,
+    SandboxStatus,
+    StateStore,
+    disk_full_error,
+    is_disk_full,
+    process_start_time,
+    validate_name,
+)
 from stockade.workspace import ApplyResult, WorkspaceDiff, WorkspaceLayers
 
 if TYPE_CHECKING:
@@ -105,6 +114,28 @@ def audit_path(store: StateStore, name: str, sandbox_id: str) -> Path:
     directory = store.root / "audit"
     directory.mkdir(mode=0o700, exist_ok=True)
     return directory / f"{name}.{sandbox_id}.jsonl"
+
+
+def _forget_failed_start(store: StateStore, record: SandboxRecord, *, owns_dir: bool) -> None:
+    """Remove what a failed start made: its directory (if this start made it) and its
+    record (only if still this sandbox's: the name may be another's by now)."""
+    from stockade.workspace.layers import remove_tree
+
+    if owns_dir and record.dir:
+        try:
+            remove_tree(Path(record.dir))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            logger.warning("could not remove %s of failed sandbox %s", record.dir, record.name,
+                           exc_info=True)  # fmt: skip
+    try:
+        store.delete(record.name, sandbox_id=record.id)
+    except SandboxNotFoundError:
+        pass
+    except StockadeError:
+        logger.warning("could not remove the record of failed sandbox %s", record.name,
+                       exc_info=True)  # fmt: skip
 
 
 def _command_text(cmd: str | Sequence[str]) -> str:
@@ -447,8 +478,9 @@ class AsyncFiles:
 
         Streamed as a tar archive (spooled to disk past 8 MiB, so memory stays bounded).
         """
-        import tarfile
         import tempfile
+
+        from stockade._tarfile import tarfile
 
         src = Path(source)
         if not src.exists():
@@ -491,8 +523,9 @@ class AsyncFiles:
         The archive comes from the guest, which is not trusted: it is unpacked with
         tarfile's 'data' filter (no absolute paths, no escapes, no devices, no setuid).
         """
-        import tarfile
         import tempfile
+
+        from stockade._tarfile import tarfile
 
         out = Path(dest)
         out.mkdir(parents=True, exist_ok=True)
@@ -525,7 +558,7 @@ class AsyncFiles:
 
             def unpack() -> builtins.list[Path]:
                 with tarfile.open(fileobj=spool, mode="r") as tar:
-                    tar.extractall(out, filter=safe)  # noqa: S202 - every member passes data_filter
+                    tar.extractall(out, filter=safe)
                 return written
 
             return await anyio.to_thread.run_sync(unpack)
@@ -730,13 +763,12 @@ class AsyncSandbox:
         actor: str,
     ) -> AsyncSandbox:
         store = StateStore(Path(state_dir) if state_dir is not None else None)
+        if name is not None:
+            validate_name(name)  # before anything is made: a bad name leaves nothing
+        store.check_writable()
         sandbox_id = store.new_id()
         name = name or store.new_name()
-        directory = store.sandbox_dir(sandbox_id)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        layers = None
-        if policy.workspace.mode == "cow" and policy.workspace.host_path is not None:
-            layers = WorkspaceLayers.create(directory, policy.workspace.host_path)
+        directory = store.root / "sandboxes" / sandbox_id
         now = time.time()
         record = SandboxRecord(
             name=name,
@@ -754,7 +786,19 @@ class AsyncSandbox:
             control_socket=None,
             error=None,
         )
+        # The record first: it claims the name (a collision fails here, before anything of
+        # this sandbox exists) and tells `doctor` the directory made next is not an orphan.
         store.insert(record)
+        try:
+            directory.mkdir(mode=0o700)  # never an existing one: the id is new
+            layers = None
+            if policy.workspace.mode == "cow" and policy.workspace.host_path is not None:
+                layers = WorkspaceLayers.create(directory, policy.workspace.host_path)
+        except BaseException as exc:
+            _forget_failed_start(store, record, owns_dir=not isinstance(exc, FileExistsError))
+            if isinstance(exc, OSError) and is_disk_full(exc, store.root):
+                raise disk_full_error(store.root) from exc
+            raise
         audit = AuditLog(audit_path(store, name, sandbox_id), name)
         sandbox = cls(
             record=record,
@@ -778,7 +822,17 @@ class AsyncSandbox:
         try:
             await sandbox._launch()
         except BaseException as exc:
-            await sandbox._teardown(status=SandboxStatus.FAILED, error=str(exc))
+            try:
+                await sandbox._teardown(status=SandboxStatus.FAILED, error=str(exc))
+            finally:
+                # A sandbox that never started has nothing to review: leave no trace but
+                # its audit log (which says it failed), whether or not it was to be kept.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(
+                        lambda: _forget_failed_start(store, record, owns_dir=True)
+                    )
+            if isinstance(exc, OSError) and is_disk_full(exc, store.root):
+                raise disk_full_error(store.root) from exc
             raise
         return sandbox
 

@@ -217,6 +217,40 @@ def test_diff_apply_reset(target: str, tmp_path: Path) -> None:
     assert (project / ".git" / "config").read_text() == "[core]\n"
 
 
+_CONNECT = """
+import socket
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect("svc.sock")
+except FileNotFoundError:
+    print("missing")
+except OSError as exc:
+    print("refused", exc.errno)
+else:
+    print("connected")
+"""
+
+
+def test_host_socket_in_a_cow_workspace_answers_nothing(target: str, tmp_path: Path) -> None:
+    # Why policy/mounts.py does not refuse a cow workspace holding a socket (ro/rw binds it).
+    import socket
+
+    project = make_project(tmp_path / "project")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(project / "svc.sock"))
+    server.listen(1)
+    server.setblocking(False)
+    try:
+        with fresh(target, project) as sb:
+            r = sb.commands.run(["python3", "-c", _CONNECT])
+            assert r.exit_code == 0, r.stderr
+            assert r.stdout.split()[0] in ("missing", "refused"), r.stdout
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing ever reached the host's service
+    finally:
+        server.close()
+
+
 # --- limits -----------------------------------------------------------------------------
 
 
@@ -386,6 +420,43 @@ def test_close_leaves_nothing(target: str, tmp_path: Path) -> None:
     assert host_pids(f"sleep\x00{marker}") == []
     assert _leftovers(target, sandbox_id, state_dir) == []
     assert not state_dir.exists()
+
+
+_FAILED_STARTS = {
+    # Found missing while the sandbox starts, after its record and directory were made.
+    "missing secret": (
+        '[secrets.API_TOKEN]\nenv = "CONFORMANCE_UNSET_SECRET"\nhosts = ["127.0.0.1"]\n',
+        "CONFORMANCE_UNSET_SECRET is not set",
+    ),
+    # The backend is launched and cannot make the workspace's mount point inside a file.
+    "backend start": (
+        '[workspace]\nmount = "/etc/passwd/ws"\n',
+        "did not start|could not (start|create) the sandbox|refused sandbox.configure",
+    ),
+}
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("failure", list(_FAILED_STARTS))
+def test_a_failed_start_leaves_nothing(
+    target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str, keep: bool
+) -> None:
+    from stockade import StockadeError
+    from stockade.state import StateStore, default_state_dir
+
+    project = make_project(tmp_path / "project")
+    monkeypatch.delenv("CONFORMANCE_UNSET_SECRET", raising=False)
+    config, message = _FAILED_STARTS[failure]
+    (project / "stockade.toml").write_text(config)
+    state = default_state_dir()  # short enough for the sockets made in it
+    with pytest.raises(StockadeError, match=message):
+        fresh(target, project, keep=keep)
+    assert os.listdir(state / "sandboxes") == []
+    assert StateStore(state).list() == []
+    [log] = (state / "audit").iterdir()  # the audit log alone says it was tried
+    assert '"sandbox.created"' in log.read_text()
+    sandbox_id = log.name.split(".")[-2]  # NAME.ID.jsonl
+    assert _leftovers(target, sandbox_id, state / "sandboxes" / sandbox_id) == []
 
 
 def test_sandbox_wall_clock_timeout(target: str, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from anyio.abc import ByteStream, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from stockade.egress.decide import compile_rules, decide, with_allowed
+from stockade.egress.decide import compile_rules, decide, with_allowed, with_denied
 from stockade.egress.log import ConnectionLog, ConnectionRecord
 from stockade.egress.proxy import MAX_HEADER_BYTES, EgressProxy, RelayCounters, relay
 
@@ -810,6 +810,33 @@ async def test_allowed_name_resolving_to_loopback_is_refused_unless_address_allo
             assert (await read_all(c)).endswith(b"200 Connection established\r\n\r\nhi")
         assert net.connects == [("127.0.0.1", 443)]
         assert events[-1].decision == "allowed"
+
+
+async def test_a_name_with_some_special_addresses_dials_only_the_allowed_ones() -> None:
+    """localhost is 127.0.0.1 and ::1 on Debian: allowing 127.0.0.1 lets it through to that
+    address alone; a public name that also resolves to the metadata address dials only the
+    public one; a deny rule covering one of the addresses still refuses the name."""
+    async with network() as net:
+        net.dns["localhost"] = ["::1", "127.0.0.1"]
+        net.dns["mixed.example.com"] = ["169.254.169.254", "93.184.216.34"]
+        net.servers[("127.0.0.1", 80)] = echo_server
+        net.servers[("93.184.216.34", 443)] = echo_server
+        rules = compile_rules(["localhost", "127.0.0.1", "mixed.example.com"], [])
+        proxy, events = make_proxy(net, rules, decide=decide)
+        async with client_of(proxy) as c:
+            await c.send(b"CONNECT localhost:80 HTTP/1.1\r\n\r\n")
+            assert (await read_head(c)).startswith(b"HTTP/1.1 200 ")
+        async with client_of(proxy) as c:
+            await c.send(b"CONNECT mixed.example.com:443 HTTP/1.1\r\n\r\n")
+            assert (await read_head(c)).startswith(b"HTTP/1.1 200 ")
+        assert net.connects == [("127.0.0.1", 80), ("93.184.216.34", 443)]
+
+        proxy.set_rules(with_denied(proxy.rules, "127.0.0.1"))
+        async with client_of(proxy) as c:
+            await c.send(b"CONNECT localhost:80 HTTP/1.1\r\n\r\n")
+            assert (await read_head(c)).startswith(b"HTTP/1.1 403 ")
+        assert net.connects == [("127.0.0.1", 80), ("93.184.216.34", 443)]
+        assert [e.decision for e in events] == ["allowed", "allowed", "denied"]
 
 
 async def test_rebinding_between_check_and_connect_cannot_happen() -> None:

@@ -8,6 +8,8 @@ from stockade.config.load import (
     credential_reason,
     find_project_root,
     load_config,
+    project_file_weakenings,
+    trust_store,
     user_config_path,
 )
 from stockade.config.models import (
@@ -21,6 +23,7 @@ from stockade.config.models import (
     StockadeConfig,
     WorkspaceConfig,
 )
+from stockade.config.trust import TrustRecord, TrustStore, UntrustedConfigError, Weakening
 from stockade.config.units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
@@ -35,6 +38,10 @@ __all__ = [
     "NetworkConfig",
     "ProfileConfig",
     "StockadeConfig",
+    "TrustRecord",
+    "TrustStore",
+    "UntrustedConfigError",
+    "Weakening",
     "WorkspaceConfig",
     "check_safety",
     "credential_reason",
@@ -44,5 +51,7 @@ __all__ = [
     "load_config",
     "parse_duration",
     "parse_size",
+    "project_file_weakenings",
+    "trust_store",
     "user_config_path",
 ]

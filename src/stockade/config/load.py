@@ -37,6 +37,15 @@ from stockade.config.models import (
     StockadeConfig,
     WorkspaceConfig,
 )
+from stockade.config.trust import (
+    TRUST_FILE,
+    TrustStore,
+    UntrustedConfigError,
+    Weakening,
+    file_digest,
+    secret_weakening,
+    weakening_reason,
+)
 from stockade.config.units import format_size
 from stockade.egress.rules import RuleError, parse_rule
 
@@ -52,6 +61,8 @@ __all__ = [
     "find_project_root",
     "load_config",
     "mount_problem",
+    "project_file_weakenings",
+    "trust_store",
     "user_config_path",
 ]
 
@@ -120,6 +131,7 @@ class _Setting:
     value: Any
     where: str  # "/p/stockade.toml [limits]", "environment variable STOCKADE_X", ...
     base_dir: Path  # a relative workspace.path resolves against this
+    source: Path | None = None  # the config file it was read from, if any
 
 
 _Layer = dict[str, _Setting]
@@ -172,16 +184,13 @@ def load_config(
 
     project_settings: _Layer = {}
     project_profiles: dict[str, _Layer] = {}
+    project_secrets: dict[str, Any] = {}
+    digest = ""
     if project_file is not None:
-        data = _read_toml(project_file)
-        section = ""
-        if project_file.name == PYPROJECT_FILE:
-            section = "tool.stockade"
-            data = data["tool"]["stockade"]
-        data = _take_secrets(data, project_file, section, secrets)
-        project_settings, project_profiles = _file_layer(
-            data, file=project_file, section=section, base_dir=project_root, home=home
+        project_settings, project_profiles, project_secrets, digest = _project_layer(
+            project_file, project_root, home
         )
+        secrets.update(project_secrets)
         sources.append(str(project_file))
 
     env_settings = _environment_layer(env, base_dir=start, home=home)
@@ -221,12 +230,148 @@ def load_config(
         base_dir=project_root,
         origin=lambda key: origins.get(key, "default"),
     )
+    if project_file is not None:
+        untrusted = _from_project(merged, chosen, profiles, project_file)
+        user_pass = user_settings["env.pass"].value if "env.pass" in user_settings else ()
+        weakenings = _weakenings(untrusted, config, project_root, user_pass)
+        for name, secret in project_secrets.items():  # the project's win over the user's
+            where = _table_where(project_file, _section(project_file), f"secrets.{name}")
+            weakenings.append(secret_weakening(name, secret, where))
+        if weakenings:
+            _require_trust(project_file, digest, weakenings, env)
     return LoadedConfig(
         config=config,
         project_root=project_root,
         sources=tuple(sources),
         origins=tuple(origins.items()),
     )
+
+
+def _project_layer(
+    project_file: Path, project_root: Path, home: Path
+) -> tuple[_Layer, dict[str, _Layer], dict[str, Any], str]:
+    """(settings, profiles, secrets, sha256) of a project file, all from one read of it."""
+    try:
+        raw = project_file.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {project_file}: {exc}") from exc
+    data: Any = _parse_toml(text, project_file)
+    section = _section(project_file)
+    if section:
+        tool = data.get("tool", {})
+        data = tool.get("stockade") if isinstance(tool, dict) else None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{project_file} has no [tool.stockade] table; write one, or use {PROJECT_FILE}"
+            )
+    secrets: dict[str, Any] = {}
+    data = _take_secrets(data, project_file, section, secrets)
+    settings, profiles = _file_layer(
+        data, file=project_file, section=section, base_dir=project_root, home=home
+    )
+    return settings, profiles, secrets, file_digest(raw)
+
+
+def _section(project_file: Path) -> str:
+    return "tool.stockade" if project_file.name == PYPROJECT_FILE else ""
+
+
+def _from_project(
+    merged: _Layer, chosen: _Setting | None, profiles: dict[str, _Layer], project_file: Path
+) -> _Layer:
+    """The merged settings the project file decided: written in it, or in a profile it chose."""
+    chosen_profile = (
+        profiles.get(chosen.value, {})
+        if chosen is not None and chosen.source == project_file
+        else {}
+    )
+    out: _Layer = {}
+    for key, setting in merged.items():
+        if setting.source == project_file:
+            out[key] = setting
+        elif chosen is not None and chosen_profile.get(key) is setting:
+            where = f"{setting.where}, the profile chosen by {chosen.where}"
+            out[key] = _Setting(setting.value, where, setting.base_dir, project_file)
+    return out
+
+
+_FIXES = {
+    "backend": ("--backend auto", "backend='auto'"),
+    "workspace.mode": ("--workspace-mode cow", "workspace_mode='cow'"),
+}
+
+
+def _weakenings(
+    settings: _Layer, config: StockadeConfig, project_root: Path, user_pass: Any
+) -> list[Weakening]:
+    out = []
+    for key, setting in settings.items():
+        reason = weakening_reason(
+            key, setting.value, config=config, project_root=project_root, user_pass=user_pass
+        )
+        if reason is None:
+            continue
+        fix = _FIXES.get(key, ("", ""))
+        if key == "unsafe_host":
+            # The project asked for the host backend too: refuse it; else the user did, and
+            # only the consent is missing.
+            fix = (
+                _FIXES["backend"]
+                if "backend" in settings
+                else ("--unsafe-host", "unsafe_host=True")
+            )
+        out.append(Weakening(key, _shown(setting.value), reason, setting.where, fix[0], fix[1]))
+    return out
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Path):
+        return repr(str(value))
+    if isinstance(value, tuple):
+        return repr(list(value))
+    return repr(value)
+
+
+def _require_trust(
+    file: Path, digest: str, weakenings: list[Weakening], env: Mapping[str, str]
+) -> None:
+    store = trust_store(env)
+    record = store.get(file)
+    if record is not None and record.sha256 == digest:
+        logger.info("%s is trusted: honouring %s", file, ", ".join(w.key for w in weakenings))
+        return
+    raise UntrustedConfigError(file, weakenings, previous=record, user_file=user_config_path(env))
+
+
+def trust_store(environ: Mapping[str, str] | None = None) -> TrustStore:
+    """The user's trust records: ``trusted.json`` next to the user config file."""
+    return TrustStore(user_config_path(environ).parent / TRUST_FILE)
+
+
+def project_file_weakenings(
+    project_file: Path, environ: Mapping[str, str] | None = None
+) -> tuple[str, list[Weakening]]:
+    """(sha256, what it sets that needs trust) of a project file, read once.
+
+    Every setting the file makes is judged, its profiles' too, as if no other layer
+    overrode it: this is what trusting the file allows.
+    """
+    env = os.environ if environ is None else environ
+    home = _home(env)
+    project_root = project_file.parent.resolve()
+    settings, profiles, secrets, digest = _project_layer(project_file, project_root, home)
+    found: dict[tuple[str, str], Weakening] = {}
+    for layer in [settings, *({**settings, **p} for p in profiles.values())]:
+        config = _build(layer, {}, project_root, secrets)
+        for weakening in _weakenings(layer, config, project_root, ()):
+            found.setdefault((weakening.key, weakening.where), weakening)
+    for name, secret in secrets.items():
+        where = _table_where(project_file, _section(project_file), f"secrets.{name}")
+        found.setdefault((f"secrets.{name}.hosts", where), secret_weakening(name, secret, where))
+    return digest, list(found.values())
 
 
 def user_config_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -375,7 +520,7 @@ def _file_settings(
                 )
             )
         elif name in top_keys:
-            out[name] = _validated(name, _Setting(value, where, base_dir), home)
+            out[name] = _validated(name, _Setting(value, where, base_dir, file), home)
         elif in_profile and name in ("profile", "profiles"):
             raise ConfigError(
                 f"'{name}' is not allowed in {where}: a profile cannot select or define "
@@ -402,10 +547,10 @@ def _table_settings(
             set_where = _table_where(file, section, _ENV_SET)
             for var, var_value in value.items():
                 out[f"{_ENV_SET}.{var}"] = _validated(
-                    f"{_ENV_SET}.{var}", _Setting(var_value, set_where, base_dir), home
+                    f"{_ENV_SET}.{var}", _Setting(var_value, set_where, base_dir, file), home
                 )
         elif name in fields:
-            out[key] = _validated(key, _Setting(value, where, base_dir), home)
+            out[key] = _validated(key, _Setting(value, where, base_dir, file), home)
         else:
             raise ConfigError(_unknown_key(name, where, fields))
     return out
@@ -516,7 +661,7 @@ def _validated(key: str, setting: _Setting, home: Path) -> _Setting:
         value = getattr(validated, _attr(model, rest or key))
     if key == "workspace.path":
         value = _resolve_path(value, setting.base_dir, home)
-    return _Setting(value, setting.where, setting.base_dir)
+    return _Setting(value, setting.where, setting.base_dir, setting.source)
 
 
 def _attr(model: type[BaseModel], name: str) -> str:
@@ -695,18 +840,6 @@ _ROOT_DIRS = (
 )
 #: Host trees nothing under which may be a workspace: kernel interfaces and configuration.
 _FORBIDDEN_TREES = ("/proc", "/sys", "/dev", "/etc", "/boot", "/System", "/private/etc")
-#: Directories of the home that hold credentials.
-_CREDENTIAL_DIRS = (
-    ".ssh",
-    ".gnupg",
-    ".aws",
-    ".azure",
-    ".kube",
-    ".docker",
-    ".config/gcloud",
-    ".password-store",
-    ".netrc",
-)
 #: Directories inside the sandbox the workspace must not hide.
 _MOUNT_FORBIDDEN = frozenset(
     {
@@ -934,10 +1067,6 @@ def _dangerous_workspace(path: Path, homes: tuple[Path, ...]) -> str | None:
                 return "it is your home directory"
             if candidate in home.parents:
                 return f"it contains your home directory {home}"
-            for sub in _CREDENTIAL_DIRS:
-                secret_dir = home / sub
-                if candidate == secret_dir or secret_dir in candidate.parents:
-                    return f"{secret_dir} holds credentials"
         text = candidate.as_posix()
         if text in _ROOT_DIRS:
             return f"{text} is a system directory"

@@ -24,11 +24,13 @@ __all__ = [
     "BACKENDS",
     "CONFIG_KEYS",
     "CONTAINER_ENGINES",
+    "DANGEROUS_MOUNTS",
     "ENV_VAR_KEYS",
     "WORKSPACE_MODES",
     "Backend",
     "ConfigKey",
     "ContainerConfig",
+    "DangerousMount",
     "EnvConfig",
     "GvisorConfig",
     "LimitsConfig",
@@ -44,6 +46,10 @@ Backend = Literal["auto", "microvm", "gvisor", "container", "namespace", "host"]
 WorkspaceMode = Literal["cow", "ro", "rw", "none"]
 BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 WORKSPACE_MODES: tuple[str, ...] = typing.get_args(WorkspaceMode)
+#: What a host directory shared with the sandbox may expose, each refused unless named in
+#: ``allow_dangerous_mounts`` (see ``stockade.policy.mounts``).
+DangerousMount = Literal["credentials", "executables", "sockets"]
+DANGEROUS_MOUNTS: tuple[str, ...] = typing.get_args(DangerousMount)
 ContainerEngine = Literal["auto", "runc", "crun", "docker", "podman"]
 CONTAINER_ENGINES: tuple[str, ...] = typing.get_args(ContainerEngine)
 
@@ -389,6 +395,9 @@ class ProfileConfig(_Model):
     microvm: MicrovmConfig | None = Field(
         default=None, description="[microvm] keys the profile sets."
     )
+    allow_dangerous_mounts: tuple[DangerousMount, ...] | None = Field(
+        default=None, description="Dangers of a shared host directory the profile accepts."
+    )
 
     @field_validator("hostname")
     @classmethod
@@ -438,6 +447,15 @@ class StockadeConfig(_Model):
     gvisor: GvisorConfig = Field(default_factory=GvisorConfig, description="The [gvisor] table.")
     microvm: MicrovmConfig = Field(
         default_factory=MicrovmConfig, description="The [microvm] table."
+    )
+    allow_dangerous_mounts: tuple[DangerousMount, ...] = Field(
+        default=(),
+        description=(
+            "Dangers of a shared host directory you accept on purpose: 'credentials' (it "
+            "holds keys or tokens, e.g. ~/.ssh, ~/.config), 'executables' (writable, it holds "
+            "programs the host runs, e.g. a directory on PATH), 'sockets' (it holds unix "
+            "sockets of host services, e.g. /run/user, the Docker socket). Empty: all refused."
+        ),
     )
     profiles: dict[str, ProfileConfig] = Field(
         default_factory=dict,

@@ -774,8 +774,19 @@ class EgressProxy:
                 raise _Refusal(
                     f"{host} has no addresses", status=502, socks=_SOCKS_HOST_UNREACHABLE
                 )
+        decision = self._decide(host, port, rules, resolved=addresses)
+        if not decision.allowed and decision.rule is None and len(addresses) > 1:
+            # A name with several addresses, some special (localhost is 127.0.0.1 and ::1):
+            # dial only those the policy allows on their own. A deny rule covering any of
+            # them (decision.rule set) still refuses the name, and nothing unchecked is dialled.
+            kept = tuple(
+                a for a in addresses if self._decide(host, port, rules, resolved=(a,)).allowed
+            )
+            if kept:
+                addresses = kept
+                decision = self._decide(host, port, rules, resolved=kept)
         conn.addresses = addresses
-        self._check(conn, self._decide(host, port, rules, resolved=addresses), final=True)
+        self._check(conn, decision, final=True)
 
         failures: list[str] = []
         timed_out = refused = False

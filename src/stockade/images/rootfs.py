@@ -18,13 +18,13 @@ import json
 import os
 import shutil
 import subprocess
-import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from stockade._errors import BackendUnavailableError
+from stockade._tarfile import tarfile
 
 __all__ = [
     "DEFAULT_MIRROR",
@@ -303,7 +303,7 @@ def _extract(tar_path: Path, tree: Path) -> None:
             return filtered
 
         # Our own mmdebstrap output, filtered member by member above.
-        archive.extractall(tree, members=members, filter=keep, numeric_owner=privileged)  # noqa: S202
+        archive.extractall(tree, members=members, filter=keep, numeric_owner=privileged)
 
 
 def _remove(path: Path) -> None:

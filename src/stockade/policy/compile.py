@@ -7,10 +7,13 @@ JSON, so that a policy handed over by another process is never trusted blindly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
+import pwd
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -20,10 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from stockade._errors import ConfigError, PolicyError
 from stockade.config import LoadedConfig, check_safety, credential_reason
 from stockade.config.load import MIN_MEMORY, MIN_PIDS, mount_problem
-from stockade.config.models import ContainerConfig, GvisorConfig, MicrovmConfig
+from stockade.config.models import ContainerConfig, DangerousMount, GvisorConfig, MicrovmConfig
 from stockade.egress.decide import NetworkRules, compile_rules
 from stockade.egress.presets import preset_problem, resolve_presets
 from stockade.egress.secrets import SecretConfig
+from stockade.policy.mounts import MountDanger, force_hint, mount_dangers
 
 __all__ = [
     "BASE_ENV",
@@ -35,6 +39,8 @@ __all__ = [
     "compile_policy",
     "is_protected",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Workspace-relative paths the sandbox may never write, whatever the workspace mode: each
 #: makes a host tool run code later (git hooks and config, shell start-up files, direnv and
@@ -215,6 +221,10 @@ class EffectivePolicy(_Policy):
     gvisor: GvisorConfig = Field(
         default_factory=GvisorConfig, description="Platform and image of 'gvisor'."
     )
+    allow_dangerous_mounts: tuple[DangerousMount, ...] = Field(
+        default=(),
+        description="Dangers of the shared host directories the user accepted by name.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EffectivePolicy:
@@ -269,6 +279,13 @@ def compile_policy(
     host_path: Path | None = None
     if config.workspace.mode != "none":
         host_path = _workspace_dir(loaded)
+        _check_shared_dir(loaded, "workspace.path", host_path, config.workspace.mode, env_source)
+    for key, image in (
+        ("container.image", config.container.image),
+        ("gvisor.image", config.gvisor.image),
+    ):
+        if image.startswith("/") and os.path.isdir(image):  # a host directory as the root
+            _check_shared_dir(loaded, key, Path(image), "ro", env_source)
 
     cores = os.cpu_count() or 1
     limits = config.limits
@@ -305,6 +322,7 @@ def compile_policy(
             container=config.container,
             gvisor=config.gvisor,
             microvm=config.microvm,
+            allow_dangerous_mounts=config.allow_dangerous_mounts,
         )
     except ValidationError as exc:
         raise PolicyError(f"the configuration compiles to an invalid policy: {exc}") from exc
@@ -332,6 +350,68 @@ def _network_policy(loaded: LoadedConfig, environ: Mapping[str, str]) -> Network
         presets=network.presets,
         sources={rule: where for rule, where in found.sources.items() if rule not in own},
     )
+
+
+_CONSEQUENCE = {
+    "credentials": "read them",
+    "executables": "plant programs the host runs later",
+    "sockets": "drive the host services behind them (the Docker socket is root on the host)",
+}
+
+
+def _check_shared_dir(
+    loaded: LoadedConfig,
+    key: str,
+    path: Path,
+    mode: Literal["cow", "ro", "rw"],
+    environ: Mapping[str, str],
+) -> None:
+    """Refuse sharing host directory ``path`` if it exposes a danger the user did not accept.
+
+    Whoever set ``key`` (the user's own file, a flag, the SDK call) gets the same answer:
+    only ``allow_dangerous_mounts`` naming the danger lets it through.
+    """
+    dangers = mount_dangers(path, mode=mode, environ=environ, homes=_homes(environ))
+    accepted = set(loaded.config.allow_dangerous_mounts)
+    refused = [d for d in dangers if d.kind not in accepted]
+    for danger in dangers:
+        if danger.kind in accepted:
+            logger.warning(
+                "%s = %r shares a dangerous directory, accepted by allow_dangerous_mounts: %s",
+                key,
+                str(path),
+                danger.reason,
+            )
+    if refused:
+        raise PolicyError(_dangerous_message(loaded, key, path, mode, refused))
+
+
+def _dangerous_message(
+    loaded: LoadedConfig, key: str, path: Path, mode: str, dangers: list[MountDanger]
+) -> str:
+    reasons = "; ".join(d.reason for d in dangers)
+    consequences = ", ".join(_CONSEQUENCE[d.kind] for d in dangers)
+    fix = (
+        "point workspace.path at the project directory"
+        if key == "workspace.path"
+        else f"point {key} at an image built for it"
+    )
+    return (
+        f"{key} = {str(path)!r} (from {loaded.origin(key)}) is refused: {reasons}. Shared "
+        f"with the sandbox (mode {mode!r}), whatever runs inside could {consequences}; "
+        f"{fix}, or if you really mean it, accept the danger by name: "
+        f"{force_hint(d.kind for d in dangers)}"
+    )
+
+
+def _homes(environ: Mapping[str, str]) -> tuple[Path, ...]:
+    homes = []
+    home = environ.get("HOME", "")
+    if home and os.path.isabs(home):
+        homes.append(Path(home))
+    with contextlib.suppress(KeyError):  # no passwd entry (some containers)
+        homes.append(Path(pwd.getpwuid(os.getuid()).pw_dir))
+    return tuple(dict.fromkeys(homes))
 
 
 def _workspace_dir(loaded: LoadedConfig) -> Path:
