@@ -25,6 +25,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from pydantic import BaseModel
 
 from stockade._errors import (
@@ -701,6 +703,10 @@ class AsyncSandbox:
         self._expired: float | None = None
         self._egress: EgressRuntime | None = None
         self._background: BackgroundTasks | None = None
+        # Workspace saving where the writes stay inside the sandbox (see _save_at_end).
+        self._save_lock = anyio.Lock()
+        self._saved_at = time.time()
+        self._end_save: tuple[str | None] | None = None
         self.agent_info: AgentHelloResult | None = None
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
@@ -908,6 +914,7 @@ class AsyncSandbox:
         if self.policy.limits.timeout:
             self._arm_timer(self.policy.limits.timeout)
         self._set_status(SandboxStatus.RUNNING)
+        self._record_save(None, final=False)
         self._audit(
             "sandbox.started",
             details={
@@ -920,13 +927,28 @@ class AsyncSandbox:
     def _arm_timer(self, seconds: float) -> None:
         launched = self._launched
         process = getattr(launched, "process", None)
-        if process is None:
+        if launched is None or process is None:
             return
         pid = process.pid
+        # A workspace kept inside the sandbox is saved before the kill (bounded: the kill
+        # happens even if the event loop never runs the save).
+        token = anyio.lowlevel.current_token() if self._must_save(launched) else None
+
+        def save() -> None:
+            try:
+                anyio.from_thread.run(self._save_at_end, token=token)
+            except Exception:  # the loop is gone: the teardown reports the loss
+                logger.exception("sandbox %s: no workspace save at its timeout", self.name)
 
         def expire() -> None:
             self._expired = seconds
             logger.warning("sandbox %s reached its timeout of %ss", self.name, seconds)
+            if token is not None:
+                from stockade.workspace.save import SAVE_TIMEOUT
+
+                saver = threading.Thread(target=save, daemon=True)
+                saver.start()
+                saver.join(SAVE_TIMEOUT + 10)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -993,9 +1015,79 @@ class AsyncSandbox:
 
     async def _sync_workspace(self) -> None:
         """Bring a running sandbox's workspace writes into the host upper layer (microVMs)."""
-        if self._launched is not None and self._client is not None and self.is_running():
-            with self._explained():
-                await self._launched.sync_workspace(self._client)
+        launched = self._launched
+        if launched is not None and self._client is not None and self.is_running():
+            async with self._save_lock:
+                with self._explained():
+                    await launched.sync_workspace(self._client)
+            self._record_save(None, final=False)
+        elif launched is not None and self._holds_workspace(launched) and self._end_save is None:
+            from stockade.workspace.save import WorkspaceSave, lost_message
+
+            reason = f"it ended ({launched.exit_reason() or 'stopped'}) before they were saved"
+            raise SandboxStateError(
+                lost_message(self.name, WorkspaceSave("lost", self._saved_at, reason))
+            )
+
+    def _holds_workspace(self, launched: LaunchedSandbox) -> bool:
+        """Whether the sandbox's copy-on-write writes live inside it (e.g. a microVM's)."""
+        return launched.workspace_in_guest and self._layers is not None
+
+    def _must_save(self, launched: LaunchedSandbox) -> bool:
+        """Whether they must be brought home before it ends (its layer is kept)."""
+        return self._holds_workspace(launched) and self._keep
+
+    async def _save_at_end(self) -> str | None:
+        """Save a workspace kept inside the sandbox before it ends (once; shielded, bounded
+        by ``SAVE_TIMEOUT``): None when saved (or nothing to save), else why it was lost."""
+        from stockade.workspace.save import SAVE_TIMEOUT
+
+        launched = self._launched
+        if launched is None or not self._must_save(launched):
+            return None
+        with anyio.CancelScope(shield=True):
+            async with self._save_lock:
+                if self._end_save is not None:
+                    return self._end_save[0]
+                reason: str | None = None
+                client = self._client
+                if client is None or not self.is_running():
+                    why = self._launched.exit_reason() if self._launched is not None else None
+                    reason = f"the sandbox had already ended ({why or 'its process was gone'})"
+                else:
+                    try:
+                        with anyio.fail_after(SAVE_TIMEOUT):
+                            await launched.sync_workspace(client)
+                    except TimeoutError:
+                        reason = f"saving them took longer than {SAVE_TIMEOUT:g} s"
+                    except (StockadeError, OSError) as exc:
+                        reason = str(exc)
+                    except Exception as exc:  # teardown goes on; the loss is reported
+                        logger.exception("sandbox %s: saving the workspace failed", self.name)
+                        reason = f"{type(exc).__name__}: {exc}"
+                self._end_save = (reason,)
+                self._record_save(reason, final=True)
+        return reason
+
+    def _record_save(self, lost: str | None, *, final: bool) -> None:
+        """Note how fresh the host's copy of a guest-held workspace is (``workspace/save``)."""
+        from stockade.workspace.save import WorkspaceSave, write_save
+
+        if self._launched is None or not self._must_save(self._launched):
+            return
+        if lost is None:
+            self._saved_at = time.time()
+            save = WorkspaceSave("saved" if final else "pending", self._saved_at)
+            if final:
+                self._audit("workspace.saved")
+        else:
+            save = WorkspaceSave("lost", self._saved_at, lost)
+            logger.warning("sandbox %s: workspace changes lost: %s", self.name, lost)
+            self._audit("workspace.lost", details={"reason": lost, "saved_at": self._saved_at})
+        try:
+            write_save(self._dir, save)
+        except OSError:
+            logger.exception("could not record the workspace save of sandbox %s", self.name)
 
     def _explain_death(self, exc: SandboxStateError) -> SandboxStateError:
         """Say why the sandbox went away, when we know (its timeout, a limit).
@@ -1091,6 +1183,13 @@ class AsyncSandbox:
 
     async def _teardown(self, *, status: SandboxStatus, error: str | None = None) -> None:
         with anyio.CancelScope(shield=True):
+            if self._record.status == SandboxStatus.RUNNING:
+                lost = await self._save_at_end()
+                if lost is not None:
+                    from stockade.workspace.save import WorkspaceSave, lost_message
+
+                    note = lost_message(self.name, WorkspaceSave("lost", self._saved_at, lost))
+                    status, error = SandboxStatus.FAILED, f"{error}; {note}" if error else note
             try:
                 await self._stop_backend()
             finally:

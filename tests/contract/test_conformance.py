@@ -9,10 +9,12 @@ every backend: behaviour through stockade's API must not depend on the isolation
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -677,3 +679,193 @@ def test_sandbox_wall_clock_timeout(target: str, tmp_path: Path) -> None:
             sb.commands.run(["sleep", "30"])
         assert time.monotonic() - t < 20
         assert not sb.is_running()
+
+
+# --- nothing is lost when a sandbox ends ------------------------------------------------------
+#
+# Every way a sandbox ends keeps what its command wrote in the workspace (a microVM saves the
+# guest's upper layer first), read back afterwards through `stockade diff`; where a save is
+# impossible (the VM was killed), diff and ls say what was lost, never "no changes".
+
+WRITE = "echo kept > made.txt"
+
+
+def cli_env(target: str) -> dict[str, str]:
+    """The environment that selects ``target`` (the state directory is the test's own)."""
+    backend, _, variant = target.partition("/")
+    env = {**os.environ, "STOCKADE_BACKEND": backend}
+    if variant:
+        env["STOCKADE_CONTAINER_ENGINE"] = variant
+    return env
+
+
+def cli(
+    target: str, *args: str, check: bool = True, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "stockade.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(target),
+        stdin=subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stockade {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def cli_popen(target: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stockade.cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=cli_env(target),
+    )
+
+
+def record_of(target: str, name: str) -> dict[str, Any]:
+    rows = json.loads(cli(target, "ls", "--json").stdout)
+    found: dict[str, Any] = next(r for r in rows if r["name"] == name)
+    return found
+
+
+def assert_kept(target: str, name: str) -> None:
+    """The file the command wrote is in the sandbox's diff, and nothing was reported lost."""
+    diff = cli(target, "diff", name, "--stat")
+    assert "made.txt" in diff.stdout, diff.stderr
+    assert "could not be saved" not in diff.stderr
+    assert record_of(target, name)["status"] == "stopped"
+
+
+def discard(target: str, name: str) -> None:
+    # `rm` of a sandbox with changes may want --force (where that flag exists).
+    if cli(target, "rm", "--force", name, check=False).returncode == 2:
+        cli(target, "rm", name, check=False)
+
+
+def unique(kind: str) -> str:
+    return f"{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def test_changes_survive_stop(target: str, tmp_path: Path) -> None:
+    project, name = make_project(tmp_path / "project"), unique("stop")
+    cli(target, "create", "--name", name, "-C", str(project))
+    try:
+        cli(target, "exec", name, "--", "sh", "-c", WRITE)
+        cli(target, "stop", name)
+        assert_kept(target, name)
+        assert not (project / "made.txt").exists()
+    finally:
+        discard(target, name)
+
+
+def test_changes_survive_supervisor_shutdown(target: str, tmp_path: Path) -> None:
+    from stockade.state import StateStore
+
+    project, name = make_project(tmp_path / "project"), unique("supervisor")
+    cli(target, "create", "--name", name, "-C", str(project))
+    try:
+        cli(target, "exec", name, "--", "sh", "-c", WRITE)
+        pid = StateStore().get(name).supervisor_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)  # as a system shutdown would
+        deadline = time.monotonic() + 200
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert_kept(target, name)
+    finally:
+        discard(target, name)
+
+
+def test_changes_survive_run_without_rm(target: str, tmp_path: Path) -> None:
+    project, name = make_project(tmp_path / "project"), unique("run")
+    try:
+        r = cli(target, "run", "--name", name, "-C", str(project), "--", "sh", "-c", WRITE)
+        assert "made.txt" in r.stderr  # run's own summary
+        assert_kept(target, name)
+    finally:
+        discard(target, name)
+
+
+def test_changes_survive_the_sandbox_timeout(target: str, tmp_path: Path) -> None:
+    project, name = make_project(tmp_path / "project"), unique("timeout")
+    try:
+        r = cli(target, "run", "--name", name, "--timeout", "10", "-C", str(project),
+                "--", "sh", "-c", f"{WRITE}; sleep 300", check=False)  # fmt: skip
+        assert r.returncode != 0 and "timeout" in r.stderr, r.stderr
+        diff = cli(target, "diff", name, "--stat")
+        assert "made.txt" in diff.stdout, diff.stderr
+        assert "could not be saved" not in diff.stderr
+    finally:
+        discard(target, name)
+
+
+def test_changes_survive_sigterm_of_the_run_cli(target: str, tmp_path: Path) -> None:
+    project, name = make_project(tmp_path / "project"), unique("sigterm")
+    proc = cli_popen(target, "run", "--name", name, "-C", str(project),
+                     "--", "sh", "-c", f"{WRITE}; echo written; sleep 300")  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "written\n"  # the command runs, the file is written
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=200)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert_kept(target, name)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        discard(target, name)
+
+
+def test_changes_survive_close_with_keep_and_holes_stay_holes(target: str, tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project")
+    with fresh(target, project, keep=True) as sb:
+        r = sb.commands.run(f"{WRITE} && truncate -s 1G sparse.img && echo end >> sparse.img")
+        assert r.exit_code == 0, r.stderr
+        name, upper = sb.name, sb.state_dir / "upper"
+    try:
+        diff = cli(target, "diff", name, "--stat")
+        assert {"made.txt", "sparse.img"} <= set(diff.stdout.split()), diff.stderr
+        info = os.stat(upper / "sparse.img")
+        assert info.st_size == 1024**3 + 4
+        assert info.st_blocks * 512 < 16 * 1024**2  # the hole did not become zeros
+    finally:
+        discard(target, name)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text()
+    except OSError:
+        return ""
+
+
+def test_a_lost_save_is_reported_never_no_changes(target: str, tmp_path: Path) -> None:
+    if not target.startswith("microvm"):
+        pytest.skip(f"the {target} backend writes the workspace on the host: nothing to lose")
+    project, name = make_project(tmp_path / "project"), unique("lost")
+    sandbox_id = json.loads(cli(target, "create", "--name", name, "--json",
+                                "-C", str(project)).stdout)["id"]  # fmt: skip
+    try:
+        cli(target, "exec", name, "--", "sh", "-c", WRITE)
+        vmms = ("qemu", "firecracker", "cloud-hyp")
+        vmm = [p for p in host_pids(sandbox_id) if _comm(p).startswith(vmms)]
+        assert vmm, "the VM's process was not found"
+        for pid in vmm:
+            os.kill(pid, signal.SIGKILL)  # the VM crashes before its changes were saved
+        cli(target, "stop", name)
+        diff = cli(target, "diff", name)
+        assert f"the workspace changes of {name} could not be saved" in diff.stderr
+        assert "no changes" not in diff.stderr
+        listing = cli(target, "ls")
+        assert "could not be saved" in listing.stdout
+        row = record_of(target, name)
+        assert row["status"] == "failed" and "could not be saved" in row["error"]
+        audit = cli(target, "audit", name, "--json").stdout
+        assert "workspace.lost" in audit
+    finally:
+        discard(target, name)

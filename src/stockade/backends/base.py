@@ -90,6 +90,9 @@ class LaunchedSandbox(abc.ABC):
     """A running isolation unit: its agent channel, and how to end it for sure."""
 
     channel: ByteStream
+    #: True where the sandbox's workspace writes stay inside it (a guest's own upper layer)
+    #: until ``sync_workspace`` brings them home: its end must save them first.
+    workspace_in_guest: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def terminate(self, grace: float = 1.0) -> None:

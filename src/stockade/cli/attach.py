@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import click
 
-from stockade._errors import AgentError
+from stockade._errors import AgentError, StockadeError
 from stockade.agent.client import AgentClient
 from stockade.protocol.messages import (
     ProcessResizeParams,
@@ -169,13 +169,19 @@ async def attach_local(sandbox: Any, command: list[str], tty: bool | None) -> in
             "process.started", target=" ".join(command)[:1000], details={"pid": started.pid}
         )
 
-    code = await attach(
-        client,
-        command,
-        tty,
-        timeout=sandbox.policy.limits.command_timeout,
-        on_started=audit,
-    )
+    with sandbox._explained():  # a lost sandbox says why (e.g. its timeout expired)
+        try:
+            code = await attach(
+                client,
+                command,
+                tty,
+                timeout=sandbox.policy.limits.command_timeout,
+                on_started=audit,
+            )
+        except ExceptionGroup as group:  # attach's task group wraps the lost connection
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], StockadeError):
+                raise group.exceptions[0] from None
+            raise
     sandbox._audit("process.exited", target=" ".join(command)[:1000], details={"exit_code": code})
     return code
 

@@ -189,24 +189,65 @@ def run(
 async def _run_async(
     policy: Any, command: list[str], name: str | None, remove: bool, tty: bool | None
 ) -> int:
+    import anyio
+
     from stockade.backends.registry import select_backend
+    from stockade.cli.attach import attach_local
     from stockade.sandbox import AsyncSandbox
 
     backend = select_backend(policy)
-    sandbox = await AsyncSandbox._start_new(
-        policy, backend, name=name, keep=not remove, state_dir=None, actor="cli"
-    )
-    try:
-        from stockade.cli.attach import attach_local
+    sandbox: AsyncSandbox | None = None
+    code = 0
+    signalled: list[int] = []
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as body:
+            tg.start_soon(_absorb_signals, body, signalled)
+            try:
+                sandbox = await AsyncSandbox._start_new(
+                    policy, backend, name=name, keep=not remove, state_dir=None, actor="cli"
+                )
+                code = await attach_local(sandbox, command, tty)
+            except Exception as exc:  # raised again below, outside the task group
+                failure = exc
+            finally:
+                if sandbox is not None:
+                    if remove:
+                        await _report_discarded(sandbox)
+                    await sandbox.aclose()  # shielded: the workspace is saved, even on a signal
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if sandbox is not None and not remove:
+        lost = _lost_note(sandbox.name, sandbox.state_dir, running=False)
+        if lost:
+            click.secho(f"stockade: {lost}", fg="yellow", err=True)
+            click.echo(f"review what was saved: stockade diff {sandbox.name}", err=True)
+        else:
+            _print_run_summary(sandbox)
+    return 128 + signalled[0] if signalled else code
 
-        code = await attach_local(sandbox, command, tty)
-    finally:
-        if remove:
-            await _report_discarded(sandbox)
-        await sandbox.aclose()
-    if not remove:
-        _print_run_summary(sandbox)
-    return code
+
+async def _absorb_signals(body: Any, signalled: list[int]) -> None:
+    """SIGTERM, SIGINT, SIGHUP end `run`'s command (``body`` is cancelled) and then wait for
+    the sandbox's orderly close, which saves its workspace: later signals do not cut it."""
+    import signal
+
+    import anyio
+
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if not signalled:
+                signalled.append(int(signum))
+                body.cancel()
+
+
+def _lost_note(name: str, directory: str | Path | None, *, running: bool) -> str | None:
+    """What to say when the sandbox's workspace changes could not be saved (else None)."""
+    from stockade.workspace.save import lost_message, lost_save
+
+    save = lost_save(directory, running=running) if directory else None
+    return lost_message(name, save) if save is not None else None
 
 
 async def _report_discarded(sandbox: Any) -> None:
@@ -406,6 +447,10 @@ def ls(as_json: bool, all_: bool) -> None:
             dt.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S"),
         )
     Console().print(table)
+    for r in records:
+        lost = _lost_note(r.name, r.dir, running=r.status == "running")
+        if lost:
+            click.secho(lost, fg="yellow")
     if store.read_only:
         click.secho(
             f"stockade: the disk of {store.root} is full: read-only until space is freed "
@@ -586,6 +631,12 @@ def diff(
     _audit(store, record).append(
         "workspace.diffed", actor="cli", details={"summary": result.summary()}
     )
+    lost = _lost_note(record.name, record.dir, running=record.status == "running")
+    if lost:  # never a plain "no changes" where changes were lost
+        click.secho(f"stockade: {lost}", fg="yellow", err=True)
+        if not result and not as_json:
+            click.echo(f"sandbox {record.name}: nothing of its changes was saved", err=True)
+            return
     branch = f"stockade/{record.name}"
     if as_json:
         data = result.to_dict(include_patch=True)

@@ -80,8 +80,14 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-def stop_sandbox(store: StateStore, record: Any, *, timeout: float = 10.0) -> None:
-    """Ask the supervisor to stop; kill it if it does not answer. Idempotent."""
+def stop_sandbox(store: StateStore, record: Any, *, timeout: float | None = None) -> None:
+    """Ask the supervisor to stop; kill it if it does not answer. Idempotent.
+
+    It is given the time to save the workspace (``SAVE_TIMEOUT``) before it is killed."""
+    if timeout is None:
+        from stockade.workspace.save import SAVE_TIMEOUT
+
+        timeout = SAVE_TIMEOUT + 10.0
     if record.status not in (SandboxStatus.RUNNING, SandboxStatus.STARTING):
         return
     pid = record.supervisor_pid

@@ -43,9 +43,9 @@ __all__ = [
 RECIPE_VERSION = 1
 DEFAULT_SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-#: Packages every image has: the agent's interpreter and the trust store the egress CA
-#: bundle is added to.
-BASE_PACKAGES = ("python3", "ca-certificates")
+#: Packages every image has: the agent's interpreter, the trust store the egress CA
+#: bundle is added to, and git (agents commit their work; the commits come back as a branch).
+BASE_PACKAGES = ("python3", "ca-certificates", "git")
 #: Documentation and translations are never needed inside a sandbox.
 _PATH_EXCLUDES = (
     "/usr/share/man/*",
@@ -84,7 +84,7 @@ class ImageProfile:
 PROFILES: dict[str, ImageProfile] = {
     p.name: p
     for p in (
-        ImageProfile("base", (), "minbase Debian + python3 + ca-certificates"),
+        ImageProfile("base", (), "minbase Debian + python3 + ca-certificates + git"),
         ImageProfile(
             "dev",
             ("git", "build-essential", "curl", "openssh-client"),

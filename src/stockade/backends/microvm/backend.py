@@ -12,9 +12,9 @@ NIC: its only way out is the agent channel, so the egress tunnel is its only net
 Workspace: a small project is streamed in as a tar inside the configuration; a large
 one becomes a second virtio-blk disk (``mke2fs -d``, no loop mounts). Either way it is the
 lower layer of an overlay inside the guest, whose upper layer is a guest tmpfs. Before a
-diff or an apply the guest's upper layer is copied back into the host's
-``WorkspaceLayers.upper`` (``sync_workspace``), so diff/apply/reset are the namespace
-backend's own code.
+diff or an apply, and before the sandbox ends, the guest's upper layer is streamed back into
+the host's ``WorkspaceLayers.upper`` (``sync_workspace``), so diff/apply/reset are the
+namespace backend's own code.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ import os
 import shutil
 import stat
 import subprocess
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import ByteStream
@@ -91,8 +90,6 @@ MAX_HANDSHAKE_FRAME = 64 * 1024
 GUEST_STATE = "/run/stockade"
 GUEST_UPPER = "/run/stockade/ws/upper"
 GUEST_LOWER = "/run/stockade/ws/lower"
-#: Where the guest packs its upper layer (written by the sandbox's own user).
-GUEST_EXPORT = "/tmp/.stockade-workspace-export.tar"
 
 
 def _image_profile() -> str:
@@ -344,6 +341,8 @@ def _frame(obj: dict[str, Any]) -> bytes:
 class MicrovmSandbox(LaunchedSandbox):
     """One VM; ``process`` is the VMM process (the sandbox timer kills it)."""
 
+    workspace_in_guest = True
+
     def __init__(self, vm: VmHandle, spec: LaunchSpec, *, extra_files: tuple[Path, ...] = ()):
         self.vm = vm
         self.channel = vm.channel
@@ -424,65 +423,64 @@ class MicrovmSandbox(LaunchedSandbox):
             ) from exc
 
     async def sync_workspace(self, client: AgentClient) -> None:
-        """Copy the guest's overlay upper layer into the host's ``WorkspaceLayers.upper``."""
+        """Copy the guest's overlay upper layer into the host's ``WorkspaceLayers.upper``.
+
+        The guest packs it straight to its standard output (nothing is written in its tmpfs,
+        holes stay holes), the host spools it next to the layer and imports it."""
         layers = self.spec.workspace
         if layers is None or self.spec.policy.workspace.mode != "cow":
             return
         from stockade.backends.microvm.upper import import_upper
 
-        _, events = await client.start_process(
-            _process_params(
-                ["/usr/bin/python3", "-S", "-I", f"{GUEST_STATE}/wsync.py", GUEST_UPPER,
-                 GUEST_EXPORT, GUEST_LOWER, self.spec.policy.workspace.guest_path]
-            )
-        )  # fmt: skip
-        exit_info = await client.wait_process(events)
-        client.forget_process(events.proc)
-        if exit_info.exit_code != 0:
-            raise SandboxStateError(
-                "could not read the workspace back from the VM: "
-                f"{bytes(events.stderr).decode(errors='replace')[-1000:]}"
-            )
         with tempfile.TemporaryFile(dir=layers.upper.parent) as spool:
-            await _download(client, GUEST_EXPORT, spool)
-            spool.seek(0)
-            with tarfile.open(fileobj=spool, mode="r:") as outer:
-                member = outer.next()
-                if member is None or not member.isreg():
-                    raise SandboxStateError("the VM sent no workspace archive")
-                inner = outer.extractfile(member)
-                assert inner is not None
-                with tempfile.TemporaryFile(dir=layers.upper.parent) as plain:
-                    shutil.copyfileobj(inner, plain, 1 << 20)
-                    plain.seek(0)
-                    await anyio.to_thread.run_sync(import_upper, plain, layers.upper)
-        _, events = await client.start_process(_process_params(["/bin/rm", "-f", GUEST_EXPORT]))
-        await client.wait_process(events)
-        client.forget_process(events.proc)
+            stderr = bytearray()
+            failed: list[OSError] = []
+
+            def on_output(stream: str, chunk: bytes) -> None:
+                # Runs in the client's reader: an error here must not end the connection.
+                if stream == "stdout" and not failed:
+                    try:
+                        spool.write(chunk)
+                    except OSError as exc:  # the host's disk is full
+                        failed.append(exc)
+                elif stream == "stderr" and len(stderr) < 8192:
+                    stderr.extend(chunk[: 8192 - len(stderr)])
+
+            _, events = await client.start_process(
+                _process_params(
+                    ["/usr/bin/python3", "-S", "-I", f"{GUEST_STATE}/wsync.py", GUEST_UPPER, "-",
+                     GUEST_LOWER, self.spec.policy.workspace.guest_path]
+                ),
+                on_output=on_output,
+            )  # fmt: skip
+            try:
+                exit_info = await client.wait_process(events)
+            finally:
+                client.forget_process(events.proc)
+            if failed:
+                raise SandboxStateError(
+                    f"could not store the VM's workspace on the host in {layers.upper.parent}: "
+                    f"{failed[0].strerror or failed[0]}"
+                )
+            if exit_info.exit_code != 0:
+                raise SandboxStateError(
+                    "could not read the workspace back from the VM (the packer exited with "
+                    f"{exit_info.exit_code}): {stderr.decode(errors='replace')[-1000:]}"
+                )
+            try:
+                spool.flush()
+                spool.seek(0)
+                await anyio.to_thread.run_sync(import_upper, spool, layers.upper)
+            except OSError as exc:  # the host's disk is full (nothing was replaced)
+                raise SandboxStateError(
+                    f"could not write the VM's workspace into {layers.upper}: {exc.strerror or exc}"
+                ) from exc
 
 
 def _process_params(argv: list[str]) -> Any:
     from stockade.protocol.messages import ProcessStartParams
 
     return ProcessStartParams(argv=argv, cwd="/")
-
-
-async def _download(client: AgentClient, path: str, out: IO[bytes]) -> None:
-    from stockade.protocol.messages import (
-        TarDownloadParams,
-        TransferReadParams,
-        TransferReadResult,
-        TransferResult,
-    )
-
-    opened = await client.call("fs.download_tar", TarDownloadParams(path=path))
-    assert isinstance(opened, TransferResult)
-    while True:
-        result = await client.call("transfer.read", TransferReadParams(transfer=opened.transfer))
-        assert isinstance(result, TransferReadResult)
-        out.write(base64.b64decode(result.data))
-        if result.eof:
-            break
 
 
 def _pid_alive(pid: int) -> bool:

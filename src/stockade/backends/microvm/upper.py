@@ -1,8 +1,9 @@
 """Bring a guest's workspace upper layer back into the host's ``WorkspaceLayers.upper``.
 
 The guest packs its overlay upper (``images/guest/wsync.py``): files, directories,
-symlinks, whiteouts as character devices 0/0 and opaque directories marked with the pax
-record ``STOCKADE.opaque=y``. The archive comes from an untrusted guest, so every member is
+symlinks, whiteouts as character devices 0/0, opaque directories marked with the pax
+record ``STOCKADE.opaque=y``, and files with holes as GNU pax sparse members (written back
+with the same holes). The archive comes from an untrusted guest, so every member is
 checked before anything is written (relative, normalised, no ``..``, only those types, no
 path through a symlink), then the tree is built in a fresh directory next to ``upper`` and
 swapped in. On the host, whiteouts and opaque markers take the same form the namespace
@@ -27,6 +28,8 @@ __all__ = ["OPAQUE_PAX", "OPAQUE_XATTR", "import_upper"]
 OPAQUE_PAX = "STOCKADE.opaque"
 OPAQUE_XATTR = "user.overlay.opaque"
 _MAX_MEMBERS = 1_000_000
+#: Most data regions of one sparse member (the guest sends a file densely past 4,096).
+_MAX_REGIONS = 65_536
 
 
 def _parts(name: str) -> tuple[str, ...]:
@@ -38,8 +41,51 @@ def _parts(name: str) -> tuple[str, ...]:
     return parts
 
 
+def _regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
+    """A sparse member's (offset, length) data regions (tarfile parsed them)."""
+    regions: list[tuple[int, int]] = member.sparse or []  # type: ignore[assignment]
+    return regions
+
+
+def _check_sparse(member: tarfile.TarInfo) -> None:
+    """A sparse member's map must be ordered, disjoint and inside the file."""
+    regions = _regions(member)
+    if len(regions) > _MAX_REGIONS:
+        raise WorkspaceError(f"guest workspace archive member {member.name!r} has too many regions")
+    end = 0
+    for offset, length in regions:
+        if offset < end or length < 0 or offset + length > member.size:
+            raise WorkspaceError(
+                f"guest workspace archive member {member.name!r} has an invalid sparse map"
+            )
+        end = offset + length
+
+
+def _copy_sparse(source: IO[bytes], out: IO[bytes], member: tarfile.TarInfo) -> None:
+    """Write only the data regions; the rest stays a hole."""
+    for offset, length in _regions(member):
+        source.seek(offset)
+        out.seek(offset)
+        remaining = length
+        while remaining:
+            block = source.read(min(remaining, 1 << 20))
+            if not block:
+                raise WorkspaceError(f"guest workspace archive member {member.name!r} is cut short")
+            out.write(block)
+            remaining -= len(block)
+    out.truncate(member.size)
+
+
 def import_upper(archive: IO[bytes], upper: Path) -> int:
     """Replace the contents of ``upper`` with the guest's layer; returns the entry count."""
+    try:
+        return _import_upper(archive, upper)
+    except (tarfile.TarError, ValueError, EOFError) as exc:
+        # tarfile's own parsing of what the guest sent (headers, pax records, sparse maps).
+        raise WorkspaceError(f"the guest's workspace archive is malformed: {exc}") from exc
+
+
+def _import_upper(archive: IO[bytes], upper: Path) -> int:
     with tarfile.open(fileobj=archive, mode="r:") as tar:
         plan: list[tuple[tuple[str, ...], tarfile.TarInfo]] = []
         seen: dict[tuple[str, ...], str] = {}
@@ -51,6 +97,8 @@ def import_upper(archive: IO[bytes], upper: Path) -> int:
                 kind = "dir"
             elif member.isreg():
                 kind = "file"
+                if member.sparse is not None:
+                    _check_sparse(member)
             elif member.issym():
                 kind = "symlink"
             elif member.ischr() and member.devmajor == 0 and member.devminor == 0:
@@ -94,7 +142,9 @@ def import_upper(archive: IO[bytes], upper: Path) -> int:
                     source = tar.extractfile(member)
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                     with os.fdopen(fd, "wb") as out:
-                        if source is not None:
+                        if source is not None and member.sparse is not None:
+                            _copy_sparse(source, out, member)
+                        elif source is not None:
                             while block := source.read(1 << 20):
                                 out.write(block)
                         # Never setuid/setgid on the host, whatever the guest says.
