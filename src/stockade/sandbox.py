@@ -731,8 +731,18 @@ class AsyncSandbox:
         directory = store.sandbox_dir(sandbox_id)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         layers = None
-        if policy.workspace.mode == "cow" and policy.workspace.host_path is not None:
-            layers = WorkspaceLayers.create(directory, policy.workspace.host_path)
+        if policy.limits.disk_bytes:
+            from stockade.workspace.disk import create_disk, release_disk
+
+            # Upper, work and /tmp on a filesystem of exactly limits.disk (where possible).
+            create_disk(directory, policy.limits.disk_bytes)
+        try:
+            if policy.workspace.mode == "cow" and policy.workspace.host_path is not None:
+                layers = WorkspaceLayers.create(directory, policy.workspace.host_path)
+        except BaseException:
+            if policy.limits.disk_bytes:
+                release_disk(directory)
+            raise
         now = time.time()
         record = SandboxRecord(
             name=name,
@@ -1028,8 +1038,10 @@ class AsyncSandbox:
                     await anyio.to_thread.run_sync(self._discard_dir)
 
     def _discard_dir(self) -> None:
+        from stockade.workspace.disk import release_disk
         from stockade.workspace.layers import remove_tree
 
+        release_disk(self._dir)
         with contextlib.suppress(FileNotFoundError):
             remove_tree(self._dir)
 

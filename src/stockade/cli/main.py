@@ -435,11 +435,12 @@ def _orphans(store: Any) -> list[dict[str, str]]:
 def _layers(record: Any) -> Any:
     from stockade.workspace import WorkspaceLayers
 
-    if not record.workspace or not (Path(record.dir) / "upper").is_dir():
+    layers = WorkspaceLayers.at(record.dir, record.workspace) if record.workspace else None
+    if layers is None or not layers.upper.is_dir():
         raise SandboxStateError(
             f"sandbox {record.name!r} has no copy-on-write workspace to diff or apply"
         )
-    return WorkspaceLayers.at(record.dir, record.workspace)
+    return layers
 
 
 def _sync_running(record: Any) -> None:

@@ -123,7 +123,9 @@ def remove_sandbox(store: StateStore, record: Any) -> None:
             f"processes of sandbox {record.name!r} survived removal: {sorted(survivors)}"
         )
     if record.dir and Path(record.dir).exists():
+        from stockade.workspace.disk import release_disk
         from stockade.workspace.layers import remove_tree
 
+        release_disk(Path(record.dir))
         remove_tree(Path(record.dir))
     store.delete(record.name)

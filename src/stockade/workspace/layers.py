@@ -54,12 +54,16 @@ class WorkspaceLayers:
     def at(
         cls, state_dir: str | os.PathLike[str], lower: str | os.PathLike[str]
     ) -> WorkspaceLayers:
-        """The layers of ``state_dir`` without touching the disk (to reopen existing state)."""
+        """The layers of ``state_dir`` (to reopen existing state). A sandbox with a disk of its
+        own (``limits.disk``) keeps upper and work on it, mounted here if it is not yet."""
+        from stockade.workspace.disk import layer_root
+
         state = Path(state_dir)
+        root = layer_root(state)
         return cls(
             lower=Path(lower).resolve(),
-            upper=state / "upper",
-            work=state / "work",
+            upper=root / "upper",
+            work=root / "work",
             baseline_path=state / _BASELINE_NAME,
         )
 

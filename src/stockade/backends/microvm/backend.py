@@ -91,8 +91,9 @@ MAX_HANDSHAKE_FRAME = 64 * 1024
 GUEST_STATE = "/run/stockade"
 GUEST_UPPER = "/run/stockade/ws/upper"
 GUEST_LOWER = "/run/stockade/ws/lower"
-#: Where the guest packs its upper layer (written by the sandbox's own user).
-GUEST_EXPORT = "/tmp/.stockade-workspace-export.tar"
+#: Where the guest packs its upper layer (written by the sandbox's own user): a tmpfs of its
+#: own (``launcher.setup_export``), never the disk-limited one of /tmp and the upper layer.
+GUEST_EXPORT = "/run/stockade/export/workspace.tar"
 
 
 def _image_profile() -> str:
@@ -443,7 +444,9 @@ class MicrovmSandbox(LaunchedSandbox):
                 "could not read the workspace back from the VM: "
                 f"{bytes(events.stderr).decode(errors='replace')[-1000:]}"
             )
-        with tempfile.TemporaryFile(dir=layers.upper.parent) as spool:
+        # Spooled beside the layers, not on the sandbox's own disk (limits.disk) where the
+        # copies would crowd out the upper layer they carry.
+        with tempfile.TemporaryFile(dir=self.spec.state_dir) as spool:
             await _download(client, GUEST_EXPORT, spool)
             spool.seek(0)
             with tarfile.open(fileobj=spool, mode="r:") as outer:
@@ -452,7 +455,7 @@ class MicrovmSandbox(LaunchedSandbox):
                     raise SandboxStateError("the VM sent no workspace archive")
                 inner = outer.extractfile(member)
                 assert inner is not None
-                with tempfile.TemporaryFile(dir=layers.upper.parent) as plain:
+                with tempfile.TemporaryFile(dir=self.spec.state_dir) as plain:
                     shutil.copyfileobj(inner, plain, 1 << 20)
                     plain.seek(0)
                     await anyio.to_thread.run_sync(import_upper, plain, layers.upper)
@@ -643,7 +646,6 @@ class MicrovmBackend(Backend):
         if ws.mode in ("cow", "ro") and ws.host_path is not None:
             source_dir = spec.workspace.lower if spec.workspace is not None else ws.host_path
         if source_dir is not None:
-            upper_size = spec.policy.limits.disk_bytes
             root_mode = os.stat(source_dir).st_mode & 0o7777
             size = _tree_size(source_dir, STREAM_LIMIT)
             protected = [
@@ -657,8 +659,6 @@ class MicrovmBackend(Backend):
                 "root_mode": root_mode,
                 "protected": protected,
             }
-            if upper_size:
-                workspace["upper_size"] = int(upper_size)
             if size <= STREAM_LIMIT:
                 workspace.update(source="stream", entries=_tree_entries(source_dir))
             else:

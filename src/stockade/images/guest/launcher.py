@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 AGENT = "/run/stockade/agent.py"
 WS_STATE = "/run/stockade/ws"
+#: The root overlay's writable tmpfs (the init moves it here), sized to the disk limit.
+ROOT_RW = "/run/stockade/rootrw"
+#: The workspace sync's archive goes here (``backends/microvm/backend.py`` GUEST_EXPORT).
+EXPORT_DIR = "/run/stockade/export"
 MAX_CONFIG = 16 * 1024 * 1024
 #: The agent's frame limit: ``sandbox.configure`` carries a streamed workspace (base64).
 MAX_FRAME = 32 * 1024 * 1024
@@ -230,12 +234,16 @@ def chown_tree(top: str, uid: int, gid: int) -> None:
 
 
 def setup_workspace(agent: Any, ws: dict[str, Any], user: list[int] | None = None) -> None:
-    """Lower (streamed tar or the second disk) + tmpfs upper, overlaid at ws['path']."""
+    """Lower (streamed tar or the second disk) + tmpfs upper, overlaid at ws['path'].
+
+    The upper and work layers live on the root's writable tmpfs, which the configuration
+    sizes to the disk limit: the workspace, /tmp and home share that one bound. The lower
+    (the project as streamed in) is the host's data and does not count against it.
+    """
     mode = ws["mode"]
     target = ws["path"]
     os.makedirs(WS_STATE, exist_ok=True)
-    size_opt = f",size={ws['upper_size']}" if ws.get("upper_size") else ""
-    mount("stockade-ws", WS_STATE, "tmpfs", 0, f"mode=0755{size_opt}")
+    mount("stockade-ws", WS_STATE, "tmpfs", 0, "mode=0755")
     mark("ws tmpfs")
     lower = f"{WS_STATE}/lower"
     os.mkdir(lower, 0o755)
@@ -258,11 +266,14 @@ def setup_workspace(agent: Any, ws: dict[str, Any], user: list[int] | None = Non
         mount(lower, target, None, MS_BIND)
         mount("", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         return
-    upper, work = f"{WS_STATE}/upper", f"{WS_STATE}/work"
-    os.mkdir(upper, 0o755)
+    upper, work = f"{ROOT_RW}/workspace/upper", f"{ROOT_RW}/workspace/work"
+    os.makedirs(upper, 0o755)
     os.mkdir(work, 0o700)
     if user:
         os.chown(upper, int(user[0]), int(user[1]))
+    # The workspace sync reads the upper layer at WS_STATE/upper.
+    os.mkdir(f"{WS_STATE}/upper", 0o755)
+    mount(upper, f"{WS_STATE}/upper", None, MS_BIND)
     # No redirect or metacopy xattrs: the host reads this upper layer back for diff/apply.
     options = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off"
     mount("stockade-workspace", target, "overlay", 0, options)
@@ -274,6 +285,16 @@ def setup_workspace(agent: Any, ws: dict[str, Any], user: list[int] | None = Non
         if os.path.lexists(path) and not os.path.islink(path):
             mount(path, path, None, MS_BIND)
             mount("", path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+
+
+def setup_export(disk_bytes: Any, user: list[int] | None) -> None:
+    """Where the workspace sync packs the upper layer for the host: a tmpfs of its own, so
+    an upper layer that filled the disk limit can still be saved (the archive is at most
+    about twice the layer's size)."""
+    os.makedirs(EXPORT_DIR, exist_ok=True)
+    uid, gid = (int(user[0]), int(user[1])) if user else (0, 0)
+    size = f",size={2 * int(disk_bytes) + 16 * 2**20}" if disk_bytes else ""
+    mount("stockade-export", EXPORT_DIR, "tmpfs", 0, f"mode=0700,uid={uid},gid={gid}{size}")
 
 
 def warm_up(agent: Any) -> None:
@@ -447,7 +468,7 @@ def configure(agent: Any, server: Any, config: dict[str, Any]) -> None:
     mark("files")
     if config.get("disk_bytes"):
         # The root's writes (outside the workspace) count against the disk limit too.
-        mount("", "/run/stockade/rootrw", None, MS_REMOUNT, f"size={int(config['disk_bytes'])}")
+        mount("", ROOT_RW, None, MS_REMOUNT, f"size={int(config['disk_bytes'])}")
     for directory in config.get("dirs", ()):
         os.makedirs(directory, exist_ok=True)
     env = {str(k): str(v) for k, v in config.get("env", {}).items()}
@@ -458,6 +479,8 @@ def configure(agent: Any, server: Any, config: dict[str, Any]) -> None:
     ws = config.get("workspace")
     if ws:
         setup_workspace(agent, ws, config.get("user"))
+        if ws["mode"] == "cow":
+            setup_export(config.get("disk_bytes"), config.get("user"))
         mark("workspace")
     if config.get("docker"):
         start_docker(server.in_fd, config["docker"], env)

@@ -1,0 +1,266 @@
+"""A sandbox's own small filesystem: ``limits.disk`` as a hard bound on what it can write.
+
+With ``limits.disk`` set, a sparse ext4 image of exactly that many bytes is made in the
+sandbox's state directory (``disk.ext4``) and loop-mounted at ``disk/``; the workspace's upper
+and work layers and the sandbox's ``/tmp`` (with its home and caches) live on it. A write past
+the limit fails inside the sandbox with ENOSPC, and the image file on the host can never grow
+beyond the limit, whatever the backend. The image stays on disk with the sandbox's record, so
+its changes can be reviewed after it stopped: the mount is kept while the record exists, made
+again on demand (after a reboot) by ``layer_root``, and released by ``release_disk`` before the
+state directory is removed (the loop device goes with the last unmount: ``mount -o loop`` sets
+it to clear itself).
+
+Loop mounts need root. Unprivileged, ``create_disk`` says so once in the log and returns
+False: the sandbox then runs with the older bound (only its ``/tmp`` tmpfs is sized), which
+``stockade doctor`` reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from stockade._errors import WorkspaceError
+
+__all__ = [
+    "DISK_DIR",
+    "DISK_IMAGE",
+    "MIN_DISK_BYTES",
+    "create_disk",
+    "disk_support",
+    "fresh_tmp",
+    "has_disk",
+    "layer_root",
+    "release_disk",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The image file and its mount point, in the sandbox's state directory.
+DISK_IMAGE = "disk.ext4"
+DISK_DIR = "disk"
+#: The sandbox's /tmp on its disk (emptied at every start, like a tmpfs).
+_TMP = "tmp"
+#: Below this, ext4's own metadata leaves too little room to be useful.
+MIN_DISK_BYTES = 8 * 2**20
+
+_TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+#: Options of the loop mount: no device files or set-id programs from the sandbox's writes;
+#: ``discard`` gives the host back the space of deleted files (the image stays sparse);
+#: ``noinit_itable``: the image is a fresh sparse file, its unwritten inode tables already
+#: read as zeros, so ext4's background zeroing would only fill the host's disk.
+_MOUNT_OPTIONS = "loop,nosuid,nodev,noatime,discard,noinit_itable"
+
+
+def _tool(name: str) -> str | None:
+    return shutil.which(name, path=_TOOL_PATH)
+
+
+def disk_support() -> tuple[bool, str]:
+    """(True, how) when ``limits.disk`` can bound the upper layer here, else (False, why)."""
+    if os.geteuid() != 0:
+        return False, (
+            "limits.disk bounds only /tmp when stockade runs unprivileged (a loop-mounted "
+            "filesystem per sandbox needs root); the workspace's upper layer is not bounded"
+        )
+    missing = [name for name in ("mkfs.ext4", "mount", "umount") if _tool(name) is None]
+    if missing:
+        return False, (
+            f"limits.disk needs {', '.join(missing)} (install e2fsprogs and mount); the "
+            "workspace's upper layer is not bounded"
+        )
+    if not os.path.exists("/dev/loop-control"):
+        return False, (
+            "limits.disk needs loop devices (/dev/loop-control is missing: modprobe loop); "
+            "the workspace's upper layer is not bounded"
+        )
+    return True, (
+        "limits.disk: the workspace's upper layer, /tmp and home live on a per-sandbox ext4 "
+        "image of exactly that size (loop-mounted); writes past it fail with ENOSPC"
+    )
+
+
+def has_disk(state_dir: Path) -> bool:
+    """Whether the sandbox of ``state_dir`` was given a disk of its own."""
+    return os.path.isfile(state_dir / DISK_IMAGE)
+
+
+def create_disk(state_dir: Path, size_bytes: int) -> bool:
+    """Make and mount the sandbox's disk of ``size_bytes``; False when it cannot be done here.
+
+    Raises WorkspaceError when the limit is too small or making the filesystem fails.
+    """
+    if size_bytes < MIN_DISK_BYTES:
+        raise WorkspaceError(
+            f"limits.disk = {size_bytes} bytes is too small for the sandbox's filesystem; "
+            f"use at least {MIN_DISK_BYTES // 2**20}MiB"
+        )
+    ok, why = disk_support()
+    if not ok:
+        logger.warning("%s", why)
+        return False
+    image = state_dir / DISK_IMAGE
+    free = shutil.disk_usage(state_dir).free
+    if size_bytes > free:
+        logger.warning(
+            "limits.disk (%d bytes) is more than the free space of %s (%d bytes): the host's "
+            "disk may fill before the sandbox's does",
+            size_bytes,
+            state_dir,
+            free,
+        )
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size_bytes)  # sparse: costs the host only what is written
+    finally:
+        os.close(fd)
+    mkfs = _tool("mkfs.ext4")
+    assert mkfs is not None
+    # A journal keeps the sandbox's work consistent across a host crash; lazy init writes
+    # nothing the sparse file does not already read as zeros.
+    _run(
+        [mkfs, "-q", "-F", "-m", "0", "-L", "stockade",
+         "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0", str(image)],
+        f"could not make the sandbox's {size_bytes}-byte filesystem in {str(image)!r}",
+    )  # fmt: skip
+    mount_point = state_dir / DISK_DIR
+    mount_point.mkdir(mode=0o700, exist_ok=True)
+    _mount(image, mount_point)
+    for leftover in ("lost+found",):
+        with contextlib.suppress(OSError):
+            os.rmdir(mount_point / leftover)
+    os.chmod(mount_point, 0o700)
+    return True
+
+
+def layer_root(state_dir: Path) -> Path:
+    """Where the upper and work layers of ``state_dir`` live: the sandbox's mounted disk when
+    it has one (mounted now if it is not, e.g. after a reboot), else ``state_dir`` itself."""
+    if not has_disk(state_dir):
+        return state_dir
+    return ensure_mounted(state_dir)
+
+
+def ensure_mounted(state_dir: Path) -> Path:
+    """Mount the sandbox's disk at ``state_dir/disk`` unless it already is; return that path."""
+    mount_point = state_dir / DISK_DIR
+    image = state_dir / DISK_IMAGE
+    if os.path.ismount(mount_point):
+        return mount_point
+    if os.geteuid() != 0:
+        raise WorkspaceError(
+            f"the workspace of this sandbox is on its own disk image {str(image)!r}, which "
+            "is not mounted, and mounting it needs root; run the command as root"
+        )
+    # Two processes mounting one image at once would mount one filesystem twice.
+    fd = os.open(image, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not os.path.ismount(mount_point):
+            mount_point.mkdir(mode=0o700, exist_ok=True)
+            _mount(image, mount_point)
+    finally:
+        os.close(fd)
+    return mount_point
+
+
+def fresh_tmp(state_dir: Path, owner: int = 0) -> Path | None:
+    """The sandbox's /tmp on its disk, emptied, with ``home`` (mode 0700, ``owner``) in it.
+
+    None when the sandbox has no disk (its /tmp stays a tmpfs).
+    """
+    if not has_disk(state_dir):
+        return None
+    root = ensure_mounted(state_dir)
+    tmp = root / _TMP
+    if os.path.lexists(tmp):
+        from stockade.workspace.layers import remove_tree
+
+        aside = root / f".{_TMP}.discard-{os.getpid()}"
+        os.rename(tmp, aside)
+        remove_tree(aside)
+    os.mkdir(tmp, 0o700)
+    os.chmod(tmp, 0o1777)  # noqa: S103 - the sandbox's /tmp, under the 0700 disk root
+    home = tmp / "home"
+    os.mkdir(home, 0o700)
+    os.chown(home, owner, owner)
+    return tmp
+
+
+def release_disk(state_dir: Path) -> None:
+    """Unmount the sandbox's disk and free its loop device (before removing ``state_dir``).
+
+    Quiet when there is none. Raises WorkspaceError when it stays mounted.
+    """
+    mount_point = state_dir / DISK_DIR
+    image = state_dir / DISK_IMAGE
+    umount = _tool("umount") or "umount"
+    for _ in range(8):  # mounted twice (by hand): unmount every layer
+        if not os.path.ismount(mount_point):
+            break
+        proc = _call([umount, str(mount_point)])
+        if proc.returncode != 0 and os.path.ismount(mount_point):
+            # Busy (a process of the sandbox that escaped teardown still has a file open):
+            # detach it now, the kernel drops it and the loop device when it is let go.
+            logger.warning(
+                "the disk of %s is busy (%s); detaching it lazily",
+                state_dir,
+                proc.stderr.decode(errors="replace").strip(),
+            )
+            _call([umount, "--lazy", str(mount_point)])
+    if os.path.ismount(mount_point):
+        raise WorkspaceError(
+            f"could not unmount the sandbox's disk at {str(mount_point)!r}; unmount it with "
+            f"`umount {mount_point}` and remove the sandbox again"
+        )
+    if os.path.exists(image):
+        _detach_loops(image)
+
+
+def _detach_loops(image: Path) -> None:
+    """Detach loop devices still backed by ``image`` (a mount made without autoclear)."""
+    losetup = _tool("losetup")
+    if losetup is None or os.geteuid() != 0:
+        return
+    proc = _call(
+        [losetup, "--list", "--noheadings", "--output", "NAME", "--associated", str(image)]
+    )
+    for device in proc.stdout.decode(errors="replace").split():
+        _call([losetup, "--detach", device])
+
+
+def _mount(image: Path, mount_point: Path) -> None:
+    mount = _tool("mount") or "mount"
+    _run(
+        [mount, "-t", "ext4", "-o", _MOUNT_OPTIONS, str(image), str(mount_point)],
+        f"could not mount the sandbox's disk {str(image)!r} at {str(mount_point)!r}",
+    )
+
+
+def _call(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+        env={"PATH": _TOOL_PATH, "LANG": "C"},
+    )
+
+
+def _run(argv: list[str], what: str) -> None:
+    try:
+        proc = _call(argv)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise WorkspaceError(f"{what}: {exc}") from exc
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()[-500:]
+        raise WorkspaceError(
+            f"{what}: {err or f'exit status {proc.returncode}'}; check that loop devices "
+            "work here (`losetup -f`) or unset limits.disk"
+        )
