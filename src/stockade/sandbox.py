@@ -731,16 +731,17 @@ class AsyncSandbox:
         directory = store.sandbox_dir(sandbox_id)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         layers = None
-        if policy.limits.disk_bytes:
+        disk = bool(policy.limits.disk_bytes) and not backend.disk_limit_inside
+        if disk:
             from stockade.workspace.disk import create_disk, release_disk
 
             # Upper, work and /tmp on a filesystem of exactly limits.disk (where possible).
-            create_disk(directory, policy.limits.disk_bytes)
+            create_disk(directory, policy.limits.disk_bytes or 0)
         try:
             if policy.workspace.mode == "cow" and policy.workspace.host_path is not None:
                 layers = WorkspaceLayers.create(directory, policy.workspace.host_path)
         except BaseException:
-            if policy.limits.disk_bytes:
+            if disk:
                 release_disk(directory)
             raise
         now = time.time()

@@ -549,6 +549,9 @@ class MicrovmBackend(Backend):
     """Tier 1: a VM per sandbox (QEMU microvm here; KVM when it works, else TCG)."""
 
     name = "microvm"
+    # The guest's upper layer and root writes share one tmpfs of limits.disk; the host copy
+    # of the upper layer is never larger than that.
+    disk_limit_inside = True
     capabilities = Capabilities(
         tier=1,
         isolation="own guest kernel in a microVM (QEMU -M microvm; KVM, or TCG emulation)",
