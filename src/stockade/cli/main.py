@@ -35,6 +35,7 @@ def _policy_options(fn: F) -> F:
         click.option("--memory", help="Memory limit, e.g. 512M, 2GiB."),
         click.option("--pids", type=int, help="Most processes at once."),
         click.option("--cpus", type=float, help="CPU limit (cores)."),
+        click.option("--disk", help="Most bytes written (workspace, /tmp, home), e.g. 10GiB."),
         click.option("--timeout", "sandbox_timeout", help="Wall-clock limit for the sandbox."),
         click.option("--command-timeout", help="Wall-clock limit per command."),
         click.option(
@@ -73,6 +74,7 @@ def _compile(opts: dict[str, Any]) -> Any:
         ("limits.memory", "memory"),
         ("limits.pids", "pids"),
         ("limits.cpus", "cpus"),
+        ("limits.disk", "disk"),
         ("limits.timeout", "sandbox_timeout"),
         ("limits.command_timeout", "command_timeout"),
         ("unsafe_host", "unsafe_host"),
