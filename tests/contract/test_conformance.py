@@ -341,6 +341,19 @@ def test_disk_limit_bounds_workspace_and_tmp(target: str, tmp_path: Path) -> Non
         assert (project / "README.md").read_text() == "hello\n"
         # The host keeps at most the limit for it (plus logs and records), wherever it wrote.
         assert _footprint(sb.state_dir) - before <= DISK_LIMIT + 2 * 2**20
+        state_dir = sb.state_dir
+    assert _disk_leftovers(state_dir) == []
+
+
+def _disk_leftovers(state_dir: Path) -> list[str]:
+    """Mounts and loop devices of ``state_dir`` still on the host."""
+    import subprocess
+
+    found = []
+    for argv in (["findmnt", "-rn", "-o", "TARGET,SOURCE"], ["losetup", "-a"]):
+        out = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+        found += [line for line in out.splitlines() if str(state_dir) in line]
+    return found
 
 
 def test_rm_releases_the_disk(target: str, tmp_path: Path) -> None:
@@ -367,11 +380,7 @@ def test_rm_releases_the_disk(target: str, tmp_path: Path) -> None:
         assert "kept.txt" in cli("diff", name)  # stopped: the disk is read again
     cli("rm", name)
     assert not state_dir.exists()
-    mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET,SOURCE"], capture_output=True,
-                            text=True, check=False).stdout  # fmt: skip
-    assert str(state_dir) not in mounts
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
-    assert str(state_dir) not in loops
+    assert _disk_leftovers(state_dir) == []
 
 
 # --- secrets and network -------------------------------------------------------------------
