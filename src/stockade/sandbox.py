@@ -731,7 +731,12 @@ class AsyncSandbox:
         directory = store.sandbox_dir(sandbox_id)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         layers = None
-        disk = bool(policy.limits.disk_bytes) and not backend.disk_limit_inside
+        # Not for the host backend (no isolation to bound) nor a VM (bounded inside it).
+        disk = (
+            bool(policy.limits.disk_bytes)
+            and backend.capabilities.cow_workspace
+            and not backend.disk_limit_inside
+        )
         if disk:
             from stockade.workspace.disk import create_disk, release_disk
 
@@ -1039,12 +1044,10 @@ class AsyncSandbox:
                     await anyio.to_thread.run_sync(self._discard_dir)
 
     def _discard_dir(self) -> None:
-        from stockade.workspace.disk import release_disk
-        from stockade.workspace.layers import remove_tree
+        from stockade.workspace.disk import remove_state_dir
 
-        release_disk(self._dir)
         with contextlib.suppress(FileNotFoundError):
-            remove_tree(self._dir)
+            remove_state_dir(self._dir)  # its disk (limits.disk) unmounted first
 
     # --- lifecycle ------------------------------------------------------------------------
 

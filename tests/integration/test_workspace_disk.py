@@ -25,6 +25,7 @@ from stockade.workspace.disk import (
     has_disk,
     layer_root,
     release_disk,
+    remove_state_dir,
 )
 
 LIMIT = 16 * 2**20
@@ -127,3 +128,18 @@ def test_without_root_only_tmp_is_bounded(
     assert "only /tmp" in caplog.text
     assert not has_disk(tmp_path)
     assert layer_root(tmp_path) == tmp_path
+
+
+def test_remove_state_dir_leaves_no_mount_or_loop(state: Path, project: Path) -> None:
+    assert create_disk(state, LIMIT)
+    layers = WorkspaceLayers.create(state, project)
+    (layers.upper / "x").write_text("x")
+    image = state / DISK_IMAGE
+    assert _loops(image)
+    remove_state_dir(state)
+    assert not state.exists()
+    everything = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(image) not in everything
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(state) not in mounts
+    state.mkdir()  # for the fixture's own release
