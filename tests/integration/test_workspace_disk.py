@@ -106,7 +106,11 @@ def test_fresh_tmp_is_emptied_at_every_start(state: Path) -> None:
     home = tmp / "home"
     assert (home.stat().st_uid, home.stat().st_mode & 0o777) == (4321, 0o700)
     (home / "left").write_text("x")
+    interrupted = tmp.parent / ".tmp.discard-0123456789ab"  # a start killed mid-way
+    interrupted.mkdir()
+    (interrupted / "old").write_text("x")
     assert fresh_tmp(state, owner=4321) == tmp
+    assert [p.name for p in tmp.parent.iterdir()] == ["tmp"]
     assert list(tmp.iterdir()) == [home]
     assert list(home.iterdir()) == []
 

@@ -6,13 +6,13 @@ and work layers and the sandbox's ``/tmp`` (with its home and caches) live on it
 the limit fails inside the sandbox with ENOSPC, and the image file on the host can never grow
 beyond the limit, whatever the backend. The image stays on disk with the sandbox's record, so
 its changes can be reviewed after it stopped: the mount is kept while the record exists, made
-again on demand (after a reboot) by ``layer_root``, and released by ``release_disk`` before the
-state directory is removed (the loop device goes with the last unmount: ``mount -o loop`` sets
-it to clear itself).
+again on demand (after a reboot) by ``layer_root``, and undone by ``remove_state_dir`` (the loop
+device is set to clear itself once the filesystem is unmounted everywhere; removing the mount
+point also detaches the copies other sandboxes' mount namespaces took of it).
 
-Loop mounts need root. Unprivileged, ``create_disk`` says so once in the log and returns
-False: the sandbox then runs with the older bound (only its ``/tmp`` tmpfs is sized), which
-``stockade doctor`` reports.
+Loop mounts need root. Unprivileged, ``create_disk`` logs a warning and returns False: the
+sandbox then runs with the older bound (only its ``/tmp`` tmpfs is sized), which ``stockade
+doctor`` reports.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import errno
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import struct
 import subprocess
@@ -118,26 +119,34 @@ def create_disk(state_dir: Path, size_bytes: int) -> bool:
             state_dir,
             free,
         )
+    mount_point = state_dir / DISK_DIR
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, size_bytes)  # sparse: costs the host only what is written
-    finally:
-        os.close(fd)
-    mkfs = _tool("mkfs.ext4")
-    assert mkfs is not None
-    # A journal keeps the sandbox's work consistent across a host crash; lazy init writes
-    # nothing the sparse file does not already read as zeros.
-    _run(
-        [mkfs, "-q", "-F", "-m", "0", "-L", "stockade",
-         "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0", str(image)],
-        f"could not make the sandbox's {size_bytes}-byte filesystem in {str(image)!r}",
-    )  # fmt: skip
-    mount_point = state_dir / DISK_DIR
-    mount_point.mkdir(mode=0o700, exist_ok=True)
-    _mount(image, mount_point)
-    for leftover in ("lost+found",):
+        try:
+            os.ftruncate(fd, size_bytes)  # sparse: costs the host only what is written
+        finally:
+            os.close(fd)
+        mkfs = _tool("mkfs.ext4")
+        assert mkfs is not None
+        # A journal keeps the sandbox's work consistent across a host crash; lazy init
+        # writes nothing the sparse file does not already read as zeros.
+        _run(
+            [mkfs, "-q", "-F", "-m", "0", "-L", "stockade",
+             "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
+             str(image)],
+            f"could not make the sandbox's {size_bytes}-byte filesystem in {str(image)!r}",
+        )  # fmt: skip
+        mount_point.mkdir(mode=0o700, exist_ok=True)
+        _mount(image, mount_point)
+    except BaseException:
+        # No half-made disk: a later reader would try to mount it.
         with contextlib.suppress(OSError):
-            os.rmdir(mount_point / leftover)
+            os.unlink(image)
+        with contextlib.suppress(OSError):
+            os.rmdir(mount_point)
+        raise
+    with contextlib.suppress(OSError):
+        os.rmdir(mount_point / "lost+found")
     os.chmod(mount_point, 0o700)
     return True
 
@@ -180,14 +189,15 @@ def fresh_tmp(state_dir: Path, owner: int = 0) -> Path | None:
     """
     if not has_disk(state_dir):
         return None
+    from stockade.workspace.layers import remove_tree
+
     root = ensure_mounted(state_dir)
     tmp = root / _TMP
     if os.path.lexists(tmp):
-        from stockade.workspace.layers import remove_tree
-
-        aside = root / f".{_TMP}.discard-{os.getpid()}"
-        os.rename(tmp, aside)
-        remove_tree(aside)
+        os.rename(tmp, root / f".{_TMP}.discard-{secrets.token_hex(6)}")
+    for name in os.listdir(root):  # this one, and any an interrupted start left
+        if name.startswith(f".{_TMP}.discard-"):
+            remove_tree(root / name)
     os.mkdir(tmp, 0o700)
     os.chmod(tmp, 0o1777)  # noqa: S103 - the sandbox's /tmp, under the 0700 disk root
     home = tmp / "home"
@@ -265,16 +275,19 @@ def _backing_loops(image: Path) -> list[str]:
     return found
 
 
+_LOOP_CLR_FD = 0x4C01
+
+
 def _detach_loops(image: Path) -> None:
-    """Detach loop devices still backed by ``image`` (a mount made without autoclear)."""
-    losetup = _tool("losetup")
-    if losetup is None or os.geteuid() != 0:
-        return
-    proc = _call(
-        [losetup, "--list", "--noheadings", "--output", "NAME", "--associated", str(image)]
-    )
-    for device in proc.stdout.decode(errors="replace").split():
-        _call([losetup, "--detach", device])
+    """Detach loop devices still backed by ``image`` (one attached without autoclear, by
+    hand); a device still in use is only marked to clear itself when let go."""
+    for device in _backing_loops(image):
+        with contextlib.suppress(OSError):
+            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, _LOOP_CLR_FD, 0)
+            finally:
+                os.close(fd)
 
 
 def _mount(image: Path, mount_point: Path) -> None:
