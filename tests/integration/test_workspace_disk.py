@@ -147,3 +147,21 @@ def test_remove_state_dir_leaves_no_mount_or_loop(state: Path, project: Path) ->
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(state) not in mounts
     state.mkdir()  # for the fixture's own release
+
+
+def test_util_linux_mount_where_loop_configure_is_missing(
+    state: Path, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stockade.workspace import disk
+
+    monkeypatch.setattr(disk, "_mount_direct", lambda image, mount_point: False)
+    assert create_disk(state, LIMIT)
+    assert os.path.ismount(state / DISK_DIR)
+    layers = WorkspaceLayers.create(state, project)
+    (layers.upper / "x").write_text("x")
+    image = state / DISK_IMAGE
+    remove_state_dir(state)
+    assert (
+        str(image) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    )
+    state.mkdir()  # for the fixture's own release
