@@ -7,6 +7,7 @@ StockadeError
 ├── SandboxStartError            the backend failed to start the sandbox
 ├── SandboxNotFoundError         no sandbox by that name
 ├── SandboxStateError            the sandbox is not in a state that allows this
+├── DiskFullError                free space on that disk (e.g. remove sandboxes)
 ├── ExecTimeoutError (also TimeoutError)
 ├── CommandFailedError           non-zero exit with check=True; carries the result
 ├── AgentProtocolError           the guest agent broke the protocol; the connection is gone
@@ -31,6 +32,7 @@ __all__ = [
     "BackendUnavailableError",
     "CommandFailedError",
     "ConfigError",
+    "DiskFullError",
     "ExecTimeoutError",
     "PolicyError",
     "SandboxFileExistsError",
@@ -76,6 +78,15 @@ class SandboxNotFoundError(StockadeError):
 
 class SandboxStateError(StockadeError):
     """The sandbox is in a state that does not allow this operation."""
+
+
+class DiskFullError(StockadeError):
+    """A disk stockade writes to (its state directory) has no space left."""
+
+    def __init__(self, message: str, *, path: str = "", free_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.path = path
+        self.free_bytes = free_bytes
 
 
 class ExecTimeoutError(StockadeError, TimeoutError):

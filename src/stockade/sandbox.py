@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from stockade._errors import (
     CommandFailedError,
     ExecTimeoutError,
+    SandboxNotFoundError,
     SandboxStartError,
     SandboxStateError,
     StockadeError,
@@ -65,7 +66,15 @@ from stockade.protocol.messages import (
     TransferWriteParams,
     TransferWriteResult,
 )
-from stockade.state import SandboxRecord, SandboxStatus, StateStore, process_start_time
+from stockade.state import (
+    SandboxRecord,
+    SandboxStatus,
+    StateStore,
+    disk_full_error,
+    is_disk_full,
+    process_start_time,
+    validate_name,
+)
 from stockade.workspace import ApplyResult, WorkspaceDiff, WorkspaceLayers
 
 if TYPE_CHECKING:
@@ -103,6 +112,28 @@ def audit_path(store: StateStore, name: str, sandbox_id: str) -> Path:
     directory = store.root / "audit"
     directory.mkdir(mode=0o700, exist_ok=True)
     return directory / f"{name}.{sandbox_id}.jsonl"
+
+
+def _forget_failed_start(store: StateStore, record: SandboxRecord, *, owns_dir: bool) -> None:
+    """Remove what a failed start made: its directory (if this start made it) and its
+    record (only if still this sandbox's: the name may be another's by now)."""
+    from stockade.workspace.disk import remove_state_dir
+
+    if owns_dir and record.dir:
+        try:
+            remove_state_dir(Path(record.dir))  # its disk (limits.disk) unmounted first
+        except FileNotFoundError:
+            pass
+        except OSError:
+            logger.warning("could not remove %s of failed sandbox %s", record.dir, record.name,
+                           exc_info=True)  # fmt: skip
+    try:
+        store.delete(record.name, sandbox_id=record.id)
+    except SandboxNotFoundError:
+        pass
+    except StockadeError:
+        logger.warning("could not remove the record of failed sandbox %s", record.name,
+                       exc_info=True)  # fmt: skip
 
 
 def _command_text(cmd: str | Sequence[str]) -> str:
@@ -726,29 +757,18 @@ class AsyncSandbox:
         actor: str,
     ) -> AsyncSandbox:
         store = StateStore(Path(state_dir) if state_dir is not None else None)
+        if name is not None:
+            validate_name(name)  # before anything is made: a bad name leaves nothing
+        store.check_writable()
         sandbox_id = store.new_id()
         name = name or store.new_name()
-        directory = store.sandbox_dir(sandbox_id)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        layers = None
+        directory = store.root / "sandboxes" / sandbox_id
         # Not for the host backend (no isolation to bound) nor a VM (bounded inside it).
         disk = (
             bool(policy.limits.disk_bytes)
             and backend.capabilities.cow_workspace
             and not backend.disk_limit_inside
         )
-        if disk:
-            from stockade.workspace.disk import create_disk, release_disk
-
-            # Upper, work and /tmp on a filesystem of exactly limits.disk (where possible).
-            create_disk(directory, policy.limits.disk_bytes or 0)
-        try:
-            if policy.workspace.mode == "cow" and policy.workspace.host_path is not None:
-                layers = WorkspaceLayers.create(directory, policy.workspace.host_path)
-        except BaseException:
-            if disk:
-                release_disk(directory)
-            raise
         now = time.time()
         record = SandboxRecord(
             name=name,
@@ -766,7 +786,24 @@ class AsyncSandbox:
             control_socket=None,
             error=None,
         )
+        # The record first: it claims the name (a collision fails here, before anything of
+        # this sandbox exists) and tells `doctor` the directory made next is not an orphan.
         store.insert(record)
+        try:
+            directory.mkdir(mode=0o700)  # never an existing one: the id is new
+            layers = None
+            if disk:
+                from stockade.workspace.disk import create_disk
+
+                # Upper, work and /tmp on a filesystem of exactly limits.disk (where possible).
+                create_disk(directory, policy.limits.disk_bytes or 0)
+            if policy.workspace.mode == "cow" and policy.workspace.host_path is not None:
+                layers = WorkspaceLayers.create(directory, policy.workspace.host_path)
+        except BaseException as exc:
+            _forget_failed_start(store, record, owns_dir=not isinstance(exc, FileExistsError))
+            if isinstance(exc, OSError) and is_disk_full(exc, store.root):
+                raise disk_full_error(store.root) from exc
+            raise
         audit = AuditLog(audit_path(store, name, sandbox_id), name)
         sandbox = cls(
             record=record,
@@ -790,7 +827,17 @@ class AsyncSandbox:
         try:
             await sandbox._launch()
         except BaseException as exc:
-            await sandbox._teardown(status=SandboxStatus.FAILED, error=str(exc))
+            try:
+                await sandbox._teardown(status=SandboxStatus.FAILED, error=str(exc))
+            finally:
+                # A sandbox that never started has nothing to review: leave no trace but
+                # its audit log (which says it failed), whether or not it was to be kept.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(
+                        lambda: _forget_failed_start(store, record, owns_dir=True)
+                    )
+            if isinstance(exc, OSError) and is_disk_full(exc, store.root):
+                raise disk_full_error(store.root) from exc
             raise
         return sandbox
 

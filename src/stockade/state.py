@@ -7,13 +7,21 @@ is its own ``BEGIN IMMEDIATE`` transaction, so several CLI processes and supervi
 the store at once. NORMAL in WAL mode never corrupts the database; a power loss may drop the
 last commits, which only describe sandboxes that did not survive it either (``reconcile``
 marks what is left as lost).
+
+A full disk must not lock the user out: when SQLite cannot open the database for writing
+(WAL needs its ``-shm`` index to grow), reads fall back to a read-only connection, so
+``ls``, ``diff`` and ``rm`` still work, and a write reopens a writable connection (``rm``
+frees space first). A write that still cannot proceed raises ``DiskFullError``.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import difflib
+import errno
+import logging
 import os
 import re
 import secrets
@@ -25,14 +33,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
+from urllib.parse import quote
 
-from stockade._errors import ConfigError, SandboxNotFoundError
+from stockade._errors import ConfigError, DiskFullError, SandboxNotFoundError
 
 __all__ = [
     "SandboxRecord",
     "SandboxStatus",
     "StateStore",
     "default_state_dir",
+    "disk_full_error",
+    "free_bytes",
+    "is_disk_full",
     "process_start_time",
     "validate_name",
 ]
@@ -40,6 +52,13 @@ __all__ = [
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _ID_RE = re.compile(r"^[a-z0-9]{8,64}$")
 _BUSY_TIMEOUT_MS = 10_000
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+#: Below this many free bytes a SQLite I/O error is taken for a full disk, and no sandbox
+#: starts (its directories, layers and logs need room).
+MIN_FREE_BYTES = 1 << 20
+
+logger = logging.getLogger(__name__)
 #: Connections a forked child inherited: kept referenced so they are never closed there.
 _INHERITED: list[sqlite3.Connection] = []
 
@@ -165,6 +184,42 @@ def process_start_time(pid: int) -> int | None:
         return None
 
 
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of ``path``."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(exc: BaseException, path: Path) -> bool:
+    """True if ``exc`` (an OSError or sqlite3 error) means the disk of ``path`` is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary == _SQLITE_FULL or "database or disk is full" in str(exc):
+        return True
+    # WAL's shared-memory index grows by writing to its -shm file: on a full disk that is
+    # an I/O error (SQLITE_IOERR_SHMSIZE), not SQLITE_FULL.
+    return primary == _SQLITE_IOERR and free_bytes(path) < MIN_FREE_BYTES
+
+
+def disk_full_error(root: Path) -> DiskFullError:
+    """The error for a state directory whose disk is full, saying how to free space."""
+    free = free_bytes(root)
+    return DiskFullError(
+        f"the state directory {root}'s disk is full ({free} bytes free): free space, e.g. "
+        "`stockade rm NAME` of sandboxes you no longer need (`stockade ls` lists them), "
+        "or set STOCKADE_STATE_DIR to a directory on another disk",
+        path=str(root),
+        free_bytes=free,
+    )
+
+
 def _ensure_private_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = path.stat()
@@ -188,10 +243,28 @@ class StateStore:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._conn_pid = 0
+        self._read_only = False
         self._migrate()
 
     def __repr__(self) -> str:
         return f"StateStore({str(self.root)!r})"
+
+    @property
+    def read_only(self) -> bool:
+        """True while the store reads through a read-only connection (its disk was full)."""
+        return self._read_only
+
+    def check_writable(self) -> None:
+        """Raise DiskFullError unless a sandbox can be added now (the disk has room)."""
+        with self._lock:
+            try:
+                self._connection(write=True)
+            except sqlite3.Error as exc:
+                if is_disk_full(exc, self.root):
+                    raise disk_full_error(self.root) from exc
+                raise
+        if free_bytes(self.root) < MIN_FREE_BYTES:
+            raise disk_full_error(self.root)
 
     @contextlib.contextmanager
     def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
@@ -200,35 +273,60 @@ class StateStore:
         # One connection per store (opening one costs a few ms, closing the last one
         # checkpoints the WAL with an fsync); the lock serialises threads on it.
         with self._lock:
-            conn = self._connection()
-            if write:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+            try:
+                conn = self._connection(write=write)
+                if write:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield conn
+                    except BaseException:
+                        # SQLite may already have rolled back (SQLITE_FULL does).
+                        if conn.in_transaction:
+                            with contextlib.suppress(sqlite3.Error):
+                                conn.execute("ROLLBACK")
+                        raise
+                    try:
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        # The connection outlives this call: never leave a transaction open.
+                        if conn.in_transaction:
+                            with contextlib.suppress(sqlite3.Error):
+                                conn.execute("ROLLBACK")
+                        raise
+                else:
                     yield conn
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                try:
-                    conn.execute("COMMIT")
-                except BaseException:
-                    # The connection outlives this call: never leave a transaction open.
-                    if conn.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute("ROLLBACK")
-                    raise
-            else:
-                yield conn
+            except sqlite3.OperationalError as exc:
+                if is_disk_full(exc, self.root):
+                    raise disk_full_error(self.root) from exc
+                raise
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self, *, write: bool = False) -> sqlite3.Connection:
         if self._conn is not None and self._conn_pid == os.getpid():
-            return self._conn
+            if not (write and self._read_only):
+                return self._conn
+            # A read-only fallback cannot write; space may have been freed since it opened.
+            self._conn.close()
+            self._conn = None
         # A connection must not cross fork(): the child opens its own, and never closes the
         # parent's (closing may checkpoint or unlock what the parent still uses).
         if self._conn is not None:
             _INHERITED.append(self._conn)
             self._conn = None
+        try:
+            conn = self._open(f"file:{quote(str(self.db_path))}")
+            self._read_only = False
+        except sqlite3.OperationalError as exc:
+            if write or not is_disk_full(exc, self.root):
+                raise
+            conn = self._open_read_only(exc)
+            self._read_only = True
+        self._conn, self._conn_pid = conn, os.getpid()
+        return conn
+
+    def _open(self, uri: str) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            self.db_path,
+            uri,
+            uri=True,
             timeout=_BUSY_TIMEOUT_MS / 1000,
             isolation_level=None,
             check_same_thread=False,
@@ -237,10 +335,30 @@ class StateStore:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.row_factory = sqlite3.Row
+            # Reading the header maps WAL's shared-memory index: this is where a full disk
+            # shows (the -shm file cannot grow), so fail here rather than mid-command.
+            conn.execute("PRAGMA user_version").fetchone()
         except BaseException:
             conn.close()
             raise
-        self._conn, self._conn_pid = conn, os.getpid()
+        return conn
+
+    def _open_read_only(self, cause: sqlite3.Error) -> sqlite3.Connection:
+        """A connection that reads without writing a byte: for a store on a full disk."""
+        path = quote(str(self.db_path))
+        try:
+            # Read-only still needs the -shm index when another process has it open ...
+            conn = self._open(f"file:{path}?mode=ro")
+        except sqlite3.OperationalError:
+            # ... and with none open, immutable reads the database file alone: what the
+            # last writer checkpointed, which closing its connection does.
+            conn = self._open(f"file:{path}?immutable=1")
+        logger.warning(
+            "state directory %s: the disk is full (%s, %d bytes free); reading it read-only",
+            self.root,
+            cause,
+            free_bytes(self.root),
+        )
         return conn
 
     def close(self) -> None:
@@ -255,11 +373,16 @@ class StateStore:
 
     def _migrate(self) -> None:
         with self._connect() as conn:
+            current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if self._read_only:
+                # A full disk: read what is there; a store that needs a migration must wait.
+                if current != SCHEMA_VERSION:
+                    raise disk_full_error(self.root)
+                return
             # Both are persistent in the file: a store that is already WAL and current
             # costs two reads here, no write.
             if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
-            current = int(conn.execute("PRAGMA user_version").fetchone()[0])
         with contextlib.suppress(OSError):
             if stat.S_IMODE(self.db_path.stat().st_mode) != 0o600:
                 self.db_path.chmod(0o600)
@@ -312,12 +435,17 @@ class StateStore:
                 conn.execute(_INSERT_SQL, values)
         except sqlite3.IntegrityError as exc:
             if "sandboxes.name" in str(exc):
-                raise ConfigError(
-                    f"a sandbox named {record.name!r} already exists; pick another name or "
-                    f"`stockade rm {record.name}`"
-                ) from exc
+                raise ConfigError(_taken_message(record.name)) from exc
             raise ConfigError(f"a sandbox with id {record.id!r} already exists") from exc
         return record
+
+    def check_name_free(self, name: str) -> None:
+        """ConfigError if ``name`` is invalid or a sandbox has it (``insert`` claims it)."""
+        validate_name(name)
+        with self._connect() as conn:
+            row = conn.execute("SELECT 1 FROM sandboxes WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            raise ConfigError(_taken_message(name))
 
     def get(self, name: str) -> SandboxRecord:
         """The sandbox called ``name``; SandboxNotFoundError (with close names) if none."""
@@ -352,12 +480,15 @@ class StateStore:
             row = conn.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
         return _from_row(row)
 
-    def delete(self, name: str) -> SandboxRecord:
+    def delete(self, name: str, *, sandbox_id: str | None = None) -> SandboxRecord:
         """Remove a sandbox's row and return it. Its directory is left to the caller, who
-        must tear down mounts in it before removing it."""
+        must tear down mounts in it before removing it.
+
+        ``sandbox_id``: delete only if the row is still that sandbox's (a name can be
+        reused); SandboxNotFoundError otherwise."""
         with self._connect(write=True) as conn:
             row = conn.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
-            if row is None:
+            if row is None or (sandbox_id is not None and row["id"] != sandbox_id):
                 names = [r[0] for r in conn.execute("SELECT name FROM sandboxes")]
                 raise SandboxNotFoundError(_not_found_message(name, names))
             conn.execute("DELETE FROM sandboxes WHERE name = ?", (name,))
@@ -379,6 +510,18 @@ class StateStore:
             record.supervisor_start is None or started == record.supervisor_start
         ):
             return record
+        error = f"supervisor process {pid} died"
+        try:
+            row = self._mark_failed(record, error)
+        except DiskFullError:
+            # Reading must work on a full disk: report the death without recording it.
+            return dataclasses.replace(record, status=SandboxStatus.FAILED, error=error)
+        if row is None:
+            raise SandboxNotFoundError(_not_found_message(record.name, []))
+        return _from_row(row)
+
+    def _mark_failed(self, record: SandboxRecord, error: str) -> sqlite3.Row | None:
+        pid = record.supervisor_pid
         with self._connect(write=True) as conn:
             # Only if nobody changed the row meanwhile (e.g. a new supervisor took over).
             conn.execute(
@@ -387,7 +530,7 @@ class StateStore:
                 "AND supervisor_start IS ?",
                 (
                     SandboxStatus.FAILED.value,
-                    f"supervisor process {pid} died",
+                    error,
                     time.time(),
                     record.name,
                     record.status.value,
@@ -395,10 +538,10 @@ class StateStore:
                     record.supervisor_start,
                 ),
             )
-            row = conn.execute("SELECT * FROM sandboxes WHERE name = ?", (record.name,)).fetchone()
-        if row is None:
-            raise SandboxNotFoundError(_not_found_message(record.name, []))
-        return _from_row(row)
+            row: sqlite3.Row | None = conn.execute(
+                "SELECT * FROM sandboxes WHERE name = ?", (record.name,)
+            ).fetchone()
+        return row
 
     # Defined last: inside the class body, later annotations would see this method.
     def list(self) -> builtins.list[SandboxRecord]:
@@ -428,6 +571,10 @@ def _from_row(row: sqlite3.Row) -> SandboxRecord:
     data = {column: row[column] for column in _COLUMNS}
     data["status"] = _status(data["status"])
     return SandboxRecord(**data)
+
+
+def _taken_message(name: str) -> str:
+    return f"a sandbox named {name!r} already exists; pick another name or `stockade rm {name}`"
 
 
 def _not_found_message(name: str, names: builtins.list[str]) -> str:

@@ -525,6 +525,43 @@ def test_close_leaves_nothing(target: str, tmp_path: Path) -> None:
     assert not state_dir.exists()
 
 
+_FAILED_STARTS = {
+    # Found missing while the sandbox starts, after its record and directory were made.
+    "missing secret": (
+        '[secrets.API_TOKEN]\nenv = "CONFORMANCE_UNSET_SECRET"\nhosts = ["127.0.0.1"]\n',
+        "CONFORMANCE_UNSET_SECRET is not set",
+    ),
+    # The backend is launched and cannot make the workspace's mount point inside a file.
+    "backend start": (
+        '[workspace]\nmount = "/etc/passwd/ws"\n',
+        "did not start|could not (start|create) the sandbox|refused sandbox.configure",
+    ),
+}
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("failure", list(_FAILED_STARTS))
+def test_a_failed_start_leaves_nothing(
+    target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str, keep: bool
+) -> None:
+    from stockade import StockadeError
+    from stockade.state import StateStore, default_state_dir
+
+    project = make_project(tmp_path / "project")
+    monkeypatch.delenv("CONFORMANCE_UNSET_SECRET", raising=False)
+    config, message = _FAILED_STARTS[failure]
+    (project / "stockade.toml").write_text(config)
+    state = default_state_dir()  # short enough for the sockets made in it
+    with pytest.raises(StockadeError, match=message):
+        fresh(target, project, keep=keep)
+    assert os.listdir(state / "sandboxes") == []
+    assert StateStore(state).list() == []
+    [log] = (state / "audit").iterdir()  # the audit log alone says it was tried
+    assert '"sandbox.created"' in log.read_text()
+    sandbox_id = log.name.split(".")[-2]  # NAME.ID.jsonl
+    assert _leftovers(target, sandbox_id, state / "sandboxes" / sandbox_id) == []
+
+
 def test_sandbox_wall_clock_timeout(target: str, tmp_path: Path) -> None:
     from stockade import SandboxStateError
 

@@ -119,11 +119,11 @@ def test_supervised_sandbox_lifecycle(namespace_backend: str, project: Path) -> 
         actions = [e["action"] for e in events]
         assert "sandbox.created" in actions and "process.started" in actions
 
-        stockade("rm", name)
+        stockade("rm", "--force", name)
         assert pids_with_marker(f"sleep\x00{marker}") == []  # background process gone
         assert name not in stockade("ls").stdout
     finally:
-        stockade("rm", name, check=False)
+        stockade("rm", "--force", name, check=False)
 
 
 def test_kill_9_of_supervisor_leaves_nothing(namespace_backend: str, project: Path) -> None:
@@ -151,7 +151,7 @@ def test_kill_9_of_supervisor_leaves_nothing(namespace_backend: str, project: Pa
         r = stockade("exec", name, "--", "true", check=False)
         assert r.returncode == 125 and "failed" in r.stderr
     finally:
-        stockade("rm", name, check=False)
+        stockade("rm", "--force", name, check=False)
     assert name not in stockade("ls").stdout
 
 
@@ -205,7 +205,7 @@ def test_shell_gets_a_terminal(namespace_backend: str, project: Path) -> None:
         assert "/dev/pts/" in text
         assert os.WEXITSTATUS(status) == 4
     finally:
-        stockade("rm", name, check=False)
+        stockade("rm", "--force", name, check=False)
 
 
 def test_sigterm_to_supervisor_stops_the_sandbox_in_order(
@@ -228,4 +228,4 @@ def test_sigterm_to_supervisor_stops_the_sandbox_in_order(
         assert status_of(name) == "stopped"  # an orderly stop, not a crash
         assert pids_with_marker(f"sleep\x00{marker}") == []
     finally:
-        stockade("rm", name, check=False)
+        stockade("rm", "--force", name, check=False)

@@ -202,7 +202,7 @@ def test_kill_9_of_supervisor_then_rm_leaves_nothing(target: str, project: Path)
         rows = json.loads(stockade("ls", "--json").stdout)
         assert next(r["status"] for r in rows if r["name"] == name) == "failed"
     finally:
-        stockade("rm", name, check=False)
+        stockade("rm", "--force", name, check=False)
     assert _engine_leftovers(target, record.id) == []
     assert name not in stockade("ls").stdout
 

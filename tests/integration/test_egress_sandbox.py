@@ -152,7 +152,7 @@ def test_cli_net_commands(namespace_backend: str, project: Path, host_server: in
         ]
         assert rows[-1]["decision"] == "allowed" and rows[-1]["rule"] == "127.0.0.1"
     finally:
-        stockade("rm", name)
+        stockade("rm", "--force", name)
 
 
 def _pypi_reachable() -> str | None:

@@ -428,7 +428,7 @@ def test_snapshot_restore_fork_cli(microvm: str, project: Path) -> None:
         cli("apply", forked, "f")
         assert (project / "f").read_text() == "a\n"
     finally:
-        cli("rm", *(n for n in (name, forked) if n))
+        cli("rm", "--force", *(n for n in (name, forked) if n))
 
 
 def test_warm_pool(microvm: str, project: Path) -> None:

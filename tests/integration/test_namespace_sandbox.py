@@ -302,3 +302,26 @@ def test_tls_private_keys_stay_hidden(sb: Sandbox) -> None:
     count, fstype, certs = r.stdout.split()
     assert (count, fstype) == ("0", "tmpfs"), r
     assert int(certs) > 0  # the rest of /etc/ssl (public certificates) is still there
+
+
+def test_probe_refuses_a_host_without_iptables(
+    namespace_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ip/iptables the backend would run without its documented answer to direct
+    connections: it must refuse, naming the packages, instead of starting without it."""
+    import shutil
+
+    from stockade.backends import bubblewrap
+
+    real_which = shutil.which
+
+    def which(name: str, mode: int = os.F_OK | os.X_OK, path: str | None = None) -> str | None:
+        return None if name in ("iptables", "ip6tables") else real_which(name, mode, path)
+
+    monkeypatch.setattr(shutil, "which", which)
+    availability = bubblewrap._probe_cached.__wrapped__()
+    assert not availability.ok
+    assert "iptables" in availability.reason
+    assert "apt-get install iproute2 iptables" in availability.fix
+    monkeypatch.setattr(shutil, "which", real_which)
+    assert bubblewrap._probe_cached.__wrapped__().ok

@@ -165,3 +165,33 @@ def test_util_linux_mount_where_loop_configure_is_missing(
         str(image) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     )
     state.mkdir()  # for the fixture's own release
+
+
+def test_a_stopped_sandboxs_disk_is_no_leftover_and_an_orphans_is_removed(
+    project: Path, tmp_path: Path
+) -> None:
+    from conftest import require_backend
+    from stockade import Sandbox
+    from stockade.cli.orphans import find_orphans, remove_orphan
+    from stockade.state import StateStore
+
+    require_backend("namespace")
+    enforced, why = disk_support()
+    if not enforced:
+        pytest.skip(why)
+    store = StateStore(tmp_path / "state")
+    sb = Sandbox.create(project_dir=project, backend="namespace", keep=True,
+                        config={"limits.disk": "16MiB"}, state_dir=store.root)  # fmt: skip
+    state_dir = sb.state_dir
+    sb.commands.run("echo kept > kept.txt")
+    sb.close()
+    assert os.path.ismount(state_dir / DISK_DIR)  # kept for review while the record exists
+    assert find_orphans(store, containers=False) == []
+    store.delete(sb.name)  # as if a crash came between the record and the directory
+    [orphan] = find_orphans(store, containers=False)
+    assert (orphan.kind, orphan.removable) == ("directory", True)
+    remove_orphan(store, orphan)
+    assert not state_dir.exists()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False)
+    assert str(state_dir) not in loops.stdout
+    assert str(state_dir) not in Path("/proc/self/mountinfo").read_text()

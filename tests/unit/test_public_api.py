@@ -16,6 +16,7 @@ EXPECTED_ALL = {
     "CommandHandle",
     "CommandResult",
     "ConfigError",
+    "DiskFullError",
     "ExecTimeoutError",
     "PolicyError",
     "Sandbox",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import sqlite3
@@ -20,6 +21,7 @@ from stockade.state import (
     SandboxStatus,
     StateStore,
     default_state_dir,
+    is_disk_full,
     process_start_time,
     validate_name,
 )
@@ -66,6 +68,36 @@ def test_duplicate_name_is_refused_with_a_fix(store: StateStore) -> None:
         ConfigError, match=r"already exists; pick another name or `stockade rm dup`"
     ):
         store.insert(_record("dup"))
+
+
+def test_check_name_free(store: StateStore) -> None:
+    store.check_name_free("free")
+    store.insert(_record("used"))
+    with pytest.raises(ConfigError, match=r"'used' already exists; .*`stockade rm used`"):
+        store.check_name_free("used")
+    with pytest.raises(ConfigError, match="invalid sandbox name"):
+        store.check_name_free("../x")
+
+
+def test_delete_by_name_and_id_spares_a_namesake(store: StateStore) -> None:
+    mine = _record("shared")
+    store.insert(mine)
+    with pytest.raises(SandboxNotFoundError):
+        store.delete("shared", sandbox_id=StateStore.new_id())
+    assert store.get("shared") == mine
+    assert store.delete("shared", sandbox_id=mine.id) == mine
+    with pytest.raises(SandboxNotFoundError):
+        store.get("shared")
+
+
+def test_is_disk_full(tmp_path: Path) -> None:
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
+    assert is_disk_full(sqlite3.OperationalError("database or disk is full"), tmp_path)
+    # An I/O error on a disk with room is an I/O error, not a full disk.
+    assert not is_disk_full(sqlite3.OperationalError("disk I/O error"), tmp_path)
+    assert not is_disk_full(ValueError("database or disk is full"), tmp_path)
 
 
 def test_not_found_lists_close_names(store: StateStore) -> None:

@@ -75,6 +75,12 @@ _HIDDEN_ETC = ("/etc/ssl/private",)
 _SYNTHETIC_ETC = ("passwd", "group", "hosts", "hostname", "nsswitch.conf")
 
 
+#: PATH of the launch chain (unprivileged users often lack the sbin directories in theirs).
+LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+#: What the launch chain sets up the sandbox's network namespace with.
+_NETNS_TOOLS = ("ip", "iptables", "ip6tables")
+
+
 @functools.lru_cache(maxsize=1)
 def _probe_cached() -> Availability:
     bwrap = shutil.which("bwrap")
@@ -93,6 +99,16 @@ def _probe_cached() -> Availability:
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         return Availability(
             False, "unshare/mount (util-linux) not found", "install util-linux and mount"
+        )
+    missing = [name for name in _NETNS_TOOLS if shutil.which(name, path=LAUNCH_PATH) is None]
+    if missing:
+        # Without them a sandbox would run without the documented answer to direct
+        # connections (they are redirected to the agent, which refuses them with the reason).
+        return Availability(
+            False,
+            f"{' and '.join(missing)} not found in {LAUNCH_PATH}: the namespace backend sets up "
+            "the sandbox's network namespace with them",
+            "install the 'iproute2' and 'iptables' packages (apt-get install iproute2 iptables)",
         )
     try:
         proc = subprocess.run(
@@ -204,17 +220,10 @@ DIRECT_DENIAL_SETUP = (
 )
 
 
-#: PATH of the launch chain (unprivileged users often lack the sbin directories in theirs).
-LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-
-
 def _own_netns(spec: LaunchSpec) -> bool:
-    """Whether the launch chain makes (and sets up) the network namespace before bwrap."""
-    return (
-        spec.egress is not None
-        and shutil.which("ip", path=LAUNCH_PATH) is not None
-        and shutil.which("iptables", path=LAUNCH_PATH) is not None
-    )
+    """Whether the launch chain makes (and sets up) the network namespace before bwrap
+    (always with a network policy: the probe refuses a host without ``ip``/``iptables``)."""
+    return spec.egress is not None
 
 
 def build_bwrap_argv(
@@ -365,8 +374,14 @@ class BubblewrapBackend(Backend):
 
     @classmethod
     def probe_inputs(cls) -> tuple[str, ...]:
-        tools = ("bwrap", "unshare", "mount")
-        return (*(shutil.which(name) or f"(no {name} on PATH)" for name in tools), GUEST_PYTHON)
+        tools = [
+            shutil.which(name) or f"(no {name} on PATH)" for name in ("bwrap", "unshare", "mount")
+        ]
+        tools += [
+            shutil.which(name, path=LAUNCH_PATH) or f"(no {name} in {LAUNCH_PATH})"
+            for name in _NETNS_TOOLS
+        ]
+        return (*tools, GUEST_PYTHON)
 
     async def launch(self, spec: LaunchSpec) -> ProcessSandbox:
         from stockade.backends._cgroups import SandboxCgroup, probe_cgroups

@@ -6,6 +6,7 @@ import ctypes
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,61 @@ def _variant_rows(backend: str, measure: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def run_doctor(as_json: bool, measure: bool = True) -> None:
+def leftovers_report(fix: bool) -> dict[str, Any]:
+    """Leftovers of sandboxes in the state directory (see stockade.cli.orphans); with
+    ``fix``, remove the removable ones. Never raises: a doctor must run on a broken host."""
+    from stockade._errors import StockadeError
+    from stockade.cli.orphans import find_orphans, remove_orphan
+    from stockade.state import StateStore
+
+    try:
+        store = StateStore()
+        found = find_orphans(store)
+    except (StockadeError, OSError) as exc:
+        return {"error": str(exc), "leftovers": []}
+    rows = []
+    for orphan in found:
+        row: dict[str, Any] = {**orphan.to_dict(), "removed": False, "error": None}
+        if fix and orphan.removable:
+            try:
+                remove_orphan(store, orphan)
+            except (StockadeError, OSError, subprocess.CalledProcessError) as exc:
+                row["error"] = str(exc)
+            else:
+                row["removed"] = True
+        rows.append(row)
+    return {"state_dir": str(store.root), "read_only": store.read_only, "leftovers": rows}
+
+
+def _print_leftovers(console: Any, report: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    if report.get("error"):
+        console.print(f"[red]state directory: {escape(report['error'])}[/]")
+        return
+    if report["read_only"]:
+        console.print(
+            f"[red]state directory {escape(report['state_dir'])}: the disk is full; free space "
+            "(`stockade rm NAME` of sandboxes you no longer need)[/]"
+        )
+    rows = report["leftovers"]
+    if not rows:
+        console.print("leftovers of sandboxes: none")
+        return
+    console.print("leftovers of sandboxes:")
+    for row in rows:
+        if row["removed"]:
+            state = "[green]removed[/]"
+        elif row["error"]:
+            state = f"[red]not removed: {escape(row['error'])}[/]"
+        elif not row["removable"]:
+            state = f"[yellow]kept: {escape(row['why_not'])}[/]"
+        else:
+            state = "[yellow]remove with `stockade doctor --fix`[/]"
+        console.print(f"  {escape(row['what'])}: {state}")
+
+
+def run_doctor(as_json: bool, measure: bool = True, *, fix: bool = False) -> None:
     from stockade.backends.registry import get_backend_class, probe_all, variants
 
     rows: list[dict[str, Any]] = []
@@ -154,8 +209,13 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
             }
         )
     facts = host_facts()
+    leftovers = leftovers_report(fix)
     if as_json:
-        click.echo(json.dumps({"auto": chosen, "backends": rows, "host": facts}, indent=2))
+        click.echo(
+            json.dumps(
+                {"auto": chosen, "backends": rows, "host": facts, "state": leftovers}, indent=2
+            )
+        )
         return
     from rich.console import Console
     from rich.table import Table
@@ -206,6 +266,7 @@ def run_doctor(as_json: bool, measure: bool = True) -> None:
     console.print(
         ("" if disk["enforced"] else "[yellow]") + disk["how"] + ("" if disk["enforced"] else "[/]")
     )
+    _print_leftovers(console, leftovers)
     for row in rows:
         if row["enforces"]:
             console.print(f"\n[bold]{row['backend']}[/] enforces:")

@@ -202,10 +202,72 @@ async def _run_async(
 
         code = await attach_local(sandbox, command, tty)
     finally:
+        if remove:
+            await _report_discarded(sandbox)
         await sandbox.aclose()
     if not remove:
         _print_run_summary(sandbox)
     return code
+
+
+async def _report_discarded(sandbox: Any) -> None:
+    """Say what `run --rm` throws away with the sandbox: nothing is discarded silently."""
+    import anyio
+
+    if sandbox.policy.workspace.mode != "cow":
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            changes = _shown_changes(await sandbox.workspace.diff())
+        except (StockadeError, OSError) as exc:
+            click.echo(
+                f"stockade: sandbox {sandbox.name}: could not list the workspace changes "
+                f"discarded with it (--rm): {exc}",
+                err=True,
+            )
+            return
+    if not changes:
+        click.echo(f"stockade: sandbox {sandbox.name}: no changes discarded (--rm)", err=True)
+        return
+    count = f"{len(changes)} changed file" + ("" if len(changes) == 1 else "s")
+    click.echo(
+        f"stockade: discarded {count} of sandbox {sandbox.name}: {_first(changes, 10)} (--rm)",
+        err=True,
+    )
+
+
+def _shown_changes(diff: Any) -> list[str]:
+    """The changed paths of a workspace diff, safe to print: a directory ends in '/', and
+    an added directory stands for everything in it."""
+    shown: list[str] = []
+    added_dirs: list[str] = []
+    for change in sorted(diff, key=lambda c: c.path):
+        if any(change.path.startswith(d) for d in added_dirs):
+            continue
+        is_dir = getattr(change, "type", None) == "dir"
+        if is_dir and change.kind == "added":
+            added_dirs.append(change.path + "/")
+        shown.append(_shown(change.path) + ("/" if is_dir else ""))
+    return shown
+
+
+def _shown(text: str) -> str:
+    """``text`` with control characters and undecodable bytes escaped, safe to print."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or 0x7F <= code < 0xA0 or char == "\\":
+            out.append(char.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _first(items: list[str], limit: int) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _print_run_summary(sandbox: Any) -> None:
@@ -313,28 +375,34 @@ def _running(name: str) -> Any:
 
 @cli.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def ls(as_json: bool) -> None:
+@click.option(
+    "--all",
+    "all_",
+    is_flag=True,
+    help="Also list leftovers: sandbox directories without a record, records without a "
+    "directory, mounts and containers of no sandbox (`stockade doctor --fix` removes them).",
+)
+def ls(as_json: bool, all_: bool) -> None:
     """List sandboxes and their status."""
     store = _store()
     records = [store.reconcile(r) for r in store.list()]
+    leftovers = _orphans(store, containers=all_)
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "name": r.name,
-                        "id": r.id,
-                        "status": str(r.status),
-                        "backend": r.backend,
-                        "workspace": r.workspace,
-                        "created_at": r.created_at,
-                        "error": r.error,
-                    }
-                    for r in records
-                ],
-                indent=2,
-            )
-        )
+        rows: list[dict[str, Any]] = [
+            {
+                "name": r.name,
+                "id": r.id,
+                "status": str(r.status),
+                "backend": r.backend,
+                "workspace": r.workspace,
+                "created_at": r.created_at,
+                "error": r.error,
+            }
+            for r in records
+        ]
+        if all_:
+            rows += [{"status": "orphan", **o.to_dict()} for o in leftovers]
+        click.echo(json.dumps(rows, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -353,11 +421,25 @@ def ls(as_json: bool) -> None:
             dt.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S"),
         )
     Console().print(table)
-    leftovers = _orphans(store)
-    if leftovers:
-        click.echo("left behind by sandboxes without a record (remove with `stockade rm --all`):")
+    if store.read_only:
+        click.secho(
+            f"stockade: the disk of {store.root} is full: read-only until space is freed "
+            "(`stockade rm NAME` frees a sandbox's space)",
+            fg="yellow",
+            err=True,
+        )
+    if leftovers and not all_:
+        click.echo(
+            f"{len(leftovers)} leftover{'s' if len(leftovers) != 1 else ''} of removed or "
+            "failed sandboxes: `stockade ls --all` lists them, `stockade doctor --fix` removes "
+            "them"
+        )
+    elif leftovers:
+        click.echo("leftovers of sandboxes (`stockade doctor --fix` removes them):")
         for leftover in leftovers:
-            click.echo(f"  {leftover['what']}")
+            click.echo(f"  {_shown(leftover.what)}")
+            if not leftover.removable:
+                click.echo(f"    kept by --fix: {_shown(leftover.why_not)}")
 
 
 @cli.command()
@@ -374,60 +456,91 @@ def stop(names: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.argument("names", nargs=-1)
-@click.option("--all", "all_", is_flag=True, help="Remove every sandbox.")
-def rm(names: tuple[str, ...], all_: bool) -> None:
-    """Stop and remove sandboxes: processes, workspace layer and record."""
+@click.option("--all", "all_", is_flag=True, help="Remove every sandbox (and leftovers).")
+@click.option(
+    "--force",
+    "-f",
+    is_flag=True,
+    help="Remove sandboxes with unapplied workspace changes without asking.",
+)
+def rm(names: tuple[str, ...], all_: bool, force: bool) -> None:
+    """Stop and remove sandboxes: processes, workspace layer and record.
+
+    A sandbox whose workspace has changes not applied yet is removed only after a yes on
+    the terminal, or with --force.
+    """
+    from stockade.cli.orphans import reap_backend, remove_orphan
     from stockade.cli.supervise import remove_sandbox
 
     store = _store()
-    targets = [r.name for r in store.list()] if all_ else list(names)
-    if not targets and not all_:
+    if not names and not all_:
         raise click.UsageError("name a sandbox to remove, or pass --all")
-    for name in targets:
-        record = store.get(name)
+    records = store.list() if all_ else [store.get(name) for name in dict.fromkeys(names)]
+    if not force:
+        records = _confirm_discard(records, all_)
+    for record in records:
         remove_sandbox(store, record)
-        _reap_backend(record.backend, record.id)
-        click.echo(name)
+        reap_backend(record.backend, record.id)
+        click.echo(record.name)
     if all_:
-        for leftover in _orphans(store):
-            _reap_backend(leftover["backend"], leftover["sandbox"])
-            click.echo(f"{leftover['what']} (no sandbox record)")
+        for leftover in _orphans(store, containers=True):
+            if leftover.removable:
+                remove_orphan(store, leftover)
+                click.echo(f"{_shown(leftover.what)}: removed")
+            else:
+                click.echo(f"{_shown(leftover.what)}: kept: {_shown(leftover.why_not)}", err=True)
 
 
-def _reap_backend(backend: str, sandbox_id: str) -> None:
-    """Delete what a backend may have left of a sandbox outside its state directory
-    (runsc/runc containers, Docker containers and volumes) when its supervisor died."""
-    from stockade.backends.registry import get_backend_class
+def _confirm_discard(records: list[Any], all_: bool) -> list[Any]:
+    """The sandboxes the user agrees to remove: any with unapplied workspace changes needs
+    a yes on a terminal; without one, nothing is removed and the error says what to do."""
+    agreed: list[Any] = []
+    refused: list[str] = []
+    tty = sys.stdin.isatty()
+    for record in records:
+        name = record.name
+        try:
+            changes = _unapplied(record)
+        except (StockadeError, OSError) as exc:
+            problem = f"cannot tell whether sandbox {name} has unapplied changes ({exc})"
+        else:
+            if not changes:
+                agreed.append(record)
+                continue
+            count = f"{len(changes)} unapplied change" + ("" if len(changes) == 1 else "s")
+            problem = f"sandbox {name} has {count} ({_first(changes, 3)})"
+        if tty:
+            if click.confirm(f"{problem}; remove it and discard them?", default=False, err=True):
+                agreed.append(record)
+            else:
+                click.echo(f"kept {name}", err=True)
+            continue
+        again = "--all" if all_ else name
+        refused.append(
+            f"{problem}; review them with `stockade diff {name}`, apply with `stockade apply "
+            f"{name}`, or remove anyway with `stockade rm --force {again}`"
+        )
+    if refused:
+        raise SandboxStateError("nothing removed: " + "\n".join(refused))
+    return agreed
 
-    try:
-        cls = get_backend_class(backend)
-    except StockadeError:
-        return
-    reap = getattr(cls, "reap", None)
-    if reap is not None:
-        reap(sandbox_id)
+
+def _unapplied(record: Any) -> list[str]:
+    """The workspace changes of a sandbox not applied to the project yet, safe to print."""
+    if not record.workspace or not record.dir or not (Path(record.dir) / "upper").is_dir():
+        return []
+    from stockade.workspace import compute_diff
+
+    _sync_running(record)
+    return _shown_changes(compute_diff(_layers(record), protected=_protected(record)))
 
 
-def _orphans(store: Any) -> list[dict[str, str]]:
-    """Engine containers labelled or named by stockade whose sandbox has no record."""
-    from stockade.backends._oci import stockade_containers
+def _orphans(store: Any, *, containers: bool) -> list[Any]:
+    """Leftovers of sandboxes (see stockade.cli.orphans): directories without a record,
+    records without a directory, mounts; with ``containers``, engine containers too."""
+    from stockade.cli.orphans import find_orphans
 
-    known = {r.id for r in store.list()}
-    found: list[dict[str, str]] = []
-    for runtime, backend in (("runsc", "gvisor"), ("runc", "container"), ("crun", "container")):
-        for sandbox in stockade_containers(runtime):
-            if sandbox not in known:
-                found.append({"backend": backend, "sandbox": sandbox,
-                              "what": f"{runtime} container stockade-{sandbox}"})  # fmt: skip
-    try:
-        from stockade.backends.container.engine import orphans
-    except ImportError:
-        return found
-    for engine in ("docker", "podman"):
-        for row in orphans(engine):
-            if row["sandbox"] and row["sandbox"] not in known:
-                found.append({"backend": "container", "sandbox": row["sandbox"],
-                              "what": f"{engine} container {row['container']}"})  # fmt: skip
+    found: list[Any] = find_orphans(store, containers=containers)
     return found
 
 
@@ -504,7 +617,37 @@ def _audit(store: Any, record: Any) -> Any:
     from stockade.audit import AuditLog
     from stockade.sandbox import audit_path
 
-    return AuditLog(audit_path(store, record.name, record.id), record.name)
+    return _CliAuditLog(AuditLog(audit_path(store, record.name, record.id), record.name))
+
+
+class _CliAuditLog:
+    """A sandbox's audit log for the CLI: on a full disk an event that cannot be written
+    is a warning, so reading commands (`diff`) still work there."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def append(self, action: str, **kwargs: Any) -> Any:
+        from stockade.state import is_disk_full
+
+        try:
+            return self._log.append(action, **kwargs)
+        except OSError as exc:
+            if not is_disk_full(exc, self._log.path):
+                raise
+            click.secho(
+                f"stockade: warning: {action} not recorded in the audit log "
+                f"{self._log.path}: {exc.strerror}",
+                fg="yellow",
+                err=True,
+            )
+            return None
+
+    def read(self) -> Any:
+        return self._log.read()
+
+    def verify(self) -> Any:
+        return self._log.verify()
 
 
 @cli.command()
@@ -753,12 +896,18 @@ def audit(name: str | None, verify: bool, as_json: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--measure/--no-measure", default=True, help="Time a sandbox start on each backend.")
-def doctor(as_json: bool, measure: bool) -> None:
+@click.option(
+    "--fix",
+    is_flag=True,
+    help="Remove leftovers of sandboxes: directories without a record, records without a "
+    "directory, their mounts and containers.",
+)
+def doctor(as_json: bool, measure: bool, fix: bool) -> None:
     """What each backend needs, and whether it runs on this machine."""
     from stockade.cli.doctor import run_doctor
 
     with _progress("measuring backends" if measure else "probing backends"):
-        run_doctor(as_json, measure)
+        run_doctor(as_json, measure, fix=fix)
 
 
 def _register_extensions() -> None:

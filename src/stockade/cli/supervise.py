@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stockade._errors import SandboxStartError, SandboxStateError
+from stockade._errors import DiskFullError, SandboxStartError, SandboxStateError
 from stockade.state import SandboxStatus, StateStore
 
 __all__ = ["remove_sandbox", "spawn_supervisor", "stop_sandbox"]
+
+logger = logging.getLogger(__name__)
 
 #: Seconds to wait for a supervisor to report its sandbox ready.
 SPAWN_TIMEOUT = 60.0
@@ -28,6 +31,10 @@ def spawn_supervisor(
 
     ``resume``: a microVM snapshot directory to start from (``stockade fork``)."""
     store = StateStore()
+    if name is not None:
+        # Before the name makes a log path, and so a taken name fails before anything runs.
+        store.check_name_free(name)
+    store.check_writable()
     name = name or store.new_name()
     logs = store.root / "logs"
     logs.mkdir(mode=0o700, exist_ok=True)
@@ -105,10 +112,19 @@ def stop_sandbox(store: StateStore, record: Any, *, timeout: float = 10.0) -> No
             os.kill(pid, signal.SIGKILL)
         while _pid_alive(pid) and time.monotonic() < deadline + 5:
             time.sleep(0.02)
-        store.update(record.name, status=SandboxStatus.STOPPED)
+        _mark_stopped(store, record.name)
     current = store.get(record.name)
     if current.status in (SandboxStatus.RUNNING, SandboxStatus.STARTING):
-        store.update(record.name, status=SandboxStatus.STOPPED)
+        _mark_stopped(store, record.name)
+
+
+def _mark_stopped(store: StateStore, name: str) -> None:
+    try:
+        store.update(name, status=SandboxStatus.STOPPED)
+    except DiskFullError:
+        # The sandbox is stopped all the same; `ls` will call it failed (its supervisor is
+        # gone), and `rm` must go on to free the space.
+        logger.warning("could not record that sandbox %s stopped: the disk is full", name)
 
 
 def remove_sandbox(store: StateStore, record: Any) -> None:

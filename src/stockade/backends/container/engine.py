@@ -658,8 +658,9 @@ async def launch_api_engine(spec: LaunchSpec, engine: str) -> EngineSandbox:
         await anyio.to_thread.run_sync(client.api.start, container_id)
     except (DockerException, OSError, SandboxStartError) as exc:
         await anyio.to_thread.run_sync(_remove, client, spec.sandbox_id)
-        if watchdog is not None and watchdog.stdin is not None:
-            watchdog.stdin.close()
+        # Removed already: the watchdog has nothing left to do, and must not outlive the
+        # failed start (a long-lived SDK process would collect one per failure).
+        await anyio.to_thread.run_sync(stop_watchdog, watchdog)
         client.close()
         raise SandboxStartError(f"{engine} could not start the sandbox container: {exc}") from exc
     return EngineSandbox(
