@@ -365,8 +365,6 @@ def test_rm_releases_the_disk(target: str, tmp_path: Path) -> None:
     name = f"disk-{uuid.uuid4().hex[:8]}"
     sb = fresh(target, project, config={"limits.disk": "64MiB"}, name=name, keep=True)
     state_dir = sb.state_dir
-    assert sb.commands.run("echo kept > kept.txt").exit_code == 0
-    sb.close()
 
     def cli(*args: str) -> str:
         proc = subprocess.run(
@@ -376,11 +374,20 @@ def test_rm_releases_the_disk(target: str, tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    if not target.startswith("microvm"):  # a VM's changes are saved at stop by its backend
-        assert "kept.txt" in cli("diff", name)  # stopped: the disk is read again
-    cli("rm", name)
-    assert not state_dir.exists()
-    assert _disk_leftovers(state_dir) == []
+    try:
+        assert sb.commands.run("echo kept > kept.txt").exit_code == 0
+        sb.close()
+        if not target.startswith("microvm"):  # a VM's changes are saved at stop by its backend
+            assert "kept.txt" in cli("diff", name)  # stopped: the disk is read again
+        cli("rm", name)
+        assert not state_dir.exists()
+        assert _disk_leftovers(state_dir) == []
+    finally:
+        if state_dir.exists():  # failed half-way: no mount left for pytest to trip over
+            from stockade.workspace.disk import remove_state_dir
+
+            sb.close()
+            remove_state_dir(state_dir)
 
 
 # --- secrets and network -------------------------------------------------------------------

@@ -183,15 +183,20 @@ def test_a_stopped_sandboxs_disk_is_no_leftover_and_an_orphans_is_removed(
     sb = Sandbox.create(project_dir=project, backend="namespace", keep=True,
                         config={"limits.disk": "16MiB"}, state_dir=store.root)  # fmt: skip
     state_dir = sb.state_dir
-    sb.commands.run("echo kept > kept.txt")
-    sb.close()
-    assert os.path.ismount(state_dir / DISK_DIR)  # kept for review while the record exists
-    assert find_orphans(store, containers=False) == []
-    store.delete(sb.name)  # as if a crash came between the record and the directory
-    [orphan] = find_orphans(store, containers=False)
-    assert (orphan.kind, orphan.removable) == ("directory", True)
-    remove_orphan(store, orphan)
-    assert not state_dir.exists()
+    try:
+        sb.commands.run("echo kept > kept.txt")
+        sb.close()
+        assert os.path.ismount(state_dir / DISK_DIR)  # kept for review while it has a record
+        assert find_orphans(store, containers=False) == []
+        store.delete(sb.name)  # as if a crash came between the record and the directory
+        [orphan] = find_orphans(store, containers=False)
+        assert (orphan.kind, orphan.removable) == ("directory", True)
+        remove_orphan(store, orphan)
+        assert not state_dir.exists()
+    finally:
+        if state_dir.exists():  # failed half-way: no mount left for pytest to trip over
+            sb.close()
+            remove_state_dir(state_dir)
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False)
     assert str(state_dir) not in loops.stdout
     assert str(state_dir) not in Path("/proc/self/mountinfo").read_text()
