@@ -119,11 +119,11 @@ def audit_path(store: StateStore, name: str, sandbox_id: str) -> Path:
 def _forget_failed_start(store: StateStore, record: SandboxRecord, *, owns_dir: bool) -> None:
     """Remove what a failed start made: its directory (if this start made it) and its
     record (only if still this sandbox's: the name may be another's by now)."""
-    from stockade.workspace.layers import remove_tree
+    from stockade.workspace.disk import remove_state_dir
 
     if owns_dir and record.dir:
         try:
-            remove_tree(Path(record.dir))
+            remove_state_dir(Path(record.dir))  # its disk (limits.disk) unmounted first
         except FileNotFoundError:
             pass
         except OSError:
@@ -792,6 +792,12 @@ class AsyncSandbox:
         sandbox_id = store.new_id()
         name = name or store.new_name()
         directory = store.root / "sandboxes" / sandbox_id
+        # Not for the host backend (no isolation to bound) nor a VM (bounded inside it).
+        disk = (
+            bool(policy.limits.disk_bytes)
+            and backend.capabilities.cow_workspace
+            and not backend.disk_limit_inside
+        )
         now = time.time()
         record = SandboxRecord(
             name=name,
@@ -815,6 +821,11 @@ class AsyncSandbox:
         try:
             directory.mkdir(mode=0o700)  # never an existing one: the id is new
             layers = None
+            if disk:
+                from stockade.workspace.disk import create_disk
+
+                # Upper, work and /tmp on a filesystem of exactly limits.disk (where possible).
+                create_disk(directory, policy.limits.disk_bytes or 0)
             if policy.workspace.mode == "cow" and policy.workspace.host_path is not None:
                 layers = WorkspaceLayers.create(directory, policy.workspace.host_path)
         except BaseException as exc:
@@ -1202,10 +1213,10 @@ class AsyncSandbox:
                     await anyio.to_thread.run_sync(self._discard_dir)
 
     def _discard_dir(self) -> None:
-        from stockade.workspace.layers import remove_tree
+        from stockade.workspace.disk import remove_state_dir
 
         with contextlib.suppress(FileNotFoundError):
-            remove_tree(self._dir)
+            remove_state_dir(self._dir)  # its disk (limits.disk) unmounted first
 
     # --- lifecycle ------------------------------------------------------------------------
 

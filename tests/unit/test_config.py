@@ -813,6 +813,8 @@ def test_limits_below_minimum_are_refused(world: World) -> None:
     world.load(flags={"limits.memory": "32MiB"})
     refused(world, "limits.pids", flags={"limits.pids": 15})
     world.load(flags={"limits.pids": 16})
+    assert "8MiB" in refused(world, "limits.disk", flags={"limits.disk": "4MiB"})
+    world.load(flags={"limits.disk": "8MiB"})
 
 
 @pytest.mark.parametrize("cpus", [0, -1, 10**6])

@@ -391,10 +391,20 @@ def build_config(
         _tmpfs("/dev/shm", "nosuid", "noexec", "nodev", "mode=1777", "size=65536k"),
     ]
     mounts.extend(_bind(src, dest) for src, dest in system_binds(spec, host_usr=rootfs.host_usr))
-    tmp_size = limits.disk_bytes or limits.memory_bytes
-    size = [f"size={tmp_size}"] if tmp_size else []
-    mounts.append(_tmpfs("/tmp", "nosuid", "nodev", "mode=1777", *size))
-    mounts.append(_tmpfs("/tmp/home", "nosuid", "nodev", "mode=700", f"uid={uid}", f"gid={uid}"))
+    from stockade.workspace.disk import fresh_tmp
+
+    # The sandbox user is the caller on the host (see _id_mappings), who owns its home.
+    tmp_dir = fresh_tmp(spec.state_dir, os.getuid())
+    if tmp_dir is not None:
+        # On the sandbox's own disk: /tmp and home share limits.disk with the workspace.
+        mounts.append(_bind(tmp_dir, "/tmp", ro=False))
+    else:
+        tmp_size = limits.disk_bytes or limits.memory_bytes
+        size = [f"size={tmp_size}"] if tmp_size else []
+        mounts.append(_tmpfs("/tmp", "nosuid", "nodev", "mode=1777", *size))
+        mounts.append(
+            _tmpfs("/tmp/home", "nosuid", "nodev", "mode=700", f"uid={uid}", f"gid={uid}")
+        )
     mounts.append(_tmpfs("/run", "nosuid", "nodev", "mode=755", "uid=0", "gid=0", "size=16m"))
     mounts.extend(_bind(src, dest) for src, dest in agent_binds(spec, agent))
 

@@ -127,6 +127,10 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    #: True when ``limits.disk`` is enforced inside the isolation unit itself (a microVM's
+    #: sized tmpfs): the host then keeps the upper layer in a plain directory instead of a
+    #: disk image of its own (``stockade.workspace.disk``).
+    disk_limit_inside: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod

@@ -285,10 +285,18 @@ def build_bwrap_argv(
         for host_file, guest_file in spec.egress.files:
             argv += ["--ro-bind", host_file, guest_file]
     argv += ["--proc", "/proc", "--dev", "/dev"]
-    tmp_size = policy.limits.disk_bytes or policy.limits.memory_bytes
-    if tmp_size:
-        argv += ["--size", str(tmp_size)]
-    argv += ["--tmpfs", "/tmp", "--dir", "/tmp/home", "--dir", "/run/stockade"]
+    from stockade.workspace.disk import fresh_tmp
+
+    tmp_dir = fresh_tmp(spec.state_dir, os.getuid())
+    if tmp_dir is not None:
+        # On the sandbox's own disk: /tmp and home share limits.disk with the workspace.
+        argv += ["--bind", str(tmp_dir), "/tmp"]
+    else:
+        tmp_size = policy.limits.disk_bytes or policy.limits.memory_bytes
+        if tmp_size:
+            argv += ["--size", str(tmp_size)]
+        argv += ["--tmpfs", "/tmp"]
+    argv += ["--dir", "/tmp/home", "--dir", "/run/stockade"]
     agent = compiled_agent(spec.agent_source, spec.cache_dir)
     guest_agent = AGENT_GUEST_PATH + ("c" if agent.suffix == ".pyc" else "")
     argv += ["--ro-bind", str(agent), guest_agent]

@@ -28,8 +28,10 @@ def _landlock_abi() -> int:
 def host_facts() -> dict[str, Any]:
     """Facts about this machine that decide what the backends can enforce."""
     from stockade.backends._cgroups import probe_cgroups
+    from stockade.workspace.disk import disk_support
 
     cg = probe_cgroups()
+    disk_ok, disk_how = disk_support()
     return {
         "kernel": platform.release(),
         "arch": platform.machine(),
@@ -43,6 +45,7 @@ def host_facts() -> dict[str, Any]:
             "reason": cg.reason,
             "fix": cg.fix,
         },
+        "disk_limit": {"enforced": disk_ok, "how": disk_how},
     }
 
 
@@ -277,6 +280,10 @@ def run_doctor(as_json: bool, measure: bool = True, *, fix: bool = False) -> Non
             if cg["available"]
             else f"unavailable: {cg['reason']}"
         )
+    )
+    disk = facts["disk_limit"]
+    console.print(
+        ("" if disk["enforced"] else "[yellow]") + disk["how"] + ("" if disk["enforced"] else "[/]")
     )
     _print_leftovers(console, leftovers)
     _print_applies(console, applies)

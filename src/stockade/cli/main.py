@@ -36,6 +36,7 @@ def _policy_options(fn: F) -> F:
         click.option("--memory", help="Memory limit, e.g. 512M, 2GiB."),
         click.option("--pids", type=int, help="Most processes at once."),
         click.option("--cpus", type=float, help="CPU limit (cores)."),
+        click.option("--disk", help="Most bytes written (workspace, /tmp, home), e.g. 10GiB."),
         click.option("--timeout", "sandbox_timeout", help="Wall-clock limit for the sandbox."),
         click.option("--command-timeout", help="Wall-clock limit per command."),
         click.option(
@@ -74,6 +75,7 @@ def _compile(opts: dict[str, Any]) -> Any:
         ("limits.memory", "memory"),
         ("limits.pids", "pids"),
         ("limits.cpus", "cpus"),
+        ("limits.disk", "disk"),
         ("limits.timeout", "sandbox_timeout"),
         ("limits.command_timeout", "command_timeout"),
         ("unsafe_host", "unsafe_host"),
@@ -583,11 +585,12 @@ def _orphans(store: Any, *, containers: bool) -> list[Any]:
 def _layers(record: Any) -> Any:
     from stockade.workspace import WorkspaceLayers
 
-    if not record.workspace or not (Path(record.dir) / "upper").is_dir():
+    layers = WorkspaceLayers.at(record.dir, record.workspace) if record.workspace else None
+    if layers is None or not layers.upper.is_dir():
         raise SandboxStateError(
             f"sandbox {record.name!r} has no copy-on-write workspace to diff or apply"
         )
-    return WorkspaceLayers.at(record.dir, record.workspace)
+    return layers
 
 
 def _sync_running(record: Any) -> None:

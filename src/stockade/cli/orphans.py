@@ -73,8 +73,13 @@ def _mount_points() -> list[str]:
 
 
 def _mounts_under(directory: Path, points: list[str]) -> list[str]:
+    """Mount points in ``directory``, but a sandbox's own disk (``limits.disk``): that one
+    stays mounted while the sandbox has a record, and removing the directory unmounts it."""
+    from stockade.workspace.disk import DISK_DIR, has_disk
+
     top = str(directory)
-    return [p for p in points if p == top or p.startswith(top + "/")]
+    own = str(directory / DISK_DIR) if has_disk(directory) else None
+    return [p for p in points if (p == top or p.startswith(top + "/")) and p != own]
 
 
 def find_orphans(store: StateStore, *, containers: bool = True) -> list[Orphan]:
@@ -216,10 +221,10 @@ def remove_orphan(store: StateStore, orphan: Orphan) -> None:
     if orphan.kind == "directory":
         if _mounts_under(Path(orphan.path), _mount_points()):
             raise SandboxStateError(f"{orphan.what} is not removed: something is mounted in it")
-        from stockade.workspace.layers import remove_tree
+        from stockade.workspace.disk import remove_state_dir
 
         with contextlib.suppress(FileNotFoundError):
-            remove_tree(Path(orphan.path))
+            remove_state_dir(Path(orphan.path))  # its own disk (limits.disk) unmounted first
     elif orphan.kind == "record":
         reap_backend(orphan.backend, orphan.sandbox)
         with contextlib.suppress(SandboxNotFoundError):

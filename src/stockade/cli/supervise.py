@@ -145,7 +145,7 @@ def remove_sandbox(store: StateStore, record: Any) -> None:
             f"processes of sandbox {record.name!r} survived removal: {sorted(survivors)}"
         )
     if record.dir and Path(record.dir).exists():
-        from stockade.workspace.layers import remove_tree
+        from stockade.workspace.disk import remove_state_dir
 
-        remove_tree(Path(record.dir))
+        remove_state_dir(Path(record.dir))  # its disk (limits.disk) unmounted first
     store.delete(record.name)

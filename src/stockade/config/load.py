@@ -1024,6 +1024,15 @@ def check_safety(
                 f"this host has {cores} cores (is it a percentage?)",
                 f"set a number of cores, at most {cores}",
             )
+    from stockade.workspace.disk import MIN_DISK_BYTES
+
+    if limits.disk is not None and limits.disk < MIN_DISK_BYTES:
+        raise refuse(
+            "limits.disk",
+            format_size(limits.disk),
+            "below the 8MiB a sandbox's own filesystem needs",
+            "set limits.disk to at least '8MiB', e.g. '10GiB', or 'none' for no limit",
+        )
 
     network = config.network
     network_fix = (

@@ -129,8 +129,8 @@ class LimitsConfig(_Model):
     disk: OptionalSize = Field(
         default=None,
         description=(
-            "Size limit of the sandbox's writable layer, e.g. '10GiB'; "
-            "unset or 'none' for no limit."
+            "Size limit of everything the sandbox writes (workspace layer, /tmp, home), "
+            "e.g. '10GiB', at least 8MiB; unset or 'none' for no limit."
         ),
     )
     command_timeout: OptionalDuration = Field(

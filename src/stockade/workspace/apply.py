@@ -265,7 +265,7 @@ def apply_diff(
     ops = planner.ordered_ops()
     if ops:
         try:
-            apply_ops(layers.lower, layers.upper.parent / JOURNAL_DIR_NAME, ops)
+            apply_ops(layers.lower, layers.state_dir / JOURNAL_DIR_NAME, ops)
         except WorkspaceConflictError as exc:
             raise WorkspaceConflictError(
                 f"the host changed while the apply was being prepared: {exc}; apply again "
@@ -540,7 +540,7 @@ class _Planner:
             self.conflicts.append(ApplyConflict(path, reason, kind))
 
     def _merge_file(self, ours: bytes, base: bytes, theirs: bytes) -> tuple[bytes, bool]:
-        scratch = self.layers.upper.parent / f"merge-{secrets.token_hex(6)}"
+        scratch = self.layers.state_dir / f"merge-{secrets.token_hex(6)}"
         os.mkdir(scratch, 0o700)
         try:
             names = []

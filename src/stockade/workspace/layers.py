@@ -47,7 +47,7 @@ class WorkspaceLayers:
 
     @property
     def state_dir(self) -> Path:
-        return self.upper.parent
+        return self.baseline_path.parent  # not upper.parent: that may be the sandbox's own disk
 
     @property
     def baseline(self) -> WorkspaceBaseline:
@@ -73,12 +73,16 @@ class WorkspaceLayers:
     def at(
         cls, state_dir: str | os.PathLike[str], lower: str | os.PathLike[str]
     ) -> WorkspaceLayers:
-        """The layers of ``state_dir`` without touching the disk (to reopen existing state)."""
+        """The layers of ``state_dir`` (to reopen existing state). A sandbox with a disk of its
+        own (``limits.disk``) keeps upper and work on it, mounted here if it is not yet."""
+        from stockade.workspace.disk import layer_root
+
         state = Path(state_dir)
+        root = layer_root(state)
         return cls(
             lower=Path(lower).resolve(),
-            upper=state / "upper",
-            work=state / "work",
+            upper=root / "upper",
+            work=root / "work",
             baseline_path=state / BASELINE_DIR,
         )
 

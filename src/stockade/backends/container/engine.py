@@ -377,15 +377,21 @@ def _create(spec: LaunchSpec, engine: str) -> tuple[Any, str, str | None, Any]:
         if spec.egress is not None:
             env.update(spec.egress.env)
         uid, gid = os.getuid(), os.getgid()
-        tmp_size = limits.disk_bytes or limits.memory_bytes
-        size = f",size={tmp_size}" if tmp_size else ""
-        tmpfs = {
-            "/tmp": f"rw,nosuid,nodev,mode=1777{size}",
+        from stockade.workspace.disk import fresh_tmp
+
+        tmpfs = {"/run": "rw,nosuid,nodev,mode=755,size=16m"}
+        tmp_dir = fresh_tmp(spec.state_dir, uid)
+        if tmp_dir is not None:
+            # On the sandbox's own disk: /tmp and home share limits.disk with the workspace.
+            mounts.append(_mount(tmp_dir, "/tmp", ro=False))
+        else:
+            tmp_size = limits.disk_bytes or limits.memory_bytes
+            size = f",size={tmp_size}" if tmp_size else ""
+            tmpfs["/tmp"] = f"rw,nosuid,nodev,mode=1777{size}"
             # Podman refuses uid=/gid= here; its tmpfs belongs to the container's user anyway.
-            "/tmp/home": "rw,nosuid,nodev,mode=700"
-            + ("" if engine == "podman" else f",uid={uid},gid={gid}"),
-            "/run": "rw,nosuid,nodev,mode=755,size=16m",
-        }
+            tmpfs["/tmp/home"] = "rw,nosuid,nodev,mode=700" + (
+                "" if engine == "podman" else f",uid={uid},gid={gid}"
+            )
         if host_view and os.path.isdir("/etc/ssl/private"):
             # The sandbox runs as the caller (root when stockade is): hide private TLS keys.
             tmpfs["/etc/ssl/private"] = "ro,nosuid,nodev,noexec,mode=700,size=4k"

@@ -432,7 +432,8 @@ class MicrovmSandbox(LaunchedSandbox):
             return
         from stockade.backends.microvm.upper import import_upper
 
-        with tempfile.TemporaryFile(dir=layers.upper.parent) as spool:
+        # Spooled beside the layers, not on a disk-limited layer of the sandbox.
+        with tempfile.TemporaryFile(dir=self.spec.state_dir) as spool:
             stderr = bytearray()
             failed: list[OSError] = []
 
@@ -459,7 +460,7 @@ class MicrovmSandbox(LaunchedSandbox):
                 client.forget_process(events.proc)
             if failed:
                 raise SandboxStateError(
-                    f"could not store the VM's workspace on the host in {layers.upper.parent}: "
+                    f"could not store the VM's workspace on the host in {self.spec.state_dir}: "
                     f"{failed[0].strerror or failed[0]}"
                 )
             if exit_info.exit_code != 0:
@@ -544,6 +545,9 @@ class MicrovmBackend(Backend):
     """Tier 1: a VM per sandbox (QEMU microvm here; KVM when it works, else TCG)."""
 
     name = "microvm"
+    # The guest's upper layer and root writes share one tmpfs of limits.disk; the host copy
+    # of the upper layer is never larger than that.
+    disk_limit_inside = True
     capabilities = Capabilities(
         tier=1,
         isolation="own guest kernel in a microVM (QEMU -M microvm; KVM, or TCG emulation)",
@@ -641,7 +645,6 @@ class MicrovmBackend(Backend):
         if ws.mode in ("cow", "ro") and ws.host_path is not None:
             source_dir = spec.workspace.lower if spec.workspace is not None else ws.host_path
         if source_dir is not None:
-            upper_size = spec.policy.limits.disk_bytes
             root_mode = os.stat(source_dir).st_mode & 0o7777
             size = _tree_size(source_dir, STREAM_LIMIT)
             protected = [
@@ -655,8 +658,6 @@ class MicrovmBackend(Backend):
                 "root_mode": root_mode,
                 "protected": protected,
             }
-            if upper_size:
-                workspace["upper_size"] = int(upper_size)
             if size <= STREAM_LIMIT:
                 workspace.update(source="stream", entries=_tree_entries(source_dir))
             else:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 AGENT = "/run/stockade/agent.py"
 WS_STATE = "/run/stockade/ws"
+#: The root overlay's writable tmpfs (the init moves it here), sized to the disk limit.
+ROOT_RW = "/run/stockade/rootrw"
 MAX_CONFIG = 16 * 1024 * 1024
 #: The agent's frame limit: ``sandbox.configure`` carries a streamed workspace (base64).
 MAX_FRAME = 32 * 1024 * 1024
@@ -230,12 +232,16 @@ def chown_tree(top: str, uid: int, gid: int) -> None:
 
 
 def setup_workspace(agent: Any, ws: dict[str, Any], user: list[int] | None = None) -> None:
-    """Lower (streamed tar or the second disk) + tmpfs upper, overlaid at ws['path']."""
+    """Lower (streamed tar or the second disk) + tmpfs upper, overlaid at ws['path'].
+
+    The upper and work layers live on the root's writable tmpfs, which the configuration
+    sizes to the disk limit: the workspace, /tmp and home share that one bound. The lower
+    (the project as streamed in) is the host's data and does not count against it.
+    """
     mode = ws["mode"]
     target = ws["path"]
     os.makedirs(WS_STATE, exist_ok=True)
-    size_opt = f",size={ws['upper_size']}" if ws.get("upper_size") else ""
-    mount("stockade-ws", WS_STATE, "tmpfs", 0, f"mode=0755{size_opt}")
+    mount("stockade-ws", WS_STATE, "tmpfs", 0, "mode=0755")
     mark("ws tmpfs")
     lower = f"{WS_STATE}/lower"
     os.mkdir(lower, 0o755)
@@ -258,11 +264,14 @@ def setup_workspace(agent: Any, ws: dict[str, Any], user: list[int] | None = Non
         mount(lower, target, None, MS_BIND)
         mount("", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         return
-    upper, work = f"{WS_STATE}/upper", f"{WS_STATE}/work"
-    os.mkdir(upper, 0o755)
+    upper, work = f"{ROOT_RW}/workspace/upper", f"{ROOT_RW}/workspace/work"
+    os.makedirs(upper, 0o755)
     os.mkdir(work, 0o700)
     if user:
         os.chown(upper, int(user[0]), int(user[1]))
+    # The workspace sync reads the upper layer at WS_STATE/upper.
+    os.mkdir(f"{WS_STATE}/upper", 0o755)
+    mount(upper, f"{WS_STATE}/upper", None, MS_BIND)
     # No redirect or metacopy xattrs: the host reads this upper layer back for diff/apply.
     options = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off"
     mount("stockade-workspace", target, "overlay", 0, options)
@@ -447,7 +456,7 @@ def configure(agent: Any, server: Any, config: dict[str, Any]) -> None:
     mark("files")
     if config.get("disk_bytes"):
         # The root's writes (outside the workspace) count against the disk limit too.
-        mount("", "/run/stockade/rootrw", None, MS_REMOUNT, f"size={int(config['disk_bytes'])}")
+        mount("", ROOT_RW, None, MS_REMOUNT, f"size={int(config['disk_bytes'])}")
     for directory in config.get("dirs", ()):
         os.makedirs(directory, exist_ok=True)
     env = {str(k): str(v) for k, v in config.get("env", {}).items()}
