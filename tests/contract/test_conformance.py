@@ -689,6 +689,25 @@ def test_network_only_through_the_proxy(target: str, tmp_path: Path, host_server
 # --- cleanup ------------------------------------------------------------------------------
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return "(gone)"
+
+
+def _settled_leftovers(target: str, sandbox_id: str, state_dir: Path) -> list[str]:
+    """``_leftovers``, given a process that is already exiting (an engine's conmon after its
+    container was removed, on a loaded machine) a few seconds to be gone."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = _leftovers(target, sandbox_id, state_dir)
+        only_processes = all(item.startswith("processes ") for item in found)
+        if not found or not only_processes or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def _leftovers(target: str, sandbox_id: str, state_dir: Path) -> list[str]:
     """Everything of one sandbox still present on the host, by kind."""
     from stockade.backends._cgroups import SandboxCgroup
@@ -696,7 +715,7 @@ def _leftovers(target: str, sandbox_id: str, state_dir: Path) -> list[str]:
     found = []
     pids = host_pids(sandbox_id)
     if pids:
-        found.append(f"processes {pids}")
+        found.append(f"processes {[(pid, _cmdline(pid)) for pid in pids]}")
     for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
         try:
             text = mountinfo.read_text()
@@ -740,7 +759,7 @@ def test_close_leaves_nothing(target: str, tmp_path: Path) -> None:
     assert inside_pids(sb, f"sleep {marker}")
     sb.close()
     assert host_pids(f"sleep\x00{marker}") == []
-    assert _leftovers(target, sandbox_id, state_dir) == []
+    assert _settled_leftovers(target, sandbox_id, state_dir) == []
     assert not state_dir.exists()
 
 
@@ -778,7 +797,7 @@ def test_a_failed_start_leaves_nothing(
     [log] = (state / "audit").iterdir()  # the audit log alone says it was tried
     assert '"sandbox.created"' in log.read_text()
     sandbox_id = log.name.split(".")[-2]  # NAME.ID.jsonl
-    assert _leftovers(target, sandbox_id, state / "sandboxes" / sandbox_id) == []
+    assert _settled_leftovers(target, sandbox_id, state / "sandboxes" / sandbox_id) == []
 
 
 def test_sandbox_wall_clock_timeout(target: str, tmp_path: Path) -> None:
