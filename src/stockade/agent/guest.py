@@ -4,18 +4,20 @@ every process started in it.
 
 This file is copied into sandboxes and run there by the sandbox's own interpreter as
 ``python3 -S -I guest.py [options]``, so it is standalone: stdlib only, Python 3.9+, and it
-never imports stockade. The contract it implements lives on the host side in
-``stockade.protocol.framing`` (4-byte big-endian length + UTF-8 JSON frames) and
-``stockade.protocol.messages`` (JSON-RPC 2.0 methods, results and notifications).
+never imports stockade (it belongs to the guest zone: tests/unit/test_guest_zone.py). The
+contract it implements lives on the host side in ``stockade.protocol.framing`` (4-byte
+big-endian length + UTF-8 JSON frames) and ``stockade.protocol.messages`` (JSON-RPC 2.0
+methods, results and notifications).
 
 Startup time matters (a benchmark measures create + first exec), so the top level imports only
 modules that are already loaded or cost almost nothing; ``json`` and ``signal`` are avoided
 (they pull in ``re`` and ``enum``) in favour of their C halves, and everything else (ctypes,
 fcntl, termios, tarfile, resource) is imported where it is needed.
 
-The agent is single-threaded: one poll() loop over the channel, children's pipes, a signal
-wake-up pipe and, with ``--net-proxy`` / ``--net-forward``, the egress tunnel's listening and
-accepted sockets (see ``Stream``). Options: ``--help``.
+The agent is single-threaded: one poll() loop (``Agent``) over the channel to the host
+(``HostChannel``), children's pipes (``ProcessTable``), a signal wake-up pipe and, with
+``--net-proxy`` / ``--net-forward``, the egress tunnel's listening and accepted sockets
+(``TunnelStreams``); ``FileOps`` and ``Transfers`` serve fs.*. Options: ``--help``.
 """
 
 # Lazy imports are the point (startup time), and contextlib.suppress would cost an import.
@@ -1085,151 +1087,47 @@ def _peer_name(address: Any) -> str:
     return str(address)
 
 
-# --- the agent -----------------------------------------------------------------------------
+# --- the agent: one poll() loop and the parts that own the state --------------------------
+#
+# ``Agent`` runs the loop and dispatches each request to the part that owns its state:
+# ``ProcessTable`` (process.*), ``TunnelStreams`` (the egress tunnel: net.accept, stream.*),
+# ``FileOps`` (fs.*) and ``Transfers`` (fs.upload_tar, fs.download_tar, transfer.*). The
+# handler of a method ``x.y`` is ``x_y`` on its part. The parts share the ``Poller``, the
+# ``HostChannel`` and the ``Workspace``, and know nothing of each other. The microVM launcher
+# (images/guest/launcher.py) drives an Agent through these parts too.
 
 
 def _noop_handler(signum: int, frame: Any) -> None:
     """SIGCHLD needs a Python handler for set_wakeup_fd to fire; the loop does the work."""
 
 
-class Agent:
-    """Serves the protocol on one channel; owns every process and transfer."""
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, _sig.SIGKILL)
+    except OSError:
+        pass
 
-    def __init__(
-        self,
-        opts: Options,
-        landlock_abi: int,
-        libc: Any,
-        listeners: list[Listener] | None = None,
-    ) -> None:
-        self.max_frame = opts.max_frame
-        self.landlock_abi = landlock_abi
-        self.libc = libc
-        self.subreaper = False
-        #: (resource.setrlimit, which, soft, hard) applied in each child before exec
-        self.child_rlimits: list[tuple[Any, int, int, int]] = []
-        self.base_env = dict(os.environ)
-        if opts.workspace is not None:
-            self.workspace = opts.workspace
-        else:
-            self.workspace = "/workspace" if os.path.isdir("/workspace") else "/"
 
-        self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        self.chan_sock: Any = None
-        self.in_fd, self.out_fd = self._take_channel(opts)
+class Workspace:
+    """The default cwd of processes and the base of relative paths in requests; one object
+    shared by the parts (the microVM launcher sets ``path`` per sandbox)."""
 
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def resolve(self, path: str) -> str:
+        return path if path.startswith("/") else os.path.join(self.path, path)
+
+
+class Poller:
+    """poll(), and the events each descriptor is watched for."""
+
+    def __init__(self) -> None:
         self.poller = select.poll()
         self.masks: dict[int, int] = {}
-        self.out: list[bytes] = []
-        self.out_offset = 0
-        self.out_size = 0
-        self.inbuf = bytearray()
-        self.paused = False  # children's output not read while the host lags behind
-        self.input_paused = False
-        self.shutdown_requested = False
-        self.idle_init = False  # set after agent.hello: finish the slow setup while idle
 
-        self.next_handle = 1
-        self.procs: dict[int, Proc] = {}  # running (or exited with output pending)
-        self.by_pid: dict[int, Proc] = {}
-        self.by_fd: dict[int, Proc] = {}
-        self.finished: dict[int, dict[str, Any]] = {}
-        self.next_transfer = 1
-        self.transfers: dict[int, Upload | Download] = {}
-        self.tty: tuple[Any, Any] | None = None
-
-        self.listeners = list(listeners or ())
-        self.listener_fds = {listener.fd: listener for listener in self.listeners}
-        self.accept_paused_until: float | None = None  # out of descriptors: rest a moment
-        self.next_stream = 1
-        self.streams: dict[int, Stream] = {}
-        self.stream_fds: dict[int, Stream] = {}
-        #: Direct connections the sandbox's netns redirected to us: answered with the
-        #: refusal, then drained until EOF or a deadline (fd -> (socket, deadline)).
-        self.denied: dict[int, tuple[Any, float]] = {}
-        # A stream.data frame (base64 plus ~100 bytes of JSON) must fit in a frame.
-        self.stream_chunk = min(CHUNK, (self.max_frame - 256) // 4 * 3)
-        # Set by agent.hello (protocol 1.2): binary stream frames both ways, and the windows.
-        self.greeted = False
-        self.host_reports = False  # the host speaks 1.2: it takes net.direct reports
-        self.binary_streams = False
-        #: Set by agent.hello (1.3): accepted sockets go to the host with net.accept (fd).
-        self.fd_streams = False
-        #: Frames queued in ``out`` that carry a socket, in order: (frame, socket).
-        self.out_fds: list[tuple[bytes, Any]] = []
-        self.send_window = STREAM_WINDOW  # the host's buffer per stream
-        self.recv_window = RECV_WINDOW  # ours (a 1.1 host sends at most STREAM_WINDOW)
-
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        _sig.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        self.signals_seen: set[int] = set()
-        for signum in (_sig.SIGCHLD, _sig.SIGTERM, _sig.SIGINT, _sig.SIGHUP):
-            _sig.signal(signum, _noop_handler)
-        self._watch(self.wake_r, _POLLIN)
-        for listener in self.listeners:
-            self._watch(listener.fd, _POLLIN)
-        self._update_channel()
-
-        self.methods: dict[str, Callable[[Any, Params], dict[str, Any] | None]] = {
-            "agent.hello": self.agent_hello,
-            "agent.shutdown": self.agent_shutdown,
-            "process.start": self.process_start,
-            "process.write_stdin": self.process_write_stdin,
-            "process.signal": self.process_signal,
-            "process.resize": self.process_resize,
-            "process.wait": self.process_wait,
-            "fs.read": self.fs_read,
-            "fs.write": self.fs_write,
-            "fs.stat": self.fs_stat,
-            "fs.list": self.fs_list,
-            "fs.remove": self.fs_remove,
-            "fs.mkdir": self.fs_mkdir,
-            "fs.upload_tar": self.fs_upload_tar,
-            "fs.download_tar": self.fs_download_tar,
-            "transfer.write": self.transfer_write,
-            "transfer.read": self.transfer_read,
-        }
-        #: Notifications the host may send. One that does not match its schema is a protocol
-        #: error (the agent exits, as for a malformed frame): byte accounting of a stream
-        #: cannot be trusted after that. Unknown ones are logged and ignored, as JSON-RPC
-        #: wants for notifications.
-        self.notifications: dict[str, Callable[[Params], None]] = {
-            "stream.data": self.stream_data,
-            "stream.ack": self.stream_ack,
-            "stream.eof": self.stream_eof,
-            "stream.close": self.stream_close,
-        }
-
-    def _take_channel(self, opts: Options) -> tuple[int, int]:
-        """Move the channel away from 0/1 so children never inherit it.
-
-        A channel that is one AF_UNIX stream socket (the namespace backend's socketpair)
-        can also carry descriptors: ``chan_sock`` is set then, for net.accept with fd.
-        """
-        if opts.device is not None:
-            fd = os.open(opts.device, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-            if os.isatty(fd):
-                _make_raw(fd)
-            in_fd = out_fd = fd
-        else:
-            in_fd = os.dup(opts.fd_in)
-            out_fd = os.dup(opts.fd_out)
-            for fd in {opts.fd_in, opts.fd_out}:
-                if fd > 2:
-                    os.close(fd)
-        os.dup2(self.devnull, 0)
-        os.dup2(self.devnull, 1)
-        for fd in {in_fd, out_fd}:
-            os.set_blocking(fd, False)
-            _grow_pipe(fd)
-        self.chan_sock = _unix_socket(out_fd)
-        return in_fd, out_fd
-
-    # --- poll bookkeeping ------------------------------------------------------------------
-
-    def _watch(self, fd: int, mask: int) -> None:
+    def watch(self, fd: int, mask: int) -> None:
+        """Watch ``fd`` for ``mask`` from now on (0: not at all)."""
         current = self.masks.get(fd, 0)
         if mask == current:
             return
@@ -1243,172 +1141,81 @@ class Agent:
             self.masks[fd] = mask
             self.poller.register(fd, mask)
 
-    def _update_channel(self) -> None:
+    def poll(self, timeout: int | None) -> list[tuple[int, int]]:
+        return self.poller.poll(timeout)
+
+
+class HostChannel:
+    """The connection to the host: frames in, frames out, and how far the host lags behind.
+
+    Frames are queued and written as the channel takes them. While more than OUT_HIGH bytes
+    wait, ``paused`` stops the producers (children's output, tunnel reads) until less than
+    OUT_LOW do; above IN_PAUSE no request is read either. A channel that is one AF_UNIX
+    stream socket (the namespace backend's socketpair) can also carry descriptors: ``sock``
+    is set then, for net.accept with fd.
+    """
+
+    def __init__(self, opts: Options, poller: Poller, devnull: int) -> None:
+        self.poller = poller
+        self.max_frame = opts.max_frame
+        self.in_fd, self.out_fd = self._take(opts, devnull)
+        self.sock: Any = _unix_socket(self.out_fd)
+        self.inbuf = bytearray()
+        self.out: list[bytes] = []
+        self.out_offset = 0
+        self.out_size = 0
+        #: Frames queued in ``out`` that carry a socket, in order: (frame, socket).
+        self.out_fds: list[tuple[bytes, Any]] = []
+        self.paused = False  # producers wait while the host lags behind
+        self.input_paused = False
+        self.binary = False  # binary stream frames both ways (agent.hello, protocol 1.2)
+        self.closing = False  # agent.shutdown was answered: nothing after it is read
+
+    @staticmethod
+    def _take(opts: Options, devnull: int) -> tuple[int, int]:
+        """Move the channel away from 0/1 so children never inherit it."""
+        if opts.device is not None:
+            fd = os.open(opts.device, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            if os.isatty(fd):
+                _make_raw(fd)
+            in_fd = out_fd = fd
+        else:
+            in_fd = os.dup(opts.fd_in)
+            out_fd = os.dup(opts.fd_out)
+            for fd in {opts.fd_in, opts.fd_out}:
+                if fd > 2:
+                    os.close(fd)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        for fd in {in_fd, out_fd}:
+            os.set_blocking(fd, False)
+            _grow_pipe(fd)
+        return in_fd, out_fd
+
+    def update_watch(self) -> None:
         read = 0 if self.input_paused else _POLLIN
         write = _POLLOUT if self.out else 0
         if self.in_fd == self.out_fd:
-            self._watch(self.in_fd, read | write)
+            self.poller.watch(self.in_fd, read | write)
         else:
-            self._watch(self.in_fd, read)
-            self._watch(self.out_fd, write)
+            self.poller.watch(self.in_fd, read)
+            self.poller.watch(self.out_fd, write)
 
-    def _update_proc(self, proc: Proc) -> None:
-        reading = 0 if self.paused else _POLLIN
-        writing = _POLLOUT if proc.in_fd >= 0 and proc.stdin_buf else 0
-        if proc.master >= 0:
-            self._watch(proc.master, (reading if proc.out_fd >= 0 else 0) | writing)
-            return
-        for fd in (proc.out_fd, proc.err_fd):
-            if fd >= 0:
-                self._watch(fd, reading)
-        if proc.in_fd >= 0:
-            self._watch(proc.in_fd, writing)
+    def update_backpressure(self) -> bool:
+        """Pause or resume by what is queued; True when ``paused`` changed."""
+        pause = self.out_size > OUT_HIGH if not self.paused else self.out_size > OUT_LOW
+        changed = pause != self.paused
+        self.paused = pause
+        self.input_paused = self.out_size > IN_PAUSE
+        return changed
 
-    # --- main loop -------------------------------------------------------------------------
+    # --- frames in -------------------------------------------------------------------------
 
-    def run(self) -> int:
-        try:
-            while True:
-                self._iterate()
-        except AgentExit as stop:
-            if stop.status:
-                log(stop.reason)
-            self.close_network()
-            self.kill_everything()
-            return stop.status
-        except BaseException as exc:  # a bug: still take every process down with us
-            log(f"agent failed: {type(exc).__name__}: {exc}")
-            self.close_network()
-            self.kill_everything()
-            return 1
-
-    def _iterate(self) -> None:
-        timeout = self._poll_timeout()
-        events = self.poller.poll(timeout)
-        if not events and self.idle_init:
-            self._ensure_subreaper()
-        for fd, event in events:
-            if fd == self.wake_r:
-                self._drain_wakeup()
-                continue
-            if fd == self.in_fd and event & (_POLLIN | _POLLDONE):
-                self._read_channel()
-            if fd == self.out_fd and event & (_POLLOUT | _POLLDONE):
-                self._flush()
-            proc = self.by_fd.get(fd)
-            if proc is not None:
-                self._proc_event(proc, fd, event)
-                continue
-            stream = self.stream_fds.get(fd)
-            if stream is not None:
-                self._stream_event(stream, event)
-                continue
-            listener = self.listener_fds.get(fd)
-            if listener is not None:
-                self._accept(listener)
-                continue
-            if fd in self.denied:
-                self._drain_denied(fd)
-        if self.signals_seen:
-            self._handle_signals()
-        self._run_timers()
-        self._flush()
-        if self.shutdown_requested:
-            self._flush_blocking(5.0)
-            raise AgentExit(0, "shutdown requested")
-        self._update_backpressure()
-        self._update_channel()
-
-    def _poll_timeout(self) -> int | None:
-        if self.idle_init:
-            return 0
-        now = time.monotonic()
-        soonest: float | None = None
-        for proc in self.procs.values():
-            if proc.status is None:
-                when = None if proc.timed_out else proc.deadline
-            else:
-                when = proc.grace_until
-            if when is not None and (soonest is None or when < soonest):
-                soonest = when
-        when = self.accept_paused_until
-        if when is not None and (soonest is None or when < soonest):
-            soonest = when
-        for _, when in self.denied.values():
-            if soonest is None or when < soonest:
-                soonest = when
-        if soonest is None:
-            return None
-        return max(0, int((soonest - now) * 1000) + 1)
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while True:
-                data = os.read(self.wake_r, 256)
-                if not data:
-                    break
-                self.signals_seen.update(data)
-        except BlockingIOError:
-            pass
-
-    def _handle_signals(self) -> None:
-        seen = self.signals_seen
-        self.signals_seen = set()
-        for signum in (_sig.SIGTERM, _sig.SIGINT, _sig.SIGHUP):
-            if signum in seen:
-                raise AgentExit(0, f"signal {signum}")
-        # SIGCHLD, or anything else: reap whatever has exited.
-        self._reap()
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            proc = self.by_pid.pop(pid, None)
-            if proc is None:
-                continue  # an orphaned descendant; reaping it is all we owe it
-            if os.WIFSIGNALED(status):
-                proc.status = (None, os.WTERMSIG(status))
-            else:
-                proc.status = (os.WEXITSTATUS(status), None)
-            proc.exited_at = time.monotonic()
-            proc.grace_until = proc.exited_at + EXIT_GRACE
-            self._maybe_finish(proc)
-
-    def _run_timers(self) -> None:
-        now = time.monotonic()
-        for fd, (_, when) in list(self.denied.items()):
-            if now >= when:
-                self._close_denied(fd)
-        if self.accept_paused_until is not None and now >= self.accept_paused_until:
-            self.accept_paused_until = None
-            for listener in self.listeners:
-                self._watch(listener.fd, _POLLIN)
-        for proc in list(self.procs.values()):
-            if proc.status is None:
-                if proc.deadline is not None and not proc.timed_out and now >= proc.deadline:
-                    proc.timed_out = True
-                    self._killpg(proc.pid)
-            elif now >= proc.grace_until:
-                if self.paused:
-                    proc.grace_until = now + EXIT_GRACE  # the grace period is reading time
-                else:
-                    self._drain_output(proc)  # may finish it already, at EOF
-                    self._finish(proc)
-
-    def _killpg(self, pid: int) -> None:
-        try:
-            os.killpg(pid, _sig.SIGKILL)
-        except OSError:
-            pass
-
-    # --- the channel ----------------------------------------------------------------------
-
-    def _read_channel(self) -> None:
+    def read(
+        self, on_frame: Callable[[bytes], None], on_binary: Callable[[memoryview], None]
+    ) -> None:
+        """Read what the host sent: each whole JSON frame goes to ``on_frame``, the body of
+        each binary stream frame to ``on_binary``."""
         try:
             data = os.read(self.in_fd, 1024 * 1024)
         except BlockingIOError:
@@ -1432,7 +1239,7 @@ class Agent:
                 binary = size & BINARY_FLAG
                 if binary:
                     size ^= BINARY_FLAG
-                    if not self.binary_streams:
+                    if not self.binary:
                         raise AgentExit(3, "host sent a binary frame, which it did not offer")
                 if size > self.max_frame:
                     raise AgentExit(
@@ -1443,91 +1250,22 @@ class Agent:
                     break
                 offset = start + size
                 if binary:
-                    self._binary_frame(view[start:offset])
+                    on_binary(view[start:offset])
                 else:
-                    self._handle_frame(view[start:offset].tobytes())
-                if self.shutdown_requested:
+                    on_frame(view[start:offset].tobytes())
+                if self.closing:
                     break  # nothing after agent.shutdown is served
         if buf is self.inbuf:
             del self.inbuf[:offset]
         elif offset < end:
             self.inbuf += data[offset:]
 
-    def _binary_frame(self, body: memoryview) -> None:
-        """Stream data from the host: 4-byte stream id, then the bytes (protocol 1.2)."""
-        if len(body) < 5:
-            raise AgentExit(3, "host sent a binary stream frame without data")
-        ident = int.from_bytes(body[:4], "big")
-        if not ident:
-            raise AgentExit(3, "host sent a binary stream frame for stream 0")
-        stream = self.streams.get(ident)
-        if stream is not None:  # else it is one we already closed
-            self._host_data(stream, body[4:])
+    # --- frames out ------------------------------------------------------------------------
 
-    def _handle_frame(self, body: bytes) -> None:
-        try:
-            message = json_loads(body.decode("utf-8"))
-        except (ValueError, RecursionError) as exc:
-            raise AgentExit(3, f"host sent a frame that is not JSON: {exc}") from None
-        if not isinstance(message, dict):
-            raise AgentExit(3, "host sent a JSON value that is not an object")
-        request_id = message.get("id")
-        method = message.get("method")
-        if "id" not in message:
-            self._handle_notification(message)
-            return
-        if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
-            self._reply_error(
-                request_id, RpcError(-32600, "invalid request: needs jsonrpc '2.0' and a method")
-            )
-            return
-        params = message.get("params", {})
-        if not isinstance(params, dict):
-            self._reply_error(
-                request_id, RpcError(INVALID_PARAMS, f"params of {method} must be an object")
-            )
-            return
-        handler = self.methods.get(method)
-        if handler is None:
-            self._reply_error(request_id, RpcError(-32601, f"method not found: {method[:200]!r}"))
-            return
-        try:
-            result = handler(request_id, Params(method, params))
-        except RpcError as exc:
-            self._reply_error(request_id, exc)
-        except TarRefused as exc:
-            self._reply_error(request_id, RpcError(2, str(exc)))
-        except OSError as exc:
-            self._reply_error(request_id, os_error(exc, _describe(exc)))
-        except Exception as exc:  # the edge of the dispatch loop: never die on a request
-            log(f"{method} failed: {type(exc).__name__}: {exc}")
-            self._reply_error(
-                request_id, RpcError(-32603, f"internal error: {type(exc).__name__}: {exc}")
-            )
-        else:
-            if result is not None:
-                self._reply(request_id, result)
-
-    def _handle_notification(self, message: dict[str, Any]) -> None:
-        method = message.get("method")
-        params = message.get("params", {})
-        if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
-            raise AgentExit(3, "host sent a notification without jsonrpc '2.0' and a method")
-        handler = self.notifications.get(method)
-        if handler is None:
-            log(f"ignoring an unknown notification from the host: {method[:100]!r}")
-            return
-        if not isinstance(params, dict):
-            raise AgentExit(3, f"host sent {method} with params that are not an object")
-        try:
-            handler(Params(method, params))
-        except RpcError as exc:
-            raise AgentExit(3, f"host sent an invalid notification: {exc.message}") from None
-
-    def _reply(self, request_id: Any, result: dict[str, Any]) -> None:
+    def reply(self, request_id: Any, result: dict[str, Any]) -> None:
         body = json_dumps({"jsonrpc": "2.0", "id": request_id, "result": result})
         if len(body) > self.max_frame:
-            self._reply_error(
+            self.reply_error(
                 request_id,
                 RpcError(
                     7,
@@ -1535,23 +1273,36 @@ class Agent:
                 ),
             )
             return
-        self._queue(body)
+        self.queue(body)
 
-    def _reply_error(self, request_id: Any, error: RpcError) -> None:
+    def reply_error(self, request_id: Any, error: RpcError) -> None:
         payload: dict[str, Any] = {"code": error.code, "message": error.message[:4000]}
         if error.data is not None:
             payload["data"] = error.data
-        self._queue(json_dumps({"jsonrpc": "2.0", "id": request_id, "error": payload}))
+        self.queue(json_dumps({"jsonrpc": "2.0", "id": request_id, "error": payload}))
 
-    def _notify(self, method: str, params: dict[str, Any]) -> None:
-        self._queue(json_dumps({"jsonrpc": "2.0", "method": method, "params": params}))
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        self.queue(json_dumps({"jsonrpc": "2.0", "method": method, "params": params}))
 
-    def _queue(self, body: bytes) -> None:
+    def queue(self, body: bytes) -> None:
         self.out.append(len(body).to_bytes(4, "big"))
         self.out.append(body)
         self.out_size += 4 + len(body)
 
-    def _flush(self) -> None:
+    def queue_binary(self, stream: int, data: bytes) -> None:
+        """A binary stream frame: header and data go to writev() as they are, no copy."""
+        self.out.append(((BINARY_FLAG | (len(data) + 4)) << 32 | stream).to_bytes(8, "big"))
+        self.out.append(data)
+        self.out_size += 8 + len(data)
+
+    def queue_socket(self, body: bytes, sock: Any) -> None:
+        """A frame that carries ``sock``; this copy of it is closed once the frame is sent."""
+        frame = len(body).to_bytes(4, "big") + body
+        self.out.append(frame)
+        self.out_size += len(frame)
+        self.out_fds.append((frame, sock))
+
+    def flush(self) -> None:
         while self.out:
             count = 512
             if self.out_fds:
@@ -1588,7 +1339,7 @@ class Agent:
         frame, sock = self.out_fds[0]
         fds = sock.fileno().to_bytes(4, sys.byteorder)
         try:
-            written = self.chan_sock.sendmsg(
+            written = self.sock.sendmsg(
                 [frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)], _socket.MSG_NOSIGNAL
             )
         except BlockingIOError:
@@ -1615,7 +1366,7 @@ class Agent:
             del self.out[0]
         return True
 
-    def _flush_blocking(self, limit: float) -> None:
+    def flush_blocking(self, limit: float) -> None:
         deadline = time.monotonic() + limit
         poller = select.poll()
         poller.register(self.out_fd, _POLLOUT)
@@ -1625,148 +1376,135 @@ class Agent:
                 return
             poller.poll(int(remaining * 1000) + 1)
             try:
-                self._flush()
+                self.flush()
             except AgentExit:
                 return
 
-    def _update_backpressure(self) -> None:
-        pause = self.out_size > OUT_HIGH if not self.paused else self.out_size > OUT_LOW
-        if pause != self.paused:
-            self.paused = pause
-            for proc in self.procs.values():
-                self._update_proc(proc)
-            for stream in self.streams.values():
-                self._update_stream(stream)
-        self.input_paused = self.out_size > IN_PAUSE
+    def drop_sockets(self) -> None:
+        """Close the sockets still waiting to be handed over (the host is gone)."""
+        for _, sock in self.out_fds:
+            sock.close()
+        self.out_fds = []
 
-    # --- process events --------------------------------------------------------------------
 
-    def _proc_event(self, proc: Proc, fd: int, event: int) -> None:
-        if fd in (proc.out_fd, proc.err_fd) and not self.paused and event & (_POLLIN | _POLLDONE):
+class ProcessTable:
+    """process.*: every process started here, its pipes or pty, its exit and who waits for it.
+
+    A process stays in ``procs`` until process.exit is sent, once its output reached EOF or
+    EXIT_GRACE after it exited; the last KEEP_FINISHED results answer late process.wait calls.
+    """
+
+    def __init__(
+        self,
+        channel: HostChannel,
+        poller: Poller,
+        devnull: int,
+        workspace: Workspace,
+        libc: Any,
+        child_rlimits: list[tuple[Any, int, int, int]],
+    ) -> None:
+        self.channel = channel
+        self.poller = poller
+        self.devnull = devnull
+        self.workspace = workspace
+        self.base_env = dict(os.environ)
+        self.libc = libc
+        #: (resource.setrlimit, which, soft, hard) applied in each child before exec
+        self.child_rlimits = child_rlimits
+        self.subreaper = False
+        self.idle_setup = False  # set after agent.hello: become the subreaper while idle
+        self.next_handle = 1
+        self.procs: dict[int, Proc] = {}  # running (or exited with output pending)
+        self.by_pid: dict[int, Proc] = {}
+        self.by_fd: dict[int, Proc] = {}
+        self.finished: dict[int, dict[str, Any]] = {}
+        self.tty: tuple[Any, Any] | None = None
+
+    # --- the loop's side -------------------------------------------------------------------
+
+    def event(self, fd: int, event: int) -> bool:
+        """Handle a poll event if ``fd`` belongs to a process; False when it does not."""
+        proc = self.by_fd.get(fd)
+        if proc is None:
+            return False
+        if (
+            fd in (proc.out_fd, proc.err_fd)
+            and not self.channel.paused
+            and event & (_POLLIN | _POLLDONE)
+        ):
             self._read_output(proc, fd)
         if fd == proc.in_fd and proc.stdin_buf and event & (_POLLOUT | _POLLDONE):
             self._write_stdin(proc)
-
-    def _read_output(self, proc: Proc, fd: int) -> bool:
-        """Read one chunk; False when nothing more is to be had right now."""
-        try:
-            data = os.read(fd, CHUNK)
-        except BlockingIOError:
-            return False
-        except OSError:  # EIO: the pty's other side is closed
-            data = b""
-        if not data:
-            self._close_output(proc, fd)
-            self._maybe_finish(proc)
-            return False
-        stream = "stderr" if fd == proc.err_fd else "stdout"
-        encoded = binascii.b2a_base64(data, newline=False)
-        body = (
-            b'{"jsonrpc":"2.0","method":"process.output","params":{"proc":%d,"stream":"%s","data":"%s"}}'
-            % (
-                proc.handle,
-                stream.encode(),
-                encoded,
-            )
-        )
-        self._queue(body)
         return True
 
-    def _drain_output(self, proc: Proc) -> None:
-        """Last reads once the grace period is over: what the process itself left behind."""
-        for fd in (proc.out_fd, proc.err_fd):
-            for _ in range(16):
-                if (
-                    fd < 0
-                    or fd not in (proc.out_fd, proc.err_fd)
-                    or not self._read_output(proc, fd)
-                ):
-                    break
-
-    def _close_output(self, proc: Proc, fd: int) -> None:
-        if fd == proc.out_fd:
-            proc.out_fd = -1
-        if fd == proc.err_fd:
-            proc.err_fd = -1
-        if fd == proc.master:
-            # The slave side is gone: nothing will read stdin any more. The master itself
-            # stays open until the process is finished.
-            self._close_stdin(proc, broken=True)
-            self._update_proc(proc)
-            return
-        self._watch(fd, 0)
-        del self.by_fd[fd]
-        os.close(fd)
-
-    def _maybe_finish(self, proc: Proc) -> None:
-        if proc.status is not None and proc.out_fd < 0 and proc.err_fd < 0:
-            self._finish(proc)
-
-    def _finish(self, proc: Proc) -> None:
-        if proc.done:
-            return
-        proc.done = True
-        for fd in (proc.out_fd, proc.err_fd):
-            if fd >= 0 and fd != proc.master:
-                self._close_output(proc, fd)
-        proc.out_fd = proc.err_fd = -1
-        self._close_stdin(proc, broken=True)
+    def update(self, proc: Proc) -> None:
+        reading = 0 if self.channel.paused else _POLLIN
+        writing = _POLLOUT if proc.in_fd >= 0 and proc.stdin_buf else 0
         if proc.master >= 0:
-            self._watch(proc.master, 0)
-            self.by_fd.pop(proc.master, None)
-            os.close(proc.master)
-            proc.master = -1
-        self.procs.pop(proc.handle, None)
-        self.by_pid.pop(proc.pid, None)
-        result = proc.result()
-        self._notify("process.exit", {"proc": proc.handle, **result})
-        for request_id in proc.waiters:
-            self._reply(request_id, result)
-        proc.waiters = []
-        self.finished[proc.handle] = result
-        while len(self.finished) > KEEP_FINISHED:
-            del self.finished[next(iter(self.finished))]
-
-    def _write_stdin(self, proc: Proc) -> None:
-        while proc.stdin_buf and proc.in_fd >= 0:
-            try:
-                written = os.write(proc.in_fd, proc.stdin_buf[:CHUNK])
-            except BlockingIOError:
-                break
-            except OSError:  # EPIPE / EIO: the reader is gone
-                self._close_stdin(proc, broken=True)
-                return
-            del proc.stdin_buf[:written]
-        if not proc.stdin_buf and proc.stdin_eof and not proc.pty:
-            self._close_stdin(proc, broken=False)
+            self.poller.watch(proc.master, (reading if proc.out_fd >= 0 else 0) | writing)
             return
-        if len(proc.stdin_buf) <= STDIN_HIGH:
-            waiters, proc.stdin_waiters = proc.stdin_waiters, []
-            for request_id in waiters:
-                self._reply(request_id, {})
-        self._update_proc(proc)
+        for fd in (proc.out_fd, proc.err_fd):
+            if fd >= 0:
+                self.poller.watch(fd, reading)
+        if proc.in_fd >= 0:
+            self.poller.watch(proc.in_fd, writing)
 
-    def _close_stdin(self, proc: Proc, broken: bool) -> None:
-        if proc.in_fd < 0:
-            return
-        fd, proc.in_fd = proc.in_fd, -1
-        proc.stdin_buf = bytearray()
-        if fd != proc.master:
-            self._watch(fd, 0)
-            self.by_fd.pop(fd, None)
-            os.close(fd)
-        else:
-            self._update_proc(proc)
-        waiters, proc.stdin_waiters = proc.stdin_waiters, []
-        for request_id in waiters:
-            if broken:
-                self._reply_error(request_id, RpcError(8, "the process closed its stdin"))
+    def refresh(self) -> None:
+        """The channel paused or resumed: watch every process's output accordingly."""
+        for proc in self.procs.values():
+            self.update(proc)
+
+    def next_deadline(self) -> float | None:
+        """The soonest timeout or end of an exit's grace period."""
+        soonest: float | None = None
+        for proc in self.procs.values():
+            if proc.status is None:
+                when = None if proc.timed_out else proc.deadline
             else:
-                self._reply(request_id, {})
+                when = proc.grace_until
+            if when is not None and (soonest is None or when < soonest):
+                soonest = when
+        return soonest
 
-    def _ensure_subreaper(self) -> None:
+    def run_timers(self, now: float) -> None:
+        for proc in list(self.procs.values()):
+            if proc.status is None:
+                if proc.deadline is not None and not proc.timed_out and now >= proc.deadline:
+                    proc.timed_out = True
+                    _killpg(proc.pid)
+            elif now >= proc.grace_until:
+                if self.channel.paused:
+                    proc.grace_until = now + EXIT_GRACE  # the grace period is reading time
+                else:
+                    self._drain_output(proc)  # may finish it already, at EOF
+                    self._finish(proc)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            proc = self.by_pid.pop(pid, None)
+            if proc is None:
+                continue  # an orphaned descendant; reaping it is all we owe it
+            if os.WIFSIGNALED(status):
+                proc.status = (None, os.WTERMSIG(status))
+            else:
+                proc.status = (os.WEXITSTATUS(status), None)
+            proc.exited_at = time.monotonic()
+            proc.grace_until = proc.exited_at + EXIT_GRACE
+            self._maybe_finish(proc)
+
+    def setup_when_idle(self) -> None:
+        """Become the subreaper once the loop is idle (agent.hello's answer goes first)."""
+        self.idle_setup = not self.subreaper
+
+    def ensure_subreaper(self) -> None:
         """Become the reaper of orphaned descendants (needs ctypes: done off the hot path)."""
-        self.idle_init = False
+        self.idle_setup = False
         if not self.subreaper:
             self.subreaper = True
             if self.libc is None:
@@ -1777,7 +1515,7 @@ class Agent:
     def kill_everything(self) -> None:
         """SIGKILL every process group we started and every descendant we can see; reap."""
         for proc in self.procs.values():
-            self._killpg(proc.pid)
+            _killpg(proc.pid)
         deadline = time.monotonic() + 3.0
         children_file = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
         while True:
@@ -1801,419 +1539,124 @@ class Agent:
                     return
                 time.sleep(0.002)
 
-    # --- egress tunnel ---------------------------------------------------------------------
+    # --- output, stdin, exit ---------------------------------------------------------------
 
-    def _accept(self, listener: Listener) -> None:
-        import _socket
-
-        for _ in range(ACCEPT_BATCH):
-            try:
-                fd, address = listener.sock._accept()  # not in the stubs, hence sock: Any
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # The connection stays queued and the listener readable: rest, or spin.
-                    log(f"cannot accept on port {listener.port}: {exc.strerror}; retrying soon")
-                    self.accept_paused_until = time.monotonic() + ACCEPT_RETRY
-                    for each in self.listeners:
-                        self._watch(each.fd, 0)
-                    return
-                continue  # e.g. ECONNABORTED: that client is gone already
-            sock = _socket.socket(fileno=fd)
-            # Sockets waiting to be handed over count too: a host that does not read must
-            # not make this agent hold descriptors without bound.
-            if len(self.streams) + len(self.out_fds) >= MAX_STREAMS:
-                log(f"refusing a connection on port {listener.port}: {MAX_STREAMS} streams open")
-                sock.close()
-                continue
-            sock.setblocking(False)
-            if listener.kind == "proxy" and self._refuse_direct(sock, listener, address):
-                continue
-            try:
-                # Relayed bytes go out at once: the tunnel must not add Nagle's delay.
-                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            if self.fd_streams:
-                self._hand_over(sock, listener, address)
-                continue
-            stream = Stream(self.next_stream, sock)
-            self.next_stream += 1
-            self.streams[stream.id] = stream
-            self.stream_fds[stream.fd] = stream
-            params: dict[str, Any] = {
-                "stream": stream.id,
-                "kind": listener.kind,
-                "peer": _peer_name(address),
-            }
-            if listener.target is not None:
-                params["target"] = listener.target
-            self._notify("net.accept", params)
-            self._update_stream(stream)
-
-    def _hand_over(self, sock: Any, listener: Listener, address: Any) -> None:
-        """Give the host the socket itself (protocol 1.3, a channel on the same kernel).
-
-        The host then relays between two real sockets; this agent keeps no stream for it
-        and closes its copy once the frame carrying it is sent.
-        """
-        params: dict[str, Any] = {
-            "stream": self.next_stream,
-            "kind": listener.kind,
-            "peer": _peer_name(address),
-            "fd": True,
-        }
-        self.next_stream += 1
-        if listener.target is not None:
-            params["target"] = listener.target
-        body = json_dumps({"jsonrpc": "2.0", "method": "net.accept", "params": params})
-        frame = len(body).to_bytes(4, "big") + body
-        self.out.append(frame)
-        self.out_size += len(frame)
-        self.out_fds.append((frame, sock))
-
-    def _refuse_direct(self, sock: Any, listener: Listener, peer: Any) -> bool:
-        """Answer a direct connection that the netns redirected here; False for proxy clients.
-
-        The launch chain redirects every TCP connection to a non-loopback address to the
-        proxy port (the sandbox has no route out), so that the program that tried it learns
-        why it cannot connect: an HTTP 403 in the proxy's words, which a raw socket reads as
-        text and HTTP clients show as the answer.
-        """
-        import _socket
-
-        v6 = sock.family == _socket.AF_INET6
+    def _read_output(self, proc: Proc, fd: int) -> bool:
+        """Read one chunk; False when nothing more is to be had right now."""
         try:
-            if v6:  # a sockaddr_in6: family, port, flow info, address
-                raw = sock.getsockopt(_socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-                address = _socket.inet_ntop(_socket.AF_INET6, raw[8:24])
-            else:
-                raw = sock.getsockopt(_socket.SOL_IP, SO_ORIGINAL_DST, 16)
-                address = _socket.inet_ntop(_socket.AF_INET, raw[4:8])
-        except (OSError, ValueError):
-            return False  # not redirected (no connection tracking here): a proxy client
-        port = int.from_bytes(raw[2:4], "big")
-        if port == listener.port and (address == "::1" or address.startswith("127.")):
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
             return False
-        target = f"[{address}]:{port}" if v6 else f"{address}:{port}"
-        log(f"refused a direct connection to {target}")
-        if self.host_reports:  # for the connection log and the audit, on the host
-            self._notify("net.direct", {"target": target, "peer": _peer_name(peer)})
-        text = (
-            f"stockade: the network policy denied a direct connection to {target}: the "
-            "sandbox has no route out. Connect through the proxy at "
-            f"http://127.0.0.1:{listener.port} (HTTP_PROXY, HTTPS_PROXY and ALL_PROXY are "
-            "set), and allow the host on the host side: stockade net allow NAME HOST\n"
-        ).encode()
-        head = (
-            "HTTP/1.1 403 Forbidden by stockade network policy\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(text)}\r\n"
-            "Connection: close\r\n"
-            "X-Stockade-Denied: direct connections are denied by the network policy; "
-            "use the proxy\r\n\r\n"
-        ).encode()
-        try:
-            sock.send(head + text, _socket.MSG_NOSIGNAL)  # small: fits the socket buffer
-            sock.shutdown(_socket.SHUT_WR)
-        except OSError:
-            sock.close()
-            return True
-        if len(self.denied) >= MAX_DENIED:
-            sock.close()
-            return True
-        # Closing with unread request bytes would reset the connection and could lose the
-        # answer: read and drop what the client sends for a moment.
-        self.denied[sock.fileno()] = (sock, time.monotonic() + DENIED_LINGER)
-        self._watch(sock.fileno(), _POLLIN)
+        except OSError:  # EIO: the pty's other side is closed
+            data = b""
+        if not data:
+            self._close_output(proc, fd)
+            self._maybe_finish(proc)
+            return False
+        stream = "stderr" if fd == proc.err_fd else "stdout"
+        encoded = binascii.b2a_base64(data, newline=False)
+        body = (
+            b'{"jsonrpc":"2.0","method":"process.output","params":{"proc":%d,"stream":"%s","data":"%s"}}'
+            % (
+                proc.handle,
+                stream.encode(),
+                encoded,
+            )
+        )
+        self.channel.queue(body)
         return True
 
-    def _drain_denied(self, fd: int) -> None:
-        sock = self.denied[fd][0]
-        try:
-            if sock.recv(65536):
-                return
-        except BlockingIOError:
+    def _drain_output(self, proc: Proc) -> None:
+        """Last reads once the grace period is over: what the process itself left behind."""
+        for fd in (proc.out_fd, proc.err_fd):
+            for _ in range(16):
+                if (
+                    fd < 0
+                    or fd not in (proc.out_fd, proc.err_fd)
+                    or not self._read_output(proc, fd)
+                ):
+                    break
+
+    def _close_output(self, proc: Proc, fd: int) -> None:
+        if fd == proc.out_fd:
+            proc.out_fd = -1
+        if fd == proc.err_fd:
+            proc.err_fd = -1
+        if fd == proc.master:
+            # The slave side is gone: nothing will read stdin any more. The master itself
+            # stays open until the process is finished.
+            self._close_stdin(proc, broken=True)
+            self.update(proc)
             return
-        except OSError:
-            pass
-        self._close_denied(fd)
+        self.poller.watch(fd, 0)
+        del self.by_fd[fd]
+        os.close(fd)
 
-    def _close_denied(self, fd: int) -> None:
-        sock, _ = self.denied.pop(fd)
-        self._watch(fd, 0)
-        sock.close()
+    def _maybe_finish(self, proc: Proc) -> None:
+        if proc.status is not None and proc.out_fd < 0 and proc.err_fd < 0:
+            self._finish(proc)
 
-    def _update_stream(self, stream: Stream) -> None:
-        reading = not (self.paused or stream.read_done or stream.unacked >= self.send_window)
-        writing = _POLLOUT if stream.outbuf else 0
-        self._watch(stream.fd, (_POLLIN if reading else 0) | writing)
-
-    def _stream_event(self, stream: Stream, event: int) -> None:
-        if stream.outbuf and event & (_POLLOUT | _POLLDONE):
-            self._stream_write(stream)
-        if (
-            self.streams.get(stream.id) is stream
-            and not (self.paused or stream.read_done or stream.unacked >= self.send_window)
-            and event & (_POLLIN | _POLLDONE)
-        ):
-            self._stream_read(stream)
-
-    def _stream_read(self, stream: Stream) -> None:
-        room = self.send_window - stream.unacked
-        if self.binary_streams:
-            # A quarter of the window per frame keeps several in flight before an ack.
-            size = min(room, BINARY_CHUNK, self.send_window // 4, self.max_frame - 4)
-        else:
-            size = min(room, self.stream_chunk)
-        try:
-            data = stream.sock.recv(size)
-        except BlockingIOError:
+    def _finish(self, proc: Proc) -> None:
+        if proc.done:
             return
-        except OSError as exc:
-            self._drop_stream(stream, f"read failed: {exc.strerror or exc}", tell_host=True)
-            return
-        if not data:
-            stream.read_done = True
-            self._notify("stream.eof", {"stream": stream.id})
-            if stream.write_done:
-                self._drop_stream(stream, None, tell_host=False)
-                return
-        elif self.binary_streams:
-            stream.unacked += len(data)
-            # Header and data go to writev() as they are: no copy into one frame.
-            self.out.append(((BINARY_FLAG | (len(data) + 4)) << 32 | stream.id).to_bytes(8, "big"))
-            self.out.append(data)
-            self.out_size += 8 + len(data)
-        else:
-            stream.unacked += len(data)
-            encoded = binascii.b2a_base64(data, newline=False)
-            self._queue(
-                b'{"jsonrpc":"2.0","method":"stream.data","params":{"stream":%d,"data":"%s"}}'
-                % (stream.id, encoded)
-            )
-        self._update_stream(stream)
+        proc.done = True
+        for fd in (proc.out_fd, proc.err_fd):
+            if fd >= 0 and fd != proc.master:
+                self._close_output(proc, fd)
+        proc.out_fd = proc.err_fd = -1
+        self._close_stdin(proc, broken=True)
+        if proc.master >= 0:
+            self.poller.watch(proc.master, 0)
+            self.by_fd.pop(proc.master, None)
+            os.close(proc.master)
+            proc.master = -1
+        self.procs.pop(proc.handle, None)
+        self.by_pid.pop(proc.pid, None)
+        result = proc.result()
+        self.channel.notify("process.exit", {"proc": proc.handle, **result})
+        for request_id in proc.waiters:
+            self.channel.reply(request_id, result)
+        proc.waiters = []
+        self.finished[proc.handle] = result
+        while len(self.finished) > KEEP_FINISHED:
+            del self.finished[next(iter(self.finished))]
 
-    def _stream_write(self, stream: Stream) -> None:
-        """Write what the host sent, acknowledge it, and half-close after its stream.eof."""
-        import _socket
-
-        written = 0
-        while stream.outbuf:
+    def _write_stdin(self, proc: Proc) -> None:
+        while proc.stdin_buf and proc.in_fd >= 0:
             try:
-                count = stream.sock.send(stream.outbuf, _socket.MSG_NOSIGNAL)
+                written = os.write(proc.in_fd, proc.stdin_buf[:CHUNK])
             except BlockingIOError:
                 break
-            except OSError as exc:
-                self._drop_stream(stream, f"write failed: {exc.strerror or exc}", tell_host=True)
+            except OSError:  # EPIPE / EIO: the reader is gone
+                self._close_stdin(proc, broken=True)
                 return
-            del stream.outbuf[:count]
-            written += count
-        if written:
-            self._ack(stream, written)
-        if stream.host_eof and not stream.outbuf and not stream.write_done:
-            stream.write_done = True
-            try:
-                stream.sock.shutdown(_socket.SHUT_WR)
-            except OSError as exc:
-                self._drop_stream(stream, f"shutdown failed: {exc.strerror or exc}", tell_host=True)
-                return
-            if stream.read_done:
-                self._drop_stream(stream, None, tell_host=False)
-                return
-        self._update_stream(stream)
-
-    def _ack(self, stream: Stream, count: int) -> None:
-        """Acknowledge written bytes in batches: a short answer costs no ack frame at all.
-
-        Holding back less than ACK_BATCH never stalls the host: its window is larger.
-        """
-        stream.to_ack += count
-        if stream.to_ack < ACK_BATCH:
+            del proc.stdin_buf[:written]
+        if not proc.stdin_buf and proc.stdin_eof and not proc.pty:
+            self._close_stdin(proc, broken=False)
             return
-        self._queue(
-            b'{"jsonrpc":"2.0","method":"stream.ack","params":{"stream":%d,"bytes":%d}}'
-            % (stream.id, stream.to_ack)
-        )
-        stream.to_ack = 0
+        if len(proc.stdin_buf) <= STDIN_HIGH:
+            waiters, proc.stdin_waiters = proc.stdin_waiters, []
+            for request_id in waiters:
+                self.channel.reply(request_id, {})
+        self.update(proc)
 
-    def _host_data(self, stream: Stream, data: memoryview | bytes) -> None:
-        """Bytes from the host: written at once if the socket takes them, else buffered."""
-        if stream.host_eof:
-            self._violation(stream, "data after stream.eof")
+    def _close_stdin(self, proc: Proc, broken: bool) -> None:
+        if proc.in_fd < 0:
             return
-        if len(stream.outbuf) + len(data) > self.recv_window:
-            self._violation(stream, f"more than the {self.recv_window}-byte window unacknowledged")
-            return
-        if stream.outbuf:
-            stream.outbuf += data
-            self._stream_write(stream)
-            return
-        import _socket
-
-        try:
-            count = stream.sock.send(data, _socket.MSG_NOSIGNAL)
-        except BlockingIOError:
-            count = 0
-        except OSError as exc:
-            self._drop_stream(stream, f"write failed: {exc.strerror or exc}", tell_host=True)
-            return
-        if count:
-            self._ack(stream, count)
-        if count < len(data):
-            stream.outbuf += data[count:]
-        self._update_stream(stream)
-
-    def _drop_stream(self, stream: Stream, error: str | None, *, tell_host: bool) -> None:
-        """Close the socket and forget the stream; with ``tell_host``, send stream.close."""
-        if self.streams.get(stream.id) is not stream:
-            return
-        del self.streams[stream.id]
-        del self.stream_fds[stream.fd]
-        self._watch(stream.fd, 0)
-        stream.sock.close()
-        if tell_host:
-            params: dict[str, Any] = {"stream": stream.id}
-            if error is not None:
-                params["error"] = error[:1000]
-            self._notify("stream.close", params)
-
-    def _violation(self, stream: Stream, why: str) -> None:
-        """The host broke the stream protocol: end that stream, keep serving the others."""
-        log(f"stream {stream.id}: {why}; closing it")
-        self._drop_stream(stream, f"protocol violation: {why}", tell_host=True)
-
-    def close_network(self) -> None:
-        """Close every stream and listener (the channel is gone: nobody to tell)."""
-        for _, sock in self.out_fds:
-            sock.close()
-        self.out_fds = []
-        for fd in list(self.denied):
-            self._close_denied(fd)
-        for stream in list(self.streams.values()):
-            self._drop_stream(stream, None, tell_host=False)
-        for listener in self.listeners:
-            self._watch(listener.fd, 0)
-            listener.sock.close()
-        self.listeners = []
-        self.listener_fds = {}
-
-    # Host notifications. A stream id the agent does not know is one it already closed (the
-    # host's late traffic crossed our stream.close, or it acknowledges bytes of a finished
-    # stream): ignored.
-
-    def stream_data(self, p: Params) -> None:
-        ident: int = p.integer("stream", _MISSING, 1)
-        data: bytes = p.b64("data")
-        p.done()
-        stream = self.streams.get(ident)
-        if stream is None or not data:
-            return
-        self._host_data(stream, data)
-
-    def stream_ack(self, p: Params) -> None:
-        ident: int = p.integer("stream", _MISSING, 1)
-        count: int = p.integer("bytes", _MISSING, 1, MAX_STREAM_WINDOW)
-        p.done()
-        stream = self.streams.get(ident)
-        if stream is None:
-            return
-        if count > stream.unacked:
-            self._violation(stream, f"acknowledged {count} bytes, only {stream.unacked} sent")
-            return
-        stream.unacked -= count
-        self._update_stream(stream)
-
-    def stream_eof(self, p: Params) -> None:
-        ident: int = p.integer("stream", _MISSING, 1)
-        p.done()
-        stream = self.streams.get(ident)
-        if stream is None or stream.host_eof:
-            return
-        stream.host_eof = True
-        self._stream_write(stream)
-
-    def stream_close(self, p: Params) -> None:
-        ident: int = p.integer("stream", _MISSING, 1)
-        p.string("error", None)
-        p.done()
-        stream = self.streams.get(ident)
-        if stream is not None:
-            self._drop_stream(stream, None, tell_host=False)
-
-    # --- helpers ---------------------------------------------------------------------------
-
-    def _resolve(self, path: str) -> str:
-        return path if path.startswith("/") else os.path.join(self.workspace, path)
-
-    def _proc(self, handle: int) -> Proc:
-        proc = self.procs.get(handle)
-        if proc is None:
-            if handle in self.finished:
-                raise RpcError(6, f"process {handle} has exited")
-            raise RpcError(6, f"no process with handle {handle}")
-        return proc
-
-    def _tty_modules(self) -> tuple[Any, Any]:
-        if self.tty is None:
-            import fcntl
-            import termios
-
-            self.tty = (fcntl, termios)
-        return self.tty
-
-    def _set_winsize(self, fd: int, rows: int, cols: int) -> None:
-        fcntl, termios = self._tty_modules()
-        order = sys.byteorder
-        size = rows.to_bytes(2, order) + cols.to_bytes(2, order) + bytes(4)
-        fcntl.ioctl(fd, termios.TIOCSWINSZ, size)
-
-    # --- agent.* ---------------------------------------------------------------------------
-
-    def agent_hello(self, request_id: Any, p: Params) -> dict[str, Any]:
-        protocol: str = p.string("protocol")
-        p.string("client", "stockade")
-        binary: bool = p.boolean("stream_binary", False)
-        window: int = p.integer("stream_window", STREAM_WINDOW, STREAM_WINDOW, MAX_STREAM_WINDOW)
-        fd_streams: bool = p.boolean("stream_fd", False)
-        p.done()
-        if not self.greeted:
-            # The first hello sets the connection's framing and window; a later one (a
-            # liveness check) changes nothing under streams already flowing.
-            self.greeted = True
-            self.host_reports = _minor(protocol) >= 2
-            self.binary_streams = binary
-            self.send_window = window
-            self.fd_streams = fd_streams and self.chan_sock is not None
-        uname = os.uname()
-        self.idle_init = not self.subreaper
-        capabilities = list(CAPABILITIES)
-        if self.landlock_abi:
-            capabilities.append("landlock")
-        if self.listeners:
-            capabilities.append("net")
-        if self.binary_streams:
-            capabilities.append("stream-binary")
-        if self.fd_streams:
-            capabilities.append("stream-fd")
-        return {
-            "protocol": PROTOCOL_VERSION,
-            "agent_version": AGENT_VERSION,
-            "capabilities": capabilities,
-            "pid": os.getpid(),
-            "uid": os.getuid(),
-            "kernel": uname.release,
-            "hostname": uname.nodename,
-            "python": ".".join(str(part) for part in sys.version_info[:3]),
-            "landlock_abi": self.landlock_abi,
-            "stream_window": self.recv_window,
-        }
-
-    def agent_shutdown(self, request_id: Any, p: Params) -> dict[str, Any]:
-        p.done()
-        self.shutdown_requested = True
-        return {}
+        fd, proc.in_fd = proc.in_fd, -1
+        proc.stdin_buf = bytearray()
+        if fd != proc.master:
+            self.poller.watch(fd, 0)
+            self.by_fd.pop(fd, None)
+            os.close(fd)
+        else:
+            self.update(proc)
+        waiters, proc.stdin_waiters = proc.stdin_waiters, []
+        for request_id in waiters:
+            if broken:
+                self.channel.reply_error(request_id, RpcError(8, "the process closed its stdin"))
+            else:
+                self.channel.reply(request_id, {})
 
     # --- process.* -------------------------------------------------------------------------
 
@@ -2243,9 +1686,9 @@ class Agent:
         command = argv if argv is not None else ["/bin/sh", "-c", str(shell)]
         full_env = dict(self.base_env)
         full_env.update(env)
-        directory = self._resolve(cwd) if cwd is not None else self.workspace
+        directory = self.workspace.resolve(cwd) if cwd is not None else self.workspace.path
         program = find_program(command[0], full_env.get("PATH"), directory)
-        self._ensure_subreaper()
+        self.ensure_subreaper()
 
         created: list[int] = []  # every fd opened here, closed on failure
 
@@ -2289,9 +1732,7 @@ class Agent:
                 except OSError:
                     pass
             raise
-        return self._register_proc(
-            pid, pty_params, master, out_r, err_r, stdin_w, want_stdin, timeout
-        )
+        return self._register(pid, pty_params, master, out_r, err_r, stdin_w, want_stdin, timeout)
 
     def _spawn(
         self,
@@ -2366,7 +1807,7 @@ class Agent:
             raise os_error(OSError(number, os.strerror(number)), what)
         return pid
 
-    def _register_proc(
+    def _register(
         self,
         pid: int,
         pty_params: Any,
@@ -2395,7 +1836,7 @@ class Agent:
             proc.deadline = time.monotonic() + timeout
         self.procs[handle] = proc
         self.by_pid[pid] = proc
-        self._update_proc(proc)
+        self.update(proc)
         return {"proc": handle, "pid": pid}
 
     def process_write_stdin(self, request_id: Any, p: Params) -> dict[str, Any] | None:
@@ -2403,7 +1844,7 @@ class Agent:
         data: bytes = p.b64("data", "")
         eof: bool = p.boolean("eof", False)
         p.done()
-        proc = self._proc(handle)
+        proc = self._get(handle)
         if not proc.has_stdin:
             raise p.bad("proc", f"process {handle} was started with stdin=false")
         if proc.in_fd < 0 or proc.stdin_eof:
@@ -2422,7 +1863,7 @@ class Agent:
         signum: int = p.integer("signal", _MISSING, 1, 64)
         group: bool = p.boolean("group", True)
         p.done()
-        proc = self._proc(handle)
+        proc = self._get(handle)
         try:
             if group:
                 os.killpg(proc.pid, signum)
@@ -2443,7 +1884,7 @@ class Agent:
         rows: int = p.integer("rows", _MISSING, 1, 10000)
         cols: int = p.integer("cols", _MISSING, 1, 10000)
         p.done()
-        proc = self._proc(handle)
+        proc = self._get(handle)
         if proc.master < 0:
             raise p.bad("proc", f"process {handle} has no pty")
         self._set_winsize(proc.master, rows, cols)
@@ -2454,13 +1895,469 @@ class Agent:
         p.done()
         if handle in self.finished:
             return self.finished[handle]
-        self._proc(handle).waiters.append(request_id)
+        self._get(handle).waiters.append(request_id)
         return None
 
-    # --- fs.* ------------------------------------------------------------------------------
+    def _get(self, handle: int) -> Proc:
+        proc = self.procs.get(handle)
+        if proc is None:
+            if handle in self.finished:
+                raise RpcError(6, f"process {handle} has exited")
+            raise RpcError(6, f"no process with handle {handle}")
+        return proc
+
+    def _tty_modules(self) -> tuple[Any, Any]:
+        if self.tty is None:
+            import fcntl
+            import termios
+
+            self.tty = (fcntl, termios)
+        return self.tty
+
+    def _set_winsize(self, fd: int, rows: int, cols: int) -> None:
+        fcntl, termios = self._tty_modules()
+        order = sys.byteorder
+        size = rows.to_bytes(2, order) + cols.to_bytes(2, order) + bytes(4)
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, size)
+
+
+class TunnelStreams:
+    """The egress tunnel's guest end: the listeners inside the sandbox, and each accepted
+    connection relayed to the host as a stream (net.accept, stream.*) or, from protocol 1.3
+    on, handed to the host as the socket itself. Direct connections that the sandbox's netns
+    redirected to the proxy port are answered with the policy's refusal here."""
+
+    def __init__(self, channel: HostChannel, poller: Poller, listeners: list[Listener]) -> None:
+        self.channel = channel
+        self.poller = poller
+        self.listeners = list(listeners)
+        self.listener_fds = {listener.fd: listener for listener in self.listeners}
+        self.accept_paused_until: float | None = None  # out of descriptors: rest a moment
+        self.next_stream = 1
+        self.streams: dict[int, Stream] = {}
+        self.stream_fds: dict[int, Stream] = {}
+        #: Direct connections the sandbox's netns redirected to us: answered with the
+        #: refusal, then drained until EOF or a deadline (fd -> (socket, deadline)).
+        self.denied: dict[int, tuple[Any, float]] = {}
+        # A stream.data frame (base64 plus ~100 bytes of JSON) must fit in a frame.
+        self.stream_chunk = min(CHUNK, (channel.max_frame - 256) // 4 * 3)
+        # Set by agent.hello (``agree``); binary frames are the channel's ``binary``.
+        self.host_reports = False  # the host speaks 1.2: it takes net.direct reports
+        #: Accepted sockets go to the host with net.accept (fd) (1.3, a socket channel).
+        self.fd_streams = False
+        self.send_window = STREAM_WINDOW  # the host's buffer per stream
+        self.recv_window = RECV_WINDOW  # ours (a 1.1 host sends at most STREAM_WINDOW)
+
+    def start(self) -> None:
+        for listener in self.listeners:
+            self.poller.watch(listener.fd, _POLLIN)
+
+    def add_listener(self, listener: Listener) -> None:
+        """One more listener on a tunnel already serving (the microVM launcher's options)."""
+        self.listeners.append(listener)
+        self.listener_fds[listener.fd] = listener
+        self.poller.watch(listener.fd, _POLLIN)
+
+    def agree(self, host_reports: bool, window: int, fd_streams: bool) -> None:
+        """What the host's first agent.hello asked for."""
+        self.host_reports = host_reports
+        self.send_window = window
+        self.fd_streams = fd_streams and self.channel.sock is not None
+
+    # --- the loop's side -------------------------------------------------------------------
+
+    def event(self, fd: int, event: int) -> None:
+        stream = self.stream_fds.get(fd)
+        if stream is not None:
+            self._stream_event(stream, event)
+            return
+        listener = self.listener_fds.get(fd)
+        if listener is not None:
+            self._accept(listener)
+            return
+        if fd in self.denied:
+            self._drain_denied(fd)
+
+    def refresh(self) -> None:
+        """The channel paused or resumed: watch every stream accordingly."""
+        for stream in self.streams.values():
+            self._update(stream)
+
+    def next_deadline(self) -> float | None:
+        """When the listeners resume, or the soonest refused connection must be closed."""
+        soonest = self.accept_paused_until
+        for _, when in self.denied.values():
+            if soonest is None or when < soonest:
+                soonest = when
+        return soonest
+
+    def run_timers(self, now: float) -> None:
+        for fd, (_, when) in list(self.denied.items()):
+            if now >= when:
+                self._close_denied(fd)
+        if self.accept_paused_until is not None and now >= self.accept_paused_until:
+            self.accept_paused_until = None
+            for listener in self.listeners:
+                self.poller.watch(listener.fd, _POLLIN)
+
+    def close(self) -> None:
+        """Close every stream and listener (the channel is gone: nobody to tell)."""
+        for fd in list(self.denied):
+            self._close_denied(fd)
+        for stream in list(self.streams.values()):
+            self._drop(stream, None, tell_host=False)
+        for listener in self.listeners:
+            self.poller.watch(listener.fd, 0)
+            listener.sock.close()
+        self.listeners = []
+        self.listener_fds = {}
+
+    # --- connections -----------------------------------------------------------------------
+
+    def _accept(self, listener: Listener) -> None:
+        import _socket
+
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, address = listener.sock._accept()  # not in the stubs, hence sock: Any
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The connection stays queued and the listener readable: rest, or spin.
+                    log(f"cannot accept on port {listener.port}: {exc.strerror}; retrying soon")
+                    self.accept_paused_until = time.monotonic() + ACCEPT_RETRY
+                    for each in self.listeners:
+                        self.poller.watch(each.fd, 0)
+                    return
+                continue  # e.g. ECONNABORTED: that client is gone already
+            sock = _socket.socket(fileno=fd)
+            # Sockets waiting to be handed over count too: a host that does not read must
+            # not make this agent hold descriptors without bound.
+            if len(self.streams) + len(self.channel.out_fds) >= MAX_STREAMS:
+                log(f"refusing a connection on port {listener.port}: {MAX_STREAMS} streams open")
+                sock.close()
+                continue
+            sock.setblocking(False)
+            if listener.kind == "proxy" and self._refuse_direct(sock, listener, address):
+                continue
+            try:
+                # Relayed bytes go out at once: the tunnel must not add Nagle's delay.
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            if self.fd_streams:
+                self._hand_over(sock, listener, address)
+                continue
+            stream = Stream(self.next_stream, sock)
+            self.next_stream += 1
+            self.streams[stream.id] = stream
+            self.stream_fds[stream.fd] = stream
+            params: dict[str, Any] = {
+                "stream": stream.id,
+                "kind": listener.kind,
+                "peer": _peer_name(address),
+            }
+            if listener.target is not None:
+                params["target"] = listener.target
+            self.channel.notify("net.accept", params)
+            self._update(stream)
+
+    def _hand_over(self, sock: Any, listener: Listener, address: Any) -> None:
+        """Give the host the socket itself (protocol 1.3, a channel on the same kernel).
+
+        The host then relays between two real sockets; this agent keeps no stream for it
+        and closes its copy once the frame carrying it is sent.
+        """
+        params: dict[str, Any] = {
+            "stream": self.next_stream,
+            "kind": listener.kind,
+            "peer": _peer_name(address),
+            "fd": True,
+        }
+        self.next_stream += 1
+        if listener.target is not None:
+            params["target"] = listener.target
+        body = json_dumps({"jsonrpc": "2.0", "method": "net.accept", "params": params})
+        self.channel.queue_socket(body, sock)
+
+    def _refuse_direct(self, sock: Any, listener: Listener, peer: Any) -> bool:
+        """Answer a direct connection that the netns redirected here; False for proxy clients.
+
+        The launch chain redirects every TCP connection to a non-loopback address to the
+        proxy port (the sandbox has no route out), so that the program that tried it learns
+        why it cannot connect: an HTTP 403 in the proxy's words, which a raw socket reads as
+        text and HTTP clients show as the answer.
+        """
+        import _socket
+
+        v6 = sock.family == _socket.AF_INET6
+        try:
+            if v6:  # a sockaddr_in6: family, port, flow info, address
+                raw = sock.getsockopt(_socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+                address = _socket.inet_ntop(_socket.AF_INET6, raw[8:24])
+            else:
+                raw = sock.getsockopt(_socket.SOL_IP, SO_ORIGINAL_DST, 16)
+                address = _socket.inet_ntop(_socket.AF_INET, raw[4:8])
+        except (OSError, ValueError):
+            return False  # not redirected (no connection tracking here): a proxy client
+        port = int.from_bytes(raw[2:4], "big")
+        if port == listener.port and (address == "::1" or address.startswith("127.")):
+            return False
+        target = f"[{address}]:{port}" if v6 else f"{address}:{port}"
+        log(f"refused a direct connection to {target}")
+        if self.host_reports:  # for the connection log and the audit, on the host
+            self.channel.notify("net.direct", {"target": target, "peer": _peer_name(peer)})
+        text = (
+            f"stockade: the network policy denied a direct connection to {target}: the "
+            "sandbox has no route out. Connect through the proxy at "
+            f"http://127.0.0.1:{listener.port} (HTTP_PROXY, HTTPS_PROXY and ALL_PROXY are "
+            "set), and allow the host on the host side: stockade net allow NAME HOST\n"
+        ).encode()
+        head = (
+            "HTTP/1.1 403 Forbidden by stockade network policy\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(text)}\r\n"
+            "Connection: close\r\n"
+            "X-Stockade-Denied: direct connections are denied by the network policy; "
+            "use the proxy\r\n\r\n"
+        ).encode()
+        try:
+            sock.send(head + text, _socket.MSG_NOSIGNAL)  # small: fits the socket buffer
+            sock.shutdown(_socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return True
+        if len(self.denied) >= MAX_DENIED:
+            sock.close()
+            return True
+        # Closing with unread request bytes would reset the connection and could lose the
+        # answer: read and drop what the client sends for a moment.
+        self.denied[sock.fileno()] = (sock, time.monotonic() + DENIED_LINGER)
+        self.poller.watch(sock.fileno(), _POLLIN)
+        return True
+
+    def _drain_denied(self, fd: int) -> None:
+        sock = self.denied[fd][0]
+        try:
+            if sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close_denied(fd)
+
+    def _close_denied(self, fd: int) -> None:
+        sock, _ = self.denied.pop(fd)
+        self.poller.watch(fd, 0)
+        sock.close()
+
+    # --- streams ---------------------------------------------------------------------------
+
+    def _update(self, stream: Stream) -> None:
+        reading = not (
+            self.channel.paused or stream.read_done or stream.unacked >= self.send_window
+        )
+        writing = _POLLOUT if stream.outbuf else 0
+        self.poller.watch(stream.fd, (_POLLIN if reading else 0) | writing)
+
+    def _stream_event(self, stream: Stream, event: int) -> None:
+        if stream.outbuf and event & (_POLLOUT | _POLLDONE):
+            self._write(stream)
+        if (
+            self.streams.get(stream.id) is stream
+            and not (self.channel.paused or stream.read_done or stream.unacked >= self.send_window)
+            and event & (_POLLIN | _POLLDONE)
+        ):
+            self._read(stream)
+
+    def _read(self, stream: Stream) -> None:
+        room = self.send_window - stream.unacked
+        binary = self.channel.binary
+        if binary:
+            # A quarter of the window per frame keeps several in flight before an ack.
+            size = min(room, BINARY_CHUNK, self.send_window // 4, self.channel.max_frame - 4)
+        else:
+            size = min(room, self.stream_chunk)
+        try:
+            data = stream.sock.recv(size)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop(stream, f"read failed: {exc.strerror or exc}", tell_host=True)
+            return
+        if not data:
+            stream.read_done = True
+            self.channel.notify("stream.eof", {"stream": stream.id})
+            if stream.write_done:
+                self._drop(stream, None, tell_host=False)
+                return
+        elif binary:
+            stream.unacked += len(data)
+            self.channel.queue_binary(stream.id, data)
+        else:
+            stream.unacked += len(data)
+            encoded = binascii.b2a_base64(data, newline=False)
+            self.channel.queue(
+                b'{"jsonrpc":"2.0","method":"stream.data","params":{"stream":%d,"data":"%s"}}'
+                % (stream.id, encoded)
+            )
+        self._update(stream)
+
+    def _write(self, stream: Stream) -> None:
+        """Write what the host sent, acknowledge it, and half-close after its stream.eof."""
+        import _socket
+
+        written = 0
+        while stream.outbuf:
+            try:
+                count = stream.sock.send(stream.outbuf, _socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._drop(stream, f"write failed: {exc.strerror or exc}", tell_host=True)
+                return
+            del stream.outbuf[:count]
+            written += count
+        if written:
+            self._ack(stream, written)
+        if stream.host_eof and not stream.outbuf and not stream.write_done:
+            stream.write_done = True
+            try:
+                stream.sock.shutdown(_socket.SHUT_WR)
+            except OSError as exc:
+                self._drop(stream, f"shutdown failed: {exc.strerror or exc}", tell_host=True)
+                return
+            if stream.read_done:
+                self._drop(stream, None, tell_host=False)
+                return
+        self._update(stream)
+
+    def _ack(self, stream: Stream, count: int) -> None:
+        """Acknowledge written bytes in batches: a short answer costs no ack frame at all.
+
+        Holding back less than ACK_BATCH never stalls the host: its window is larger.
+        """
+        stream.to_ack += count
+        if stream.to_ack < ACK_BATCH:
+            return
+        self.channel.queue(
+            b'{"jsonrpc":"2.0","method":"stream.ack","params":{"stream":%d,"bytes":%d}}'
+            % (stream.id, stream.to_ack)
+        )
+        stream.to_ack = 0
+
+    def _host_data(self, stream: Stream, data: memoryview | bytes) -> None:
+        """Bytes from the host: written at once if the socket takes them, else buffered."""
+        if stream.host_eof:
+            self._violation(stream, "data after stream.eof")
+            return
+        if len(stream.outbuf) + len(data) > self.recv_window:
+            self._violation(stream, f"more than the {self.recv_window}-byte window unacknowledged")
+            return
+        if stream.outbuf:
+            stream.outbuf += data
+            self._write(stream)
+            return
+        import _socket
+
+        try:
+            count = stream.sock.send(data, _socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            count = 0
+        except OSError as exc:
+            self._drop(stream, f"write failed: {exc.strerror or exc}", tell_host=True)
+            return
+        if count:
+            self._ack(stream, count)
+        if count < len(data):
+            stream.outbuf += data[count:]
+        self._update(stream)
+
+    def _drop(self, stream: Stream, error: str | None, *, tell_host: bool) -> None:
+        """Close the socket and forget the stream; with ``tell_host``, send stream.close."""
+        if self.streams.get(stream.id) is not stream:
+            return
+        del self.streams[stream.id]
+        del self.stream_fds[stream.fd]
+        self.poller.watch(stream.fd, 0)
+        stream.sock.close()
+        if tell_host:
+            params: dict[str, Any] = {"stream": stream.id}
+            if error is not None:
+                params["error"] = error[:1000]
+            self.channel.notify("stream.close", params)
+
+    def _violation(self, stream: Stream, why: str) -> None:
+        """The host broke the stream protocol: end that stream, keep serving the others."""
+        log(f"stream {stream.id}: {why}; closing it")
+        self._drop(stream, f"protocol violation: {why}", tell_host=True)
+
+    # --- from the host ---------------------------------------------------------------------
+    #
+    # A stream id the agent does not know is one it already closed (the host's late traffic
+    # crossed our stream.close, or it acknowledges bytes of a finished stream): ignored.
+
+    def binary_frame(self, body: memoryview) -> None:
+        """Stream data from the host: 4-byte stream id, then the bytes (protocol 1.2)."""
+        if len(body) < 5:
+            raise AgentExit(3, "host sent a binary stream frame without data")
+        ident = int.from_bytes(body[:4], "big")
+        if not ident:
+            raise AgentExit(3, "host sent a binary stream frame for stream 0")
+        stream = self.streams.get(ident)
+        if stream is not None:
+            self._host_data(stream, body[4:])
+
+    def stream_data(self, p: Params) -> None:
+        ident: int = p.integer("stream", _MISSING, 1)
+        data: bytes = p.b64("data")
+        p.done()
+        stream = self.streams.get(ident)
+        if stream is None or not data:
+            return
+        self._host_data(stream, data)
+
+    def stream_ack(self, p: Params) -> None:
+        ident: int = p.integer("stream", _MISSING, 1)
+        count: int = p.integer("bytes", _MISSING, 1, MAX_STREAM_WINDOW)
+        p.done()
+        stream = self.streams.get(ident)
+        if stream is None:
+            return
+        if count > stream.unacked:
+            self._violation(stream, f"acknowledged {count} bytes, only {stream.unacked} sent")
+            return
+        stream.unacked -= count
+        self._update(stream)
+
+    def stream_eof(self, p: Params) -> None:
+        ident: int = p.integer("stream", _MISSING, 1)
+        p.done()
+        stream = self.streams.get(ident)
+        if stream is None or stream.host_eof:
+            return
+        stream.host_eof = True
+        self._write(stream)
+
+    def stream_close(self, p: Params) -> None:
+        ident: int = p.integer("stream", _MISSING, 1)
+        p.string("error", None)
+        p.done()
+        stream = self.streams.get(ident)
+        if stream is not None:
+            self._drop(stream, None, tell_host=False)
+
+
+class FileOps:
+    """fs.* on single files and directories; relative paths are beneath the workspace."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
 
     def fs_read(self, request_id: Any, p: Params) -> dict[str, Any]:
-        path = self._resolve(p.path("path"))
+        path = self.workspace.resolve(p.path("path"))
         offset: int = p.integer("offset", 0, 0)
         length: int = p.integer("length", 1024 * 1024, 0, 4 * 1024 * 1024)
         p.done()
@@ -2498,7 +2395,7 @@ class Agent:
         return {"data": b64encode(data), "size": size, "eof": eof}
 
     def fs_write(self, request_id: Any, p: Params) -> dict[str, Any]:
-        path = self._resolve(p.path("path"))
+        path = self.workspace.resolve(p.path("path"))
         data: bytes = p.b64("data")
         append: bool = p.boolean("append", False)
         mode: int | None = p.integer("mode", None, 0, 0o7777)
@@ -2529,14 +2426,14 @@ class Agent:
         return {"size": size}
 
     def fs_stat(self, request_id: Any, p: Params) -> dict[str, Any]:
-        path = self._resolve(p.path("path"))
+        path = self.workspace.resolve(p.path("path"))
         follow: bool = p.boolean("follow_symlinks", False)
         p.done()
         info = os.stat(path, follow_symlinks=follow)
         return _entry(os.path.normpath(path), info)
 
     def fs_list(self, request_id: Any, p: Params) -> dict[str, Any]:
-        top = os.path.normpath(self._resolve(p.path("path")))
+        top = os.path.normpath(self.workspace.resolve(p.path("path")))
         depth: int = p.integer("depth", 1, 1, 64)
         p.done()
         entries: list[dict[str, Any]] = []
@@ -2564,7 +2461,7 @@ class Agent:
         return {"entries": entries}
 
     def fs_remove(self, request_id: Any, p: Params) -> dict[str, Any]:
-        path = self._resolve(p.path("path"))
+        path = self.workspace.resolve(p.path("path"))
         recursive: bool = p.boolean("recursive", False)
         p.done()
         import stat
@@ -2581,7 +2478,7 @@ class Agent:
         return {}
 
     def fs_mkdir(self, request_id: Any, p: Params) -> dict[str, Any]:
-        path = self._resolve(p.path("path"))
+        path = self.workspace.resolve(p.path("path"))
         parents: bool = p.boolean("parents", True)
         mode: int = p.integer("mode", 0o755, 0, 0o7777)
         p.done()
@@ -2594,44 +2491,36 @@ class Agent:
         os.chmod(path, mode)  # exact bits, whatever the umask
         return {}
 
-    # --- tar transfers ---------------------------------------------------------------------
 
-    def _new_transfer(self, transfer: Upload | Download) -> dict[str, Any]:
-        handle = self.next_transfer
-        self.next_transfer += 1
-        self.transfers[handle] = transfer
-        return {"transfer": handle}
+class Transfers:
+    """Tar transfers in chunks: fs.upload_tar / fs.download_tar open one, transfer.write /
+    transfer.read move its bytes; at most MAX_TRANSFERS are open at once."""
 
-    def _check_transfer_room(self) -> None:
-        if len(self.transfers) >= MAX_TRANSFERS:
-            raise RpcError(10, f"too many open transfers (limit {MAX_TRANSFERS})")
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+        self.next_transfer = 1
+        self.transfers: dict[int, Upload | Download] = {}
 
     def fs_upload_tar(self, request_id: Any, p: Params) -> dict[str, Any]:
-        path = os.path.normpath(self._resolve(p.path("path")))
+        path = os.path.normpath(self.workspace.resolve(p.path("path")))
         p.done()
-        self._check_transfer_room()
+        self._check_room()
         os.makedirs(path, exist_ok=True)
-        return self._new_transfer(Upload(path, _temp_file(path)))
+        return self._open(Upload(path, _temp_file(path)))
 
     def fs_download_tar(self, request_id: Any, p: Params) -> dict[str, Any]:
-        path = os.path.normpath(self._resolve(p.path("path")))
+        path = os.path.normpath(self.workspace.resolve(p.path("path")))
         p.done()
-        self._check_transfer_room()
+        self._check_room()
         os.lstat(path)  # fail now, not at the first read, when it does not exist
-        return self._new_transfer(Download(tar_stream(path)))
-
-    def _transfer(self, p: Params, handle: int, kind: type) -> Any:
-        transfer = self.transfers.get(handle)
-        if not isinstance(transfer, kind):
-            raise p.bad("transfer", f"{handle} is not an open {kind.__name__.lower()}")
-        return transfer
+        return self._open(Download(tar_stream(path)))
 
     def transfer_write(self, request_id: Any, p: Params) -> dict[str, Any]:
         handle: int = p.integer("transfer")
         data: bytes = p.b64("data", "")
         eof: bool = p.boolean("eof", False)
         p.done()
-        upload: Upload = self._transfer(p, handle, Upload)
+        upload: Upload = self._get(p, handle, Upload)
         finished = eof
         try:
             view = memoryview(data)
@@ -2654,7 +2543,7 @@ class Agent:
         handle: int = p.integer("transfer")
         length: int = p.integer("length", 1024 * 1024, 1, 4 * 1024 * 1024)
         p.done()
-        download: Download = self._transfer(p, handle, Download)
+        download: Download = self._get(p, handle, Download)
         buffer = download.buffer
         try:
             while len(buffer) < length and not download.done:
@@ -2671,6 +2560,283 @@ class Agent:
         if eof:
             del self.transfers[handle]
         return {"data": b64encode(data), "eof": eof}
+
+    def _open(self, transfer: Upload | Download) -> dict[str, Any]:
+        handle = self.next_transfer
+        self.next_transfer += 1
+        self.transfers[handle] = transfer
+        return {"transfer": handle}
+
+    def _check_room(self) -> None:
+        if len(self.transfers) >= MAX_TRANSFERS:
+            raise RpcError(10, f"too many open transfers (limit {MAX_TRANSFERS})")
+
+    def _get(self, p: Params, handle: int, kind: type) -> Any:
+        transfer = self.transfers.get(handle)
+        if not isinstance(transfer, kind):
+            raise p.bad("transfer", f"{handle} is not an open {kind.__name__.lower()}")
+        return transfer
+
+
+class Agent:
+    """The loop and the dispatcher: serves the protocol on one channel, hands each request
+    to the part that owns its state, and answers agent.* itself."""
+
+    def __init__(
+        self,
+        opts: Options,
+        landlock_abi: int,
+        libc: Any,
+        listeners: list[Listener] | None = None,
+        child_rlimits: list[tuple[Any, int, int, int]] | None = None,
+    ) -> None:
+        self.landlock_abi = landlock_abi
+        if opts.workspace is not None:
+            self.workspace = workspace = Workspace(opts.workspace)
+        else:
+            self.workspace = workspace = Workspace(
+                "/workspace" if os.path.isdir("/workspace") else "/"
+            )
+        devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        self.poller = Poller()
+        self.channel = channel = HostChannel(opts, self.poller, devnull)
+        self.procs = procs = ProcessTable(
+            channel, self.poller, devnull, workspace, libc, child_rlimits or []
+        )
+        self.tunnel = tunnel = TunnelStreams(channel, self.poller, listeners or [])
+        files = FileOps(workspace)
+        transfers = Transfers(workspace)
+        self.greeted = False  # the first agent.hello set the connection's framing and window
+
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        _sig.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.signals_seen: set[int] = set()
+        for signum in (_sig.SIGCHLD, _sig.SIGTERM, _sig.SIGINT, _sig.SIGHUP):
+            _sig.signal(signum, _noop_handler)
+        self.poller.watch(self.wake_r, _POLLIN)
+        tunnel.start()
+        channel.update_watch()
+
+        self.methods: dict[str, Callable[[Any, Params], dict[str, Any] | None]] = {
+            "agent.hello": self.agent_hello,
+            "agent.shutdown": self.agent_shutdown,
+            "process.start": procs.process_start,
+            "process.write_stdin": procs.process_write_stdin,
+            "process.signal": procs.process_signal,
+            "process.resize": procs.process_resize,
+            "process.wait": procs.process_wait,
+            "fs.read": files.fs_read,
+            "fs.write": files.fs_write,
+            "fs.stat": files.fs_stat,
+            "fs.list": files.fs_list,
+            "fs.remove": files.fs_remove,
+            "fs.mkdir": files.fs_mkdir,
+            "fs.upload_tar": transfers.fs_upload_tar,
+            "fs.download_tar": transfers.fs_download_tar,
+            "transfer.write": transfers.transfer_write,
+            "transfer.read": transfers.transfer_read,
+        }
+        #: Notifications the host may send. One that does not match its schema is a protocol
+        #: error (the agent exits, as for a malformed frame): byte accounting of a stream
+        #: cannot be trusted after that. Unknown ones are logged and ignored, as JSON-RPC
+        #: wants for notifications.
+        self.notifications: dict[str, Callable[[Params], None]] = {
+            "stream.data": tunnel.stream_data,
+            "stream.ack": tunnel.stream_ack,
+            "stream.eof": tunnel.stream_eof,
+            "stream.close": tunnel.stream_close,
+        }
+
+    # --- main loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            while True:
+                self._iterate()
+        except AgentExit as stop:
+            if stop.status:
+                log(stop.reason)
+            self._teardown()
+            return stop.status
+        except BaseException as exc:  # a bug: still take every process down with us
+            log(f"agent failed: {type(exc).__name__}: {exc}")
+            self._teardown()
+            return 1
+
+    def _teardown(self) -> None:
+        """Close the tunnel and kill every process (the channel is gone: nobody to tell)."""
+        self.channel.drop_sockets()
+        self.tunnel.close()
+        self.procs.kill_everything()
+
+    def _iterate(self) -> None:
+        channel = self.channel
+        events = self.poller.poll(self._poll_timeout())
+        if not events and self.procs.idle_setup:
+            self.procs.ensure_subreaper()
+        for fd, event in events:
+            if fd == self.wake_r:
+                self._drain_wakeup()
+                continue
+            if fd == channel.in_fd and event & (_POLLIN | _POLLDONE):
+                channel.read(self._handle_frame, self.tunnel.binary_frame)
+            if fd == channel.out_fd and event & (_POLLOUT | _POLLDONE):
+                channel.flush()
+            if not self.procs.event(fd, event):
+                self.tunnel.event(fd, event)
+        if self.signals_seen:
+            self._handle_signals()
+        now = time.monotonic()
+        self.tunnel.run_timers(now)
+        self.procs.run_timers(now)
+        channel.flush()
+        if channel.closing:
+            channel.flush_blocking(5.0)
+            raise AgentExit(0, "shutdown requested")
+        if channel.update_backpressure():
+            self.procs.refresh()
+            self.tunnel.refresh()
+        channel.update_watch()
+
+    def _poll_timeout(self) -> int | None:
+        if self.procs.idle_setup:
+            return 0
+        now = time.monotonic()
+        soonest = self.procs.next_deadline()
+        when = self.tunnel.next_deadline()
+        if when is not None and (soonest is None or when < soonest):
+            soonest = when
+        if soonest is None:
+            return None
+        return max(0, int((soonest - now) * 1000) + 1)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while True:
+                data = os.read(self.wake_r, 256)
+                if not data:
+                    break
+                self.signals_seen.update(data)
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        seen = self.signals_seen
+        self.signals_seen = set()
+        for signum in (_sig.SIGTERM, _sig.SIGINT, _sig.SIGHUP):
+            if signum in seen:
+                raise AgentExit(0, f"signal {signum}")
+        # SIGCHLD, or anything else: reap whatever has exited.
+        self.procs.reap()
+
+    # --- dispatch --------------------------------------------------------------------------
+
+    def _handle_frame(self, body: bytes) -> None:
+        try:
+            message = json_loads(body.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise AgentExit(3, f"host sent a frame that is not JSON: {exc}") from None
+        if not isinstance(message, dict):
+            raise AgentExit(3, "host sent a JSON value that is not an object")
+        request_id = message.get("id")
+        method = message.get("method")
+        if "id" not in message:
+            self._handle_notification(message)
+            return
+        channel = self.channel
+        if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            channel.reply_error(
+                request_id, RpcError(-32600, "invalid request: needs jsonrpc '2.0' and a method")
+            )
+            return
+        params = message.get("params", {})
+        if not isinstance(params, dict):
+            channel.reply_error(
+                request_id, RpcError(INVALID_PARAMS, f"params of {method} must be an object")
+            )
+            return
+        handler = self.methods.get(method)
+        if handler is None:
+            channel.reply_error(request_id, RpcError(-32601, f"method not found: {method[:200]!r}"))
+            return
+        try:
+            result = handler(request_id, Params(method, params))
+        except RpcError as exc:
+            channel.reply_error(request_id, exc)
+        except TarRefused as exc:
+            channel.reply_error(request_id, RpcError(2, str(exc)))
+        except OSError as exc:
+            channel.reply_error(request_id, os_error(exc, _describe(exc)))
+        except Exception as exc:  # the edge of the dispatch loop: never die on a request
+            log(f"{method} failed: {type(exc).__name__}: {exc}")
+            channel.reply_error(
+                request_id, RpcError(-32603, f"internal error: {type(exc).__name__}: {exc}")
+            )
+        else:
+            if result is not None:
+                channel.reply(request_id, result)
+
+    def _handle_notification(self, message: dict[str, Any]) -> None:
+        method = message.get("method")
+        params = message.get("params", {})
+        if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            raise AgentExit(3, "host sent a notification without jsonrpc '2.0' and a method")
+        handler = self.notifications.get(method)
+        if handler is None:
+            log(f"ignoring an unknown notification from the host: {method[:100]!r}")
+            return
+        if not isinstance(params, dict):
+            raise AgentExit(3, f"host sent {method} with params that are not an object")
+        try:
+            handler(Params(method, params))
+        except RpcError as exc:
+            raise AgentExit(3, f"host sent an invalid notification: {exc.message}") from None
+
+    # --- agent.* ---------------------------------------------------------------------------
+
+    def agent_hello(self, request_id: Any, p: Params) -> dict[str, Any]:
+        protocol: str = p.string("protocol")
+        p.string("client", "stockade")
+        binary: bool = p.boolean("stream_binary", False)
+        window: int = p.integer("stream_window", STREAM_WINDOW, STREAM_WINDOW, MAX_STREAM_WINDOW)
+        fd_streams: bool = p.boolean("stream_fd", False)
+        p.done()
+        if not self.greeted:
+            # The first hello sets the connection's framing and window; a later one (a
+            # liveness check) changes nothing under streams already flowing.
+            self.greeted = True
+            self.channel.binary = binary
+            self.tunnel.agree(_minor(protocol) >= 2, window, fd_streams)
+        uname = os.uname()
+        self.procs.setup_when_idle()
+        capabilities = list(CAPABILITIES)
+        if self.landlock_abi:
+            capabilities.append("landlock")
+        if self.tunnel.listeners:
+            capabilities.append("net")
+        if self.channel.binary:
+            capabilities.append("stream-binary")
+        if self.tunnel.fd_streams:
+            capabilities.append("stream-fd")
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "agent_version": AGENT_VERSION,
+            "capabilities": capabilities,
+            "pid": os.getpid(),
+            "uid": os.getuid(),
+            "kernel": uname.release,
+            "hostname": uname.nodename,
+            "python": ".".join(str(part) for part in sys.version_info[:3]),
+            "landlock_abi": self.landlock_abi,
+            "stream_window": self.tunnel.recv_window,
+        }
+
+    def agent_shutdown(self, request_id: Any, p: Params) -> dict[str, Any]:
+        p.done()
+        self.channel.closing = True
+        return {}
 
 
 def _describe(exc: OSError) -> str:
@@ -2831,13 +2997,12 @@ def main(argv: list[str]) -> int:
             log(f"{reason}; continuing without it (--landlock best-effort)")
 
     try:
-        agent = Agent(opts, landlock_abi, libc, listeners)
+        agent = Agent(opts, landlock_abi, libc, listeners, child_rlimits)
     except OSError as exc:
         log(f"could not set up the channel: {exc}")
         return 2
-    agent.child_rlimits = child_rlimits
     if libc is not None:
-        agent._ensure_subreaper()
+        agent.procs.ensure_subreaper()
     return agent.run()
 
 

@@ -462,14 +462,14 @@ def configure(agent: Any, server: Any, config: dict[str, Any]) -> None:
     env = {str(k): str(v) for k, v in config.get("env", {}).items()}
     # Commands get it from the agent (``os.environ`` is left alone: changing it costs more
     # under emulation than the agent ever needs from it).
-    server.base_env = env
+    server.procs.base_env = env
     mark("files+env")
     ws = config.get("workspace")
     if ws:
         setup_workspace(agent, ws, config.get("user"))
         mark("workspace")
     if config.get("docker"):
-        start_docker(server.in_fd, config["docker"], env)
+        start_docker(server.channel.in_fd, config["docker"], env)
     apply_agent_options(agent, server, [str(a) for a in config.get("args", ())])
     user = config.get("user")
     if user:
@@ -487,7 +487,7 @@ def apply_agent_options(agent: Any, server: Any, args: list[str]) -> None:
     directory, resource limits and the egress listeners (as ``agent.main`` would)."""
     opts = agent.parse_options(args)
     if opts.workspace is not None:
-        server.workspace = opts.workspace
+        server.workspace.path = opts.workspace
     if opts.rlimits:
         import resource
 
@@ -496,14 +496,12 @@ def apply_agent_options(agent: Any, server: Any, args: list[str]) -> None:
             soft = resource.RLIM_INFINITY if soft_value < 0 else soft_value
             hard = resource.RLIM_INFINITY if hard_value < 0 else hard_value
             if name == "cpu":
-                server.child_rlimits.append((resource.setrlimit, which, soft, hard))
+                server.procs.child_rlimits.append((resource.setrlimit, which, soft, hard))
             else:
                 resource.setrlimit(which, (soft, hard))
     if opts.net_proxy is not None or opts.net_forwards:
         for listener in agent.open_listeners(opts):
-            server.listeners.append(listener)
-            server.listener_fds[listener.fd] = listener
-            server._watch(listener.fd, agent._POLLIN)
+            server.tunnel.add_listener(listener)
 
 
 def reseed(agent: Any, now_ns: int, seed: str) -> None:
@@ -537,7 +535,7 @@ def add_methods(agent: Any, server: Any) -> None:
         p.raw.clear()
         server.configured = True
         # What a warm-up before the snapshot left behind is no sandbox's business.
-        server.finished.clear()
+        server.procs.finished.clear()
         return {"ok": True, "uptime_config": received, "uptime_done": uptime(), "marks": MARKS}
 
     def sandbox_reseed(request_id: Any, p: Any) -> dict[str, Any]:
@@ -626,15 +624,19 @@ def main() -> None:
         except OSError:
             pass
         return
-    # The agent owns the channel now (on a descriptor of its own): it sends this first.
-    server._queue(
-        agent.json_dumps({"serving": True, "warm_seconds": warm, "uptime_serving": uptime()})
-    )
-    server._flush()
-    server._update_channel()
     sys.argv = [AGENT]
-    status = server.run()
+    ready: dict[str, Any] = {"serving": True, "warm_seconds": warm, "uptime_serving": uptime()}
+    status = serve(agent, server, ready)
     say(f"agent exited with status {status}")
+
+
+def serve(agent: Any, server: Any, ready: dict[str, Any]) -> int:
+    """Run the agent until it exits; the agent owns the channel now (on a descriptor of its
+    own) and sends ``ready`` first."""
+    server.channel.queue(agent.json_dumps(ready))
+    server.channel.flush()
+    server.channel.update_watch()
+    return int(server.run())
 
 
 def make_server(agent: Any, fd: int) -> Any:
