@@ -23,7 +23,6 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from stockade import egress
 from stockade._errors import ConfigError, PolicyError
 from stockade.config.models import (
     CONFIG_KEYS,
@@ -47,7 +46,7 @@ from stockade.config.trust import (
     weakening_reason,
 )
 from stockade.config.units import format_size
-from stockade.egress.rules import RuleError, parse_rule
+from stockade.policy.rules import RuleError, parse_rule
 
 __all__ = [
     "MIN_MEMORY",
@@ -744,7 +743,7 @@ def _take_secrets(
     Secrets are declarations (where the value lives on the host, which hosts may get it);
     their values are read only when a sandbox starts, never here.
     """
-    from stockade.egress.secrets import SECRET_NAME_RE, SecretConfig
+    from stockade.policy.secret_config import SECRET_NAME_RE, SecretConfig
 
     rest = {k: v for k, v in data.items() if k != "secrets"}
     raw = data.get("secrets")
@@ -1049,20 +1048,6 @@ def check_safety(
                 parse_rule(entry, port_required=key == "network.tcp")
             except RuleError as exc:
                 raise refuse(key, entry, exc.reason, network_fix) from exc
-    if not egress.EGRESS_AVAILABLE:
-        for key, entries in (
-            ("network.allow", network.allow),
-            ("network.tcp", network.tcp),
-            ("network.presets", network.presets),
-        ):
-            if entries:
-                raise refuse(
-                    key,
-                    list(entries),
-                    "egress is not available yet in this version of stockade, so the sandbox "
-                    "network stays closed and cannot honour it",
-                    f"remove {key} (network.deny may stay)",
-                )
 
 
 def _dangerous_workspace(path: Path, homes: tuple[Path, ...]) -> str | None:

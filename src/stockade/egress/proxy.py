@@ -32,10 +32,10 @@ from stockade.egress.log import (
     ConnectionLog,
     ConnectionRecord,
 )
-from stockade.egress.rules import is_ip_literal
+from stockade.policy.rules import is_ip_literal
 
 if TYPE_CHECKING:
-    from stockade.egress.decide import NetworkRules
+    from stockade.policy.decide import NetworkRules
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -111,7 +111,7 @@ _REASONS = {
 
 
 class DecisionLike(Protocol):
-    """What ``decide`` returns (``stockade.egress.decide.Decision``)."""
+    """What ``decide`` returns (``stockade.policy.decide.Decision``)."""
 
     @property
     def allowed(self) -> bool: ...
@@ -122,7 +122,7 @@ class DecisionLike(Protocol):
 
 
 class Decider(Protocol):
-    """The policy's pure decision function (``stockade.egress.decide.decide``)."""
+    """The policy's pure decision function (``stockade.policy.decide.decide``)."""
 
     def __call__(
         self, host: str, port: int, rules: NetworkRules, /, *, resolved: Sequence[str] = ()

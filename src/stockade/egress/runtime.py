@@ -22,8 +22,8 @@ import anyio
 from anyio.abc import ByteStream
 
 from stockade._streams import PrefixedStream
-from stockade.egress.decide import NetworkRules, compile_rules, decide, with_allowed, with_denied
-from stockade.egress.rules import is_ip_literal
+from stockade.policy.decide import NetworkRules, compile_rules, decide, with_allowed, with_denied
+from stockade.policy.rules import is_ip_literal
 
 if TYPE_CHECKING:
     from stockade._background import BackgroundTasks
