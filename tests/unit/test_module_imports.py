@@ -53,6 +53,12 @@ def _imports(module: str) -> set[str]:
     }
 
 
+def _package(module: str) -> str:
+    if MODULES[module].name == "__init__.py":
+        return module
+    return module.rpartition(".")[0]
+
+
 def _in(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
@@ -71,3 +77,35 @@ def test_the_scan_sees_the_imports_it_judges() -> None:
     # A scan that resolved nothing would pass every check above.
     assert "stockade.policy.rules" in _imports("stockade.policy.decide")
     assert "stockade.config.models" in _imports("stockade.config.load")
+
+
+def _cycles() -> list[list[str]]:
+    graph = {
+        module: sorted(
+            t for t in _imports(module) if t != module and _package(t) == _package(module)
+        )
+        for module in MODULES
+    }
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in graph[module]:
+            if state.get(target) == 1:
+                cycles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target)
+        path.pop()
+        state[module] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module)
+    return cycles
+
+
+def test_no_import_cycle_inside_a_package() -> None:
+    assert _cycles() == []

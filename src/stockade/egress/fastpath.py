@@ -35,7 +35,7 @@ from anyio.abc import ByteStream
 from stockade._errors import AgentProtocolError
 
 if TYPE_CHECKING:
-    from stockade.egress.proxy import RelayCounters
+    from stockade.egress.log import RelayCounters
     from stockade.protocol.messages import NetAcceptParams
 
 __all__ = ["GuestSocketStream", "SocketByteStream", "adopt_guest_socket", "splice_relay"]

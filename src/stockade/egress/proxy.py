@@ -31,6 +31,7 @@ from stockade.egress.log import (
     ConnectionKind,
     ConnectionLog,
     ConnectionRecord,
+    RelayCounters,
 )
 from stockade.policy.rules import is_ip_literal
 
@@ -43,7 +44,6 @@ __all__ = [
     "Decider",
     "DecisionLike",
     "EgressProxy",
-    "RelayCounters",
     "Resolver",
     "TunnelHandler",
     "connect_tcp",
@@ -133,14 +133,6 @@ class Decider(Protocol):
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 #: ``(address, port) -> stream`` connecting to one IP address; never resolves names.
 Connector = Callable[[str, int], Awaitable[ByteStream]]
-
-
-@dataclass
-class RelayCounters:
-    """Bytes relayed so far: ``bytes_up`` towards the destination, ``bytes_down`` back."""
-
-    bytes_up: int = 0
-    bytes_down: int = 0
 
 
 class TunnelHandler(Protocol):

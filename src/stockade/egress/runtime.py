@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from stockade.agent.client import AgentClient
     from stockade.agent.tunnel import TunnelMux, TunnelStream
     from stockade.egress.fastpath import GuestSocketStream
-    from stockade.egress.log import ConnectionRecord
-    from stockade.egress.proxy import EgressProxy, RelayCounters
+    from stockade.egress.log import ConnectionRecord, RelayCounters
+    from stockade.egress.proxy import EgressProxy
     from stockade.egress.secrets import SecretSet
     from stockade.egress.tls import SandboxCA
     from stockade.policy import EffectivePolicy
