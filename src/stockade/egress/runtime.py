@@ -234,8 +234,8 @@ class EgressRuntime:
         Whether the client speaks TLS is read from its first bytes (a TLS handshake record),
         not guessed from the port, so SSH to a host that also has an API secret still works.
         """
+        from stockade.egress.dial import relay
         from stockade.egress.intercept import intercept_https
-        from stockade.egress.proxy import relay
 
         secrets, ca = self.secrets, self.ca
         if (
