@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from stockade._errors import ConfigError, PolicyError
 from stockade.config import LoadedConfig, check_safety, credential_reason
-from stockade.config.load import MIN_MEMORY, MIN_PIDS, mount_problem
 from stockade.config.models import ContainerConfig, DangerousMount, GvisorConfig, MicrovmConfig
+from stockade.config.safety import MIN_MEMORY, MIN_PIDS, mount_problem
 from stockade.policy.decide import NetworkRules, compile_rules
 from stockade.policy.mounts import MountDanger, force_hint, mount_dangers
 from stockade.policy.presets import preset_problem, resolve_presets
