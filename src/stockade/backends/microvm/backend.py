@@ -286,7 +286,7 @@ def choose_driver() -> str:
     forced = os.environ.get("STOCKADE_MICROVM_DRIVER")
     if forced:
         return forced
-    from stockade.backends.microvm.drivers import probe_drivers
+    from stockade.backends.microvm.driver_registry import probe_drivers
 
     for name, availability in probe_drivers(["firecracker", "cloud-hypervisor"]):
         if availability.ok:
@@ -299,14 +299,14 @@ def make_driver(name: str, accel: str) -> Driver:
         from stockade.backends.microvm.qemu import QemuDriver
 
         return QemuDriver(accel)
-    from stockade.backends.microvm.drivers import load_driver
+    from stockade.backends.microvm.driver_registry import load_driver
 
     return load_driver(name)()
 
 
 def agent_transport(name: str, workdir: Path) -> tuple[AgentTransport, str]:
     """The agent channel for a driver and the guest's matching ``stockade.agent=`` value."""
-    from stockade.backends.microvm.drivers import load_driver
+    from stockade.backends.microvm.driver_registry import load_driver
 
     if name == "qemu" or load_driver(name).capabilities.virtio_serial:
         return AgentTransport("virtio-serial", workdir / "agent.sock"), "serial"
