@@ -34,7 +34,7 @@ from stockade import AsyncSandbox
 
 def raw_bundle(work: Path) -> Path:
     """A minimal OCI bundle: host /usr read-only, fresh namespaces, `python3 -S -c pass`."""
-    from stockade.backends._oci import host_rootfs
+    from stockade.backends.oci_bundle import host_rootfs
 
     bundle = work / "raw-bundle"
     bundle.mkdir(exist_ok=True)
@@ -57,14 +57,14 @@ def raw_bundle(work: Path) -> Path:
 
 def runtime_argv(runtime: str, work: Path) -> list[str]:
     """`<runtime> --root DIR [flags]` as the bench runs it raw (crun behind its cgroup fix)."""
-    from stockade.backends._oci import which
+    from stockade.backends.oci_runtime import which
 
     binary = which(runtime)
     assert binary is not None
     flags = ["--network=none", "--platform=systrap"] if runtime == "runsc" else []
     prefix: list[str] = []
     if runtime == "crun":
-        from stockade.backends.container.oci import _crun_fix
+        from stockade.backends.container.daemonless import _crun_fix
 
         fix = _crun_fix()
         if fix:

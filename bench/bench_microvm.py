@@ -31,7 +31,7 @@ import anyio
 from _common import median_ms
 
 from stockade import AsyncSandbox
-from stockade.backends.microvm.backend import restored_spec, snapshot_key, snapshot_path
+from stockade.backends.microvm.boot import restored_spec, snapshot_key, snapshot_path
 from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmSpec
 from stockade.backends.microvm.qemu import QemuDriver, build_qemu_argv, host_tsc_khz, qemu_binary
 from stockade.images.vm import ensure_vm_image

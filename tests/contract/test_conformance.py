@@ -728,7 +728,7 @@ def _leftovers(target: str, sandbox_id: str, state_dir: Path) -> list[str]:
         found.append("cgroup")
     backend, _, variant = target.partition("/")
     if backend == "gvisor" or variant in ("runc", "crun"):
-        from stockade.backends._oci import runtime_state_root
+        from stockade.backends.oci_runtime import runtime_state_root
 
         runtime = "runsc" if backend == "gvisor" else variant
         root = runtime_state_root(runtime)

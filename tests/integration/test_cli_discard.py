@@ -172,7 +172,7 @@ def test_leftovers_are_listed_and_fixed(namespace_backend: str, project: Path) -
     try:
         stockade("run", "--name", gone, "--", "true", cwd=project)
         gone_dir = state_dir() / "sandboxes" / str(records()[gone]["id"])
-        from stockade.workspace.layers import remove_tree
+        from stockade.workspace.removal import remove_tree
 
         remove_tree(gone_dir)  # a record whose directory is gone
         stray = state_dir() / "sandboxes" / "0123456789abcdef"  # a directory with no record

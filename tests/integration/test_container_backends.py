@@ -141,7 +141,7 @@ def test_docker_policy_refused_by_auto_without_a_capable_backend(project: Path) 
 
 
 def _engine_leftovers(target: str, sandbox_id: str) -> list[str]:
-    from stockade.backends._oci import stockade_containers
+    from stockade.backends.oci_runtime import stockade_containers
 
     backend, _, engine = target.partition("/")
     left = []

@@ -30,8 +30,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from stockade.egress.intercept import InterceptCounters, intercept_https
-from stockade.egress.secrets import SecretConfig, SecretSet
+from stockade.egress.secrets import SecretSet
 from stockade.egress.tls import SandboxCA
+from stockade.policy.secret_config import SecretConfig
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

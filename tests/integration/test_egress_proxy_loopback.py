@@ -18,10 +18,10 @@ import anyio
 import pytest
 from anyio.abc import ByteStream, SocketAttribute
 
-from stockade.egress.decide import compile_rules, decide, with_allowed
 from stockade.egress.fastpath import SocketByteStream
 from stockade.egress.log import ConnectionRecord
 from stockade.egress.proxy import EgressProxy
+from stockade.policy.decide import compile_rules, decide, with_allowed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

@@ -883,36 +883,7 @@ def test_tcp_and_presets_keys_exist(world: World) -> None:
     assert config.network.presets == ()
 
 
-@pytest.fixture
-def egress_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run as a build without egress, whatever ``EGRESS_AVAILABLE`` says today."""
-    import stockade.egress
-
-    monkeypatch.setattr(stockade.egress, "EGRESS_AVAILABLE", False)
-
-
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [
-        ("network.allow", ["pypi.org"]),
-        ("network.tcp", ["github.com:22"]),
-        ("network.presets", ["github"]),
-    ],
-)
-def test_egress_lists_are_refused_while_egress_is_unavailable(
-    world: World, key: str, value: list[str], egress_off: None
-) -> None:
-    message = refused(world, key, flags={key: value})
-    assert "egress is not available yet" in message
-    assert f"remove {key}" in message
-
-
-def test_egress_lists_are_accepted_once_egress_is_available(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import stockade.egress
-
-    monkeypatch.setattr(stockade.egress, "EGRESS_AVAILABLE", True)
+def test_egress_lists_are_accepted(world: World) -> None:
     config = world.load(
         flags={
             "network.allow": ["pypi.org"],
@@ -921,14 +892,6 @@ def test_egress_lists_are_accepted_once_egress_is_available(
         }
     ).config
     assert config.network.presets == ("github",)
-
-
-def test_network_allow_is_not_available_yet(world: World, egress_off: None) -> None:
-    path = world.write_project("[network]\nallow = ['pypi.org']\ndeny = ['evil.org']\n")
-    message = refused(world, "network.allow")
-    assert "egress is not available yet" in message
-    assert f"{path} [network]" in message
-    assert world.load(flags={"network.allow": []}).config.network.deny == ("evil.org",)
 
 
 def test_overridden_dangerous_value_is_fine(world: World) -> None:

@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from stockade.egress.fastpath import PROMOTE_AFTER, SocketByteStream, splice_relay
-from stockade.egress.proxy import RelayCounters
+from stockade.egress.log import RelayCounters
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

@@ -17,9 +17,10 @@ import pytest
 from anyio.abc import ByteStream, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from stockade.egress.decide import compile_rules, decide, with_allowed, with_denied
-from stockade.egress.log import ConnectionLog, ConnectionRecord
-from stockade.egress.proxy import MAX_HEADER_BYTES, EgressProxy, RelayCounters, relay
+from stockade.egress.dial import relay
+from stockade.egress.log import ConnectionLog, ConnectionRecord, RelayCounters
+from stockade.egress.proxy import MAX_HEADER_BYTES, EgressProxy
+from stockade.policy.decide import compile_rules, decide, with_allowed, with_denied
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 

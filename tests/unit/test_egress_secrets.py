@@ -15,15 +15,8 @@ import pytest
 from pydantic import ValidationError
 
 from stockade._errors import ConfigError
-from stockade.egress.secrets import (
-    PLACEHOLDER_RE,
-    SecretConfig,
-    SecretSet,
-    SecretValue,
-    host_matches,
-    placeholder,
-    secret_host_problem,
-)
+from stockade.egress.secrets import PLACEHOLDER_RE, SecretSet, SecretValue, placeholder
+from stockade.policy.secret_config import SecretConfig, host_matches, secret_host_problem
 
 OPENAI = "sk-real-openai-value-0123456789"
 GITHUB = "ghp_realGithubToken987654321"

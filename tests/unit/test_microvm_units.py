@@ -16,8 +16,9 @@ import pytest
 
 from stockade._errors import WorkspaceError
 from stockade.backends.base import Availability
-from stockade.backends.microvm.backend import _disk_bucket, build_guest_config, vm_size
+from stockade.backends.microvm.backend import vm_size
 from stockade.backends.microvm.driver import AgentTransport, DiskSpec, VmSpec
+from stockade.backends.microvm.guest_config import build_guest_config, disk_bucket
 from stockade.backends.microvm.qemu import build_qemu_argv, host_tsc_khz
 from stockade.backends.microvm.upper import OPAQUE_XATTR, import_upper
 from stockade.images.rootfs import ImageBuildError
@@ -76,7 +77,7 @@ def test_qemu_argv_restore_and_kvm(tmp_path: Path) -> None:
 def test_qemu_argv_memory_file(tmp_path: Path) -> None:
     # The snapshot source writes its RAM into a shared file; a restore maps that file
     # privately (copy-on-write), under the RAM block name plain ``-m`` gives it.
-    from stockade.backends.microvm.backend import restored_spec, snapshot_memory
+    from stockade.backends.microvm.boot import restored_spec, snapshot_memory
 
     spec = _spec(tmp_path)
     source = dataclasses.replace(
@@ -127,7 +128,7 @@ def test_extract_vmlinux() -> None:
         extract_vmlinux(b"MZ not a kernel")
 
 
-def test_vm_size_and_disk_bucket() -> None:
+def test_vm_size_anddisk_bucket() -> None:
     class Limits:
         cpus = 1.5
         memory_bytes = 300 * 1024 * 1024
@@ -139,8 +140,8 @@ def test_vm_size_and_disk_bucket() -> None:
     Limits.cpus = None  # type: ignore[assignment]
     Limits.memory_bytes = None  # type: ignore[assignment]
     assert vm_size(Policy()) == (1, 512)
-    assert _disk_bucket(1) == 256 * 1024 * 1024
-    assert _disk_bucket(200 * 1024 * 1024) == 512 * 1024 * 1024
+    assert disk_bucket(1) == 256 * 1024 * 1024
+    assert disk_bucket(200 * 1024 * 1024) == 512 * 1024 * 1024
 
 
 def test_guest_config_carries_egress_and_env(tmp_path: Path, project: Path) -> None:
@@ -330,7 +331,7 @@ def test_tree_entries_for_a_streamed_workspace(tmp_path: Path) -> None:
     import base64
     import os
 
-    from stockade.backends.microvm.backend import _tree_entries
+    from stockade.backends.microvm.guest_config import tree_entries
 
     root = tmp_path / "tree"
     (root / "d" / "e").mkdir(parents=True)
@@ -340,7 +341,7 @@ def test_tree_entries_for_a_streamed_workspace(tmp_path: Path) -> None:
     os.link(root / "a.txt", root / "b.txt")
     os.symlink("d/e/run.sh", root / "link")
     os.mkfifo(root / "fifo")
-    entries = {e[1]: e for e in _tree_entries(root)}
+    entries = {e[1]: e for e in tree_entries(root)}
     assert list(entries) == ["a.txt", "b.txt", "d", "link", "d/e", "d/e/run.sh"]
     assert base64.b64decode(entries["a.txt"][4]) == b"\x00\xffdata"
     assert entries["b.txt"][0] == "h" and entries["b.txt"][4] == "a.txt"

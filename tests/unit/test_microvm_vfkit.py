@@ -21,7 +21,7 @@ from stockade._errors import SandboxStartError
 from stockade.backends.base import Availability
 from stockade.backends.microvm import vfkit
 from stockade.backends.microvm.driver import AgentTransport, DiskSpec, Driver, VmSpec
-from stockade.backends.microvm.drivers import DRIVERS, load_driver, probe_drivers
+from stockade.backends.microvm.driver_registry import DRIVERS, load_driver, probe_drivers
 
 
 def make_spec(base: Path, cmdline: str = "quiet stockade.root=vda") -> VmSpec:
@@ -134,7 +134,7 @@ def test_probe_drivers_reports_every_driver_and_never_raises(
     [
         "stockade.backends.microvm._vmm_common",
         "stockade.backends.microvm.cloud_hypervisor",
-        "stockade.backends.microvm.drivers",
+        "stockade.backends.microvm.driver_registry",
         "stockade.backends.microvm.firecracker",
         "stockade.backends.microvm.hybrid_vsock",
         "stockade.backends.microvm.vfkit",

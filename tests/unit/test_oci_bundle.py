@@ -15,16 +15,15 @@ import anyio
 import pytest
 
 from stockade import ConfigError, PolicyError
-from stockade.backends._oci import (
+from stockade.backends.base import LaunchSpec
+from stockade.backends.oci_bundle import (
     GUEST_UID,
-    OciRuntime,
     RootfsView,
     build_config,
     host_rootfs,
     oci_seccomp,
-    start_watchdog,
 )
-from stockade.backends.base import LaunchSpec
+from stockade.backends.oci_runtime import OciRuntime, start_watchdog
 from stockade.config import load_config
 from stockade.policy import EffectivePolicy, compile_policy
 from stockade.workspace import WorkspaceLayers

@@ -396,14 +396,6 @@ def test_every_field_of_every_policy_model_has_a_description() -> None:
 # Network
 
 
-@pytest.fixture
-def egress_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    import stockade.egress
-
-    monkeypatch.setattr(stockade.egress, "EGRESS_AVAILABLE", True)
-
-
-@pytest.mark.usefixtures("egress_on")
 def test_compile_merges_presets_after_the_users_rules(
     project: Path, environ: dict[str, str]
 ) -> None:
@@ -432,7 +424,6 @@ def test_compile_merges_presets_after_the_users_rules(
     assert EffectivePolicy.from_json(policy.to_json()) == policy
 
 
-@pytest.mark.usefixtures("egress_on")
 def test_compile_reads_pip_configuration_of_the_host(
     project: Path, environ: dict[str, str]
 ) -> None:
@@ -448,7 +439,6 @@ def test_compile_reads_pip_configuration_of_the_host(
     assert network.sources == {"mirror.corp.example:443": "preset python-packages: PIP_INDEX_URL"}
 
 
-@pytest.mark.usefixtures("egress_on")
 def test_presets_change_the_hash(project: Path, environ: dict[str, str]) -> None:
     plain = compile_with(project, environ)
     with_github = compile_with(project, environ, network={"presets": ["github"]})
@@ -472,16 +462,3 @@ def test_network_policy_read_back_is_revalidated(
     data["network"] = network
     with pytest.raises(PolicyError):
         EffectivePolicy.from_json(json.dumps(data))
-
-
-def test_hand_built_tcp_and_presets_are_refused_while_egress_is_unavailable(
-    project: Path, environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import stockade.egress
-
-    monkeypatch.setattr(stockade.egress, "EGRESS_AVAILABLE", False)
-    for network in ({"tcp": ["github.com:22"]}, {"presets": ["github"]}):
-        config = StockadeConfig.model_validate({"network": network})
-        loaded = LoadedConfig(config=config, project_root=project, sources=())
-        with pytest.raises(PolicyError, match="egress is not available yet"):
-            compile_policy(loaded, environ=environ)

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-import stockade.egress
 from stockade._errors import ConfigError, PolicyError
 from stockade.config import LoadedConfig, load_config
 from stockade.config.load import project_file_weakenings, trust_store
@@ -58,12 +57,6 @@ class World:
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     return World(tmp_path)
-
-
-@pytest.fixture(autouse=True)
-def _egress_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    # network.allow is only accepted where egress exists; the rules are judged either way.
-    monkeypatch.setattr(stockade.egress, "EGRESS_AVAILABLE", True)
 
 
 # ---------------------------------------------------------------------------------------------

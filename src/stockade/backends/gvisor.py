@@ -1,7 +1,7 @@
 """gVisor backend: the sandbox runs on runsc's user-space kernel, never the host's.
 
-Our own OCI bundle (``backends/_oci.py``): the host's ``/usr`` read-only or an image's root
-filesystem, ``--network=none`` (loopback only; egress goes through the agent's tunnel), the
+Our own OCI bundle (``backends/oci_bundle.py``): the host's ``/usr`` read-only or an image's
+root filesystem, ``--network=none`` (loopback only; egress goes through the agent's tunnel), the
 systrap platform (ptrace where this runsc lacks it; never kvm), a shared private ``--root``
 state directory, and the guest agent as the container's init over ``runsc run``'s stdio.
 The workspace overlay is mounted in a private mount namespace that runsc's gofer inherits,
@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 from stockade._errors import PolicyError
-from stockade.backends._oci import (
+from stockade.backends.base import Availability, Backend, Capabilities, LaunchSpec
+from stockade.backends.oci_runtime import (
     OciContainerSandbox,
     OciRuntime,
     launch_container,
@@ -27,7 +28,6 @@ from stockade.backends._oci import (
     unshare_prefix,
     which,
 )
-from stockade.backends.base import Availability, Backend, Capabilities, LaunchSpec
 
 __all__ = ["GvisorBackend", "runsc_platforms"]
 
@@ -74,7 +74,7 @@ def _runtime(platform: str, *, rootless: bool) -> OciRuntime:
     runsc, _version = runsc_platforms()
     flags = ["--network=none", f"--platform={platform}"]
     if rootless:
-        # Run inside our own user namespace (see _oci.unshare_prefix), where we are root.
+        # Run inside our own user namespace (see oci_runtime.unshare_prefix), where we are root.
         flags += ["--ignore-cgroups"]
     return OciRuntime("runsc", runsc, runtime_state_root("runsc"), tuple(flags))
 
@@ -101,8 +101,8 @@ def _probe_cached() -> Availability:
     with tempfile.TemporaryDirectory(prefix="stockade-runsc-probe-") as tmp:
         try:
             proc = subprocess.run(
-                # The same namespaces as a launch (see _oci.unshare_prefix), so auto never picks
-                # gvisor where a start would fail.
+                # The same namespaces as a launch (see oci_runtime.unshare_prefix), so auto
+                # never picks gvisor where a start would fail.
                 [
                     *unshare_prefix(),
                     runtime.binary,

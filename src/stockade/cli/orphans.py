@@ -147,7 +147,7 @@ def find_orphans(store: StateStore, *, containers: bool = True) -> list[Orphan]:
 
 
 def _containers(known: set[str], ours: set[str]) -> list[Orphan]:
-    from stockade.backends._oci import runtime_state_root, stockade_containers
+    from stockade.backends.oci_runtime import runtime_state_root, stockade_containers
 
     found: list[Orphan] = []
     for runtime, backend in (("runsc", "gvisor"), ("runc", "container"), ("crun", "container")):

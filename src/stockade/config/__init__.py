@@ -4,8 +4,6 @@ from stockade.config.load import (
     RUNTIME_ENV_PREFIXES,
     RUNTIME_ENV_VARS,
     LoadedConfig,
-    check_safety,
-    credential_reason,
     find_project_root,
     load_config,
     project_file_weakenings,
@@ -23,6 +21,7 @@ from stockade.config.models import (
     StockadeConfig,
     WorkspaceConfig,
 )
+from stockade.config.safety import check_safety, credential_reason
 from stockade.config.trust import TrustRecord, TrustStore, UntrustedConfigError, Weakening
 from stockade.config.units import format_duration, format_size, parse_duration, parse_size
 

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from stockade.config.units import parse_duration, parse_size
-from stockade.egress.presets import PRESETS, preset_problem
-from stockade.egress.rules import RuleError, parse_rule
-from stockade.egress.secrets import SecretConfig
+from stockade.policy.presets import PRESETS, preset_problem
+from stockade.policy.rules import RuleError, parse_rule
+from stockade.policy.secret_config import SecretConfig
 
 __all__ = [
     "BACKENDS",
@@ -194,7 +194,7 @@ def _check_env_name(name: str) -> None:
 class NetworkConfig(_Model):
     """``[network]``: which destinations the sandbox may reach; closed by default.
 
-    Every entry is a rule of ``stockade.egress.rules``: ``pypi.org``, ``*.example.com``,
+    Every entry is a rule of ``stockade.policy.rules``: ``pypi.org``, ``*.example.com``,
     ``10.0.0.0/8``, ``[::1]:8080``, optionally with ``:PORT``.
     """
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from stockade._errors import ConfigError
 from stockade.config.models import EnvConfig, StockadeConfig
-from stockade.egress.rules import RuleError, parse_rule
-from stockade.egress.secrets import SecretConfig
+from stockade.policy.rules import RuleError, parse_rule
+from stockade.policy.secret_config import SecretConfig
 
 __all__ = [
     "SAFE_RUNTIMES",

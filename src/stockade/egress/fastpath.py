@@ -35,7 +35,7 @@ from anyio.abc import ByteStream
 from stockade._errors import AgentProtocolError
 
 if TYPE_CHECKING:
-    from stockade.egress.proxy import RelayCounters
+    from stockade.egress.log import RelayCounters
     from stockade.protocol.messages import NetAcceptParams
 
 __all__ = ["GuestSocketStream", "SocketByteStream", "adopt_guest_socket", "splice_relay"]
@@ -365,7 +365,7 @@ async def splice_relay(
     limiter: anyio.CapacityLimiter,
 ) -> None:
     """Copy ``a`` -> ``b`` (``bytes_up``) and back (``bytes_down``) until both directions
-    end; both streams are closed on return (as ``proxy.relay`` does).
+    end; both streams are closed on return (as ``dial.relay`` does).
 
     The first ``PROMOTE_AFTER`` bytes go through the event loop (a short request must not
     pay for waking two threads); a connection that carries more is promoted to splice

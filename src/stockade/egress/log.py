@@ -18,6 +18,7 @@ __all__ = [
     "ConnectionKind",
     "ConnectionLog",
     "ConnectionRecord",
+    "RelayCounters",
 ]
 
 #: How many records a proxy keeps by default; older ones fall off the front.
@@ -25,6 +26,14 @@ DEFAULT_LOG_SIZE = 10_000
 
 ConnectionKind = Literal["http", "connect", "socks5", "forward", "direct"]
 ConnectionDecision = Literal["allowed", "denied", "error"]
+
+
+@dataclass
+class RelayCounters:
+    """Bytes relayed so far: ``bytes_up`` towards the destination, ``bytes_down`` back."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
 
 
 @dataclass(frozen=True, slots=True)

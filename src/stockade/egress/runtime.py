@@ -22,16 +22,16 @@ import anyio
 from anyio.abc import ByteStream
 
 from stockade._streams import PrefixedStream
-from stockade.egress.decide import NetworkRules, compile_rules, decide, with_allowed, with_denied
-from stockade.egress.rules import is_ip_literal
+from stockade.policy.decide import NetworkRules, compile_rules, decide, with_allowed, with_denied
+from stockade.policy.rules import is_ip_literal
 
 if TYPE_CHECKING:
     from stockade._background import BackgroundTasks
     from stockade.agent.client import AgentClient
     from stockade.agent.tunnel import TunnelMux, TunnelStream
     from stockade.egress.fastpath import GuestSocketStream
-    from stockade.egress.log import ConnectionRecord
-    from stockade.egress.proxy import EgressProxy, RelayCounters
+    from stockade.egress.log import ConnectionRecord, RelayCounters
+    from stockade.egress.proxy import EgressProxy
     from stockade.egress.secrets import SecretSet
     from stockade.egress.tls import SandboxCA
     from stockade.policy import EffectivePolicy
@@ -234,8 +234,8 @@ class EgressRuntime:
         Whether the client speaks TLS is read from its first bytes (a TLS handshake record),
         not guessed from the port, so SSH to a host that also has an API secret still works.
         """
+        from stockade.egress.dial import relay
         from stockade.egress.intercept import intercept_https
-        from stockade.egress.proxy import relay
 
         secrets, ca = self.secrets, self.ca
         if (

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from stockade._errors import ConfigError
-from stockade.egress.rules import is_ip_literal
+from stockade.policy.rules import is_ip_literal
 
 __all__ = [
     "CA_CERT_FILE",

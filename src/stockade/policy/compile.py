@@ -22,12 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from stockade._errors import ConfigError, PolicyError
 from stockade.config import LoadedConfig, check_safety, credential_reason
-from stockade.config.load import MIN_MEMORY, MIN_PIDS, mount_problem
 from stockade.config.models import ContainerConfig, DangerousMount, GvisorConfig, MicrovmConfig
-from stockade.egress.decide import NetworkRules, compile_rules
-from stockade.egress.presets import preset_problem, resolve_presets
-from stockade.egress.secrets import SecretConfig
+from stockade.config.safety import MIN_MEMORY, MIN_PIDS, mount_problem
+from stockade.policy.decide import NetworkRules, compile_rules
 from stockade.policy.mounts import MountDanger, force_hint, mount_dangers
+from stockade.policy.presets import preset_problem, resolve_presets
+from stockade.policy.secret_config import SecretConfig
 
 __all__ = [
     "BASE_ENV",

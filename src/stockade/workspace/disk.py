@@ -189,7 +189,7 @@ def fresh_tmp(state_dir: Path, owner: int = 0) -> Path | None:
     """
     if not has_disk(state_dir):
         return None
-    from stockade.workspace.layers import remove_tree
+    from stockade.workspace.removal import remove_tree
 
     root = ensure_mounted(state_dir)
     tmp = root / _TMP
@@ -241,7 +241,7 @@ def remove_state_dir(state_dir: Path, *, wait: float = 5.0) -> None:
     after its sandbox ended) keeps the loop device until it lets go: waited for up to
     ``wait`` seconds, then logged.
     """
-    from stockade.workspace.layers import remove_tree
+    from stockade.workspace.removal import remove_tree
 
     image = state_dir / DISK_IMAGE
     had_disk = has_disk(state_dir)

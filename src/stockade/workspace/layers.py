@@ -20,6 +20,7 @@ from pathlib import Path
 
 from stockade._errors import WorkspaceError
 from stockade.workspace.baseline import BASELINE_DIR, WorkspaceBaseline
+from stockade.workspace.removal import remove_tree
 
 __all__ = ["WorkspaceLayers"]
 
@@ -258,59 +259,3 @@ def restore_modes(restore: ModeRestore) -> None:
             os.chmod(f"/proc/self/fd/{fd}", mode)
         finally:
             os.close(fd)
-
-
-def remove_tree(path: Path) -> None:
-    """Delete ``path`` recursively without following symlinks.
-
-    Directories are made writable first (overlayfs leaves mode-000 dirs in work/, and the
-    sandbox may have made files read-only).
-    """
-    st = os.lstat(path)
-    parent_fd = os.open(path.parent, _DIR_FLAGS)
-    try:
-        if stat.S_ISDIR(st.st_mode):
-            remove_tree_at(parent_fd, path.name)
-        else:
-            os.unlink(path.name, dir_fd=parent_fd)
-    finally:
-        os.close(parent_fd)
-
-
-def remove_tree_at(parent_fd: int, name: str) -> None:
-    """Delete directory ``name`` of ``parent_fd`` recursively, never following a symlink,
-    making mode-000 directories accessible first."""
-    fd = _open_dir_for_removal(parent_fd, name)
-    try:
-        for child in os.listdir(fd):
-            child_st = os.stat(child, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISDIR(child_st.st_mode):
-                remove_tree_at(fd, child)
-            else:
-                os.unlink(child, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
-
-
-def _open_dir_for_removal(parent_fd: int, name: str) -> int:
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    except PermissionError:
-        # A mode-000 directory: chmod it through an O_PATH fd, which cannot be a symlink
-        # because of O_NOFOLLOW | O_DIRECTORY, so the chmod cannot land outside the tree.
-        path_fd = os.open(
-            name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd
-        )
-        try:
-            os.chmod(f"/proc/self/fd/{path_fd}", _STATE_MODE)
-        finally:
-            os.close(path_fd)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o700 != 0o700:
-            os.fchmod(fd, _STATE_MODE)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd

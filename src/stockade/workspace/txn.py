@@ -52,7 +52,8 @@ from typing import Any, Literal
 
 from stockade._errors import WorkspaceConflictError, WorkspaceError
 from stockade.workspace.display import display_path
-from stockade.workspace.layers import open_dir_beneath, remove_tree_at
+from stockade.workspace.layers import open_dir_beneath
+from stockade.workspace.removal import remove_tree_at
 
 __all__ = [
     "ABSENT",

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from stockade._errors import BackendUnavailableError, PolicyError
-from stockade.backends._oci import OciContainerSandbox
 from stockade.backends.base import Availability, Backend, Capabilities, LaunchedSandbox, LaunchSpec
+from stockade.backends.oci_runtime import OciContainerSandbox
 from stockade.policy import EffectivePolicy
 
 __all__ = ["ENGINES", "ContainerBackend", "probe_engine"]
@@ -23,7 +23,7 @@ ENGINES = ("runc", "crun", "docker", "podman")
 def probe_engine(engine: str) -> Availability:
     """Whether one engine of the container backend runs here."""
     if engine in ("runc", "crun"):
-        from stockade.backends.container.oci import probe_oci
+        from stockade.backends.container.daemonless import probe_oci
 
         return probe_oci(engine)
     if engine in ("docker", "podman"):
@@ -130,7 +130,7 @@ class ContainerBackend(Backend):
     @staticmethod
     def reap(sandbox_id: str) -> None:
         """Delete containers (and volumes) left by a sandbox whose owner died."""
-        from stockade.backends.container.oci import reap_oci
+        from stockade.backends.container.daemonless import reap_oci
 
         reap_oci(sandbox_id)
         from stockade.backends.container.engine import reap_api_engines
@@ -141,7 +141,7 @@ class ContainerBackend(Backend):
         self.check_policy(spec.policy)
         engine = _chosen_engine(spec.policy)
         if engine in ("runc", "crun"):
-            from stockade.backends.container.oci import launch_oci
+            from stockade.backends.container.daemonless import launch_oci
 
             sandbox: OciContainerSandbox = await launch_oci(spec, engine)
             return sandbox

@@ -37,16 +37,10 @@ import anyio
 from anyio.abc import ByteStream, SocketStream
 
 from stockade._errors import SandboxStartError, SandboxStateError
-from stockade.backends._oci import (
-    agent_argv,
-    agent_binds,
-    guest_agent_path,
-    stop_watchdog,
-    system_binds,
-    which,
-)
 from stockade.backends._process import tail
 from stockade.backends.base import Availability, LaunchedSandbox, LaunchSpec
+from stockade.backends.oci_bundle import agent_argv, agent_binds, guest_agent_path, system_binds
+from stockade.backends.oci_runtime import stop_watchdog, which
 
 if TYPE_CHECKING:
     import docker
@@ -408,7 +402,7 @@ def _create(spec: LaunchSpec, engine: str) -> tuple[Any, str, str | None, Any]:
             # not); ours refuses them, like every other backend on the host kernel.
             import json
 
-            from stockade.backends._oci import oci_seccomp
+            from stockade.backends.oci_bundle import oci_seccomp
 
             profile = spec.state_dir / "seccomp.json"
             profile.write_text(json.dumps(oci_seccomp(), separators=(",", ":")))

@@ -164,7 +164,7 @@ def chosen_accel(image: VmImage) -> str:
 def _other_drivers() -> list[str]:
     """One line per other VMM driver: available or not, and how to get it."""
     try:
-        from stockade.backends.microvm.drivers import probe_drivers
+        from stockade.backends.microvm.driver_registry import probe_drivers
     except ImportError:
         return []
     lines = []

@@ -21,23 +21,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
 import shutil
-import stat
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-from anyio.abc import ByteStream
 
 from stockade._errors import (
     BackendUnavailableError,
@@ -45,7 +39,6 @@ from stockade._errors import (
     SandboxStartError,
     SandboxStateError,
 )
-from stockade._streams import PrefixedStream as _Prefixed
 from stockade.backends.base import (
     Availability,
     Backend,
@@ -53,22 +46,40 @@ from stockade.backends.base import (
     LaunchedSandbox,
     LaunchSpec,
 )
+from stockade.backends.microvm.boot import (
+    READY_TIMEOUT,
+    LauncherReader,
+    ensure_snapshot,
+    remove_snapshot,
+    request,
+    restored_spec,
+    snapshot_key,
+    snapshot_path,
+    snapshot_ready,
+    start_agent,
+)
 from stockade.backends.microvm.driver import AgentTransport, DiskSpec, Driver, VmHandle, VmSpec
+from stockade.backends.microvm.guest_config import (
+    GUEST_LOWER,
+    GUEST_STATE,
+    GUEST_UPPER,
+    STREAM_LIMIT,
+    build_guest_config,
+    copy_sparse,
+    disk_bucket,
+    make_disk,
+    tree_entries,
+    tree_size,
+)
 
 if TYPE_CHECKING:
     from stockade.agent.client import AgentClient
-    from stockade.backends.microvm.pool import WarmPool
     from stockade.images.vm import VmImage
 
 __all__ = [
     "MicrovmBackend",
     "MicrovmSandbox",
-    "build_guest_config",
-    "ensure_snapshot",
-    "make_snapshot",
-    "restored_spec",
-    "snapshot_path",
-    "snapshot_ready",
+    "VmPool",
     "vm_size",
 ]
 
@@ -79,17 +90,7 @@ DEFAULT_MEMORY_MIB = 512
 DOCKER_MEMORY_MIB = 1536
 #: The image profile with a Docker engine (``images/rootfs.py`` PROFILES).
 DOCKER_PROFILE = "docker"
-#: The guest's private Docker daemon socket (``images/guest/launcher.py`` starts dockerd).
-GUEST_DOCKER_SOCKET = "/run/docker.sock"
 MIN_MEMORY_MIB = 128
-#: Trees up to this size are streamed over the channel; larger ones get a disk image.
-STREAM_LIMIT = 8 * 1024 * 1024
-#: Seconds from VM start to the guest launcher's ready message.
-READY_TIMEOUT = 60.0
-MAX_HANDSHAKE_FRAME = 64 * 1024
-GUEST_STATE = "/run/stockade"
-GUEST_UPPER = "/run/stockade/ws/upper"
-GUEST_LOWER = "/run/stockade/ws/lower"
 
 
 def _image_profile() -> str:
@@ -118,221 +119,6 @@ def image_profile(policy: Any) -> str:
         f"engine), but microvm.image = {profile!r}; set microvm.image = {DOCKER_PROFILE!r} "
         "(or leave it unset), or set docker = false"
     )
-
-
-def snapshot_dir() -> Path:
-    from stockade.images.rootfs import image_cache_dir
-
-    return image_cache_dir() / "vm" / "snapshots"
-
-
-def snapshot_key(image: VmImage, accel: str, vcpus: int, memory_mib: int, disks: int) -> str:
-    """Everything a restore must match: image, VMM and its version, machine size, devices."""
-    from stockade.backends.microvm.accel import qemu_version
-    from stockade.backends.microvm.qemu import tcg_cpu
-
-    blob = json.dumps(
-        [image.key, accel, qemu_version(), vcpus, memory_mib, disks, _host_tsc(), tcg_cpu()],
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _host_tsc() -> int | None:
-    from stockade.backends.microvm.qemu import host_tsc_khz
-
-    return host_tsc_khz()
-
-
-def snapshot_path(image: VmImage, key: str) -> Path:
-    """Snapshots live per image (``stockade image build`` prunes the other images' ones)."""
-    return snapshot_dir() / image.key / f"{key}.mig"
-
-
-# --- the guest configuration ----------------------------------------------------------
-
-
-#: Commands run as this uid/gid inside the VM unless ``microvm.user = "root"``.
-GUEST_UID = 1000
-
-
-def _etc_files(spec: LaunchSpec) -> list[tuple[str, bytes, int]]:
-    hostname = spec.policy.hostname
-    home = spec.policy.env.get("HOME", "/tmp/home")
-    passwd = (
-        "root:x:0:0:root:/root:/bin/sh\n"
-        f"user:x:{GUEST_UID}:{GUEST_UID}:sandbox user:{home}:/bin/sh\n"
-        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-    )
-    group = f"root:x:0:\nuser:x:{GUEST_UID}:\nnogroup:x:65534:\n"
-    local_names = spec.egress.local_names if spec.egress is not None else ()
-    hosts = f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n" + "".join(
-        f"127.0.0.1\t{name}\n" for name in local_names
-    )
-    return [
-        ("/etc/hosts", hosts.encode(), 0o644),
-        ("/etc/hostname", f"{hostname}\n".encode(), 0o644),
-        ("/etc/passwd", passwd.encode(), 0o644),
-        ("/etc/group", group.encode(), 0o644),
-    ]
-
-
-def build_guest_config(
-    spec: LaunchSpec, *, workspace: dict[str, Any] | None, now_ns: int, seed: bytes
-) -> dict[str, Any]:
-    """The launcher's configuration frame for one sandbox (see images/guest/launcher.py)."""
-    policy = spec.policy
-    ws = policy.workspace
-    files = _etc_files(spec)
-    env = dict(policy.env)
-    if spec.egress is not None:
-        env.update(spec.egress.env)
-        for host_file, guest_file in spec.egress.files:
-            files.append((guest_file, Path(host_file).read_bytes(), 0o444))
-    home = env.get("HOME")
-    cwd = ws.guest_path if workspace is not None else (home or "/")
-    args = ["--workspace", cwd]
-    if spec.egress is not None:
-        args += spec.egress.agent_args()
-    args += ["--rlimit", "core=0"]
-    as_user = policy.microvm.user == "user"
-    if policy.limits.pids and as_user:
-        # The VM's size bounds memory; processes are bounded per user (root is exempt).
-        args += ["--rlimit", f"nproc={policy.limits.pids}"]
-    config: dict[str, Any] = {
-        "time_ns": now_ns,
-        "seed": base64.b64encode(seed).decode(),
-        "hostname": policy.hostname,
-        "files": [[path, base64.b64encode(data).decode(), mode] for path, data, mode in files],
-        "env": env,
-        "args": args,
-        "dirs": [home] if home else [],
-    }
-    if policy.limits.disk_bytes:
-        config["disk_bytes"] = int(policy.limits.disk_bytes)
-    if as_user:
-        config["user"] = [GUEST_UID, GUEST_UID]
-    if policy.docker:
-        # A private dockerd in this VM; the sandbox user reaches it through its socket's group.
-        env["DOCKER_HOST"] = f"unix://{GUEST_DOCKER_SOCKET}"
-        config["docker"] = {"socket": GUEST_DOCKER_SOCKET, "group": "user" if as_user else "root"}
-        if policy.limits.disk_bytes:
-            config["docker"]["size"] = int(policy.limits.disk_bytes)
-    if workspace is not None:
-        config["workspace"] = workspace
-    return config
-
-
-def _tree_entries(root: Path) -> list[list[Any]]:
-    """A project tree for the guest, streamed inside its configuration: ``[kind, path, mode,
-    mtime, payload]`` per entry, parents first; kinds ``d`` (directory), ``f`` (file, base64
-    content), ``l`` (symlink, target) and ``h`` (hard link to an earlier path). Special
-    files are left out. The guest extracts them with the agent's checked tar extraction,
-    without importing ``tarfile`` (under emulation, that import chain alone costs about a
-    second of a cold boot)."""
-    entries: list[list[Any]] = []
-    seen: dict[tuple[int, int], str] = {}
-    for top, dirs, files in os.walk(root):
-        dirs.sort()
-        rel_top = os.path.relpath(top, root)
-        prefix = "" if rel_top == "." else rel_top + "/"
-        for name in sorted(dirs + files):
-            path = os.path.join(top, name)
-            info = os.lstat(path)
-            mode, mtime, rel = stat.S_IMODE(info.st_mode), int(info.st_mtime), prefix + name
-            if stat.S_ISDIR(info.st_mode):
-                entries.append(["d", rel, mode, mtime, ""])
-            elif stat.S_ISLNK(info.st_mode):
-                entries.append(["l", rel, mode, mtime, os.readlink(path)])
-            elif stat.S_ISREG(info.st_mode):
-                key = (info.st_dev, info.st_ino)
-                if info.st_nlink > 1 and key in seen:
-                    entries.append(["h", rel, mode, mtime, seen[key]])
-                    continue
-                seen[key] = rel
-                data = base64.b64encode(Path(path).read_bytes()).decode()
-                entries.append(["f", rel, mode, mtime, data])
-    return entries
-
-
-def _tree_size(root: Path, limit: int) -> int:
-    """Bytes of regular files under ``root``, counting stops once past ``limit``."""
-    total = 0
-    for top, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(top, name))
-                total += st.st_size
-        if total > limit:
-            return total
-    return total
-
-
-def _disk_bucket(size: int) -> int:
-    """Workspace disk size: a power of two >= 2x the tree (>= 256 MiB), sparse."""
-    want = max(256 * 1024 * 1024, 2 * size + 64 * 1024 * 1024)
-    return 1 << (want - 1).bit_length()
-
-
-def _make_disk(tree: Path, image: Path, size: int) -> None:
-    mke2fs = shutil.which("mke2fs") or "/usr/sbin/mke2fs"
-    # In a user namespace that maps the caller to the guest user, mke2fs records the
-    # caller's files as that user's: the sandbox owns its workspace, as on every backend.
-    owner = f"{GUEST_UID}:{GUEST_UID}"
-    proc = subprocess.run(
-        ["unshare", "--user", f"--map-user={GUEST_UID}", f"--map-group={GUEST_UID}",
-         mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-E", f"root_owner={owner}",
-         "-d", str(tree), str(image), f"{size // 1024}k"],
-        capture_output=True,
-        check=False,
-        timeout=600,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise SandboxStartError(
-            f"mke2fs could not build the workspace disk from {tree}: "
-            f"{proc.stderr.decode(errors='replace')[-500:]}; install e2fsprogs or use a "
-            "smaller workspace"
-        )
-
-
-# --- handshake -----------------------------------------------------------------------
-
-
-class _FrameReader:
-    """Reads the launcher's length-prefixed frames without reading past them."""
-
-    def __init__(self, stream: ByteStream) -> None:
-        self.stream = stream
-        self.buffer = bytearray()
-
-    async def frame(self) -> dict[str, Any]:
-        while len(self.buffer) < 4:
-            await self._fill()
-        size = int.from_bytes(self.buffer[:4], "big")
-        if size > MAX_HANDSHAKE_FRAME:
-            raise SandboxStartError(f"the guest launcher sent a {size}-byte frame (too large)")
-        while len(self.buffer) < 4 + size:
-            await self._fill()
-        body = bytes(self.buffer[4 : 4 + size])
-        del self.buffer[: 4 + size]
-        try:
-            message = json.loads(body)
-        except ValueError as exc:
-            raise SandboxStartError(f"the guest launcher sent malformed JSON: {exc}") from exc
-        if not isinstance(message, dict):
-            raise SandboxStartError("the guest launcher sent a non-object frame")
-        return message
-
-    async def _fill(self) -> None:
-        try:
-            self.buffer += await self.stream.receive(65536)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
-            raise SandboxStartError("the VM closed the agent channel during start-up") from exc
-
-
-def _frame(obj: dict[str, Any]) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    return len(body).to_bytes(4, "big") + body
 
 
 # --- the sandbox -----------------------------------------------------------------------
@@ -397,8 +183,6 @@ class MicrovmSandbox(LaunchedSandbox):
     async def save_state(self, dest: Path) -> None:
         """Write the VM's memory and devices (and a copy of its workspace disk) to ``dest``;
         the VM runs on afterwards."""
-        from stockade.backends.microvm.snapshots import copy_sparse
-
         spec: VmSpec = self.vm.spec  # type: ignore[attr-defined]
         try:
             await self.vm.snapshot(dest / "vm.mig")
@@ -502,7 +286,7 @@ def choose_driver() -> str:
     forced = os.environ.get("STOCKADE_MICROVM_DRIVER")
     if forced:
         return forced
-    from stockade.backends.microvm.drivers import probe_drivers
+    from stockade.backends.microvm.driver_registry import probe_drivers
 
     for name, availability in probe_drivers(["firecracker", "cloud-hypervisor"]):
         if availability.ok:
@@ -515,19 +299,27 @@ def make_driver(name: str, accel: str) -> Driver:
         from stockade.backends.microvm.qemu import QemuDriver
 
         return QemuDriver(accel)
-    from stockade.backends.microvm.drivers import load_driver
+    from stockade.backends.microvm.driver_registry import load_driver
 
     return load_driver(name)()
 
 
 def agent_transport(name: str, workdir: Path) -> tuple[AgentTransport, str]:
     """The agent channel for a driver and the guest's matching ``stockade.agent=`` value."""
-    from stockade.backends.microvm.drivers import load_driver
+    from stockade.backends.microvm.driver_registry import load_driver
 
     if name == "qemu" or load_driver(name).capabilities.virtio_serial:
         return AgentTransport("virtio-serial", workdir / "agent.sock"), "serial"
     transport = AgentTransport("vsock", workdir / "vsock.sock")
     return transport, f"vsock:{transport.port}"
+
+
+class VmPool(Protocol):
+    """Restored, warmed VMs to take instead of starting one (``pool.WarmPool``)."""
+
+    def matches(self, image_key: str, accel: str, vcpus: int, memory_mib: int) -> bool: ...
+
+    async def take(self, wait: float = ...) -> VmHandle | None: ...
 
 
 @dataclass(frozen=True)
@@ -572,7 +364,7 @@ class MicrovmBackend(Backend):
         *,
         resume: Path | None = None,
         resume_meta: dict[str, Any] | None = None,
-        pool: WarmPool | None = None,
+        pool: VmPool | None = None,
     ) -> None:
         #: A named snapshot (``snapshots.py``) to resume instead of booting or configuring.
         self.resume = resume
@@ -646,7 +438,7 @@ class MicrovmBackend(Backend):
             source_dir = spec.workspace.lower if spec.workspace is not None else ws.host_path
         if source_dir is not None:
             root_mode = os.stat(source_dir).st_mode & 0o7777
-            size = _tree_size(source_dir, STREAM_LIMIT)
+            size = tree_size(source_dir, STREAM_LIMIT)
             protected = [
                 rel
                 for rel in ws.protected
@@ -659,11 +451,11 @@ class MicrovmBackend(Backend):
                 "protected": protected,
             }
             if size <= STREAM_LIMIT:
-                workspace.update(source="stream", entries=_tree_entries(source_dir))
+                workspace.update(source="stream", entries=tree_entries(source_dir))
             else:
-                total = _tree_size(source_dir, 1 << 62)
+                total = tree_size(source_dir, 1 << 62)
                 disk = workdir / "workspace.ext4"
-                _make_disk(source_dir, disk, _disk_bucket(total))
+                make_disk(source_dir, disk, disk_bucket(total))
                 disks.append(DiskSpec(disk, False, "workspace"))
                 workspace.update(source="disk", device="vdb")
         vm = VmSpec(
@@ -699,8 +491,6 @@ class MicrovmBackend(Backend):
         disks = [DiskSpec(Path(meta["rootfs"]), True, "root")]
         extra: tuple[Path, ...] = ()
         if meta.get("workspace_disk"):
-            from stockade.backends.microvm.snapshots import copy_sparse
-
             disk = workdir / "workspace.ext4"
             copy_sparse(self.resume / "workspace.ext4", disk)
             disks.append(DiskSpec(disk, False, "workspace"))
@@ -760,24 +550,24 @@ class MicrovmBackend(Backend):
                 except SandboxStartError as exc:
                     logger.warning("restore from %s failed, booting cold: %s", snap, exc)
                     remove_snapshot(snap)
-        reader: _FrameReader | None = None
+        reader: LauncherReader | None = None
         if vm is None:
             vm = await driver.boot(plan.vm)
-            reader = _FrameReader(vm.channel)
+            reader = LauncherReader(vm.channel)
         vm_ready = time.monotonic()
         extra = (plan.disk,) if plan.disk is not None else ()
         sandbox = MicrovmSandbox(vm, spec, extra_files=extra)
         sandbox.restored = restored
         try:
             if reader is None:
-                reader = _FrameReader(vm.channel)
+                reader = LauncherReader(vm.channel)
             else:
                 await start_agent(vm, reader, warmup=False)
             config = build_guest_config(
                 spec, workspace=plan.workspace, now_ns=time.time_ns(), seed=os.urandom(64)
             )
             with anyio.fail_after(READY_TIMEOUT):
-                answer = await _request(vm, reader, "sandbox.configure", config)
+                answer = await request(vm, reader, "sandbox.configure", config)
             logger.debug(
                 "microvm %s: plan %.0f ms, %s %.0f ms, configured %.0f ms; guest: %s",
                 spec.name,
@@ -798,133 +588,5 @@ class MicrovmBackend(Backend):
             if isinstance(exc, SandboxStartError) and console:
                 raise SandboxStartError(f"{exc}\n--- console ---\n{console}") from exc
             raise
-        if reader.buffer:
-            sandbox.channel = _Prefixed(vm.channel, bytes(reader.buffer))
         sandbox.boot_seconds = time.monotonic() - started
         return sandbox
-
-
-# --- start-up and the image's snapshot ----------------------------------------------------
-
-
-async def start_agent(vm: VmHandle, reader: _FrameReader, *, warmup: bool) -> dict[str, Any]:
-    """Wait for a booted guest's launcher, then have it start serving (unconfigured)."""
-    with anyio.fail_after(READY_TIMEOUT):
-        hello = await reader.frame()
-    if hello.get("launcher") != 1:
-        raise SandboxStartError(f"unexpected first message from the guest: {hello}")
-    await vm.channel.send(_frame({"warmup": True} if warmup else {}))
-    with anyio.fail_after(READY_TIMEOUT):
-        answer = await reader.frame()
-    if not answer.get("serving"):
-        raise SandboxStartError(f"the guest agent did not start: {answer.get('error', answer)}")
-    logger.debug("microvm guest start-up (uptime seconds): %s; %s", hello, answer)
-    return answer
-
-
-async def _request(
-    vm: VmHandle, reader: _FrameReader, method: str, params: dict[str, Any]
-) -> dict[str, Any]:
-    """One JSON-RPC request on the raw channel (before the host's AgentClient takes it over);
-    notifications before the answer are skipped."""
-    request_id = f"launch-{method}"
-    await vm.channel.send(
-        _frame({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
-    )
-    while True:
-        message = await reader.frame()
-        if message.get("id") != request_id:
-            continue
-        if "error" in message:
-            error = message["error"]
-            detail = error.get("message", error) if isinstance(error, dict) else error
-            raise SandboxStartError(f"the guest refused {method}: {detail}")
-        result = message.get("result")
-        return result if isinstance(result, dict) else {}
-
-
-async def warm_exec(vm: VmHandle, reader: _FrameReader) -> None:
-    """Run one command through the agent and wait for its exit (code paths warm for a
-    snapshot, or the emulator's translations warm for a pool VM)."""
-    started = await _request(vm, reader, "process.start", {"argv": ["/bin/true"], "cwd": "/"})
-    handle = started.get("proc")
-    while True:
-        message = await reader.frame()
-        if (
-            message.get("method") == "process.exit"
-            and message.get("params", {}).get("proc") == handle
-        ):
-            return
-
-
-def snapshot_memory(snapshot: Path) -> Path:
-    """The guest RAM of an image snapshot: mapped copy-on-write by each restore. It is only
-    ever replaced (a new file), never rewritten: a running VM's private mapping of the old
-    one must not change under it."""
-    return snapshot.with_suffix(".mem")
-
-
-def snapshot_ready(snapshot: Path) -> bool:
-    # The device state is renamed into place last: with it, the memory file is complete.
-    return snapshot.is_file() and snapshot_memory(snapshot).is_file()
-
-
-def remove_snapshot(snapshot: Path) -> None:
-    for path in (snapshot, snapshot_memory(snapshot)):
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def restored_spec(vm: VmSpec, snapshot: Path) -> VmSpec:
-    """``vm`` restored from an image snapshot: its RAM maps the snapshot's memory file
-    privately (nothing is copied; pages a guest writes become its own)."""
-    options = {**vm.options, "memory_file": str(snapshot_memory(snapshot)), "ignore_shared": "on"}
-    return dataclasses.replace(vm, options=options)
-
-
-async def ensure_snapshot(driver: Driver, vm_spec: VmSpec, snapshot: Path) -> None:
-    """Make the image snapshot unless it exists, one maker at a time (a lock file next to
-    it): sandboxes started together wait for the first one's snapshot instead of each
-    booting its own and replacing the other's RAM file under a restore."""
-    import fcntl
-
-    if snapshot_ready(snapshot):
-        return
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(snapshot.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
-        if not snapshot_ready(snapshot):
-            await make_snapshot(driver, vm_spec, snapshot)
-    finally:
-        os.close(fd)  # and with it the lock
-
-
-async def make_snapshot(driver: Driver, vm_spec: VmSpec, snapshot: Path) -> None:
-    """Boot a VM whose RAM is a shared file, start its agent, run one command, then save its
-    device state (the RAM file is the rest of the snapshot) and stop it."""
-    from stockade.backends.microvm.qemu import QemuVm
-
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    memory = snapshot.with_name(f".{snapshot.stem}.{tag}.mem")
-    devices = snapshot.with_name(f".{snapshot.stem}.{tag}.mig")
-    options = {**vm_spec.options, "memory_file": str(memory), "memory_share": "on"}
-    try:
-        vm = await driver.boot(dataclasses.replace(vm_spec, options=options))
-        try:
-            if not isinstance(vm, QemuVm):
-                raise SandboxStartError(f"the {driver.name} driver keeps no image snapshots")
-            reader = _FrameReader(vm.channel)
-            await start_agent(vm, reader, warmup=True)
-            with anyio.fail_after(READY_TIMEOUT):
-                await warm_exec(vm, reader)
-            await vm.snapshot_devices(devices)
-        finally:
-            await vm.stop(0)
-        os.replace(memory, snapshot_memory(snapshot))
-        os.replace(devices, snapshot)
-    finally:
-        for path in (memory, devices):
-            with contextlib.suppress(OSError):
-                path.unlink()

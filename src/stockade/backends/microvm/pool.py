@@ -62,7 +62,7 @@ class WarmPool:
 
     async def __aenter__(self) -> WarmPool:
         from stockade.backends.microvm.accel import chosen_accel
-        from stockade.backends.microvm.backend import snapshot_key, snapshot_path, snapshot_ready
+        from stockade.backends.microvm.boot import snapshot_key, snapshot_path, snapshot_ready
         from stockade.images.vm import find_vm_image
 
         image = await anyio.to_thread.run_sync(find_vm_image, self.profile)
@@ -126,16 +126,16 @@ class WarmPool:
         )
 
     async def _make_snapshot(self) -> None:
-        from stockade.backends.microvm.backend import ensure_snapshot
+        from stockade.backends.microvm.boot import ensure_snapshot
         from stockade.backends.microvm.qemu import QemuDriver
 
         assert self._snapshot is not None
         await ensure_snapshot(QemuDriver(self._accel), self._spec(), self._snapshot)
 
     async def _one(self) -> VmHandle:
-        from stockade.backends.microvm.backend import (
-            _FrameReader,
-            _request,
+        from stockade.backends.microvm.boot import (
+            LauncherReader,
+            request,
             restored_spec,
             warm_exec,
         )
@@ -150,11 +150,9 @@ class WarmPool:
             # A rehearsal of configuring and one command now: the emulator translates those
             # paths before a sandbox takes this VM, not during its start and first command.
             with anyio.fail_after(60):
-                reader = _FrameReader(vm.channel)
-                await _request(vm, reader, "sandbox.warm", {})
+                reader = LauncherReader(vm.channel)
+                await request(vm, reader, "sandbox.warm", {})
                 await warm_exec(vm, reader)
-            if reader.buffer:
-                raise SandboxStartError("a pool VM sent more than its warm-up answer")
         except BaseException:
             self._owned.discard(vm)
             await vm.stop(0)

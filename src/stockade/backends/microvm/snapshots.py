@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,12 +173,3 @@ async def handle_control(sandbox: AsyncSandbox, method: str, params: dict[str, A
         await restore_sandbox(sandbox, tag)
         return {}
     raise SandboxStateError(f"unknown snapshot method {method!r}")
-
-
-def copy_sparse(src: Path, dst: Path) -> None:
-    """Copy a (sparse) disk image keeping holes, with reflinks where the filesystem has them."""
-    subprocess.run(
-        ["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)],
-        check=True,
-        capture_output=True,
-    )

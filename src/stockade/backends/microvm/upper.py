@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from stockade._errors import WorkspaceError
-from stockade.workspace.layers import remove_tree
+from stockade.workspace.removal import remove_tree
 
 __all__ = ["OPAQUE_PAX", "OPAQUE_XATTR", "import_upper"]
 

@@ -1,6 +1,6 @@
 """Daemonless engines of the container backend: ``runc`` or ``crun`` running our OCI bundle.
 
-The same bundle as the gvisor backend (``backends/_oci.py``) plus the namespace backend's
+The same bundle as the gvisor backend (``backends/oci_bundle.py``) plus the namespace backend's
 seccomp deny list and Landlock, since here the host kernel serves every syscall. crun
 refuses this kind of host's hybrid cgroups (v1 controllers plus a cgroup2 tree holding only
 hugetlb) unless ``/sys/fs/cgroup/unified`` is hidden, which is done in the sandbox's own
@@ -17,17 +17,17 @@ import tempfile
 from pathlib import Path
 
 from stockade._errors import SandboxStartError
-from stockade.backends._oci import (
+from stockade.backends.base import Availability, LaunchSpec
+from stockade.backends.oci_bundle import host_rootfs
+from stockade.backends.oci_runtime import (
     OciContainerSandbox,
     OciRuntime,
-    host_rootfs,
     launch_container,
     reap_container,
     runtime_state_root,
     unshare_prefix,
     which,
 )
-from stockade.backends.base import Availability, LaunchSpec
 
 __all__ = ["OCI_ENGINES", "launch_oci", "probe_oci", "reap_oci"]
 

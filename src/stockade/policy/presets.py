@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from stockade._errors import ConfigError
-from stockade.egress.rules import RuleError, parse_rule
+from stockade.policy.rules import RuleError, parse_rule
 
 __all__ = [
     "PRESETS",

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from stockade._errors import PolicyError
-from stockade.egress.rules import (
+from stockade.policy.rules import (
     Address,
     Network,
     Rule,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from stockade._errors import ConfigError
-from stockade.egress.presets import PRESETS, PresetHosts, preset_problem, resolve_presets
-from stockade.egress.rules import parse_rule
+from stockade.policy.presets import PRESETS, PresetHosts, preset_problem, resolve_presets
+from stockade.policy.rules import parse_rule
 
 
 class Host:

@@ -10,7 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from stockade._errors import PolicyError
-from stockade.egress.decide import (
+from stockade.policy.decide import (
     Decision,
     NetworkRules,
     compile_rules,
@@ -19,7 +19,7 @@ from stockade.egress.decide import (
     with_allowed,
     with_denied,
 )
-from stockade.egress.rules import parse_rule
+from stockade.policy.rules import parse_rule
 
 PUBLIC = ("93.184.216.34",)  # a global unicast address
 

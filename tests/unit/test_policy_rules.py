@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stockade._errors import ConfigError
-from stockade.egress.rules import PUBLIC_SUFFIXES, Rule, RuleError, parse_rule
+from stockade.policy.rules import PUBLIC_SUFFIXES, Rule, RuleError, parse_rule
 
 # ---------------------------------------------------------------------------------------------
 # Parsing and normal forms
