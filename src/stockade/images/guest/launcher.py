@@ -183,7 +183,7 @@ def write_file(path: str, data: bytes, mode: int) -> None:
 
 
 class Entry:
-    """One workspace entry (backend.py ``_tree_entries``) as the agent's tar extraction
+    """One workspace entry (guest_config.py ``tree_entries``) as the agent's tar extraction
     sees a tar member: the same checks and the same writes, without ``tarfile``."""
 
     def __init__(self, kind: str, name: str, mode: int, mtime: float, payload: str) -> None:
