@@ -937,10 +937,18 @@ class AsyncSandbox:
 
     def _arm_timer(self, seconds: float) -> None:
         launched = self._launched
-        process = getattr(launched, "process", None)
-        if launched is None or process is None:
+        if launched is None:
             return
-        pid = process.pid
+        process = getattr(launched, "process", None)
+        if process is not None:
+            pid = process.pid
+
+            def kill() -> None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+        else:  # no process of ours runs it (Docker/Podman without a CLI): the backend kills it
+            kill = launched.kill_now  # type: ignore[attr-defined]
         # A workspace kept inside the sandbox is saved before the kill (bounded: the kill
         # happens even if the event loop never runs the save).
         token = anyio.lowlevel.current_token() if self._must_save(launched) else None
@@ -960,8 +968,7 @@ class AsyncSandbox:
                 saver = threading.Thread(target=save, daemon=True)
                 saver.start()
                 saver.join(SAVE_TIMEOUT + 10)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            kill()
 
         self._timer = threading.Timer(seconds, expire)
         self._timer.daemon = True

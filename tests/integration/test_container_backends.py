@@ -207,6 +207,62 @@ def test_kill_9_of_supervisor_then_rm_leaves_nothing(target: str, project: Path)
     assert name not in stockade("ls").stdout
 
 
+@pytest.mark.parametrize("engine", ["docker", "podman"])
+def test_wall_clock_timeout_without_an_engine_cli(
+    engine: str, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Driven through the API alone (no `docker`/`podman` binary, so no lifeline process),
+    the sandbox's timeout still kills the container, and says so."""
+    require_backend(f"container/{engine}")
+    from stockade import SandboxStateError
+    from stockade.backends.container import engine as engine_module
+
+    real_which = engine_module.which
+    monkeypatch.setattr(
+        engine_module, "which", lambda name: None if name == engine else real_which(name)
+    )
+    sb = Sandbox.create(
+        project_dir=project, backend="container", config={"container.engine": engine}, timeout=3
+    )
+    try:
+        [container] = _engine_containers(engine, sb.id)
+        # No watchdog (`ENGINE rm -f -v ID` on EOF), so no lifeline process to kill.
+        assert _pids_naming(f"rm -f -v {container['Id']}") == []
+        with pytest.raises(SandboxStateError, match="timeout of 3s expired"):
+            sb.commands.run(["sleep", "60"])
+        # Killed by the timer, not by the close below.
+        assert not sb.is_running()
+        assert [c for c in _engine_containers(engine, sb.id) if c["State"] == "running"] == []
+    finally:
+        sb.close()
+    assert _engine_leftovers(f"container/{engine}", sb.id) == []
+
+
+def _pids_naming(text: str) -> list[str]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(entry.name)
+            except OSError:
+                continue
+    return pids
+
+
+def _engine_containers(engine: str, sandbox_id: str) -> list[dict[str, Any]]:
+    from stockade.backends.container.engine import LABEL, client_for
+
+    client = client_for(engine)
+    try:
+        found: list[dict[str, Any]] = client.api.containers(
+            all=True, filters={"label": f"{LABEL}={sandbox_id}"}
+        )
+        return found
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("target", ["gvisor", "container/runc", "container/crun"])
 def test_unprivileged_user(target: str, tmp_path: Path) -> None:
     """Rootless: the runtime runs in a user namespace of the caller, limits by rlimits."""
