@@ -38,7 +38,7 @@ from stockade._errors import (
     StockadeError,
 )
 from stockade._results import CommandResult
-from stockade.agent.client import AgentClient, ProcessEvents
+from stockade.agent.client import AgentClient, ProcessEvents, guest_shell
 from stockade.audit import AuditLog
 from stockade.backends.base import Backend, LaunchedSandbox, LaunchSpec
 from stockade.policy import EffectivePolicy
@@ -379,12 +379,11 @@ class AsyncPty:
         timeout: float | None = None,
     ) -> AsyncCommandHandle:
         """Start ``cmd`` (default: an interactive shell) on a new pseudo-terminal."""
+        if cmd is None:
+            with self._sandbox._explained():
+                cmd = await guest_shell(self._sandbox._require_client())
         return await self._sandbox.commands.start(
-            cmd
-            if cmd is not None
-            else ["/bin/bash", "-i"]
-            if os.path.exists("/bin/bash")
-            else ["/bin/sh", "-i"],
+            cmd,
             env={"TERM": os.environ.get("TERM", "xterm-256color"), **(env or {})},
             cwd=cwd,
             timeout=timeout,

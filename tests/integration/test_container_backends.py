@@ -2,7 +2,8 @@
 
 The shared behaviour is in ``tests/contract/test_conformance.py``; here: gVisor's own kernel,
 each engine's hardening as the engine itself reports it, runtime pass-through, the docker
-policy refusal, and that nothing of ours survives ``kill -9`` of a supervisor plus ``rm``.
+policy refusal, that nothing of ours survives ``kill -9`` of a supervisor plus ``rm``, the
+wall-clock timeout of an engine driven without its CLI, and the guest's own shell in an image.
 """
 
 from __future__ import annotations
@@ -315,3 +316,79 @@ def test_image_rootfs(target: str, project: Path, base_image: Any) -> None:
         assert [c.path for c in sb.workspace.diff()] == ["new.txt"]
     assert sorted(p.name for p in base_image.tree.iterdir()) == before
     assert not (base_image.tree / "workspace").exists()
+
+
+@pytest.fixture(scope="module")
+def no_bash_rootfs(base_image: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 'base' rootfs without bash (as in busybox or alpine images): a hard-linked copy,
+    so the shared tree is not touched."""
+    root = tmp_path_factory.mktemp("no-bash") / "tree"
+    subprocess.run(["cp", "-al", str(base_image.tree), str(root)], check=True)
+    for name in ("bash", "rbash"):
+        (root / "usr" / "bin" / name).unlink(missing_ok=True)
+    assert (root / "usr" / "bin" / "sh").exists()
+    return root
+
+
+def _shell_says(output: bytes) -> str:
+    """Which shell answered: the `shell=...` line SHELL_PROBE prints."""
+    import re
+
+    text = output.decode(errors="replace")
+    found = re.findall(r"shell=(\w+)\r?\n", text)  # not the echoed input: `shell=sh; fi`
+    assert found, text
+    return str(found[-1])
+
+
+SHELL_PROBE = b'if [ -n "$BASH_VERSION" ]; then echo shell=bash; else echo shell=sh; fi; exit 3\n'
+
+
+@pytest.mark.parametrize("target", ["gvisor", "container/runc"])
+@pytest.mark.parametrize("has_bash", [True, False])
+def test_default_shell_is_the_guests(
+    target: str, has_bash: bool, project: Path, base_image: Any, no_bash_rootfs: Path
+) -> None:
+    """pty.create() with no command starts the guest's bash, or its sh where the image has no
+    bash, whatever the host has."""
+    require_backend(target)
+    backend, _, engine = target.partition("/")
+    image = str(base_image.tree if has_bash else no_bash_rootfs)
+    config: dict[str, Any] = {f"{backend}.image": image}
+    if engine:
+        config["container.engine"] = engine
+    chunks: list[bytes] = []
+    with Sandbox.create(project_dir=project, backend=backend, config=config) as sb:
+        handle = sb.pty.create(on_data=chunks.append)
+        handle.send_stdin(SHELL_PROBE)
+        assert handle.wait().exit_code == 3
+    assert _shell_says(b"".join(chunks)) == ("bash" if has_bash else "sh")
+
+
+def test_cli_shell_without_bash(project: Path, no_bash_rootfs: Path) -> None:
+    """`stockade shell` opens the guest's sh where the image has no bash."""
+    import pty
+    import select
+
+    require_backend("gvisor")
+    env = {"STOCKADE_BACKEND": "gvisor", "STOCKADE_GVISOR_IMAGE": str(no_bash_rootfs)}
+    name = f"sh-{uuid.uuid4().hex[:8]}"
+    stockade("create", "--name", name, "-C", str(project), env=env)
+    try:
+        pid, fd = pty.fork()
+        if pid == 0:  # child: the CLI on a real terminal
+            os.execvp(sys.executable, [sys.executable, "-m", "stockade.cli.main", "shell", name])
+        os.write(fd, SHELL_PROBE)
+        output = b""
+        while select.select([fd], [], [], 60)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        _, status = os.waitpid(pid, 0)
+        assert _shell_says(output) == "sh"
+        assert os.WEXITSTATUS(status) == 3
+    finally:
+        stockade("rm", "--force", name, check=False)

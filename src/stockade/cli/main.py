@@ -382,7 +382,7 @@ def shell(name: str) -> None:
     from stockade.cli.attach import attach_remote
 
     record = _running(name)
-    code = anyio.run(lambda: attach_remote(record, ["/bin/bash", "-i"], True, {}, None, None))
+    code = anyio.run(lambda: attach_remote(record, None, True, {}, None, None))
     raise SystemExit(code)
 
 
