@@ -1093,8 +1093,10 @@ def audit(name: str | None, verify: bool, as_json: bool) -> None:
             err=True,
         )
         raise SystemExit(1)
+    from dataclasses import asdict
+
     for event in log.read():
-        data = event.model_dump(mode="json") if hasattr(event, "model_dump") else vars(event)
+        data = asdict(event)
         if as_json:
             click.echo(json.dumps(data))
         else:
