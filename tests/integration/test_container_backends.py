@@ -2,7 +2,8 @@
 
 The shared behaviour is in ``tests/contract/test_conformance.py``; here: gVisor's own kernel,
 each engine's hardening as the engine itself reports it, runtime pass-through, the docker
-policy refusal, and that nothing of ours survives ``kill -9`` of a supervisor plus ``rm``.
+policy refusal, that nothing of ours survives ``kill -9`` of a supervisor plus ``rm``, the
+wall-clock timeout of an engine driven without its CLI, and the guest's own shell in an image.
 """
 
 from __future__ import annotations
@@ -207,6 +208,62 @@ def test_kill_9_of_supervisor_then_rm_leaves_nothing(target: str, project: Path)
     assert name not in stockade("ls").stdout
 
 
+@pytest.mark.parametrize("engine", ["docker", "podman"])
+def test_wall_clock_timeout_without_an_engine_cli(
+    engine: str, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Driven through the API alone (no `docker`/`podman` binary, so no lifeline process),
+    the sandbox's timeout still kills the container, and says so."""
+    require_backend(f"container/{engine}")
+    from stockade import SandboxStateError
+    from stockade.backends.container import engine as engine_module
+
+    real_which = engine_module.which
+    monkeypatch.setattr(
+        engine_module, "which", lambda name: None if name == engine else real_which(name)
+    )
+    sb = Sandbox.create(
+        project_dir=project, backend="container", config={"container.engine": engine}, timeout=3
+    )
+    try:
+        [container] = _engine_containers(engine, sb.id)
+        # No watchdog (`ENGINE rm -f -v ID` on EOF), so no lifeline process to kill.
+        assert _pids_naming(f"rm -f -v {container['Id']}") == []
+        with pytest.raises(SandboxStateError, match="timeout of 3s expired"):
+            sb.commands.run(["sleep", "60"])
+        # Killed by the timer, not by the close below.
+        assert not sb.is_running()
+        assert [c for c in _engine_containers(engine, sb.id) if c["State"] == "running"] == []
+    finally:
+        sb.close()
+    assert _engine_leftovers(f"container/{engine}", sb.id) == []
+
+
+def _pids_naming(text: str) -> list[str]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(entry.name)
+            except OSError:
+                continue
+    return pids
+
+
+def _engine_containers(engine: str, sandbox_id: str) -> list[dict[str, Any]]:
+    from stockade.backends.container.engine import LABEL, client_for
+
+    client = client_for(engine)
+    try:
+        found: list[dict[str, Any]] = client.api.containers(
+            all=True, filters={"label": f"{LABEL}={sandbox_id}"}
+        )
+        return found
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("target", ["gvisor", "container/runc", "container/crun"])
 def test_unprivileged_user(target: str, tmp_path: Path) -> None:
     """Rootless: the runtime runs in a user namespace of the caller, limits by rlimits."""
@@ -259,3 +316,79 @@ def test_image_rootfs(target: str, project: Path, base_image: Any) -> None:
         assert [c.path for c in sb.workspace.diff()] == ["new.txt"]
     assert sorted(p.name for p in base_image.tree.iterdir()) == before
     assert not (base_image.tree / "workspace").exists()
+
+
+@pytest.fixture(scope="module")
+def no_bash_rootfs(base_image: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 'base' rootfs without bash (as in busybox or alpine images): a hard-linked copy,
+    so the shared tree is not touched."""
+    root = tmp_path_factory.mktemp("no-bash") / "tree"
+    subprocess.run(["cp", "-al", str(base_image.tree), str(root)], check=True)
+    for name in ("bash", "rbash"):
+        (root / "usr" / "bin" / name).unlink(missing_ok=True)
+    assert (root / "usr" / "bin" / "sh").exists()
+    return root
+
+
+def _shell_says(output: bytes) -> str:
+    """Which shell answered: the `shell=...` line SHELL_PROBE prints."""
+    import re
+
+    text = output.decode(errors="replace")
+    found = re.findall(r"shell=(\w+)\r?\n", text)  # not the echoed input: `shell=sh; fi`
+    assert found, text
+    return str(found[-1])
+
+
+SHELL_PROBE = b'if [ -n "$BASH_VERSION" ]; then echo shell=bash; else echo shell=sh; fi; exit 3\n'
+
+
+@pytest.mark.parametrize("target", ["gvisor", "container/runc"])
+@pytest.mark.parametrize("has_bash", [True, False])
+def test_default_shell_is_the_guests(
+    target: str, has_bash: bool, project: Path, base_image: Any, no_bash_rootfs: Path
+) -> None:
+    """pty.create() with no command starts the guest's bash, or its sh where the image has no
+    bash, whatever the host has."""
+    require_backend(target)
+    backend, _, engine = target.partition("/")
+    image = str(base_image.tree if has_bash else no_bash_rootfs)
+    config: dict[str, Any] = {f"{backend}.image": image}
+    if engine:
+        config["container.engine"] = engine
+    chunks: list[bytes] = []
+    with Sandbox.create(project_dir=project, backend=backend, config=config) as sb:
+        handle = sb.pty.create(on_data=chunks.append)
+        handle.send_stdin(SHELL_PROBE)
+        assert handle.wait().exit_code == 3
+    assert _shell_says(b"".join(chunks)) == ("bash" if has_bash else "sh")
+
+
+def test_cli_shell_without_bash(project: Path, no_bash_rootfs: Path) -> None:
+    """`stockade shell` opens the guest's sh where the image has no bash."""
+    import pty
+    import select
+
+    require_backend("gvisor")
+    env = {"STOCKADE_BACKEND": "gvisor", "STOCKADE_GVISOR_IMAGE": str(no_bash_rootfs)}
+    name = f"sh-{uuid.uuid4().hex[:8]}"
+    stockade("create", "--name", name, "-C", str(project), env=env)
+    try:
+        pid, fd = pty.fork()
+        if pid == 0:  # child: the CLI on a real terminal
+            os.execvp(sys.executable, [sys.executable, "-m", "stockade.cli.main", "shell", name])
+        os.write(fd, SHELL_PROBE)
+        output = b""
+        while select.select([fd], [], [], 60)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        _, status = os.waitpid(pid, 0)
+        assert _shell_says(output) == "sh"
+        assert os.WEXITSTATUS(status) == 3
+    finally:
+        stockade("rm", "--force", name, check=False)

@@ -2,13 +2,12 @@
 
 Client, proxy and servers listen on 127.0.0.1 only, with random ports; the servers are
 allowed by address. tracemalloc shows the proxy streams instead of buffering bodies.
-Throughput is printed (run with ``-s``), never asserted.
+Throughput is bench/bench_egress.py's business, not a test's.
 """
 
 from __future__ import annotations
 
 import socket
-import time
 import tracemalloc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -190,12 +189,6 @@ def make_proxy() -> tuple[EgressProxy, list[ConnectionRecord]]:
     return proxy, events
 
 
-def report(label: str, nbytes: int, seconds: float, peak: int) -> None:
-    rate = nbytes / seconds / 1e6 if seconds > 0 else float("inf")
-    print(f"\n{label}: {nbytes / 1e6:.0f} MB in {seconds:.2f} s = {rate:.0f} MB/s, "
-          f"tracemalloc peak {peak / 1e6:.1f} MB")  # fmt: skip
-
-
 @asynccontextmanager
 async def measured() -> AsyncIterator[list[int]]:
     tracemalloc.start()
@@ -221,7 +214,6 @@ async def test_connect_streams_50_mb_each_way_in_bounded_memory(client_kind: str
     proxy, events = make_proxy()
     async with serve(echo) as echo_port, proxy_listener(proxy, client_kind) as proxy_port:
         async with measured() as peak:
-            started = time.perf_counter()
             with anyio.fail_after(90):
                 client = await anyio.connect_tcp(LOOPBACK, proxy_port)
                 async with client:
@@ -239,9 +231,7 @@ async def test_connect_streams_50_mb_each_way_in_bounded_memory(client_kind: str
 
                         tg.start_soon(upload)
                         received = await count_until_eof(client, len(rest))
-            elapsed = time.perf_counter() - started
         await wait_for_records(events, 1)
-    report("CONNECT echo (each way)", TOTAL, elapsed, peak[0])
     assert received == TOTAL
     assert peak[0] < PEAK_LIMIT
     [record] = events
@@ -257,7 +247,6 @@ async def test_plain_http_download_and_upload_50_mb_in_bounded_memory(
     server = HttpServer()
     async with serve(server) as http_port, proxy_listener(proxy, client_kind) as proxy_port:
         async with measured() as peak:
-            started = time.perf_counter()
             with anyio.fail_after(90):
                 client = await anyio.connect_tcp(LOOPBACK, proxy_port)
                 async with client:
@@ -269,9 +258,7 @@ async def test_plain_http_download_and_upload_50_mb_in_bounded_memory(
                     head, rest = await read_head(client)
                     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
                     downloaded = await count_until_eof(client, len(rest))
-            download_time = time.perf_counter() - started
 
-            started = time.perf_counter()
             with anyio.fail_after(90):
                 client = await anyio.connect_tcp(LOOPBACK, proxy_port)
                 async with client:
@@ -287,10 +274,7 @@ async def test_plain_http_download_and_upload_50_mb_in_bounded_memory(
                             body += await client.receive()
                         except anyio.EndOfStream:
                             break
-            upload_time = time.perf_counter() - started
         await wait_for_records(events, 2)
-    report("HTTP GET download", TOTAL, download_time, peak[0])
-    report("HTTP POST upload", TOTAL, upload_time, peak[0])
     assert downloaded == TOTAL
     assert body == b"%d" % TOTAL
     assert peak[0] < PEAK_LIMIT

@@ -144,26 +144,32 @@ def test_seccomp_and_capabilities(sb: Sandbox) -> None:
     assert "landlock" in sb.agent_info.capabilities
 
 
+#: Forks until fork fails (bounded, in case the limit failed), prints how many children it
+#: got, then kills and reaps them all: what follows runs with the whole pids budget again.
+FORK_BOMB = (
+    "import os, signal\n"
+    "children = []\n"
+    "for _ in range(2000):\n"
+    "    try:\n"
+    "        pid = os.fork()\n"
+    "    except OSError:\n"
+    "        break\n"
+    "    if pid == 0:\n"
+    "        signal.pause(); os._exit(0)\n"
+    "    children.append(pid)\n"
+    "print(len(children), flush=True)\n"
+    "for pid in children:\n"
+    "    os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)\n"
+)
+
+
 def test_fork_bomb_is_stopped_by_pids_limit(namespace_backend: str, project: Path) -> None:
-    script = (
-        "import os, time\n"
-        "n = 0\n"
-        "for _ in range(2000):\n"  # bounded, in case a limit failed
-        "    try:\n"
-        "        if os.fork() == 0:\n"
-        "            time.sleep(30); os._exit(0)\n"
-        "        n += 1\n"
-        "    except OSError:\n"
-        "        break\n"
-        "print(n)\n"
-    )
     with Sandbox.create(project_dir=project, backend=namespace_backend, pids=64) as sandbox:
-        r = sandbox.commands.run(["python3", "-c", script], timeout=60)
+        r = sandbox.commands.run(["python3", "-c", FORK_BOMB], timeout=60)
         assert int(r.stdout.split()[0]) < 64
-        t = time.perf_counter()
-        subprocess.run(["true"], check=True)
-        assert time.perf_counter() - t < 5  # the host stays responsive
-        assert sandbox.commands.run("echo alive").stdout == "alive\n" or True
+        subprocess.run(["true"], check=True)  # the host still starts processes
+        # The bomb reaped its children: the sandbox is usable again under its limit.
+        assert sandbox.commands.run("echo alive").stdout == "alive\n"
 
 
 def test_memory_hog_is_killed(namespace_backend: str, project: Path) -> None:
@@ -264,10 +270,8 @@ def test_sandbox_wall_clock_timeout(namespace_backend: str, project: Path) -> No
     from stockade import SandboxStateError
 
     with Sandbox.create(project_dir=project, backend=namespace_backend, timeout=1) as sandbox:
-        t = time.perf_counter()
-        with pytest.raises(SandboxStateError, match="timeout"):
+        with pytest.raises(SandboxStateError, match="timeout"):  # not sleep's exit 0
             sandbox.commands.run(["sleep", "30"])
-        assert time.perf_counter() - t < 10
         assert not sandbox.is_running()
 
 

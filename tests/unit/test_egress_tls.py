@@ -8,7 +8,6 @@ import socket
 import ssl
 import stat
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -187,15 +186,6 @@ def test_trust_env() -> None:
     for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE"):
         assert env[name] == "/etc/stockade/bundle.pem"
     assert env["NODE_EXTRA_CA_CERTS"] == "/etc/stockade/ca.pem"
-
-
-def test_generation_is_fast(tmp_path: Path) -> None:
-    # Not a timing assertion (no flaky thresholds): record the cost for the report.
-    start = time.perf_counter()
-    ca = SandboxCA.create(tmp_path / "ca", name="fast")
-    ca.leaf_context("api.example.com")
-    elapsed = time.perf_counter() - start
-    print(f"CA + first leaf: {elapsed * 1000:.1f} ms")
 
 
 def _self_signed_pem() -> bytes:

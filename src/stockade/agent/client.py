@@ -43,6 +43,8 @@ from stockade.protocol.messages import (
     PROTOCOL_VERSION,
     AgentHelloParams,
     AgentHelloResult,
+    FsEntry,
+    FsStatParams,
     NetAcceptParams,
     ProcessExitParams,
     ProcessOutputParams,
@@ -50,7 +52,7 @@ from stockade.protocol.messages import (
     ProcessStartResult,
 )
 
-__all__ = ["AgentClient", "ProcessEvents", "error_from_payload"]
+__all__ = ["AgentClient", "ProcessEvents", "error_from_payload", "guest_shell"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,19 @@ def error_from_payload(method: str, error: Any) -> AgentError:
         data = None
     cls = _ERROR_TYPES.get(code, AgentError)
     return cls(f"{method}: {message[:2000]}", code=code, data=data)
+
+
+async def guest_shell(client: AgentClient) -> list[str]:
+    """The interactive shell to start in the guest behind ``client`` (the agent, or a
+    supervisor forwarding ``fs.*``): bash where the guest has it, else the POSIX sh every
+    image has (busybox, alpine). The guest is asked: the host's files say nothing of it."""
+    try:
+        entry = await client.call("fs.stat", FsStatParams(path="/bin/bash", follow_symlinks=True))
+    except (SandboxFileNotFoundError, SandboxPermissionError):
+        entry = None
+    if isinstance(entry, FsEntry) and entry.type == "file":
+        return ["/bin/bash", "-i"]
+    return ["/bin/sh", "-i"]
 
 
 @dataclass

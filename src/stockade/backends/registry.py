@@ -1,8 +1,6 @@
 """Registry of every backend the design names, with lazy imports, and `auto` selection.
 
-Backends not built yet are listed too, so ``stockade doctor`` can say so instead of
-pretending they do not exist. ``auto`` tries the built ones strongest first and never
-picks ``host``.
+``auto`` tries them strongest first and never picks ``host``.
 """
 
 from __future__ import annotations
@@ -36,13 +34,8 @@ class BackendEntry:
     name: str
     tier: float
     mechanism: str
-    target: str | None  # "module:Class", or None when not built yet
-    planned_issue: str = ""
+    target: str  # "module:Class"
     auto: bool = True
-
-    @property
-    def built(self) -> bool:
-        return self.target is not None
 
 
 BACKENDS: tuple[BackendEntry, ...] = (
@@ -89,15 +82,7 @@ def _entry(name: str) -> BackendEntry:
 
 def get_backend_class(name: str) -> type[Backend]:
     """Import a backend class by name (lazily: importing stockade loads no backend)."""
-    entry = _entry(name)
-    if entry.target is None:
-        raise BackendUnavailableError(
-            f"the {name} backend is not built in this version of stockade "
-            f"(planned in {entry.planned_issue}); choose backend='namespace'",
-            backend=name,
-            fix="use --backend namespace",
-        )
-    module_name, _, class_name = entry.target.partition(":")
+    module_name, _, class_name = _entry(name).target.partition(":")
     module = importlib.import_module(module_name)
     cls = getattr(module, class_name)
     assert isinstance(cls, type) and issubclass(cls, Backend)
@@ -106,9 +91,6 @@ def get_backend_class(name: str) -> type[Backend]:
 
 def variants(name: str) -> tuple[str, ...]:
     """Sub-backends probed and tested one by one (the container backend's engines)."""
-    entry = _entry(name)
-    if entry.target is None:
-        return ()
     return tuple(getattr(get_backend_class(name), "variants", ()))
 
 
@@ -125,13 +107,7 @@ def probe(name: str, *, fresh: bool = False) -> Availability:
         probe_variant = getattr(get_backend_class(name), "probe_variant")  # noqa: B009
         result: Availability = probe_variant(variant)
         return result
-    entry = _entry(name)
-    if entry.target is None:
-        return Availability(
-            False,
-            f"not built yet in this version of stockade (planned in {entry.planned_issue})",
-            "use the namespace backend for now",
-        )
+    _entry(name)  # an unknown name raises BackendUnavailableError
     from stockade.backends.probe_cache import cached_probe
 
     try:
@@ -183,7 +159,7 @@ def select_backend(policy: EffectivePolicy) -> Backend:
         return backend
     reasons: list[str] = []
     for entry in BACKENDS:
-        if not entry.auto or not entry.built:
+        if not entry.auto:
             continue
         availability = probe(entry.name)
         if availability.ok and not availability.auto:

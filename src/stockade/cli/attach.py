@@ -15,7 +15,7 @@ import anyio
 import click
 
 from stockade._errors import AgentError, StockadeError
-from stockade.agent.client import AgentClient
+from stockade.agent.client import AgentClient, guest_shell
 from stockade.protocol.messages import (
     ProcessResizeParams,
     ProcessStartParams,
@@ -112,7 +112,7 @@ async def _pump_resize(client: AgentClient, proc: int) -> None:
 
 async def attach(
     client: AgentClient,
-    command: list[str],
+    command: list[str] | None,
     tty: bool | None,
     *,
     env: dict[str, str] | None = None,
@@ -120,7 +120,10 @@ async def attach(
     timeout: float | None = None,
     on_started: Any = None,
 ) -> int:
-    """Run ``command`` with our stdio attached; return the exit code to pass through."""
+    """Run ``command`` (None: the guest's shell) with our stdio attached; return the exit
+    code to pass through."""
+    if command is None:
+        command = await guest_shell(client)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None else -1
     if tty is None:
         tty = stdin_fd >= 0 and os.isatty(stdin_fd) and os.isatty(sys.stdout.fileno())
@@ -188,7 +191,7 @@ async def attach_local(sandbox: Any, command: list[str], tty: bool | None) -> in
 
 async def attach_remote(
     record: Any,
-    command: list[str],
+    command: list[str] | None,
     tty: bool | None,
     env: dict[str, str],
     cwd: str | None,

@@ -200,18 +200,16 @@ def run_doctor(as_json: bool, measure: bool = True, *, fix: bool = False) -> Non
     rows: list[dict[str, Any]] = []
     chosen = None
     for entry, availability in probe_all(fresh=True):  # a diagnosis never trusts the cache
-        caps = None
-        if entry.built:
-            caps = get_backend_class(entry.name).capabilities
+        caps = get_backend_class(entry.name).capabilities
         if chosen is None and entry.auto and availability.ok and availability.auto:
             chosen = entry.name
         latency = None
         engines: list[dict[str, Any]] = []
-        if entry.built and variants(entry.name):
+        if variants(entry.name):
             engines = _variant_rows(entry.name, measure)
             timed = [e["start_ms"] for e in engines if e["start_ms"] is not None]
             latency = timed[0] if timed else None
-        elif measure and availability.ok and entry.built and entry.auto:
+        elif measure and availability.ok and entry.auto:
             latency = measure_start(entry.name)
         rows.append(
             {
@@ -225,8 +223,8 @@ def run_doctor(as_json: bool, measure: bool = True, *, fix: bool = False) -> Non
                 "start_ms": latency,
                 "engines": engines,
                 "details": list(availability.details),
-                "enforces": list(caps.enforces) if caps else [],
-                "does_not_enforce": list(caps.does_not_enforce) if caps else [],
+                "enforces": list(caps.enforces),
+                "does_not_enforce": list(caps.does_not_enforce),
             }
         )
     facts = host_facts()

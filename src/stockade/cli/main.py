@@ -63,6 +63,19 @@ def _policy_options(fn: F) -> F:
     return fn
 
 
+def _env_map(pairs: Sequence[str]) -> dict[str, str]:
+    """``-e NAME=VALUE`` options as a mapping; a usage error names a malformed one."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"{pair!r} is not NAME=VALUE (e.g. -e DEBUG=1)", param_hint="'-e' / '--env'"
+            )
+        env[key] = value
+    return env
+
+
 def _compile(opts: dict[str, Any]) -> Any:
     """Load config with CLI flags as the flag layer and compile the policy."""
     from stockade.config import load_config
@@ -82,15 +95,8 @@ def _compile(opts: dict[str, Any]) -> Any:
     ):
         if opts.get(opt) is not None:
             flags[key] = opts[opt]
-    env_pairs = opts.get("env") or ()
-    if env_pairs:
-        env: dict[str, str] = {}
-        for pair in env_pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
-            env[key] = value
-        flags["env.set"] = env
+    if opts.get("env"):
+        flags["env.set"] = _env_map(opts["env"])
     if opts.get("allow_dangerous_mounts"):
         flags["allow_dangerous_mounts"] = list(opts["allow_dangerous_mounts"])
     project = Path(opts["project"]) if opts.get("project") else None
@@ -363,12 +369,12 @@ def exec_(
 
     from stockade.cli.attach import attach_remote
 
+    env_map = _env_map(env)
     record = _running(name)
     if command and command[0] == "--":  # `exec NAME -- CMD`: click keeps a "--" after NAME
         command = command[1:]
     if not command:
         raise click.UsageError("give the command to run after NAME, e.g. `exec NAME -- ls`")
-    env_map = dict(pair.partition("=")[::2] for pair in env)
     code = anyio.run(lambda: attach_remote(record, list(command), tty, env_map, workdir, timeout))
     raise SystemExit(code)
 
@@ -382,7 +388,7 @@ def shell(name: str) -> None:
     from stockade.cli.attach import attach_remote
 
     record = _running(name)
-    code = anyio.run(lambda: attach_remote(record, ["/bin/bash", "-i"], True, {}, None, None))
+    code = anyio.run(lambda: attach_remote(record, None, True, {}, None, None))
     raise SystemExit(code)
 
 
@@ -1087,8 +1093,10 @@ def audit(name: str | None, verify: bool, as_json: bool) -> None:
             err=True,
         )
         raise SystemExit(1)
+    from dataclasses import asdict
+
     for event in log.read():
-        data = event.model_dump(mode="json") if hasattr(event, "model_dump") else vars(event)
+        data = asdict(event)
         if as_json:
             click.echo(json.dumps(data))
         else:

@@ -520,11 +520,16 @@ class EngineSandbox(LaunchedSandbox):
         return self._watchdog
 
     def _lifeline(self, watchdog: subprocess.Popen[bytes]) -> None:
-        from docker.errors import DockerException
-
         watchdog.wait()
         if self._terminated or watchdog.returncode == 0:
             return  # our own teardown, or the watchdog did its job
+        self.kill_now()
+
+    def kill_now(self) -> None:
+        """Kill the container now, from any thread (the sandbox's wall-clock timer calls it
+        when no CLI runs a lifeline); ``terminate`` still removes it."""
+        from docker.errors import DockerException
+
         client = client_for(self.engine, timeout=30)
         try:
             client.api.kill(self.container_id)
