@@ -36,7 +36,7 @@ from anyio.abc import Process
 
 from stockade._errors import SandboxStartError, SandboxStateError
 from stockade.backends._process import ProcessSandbox
-from stockade.backends.base import AGENT_GUEST_PATH, LaunchSpec
+from stockade.backends.base import AGENT_GUEST_PATH, LaunchSpec, Leftover
 
 __all__ = [
     "CONTAINER_PREFIX",
@@ -50,6 +50,7 @@ __all__ = [
     "image_rootfs",
     "oci_seccomp",
     "overlay_prefix",
+    "runtime_leftovers",
     "runtime_state_root",
     "sandbox_cgroup_path",
     "unshare_prefix",
@@ -788,6 +789,19 @@ def stockade_containers(runtime: str) -> list[str]:
         return []
     listed = OciRuntime(runtime, binary, runtime_state_root(runtime)).container_ids()
     return [c.removeprefix(CONTAINER_PREFIX) for c in listed if c.startswith(CONTAINER_PREFIX)]
+
+
+def runtime_leftovers(runtime: str) -> tuple[Leftover, ...]:
+    """The containers ``runtime`` keeps under stockade's root, as ``Backend.orphans`` says."""
+    root = runtime_state_root(runtime)
+    return tuple(
+        Leftover(
+            sandbox,
+            f"{runtime} container {CONTAINER_PREFIX}{sandbox}",
+            f"{runtime} --root {root} delete --force {CONTAINER_PREFIX}{sandbox}",
+        )
+        for sandbox in stockade_containers(runtime)
+    )
 
 
 def write_bundle(state_dir: Path, config: dict[str, Any]) -> Path:

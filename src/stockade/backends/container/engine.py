@@ -516,26 +516,30 @@ class EngineSandbox(LaunchedSandbox):
         self._terminated = False
         self._oom: bool | None = None
         if watchdog is not None:
-            # The watchdog doubles as the sandbox's lifeline process: whoever kills it (the
-            # sandbox's wall-clock timer does) takes the container down with it.
+            # The watchdog doubles as the sandbox's lifeline process: whoever kills it takes
+            # the container down with it.
             threading.Thread(target=self._lifeline, args=(watchdog,), daemon=True).start()
 
-    @property
-    def process(self) -> subprocess.Popen[bytes] | None:
-        """The lifeline: killing this process stops the container (None without a CLI)."""
-        return self._watchdog
-
     def _lifeline(self, watchdog: subprocess.Popen[bytes]) -> None:
-        from docker.errors import DockerException
-
         watchdog.wait()
         if self._terminated or watchdog.returncode == 0:
             return  # our own teardown, or the watchdog did its job
-        client = client_for(self.engine, timeout=30)
+        self.kill_now()
+
+    def kill_now(self) -> None:
+        """Kill the container through the engine's API (a client of this thread's own: the
+        sandbox's may be in use), with or without the engine's CLI."""
+        from docker.errors import DockerException
+
+        try:
+            client = client_for(self.engine, timeout=30)
+        except DockerException:
+            logger.warning("sandbox %s: %s is unreachable to kill it", self.sandbox_id, self.engine)
+            return
         try:
             client.api.kill(self.container_id)
         except DockerException:
-            pass
+            pass  # not running any more
         finally:
             client.close()
 
