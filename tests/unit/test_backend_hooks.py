@@ -269,3 +269,61 @@ def test_orphans_and_reap_ask_the_backend(
     reap_backend("leftover", KNOWN)
     reap_backend("no-such-backend", KNOWN)  # a record of a backend this stockade lacks
     assert leftover_registry.reaped == [OURS, KNOWN]
+
+
+# --- no backend special-cased by name outside backends/ ----------------------------------------
+
+#: Comparisons of a backend setting with a backend's name that stay outside ``backends/``,
+#: by package (a module split inside it moves none out), each with why. Both are the consent
+#: rule of the ``unsafe_host`` setting ("the host backend needs unsafe_host = true"), checked
+#: where the configuration is validated: config and policy are below the backends and do not
+#: import them.
+NAMED_BACKEND_ALLOWED = {
+    ("config/", "config.backend == 'host'"),
+    ("policy/", "self.backend == 'host'"),
+}
+
+
+def _backend_name_comparisons(tree: ast.Module) -> Iterator[str]:
+    """``x.backend == "microvm"``-like comparisons: a backend's name against an expression
+    that names a backend (``record.backend``, ``row["backend"]``, ``backend``)."""
+    names = {entry.name for entry in registry.BACKENDS}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        literals = {
+            elt.value
+            for side in sides
+            for elt in (side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side])
+            if isinstance(elt, ast.Constant) and isinstance(elt.value, str)
+        }
+        others = [ast.unparse(s) for s in sides if not isinstance(s, ast.Constant)]
+        if literals & names and any("backend" in other for other in others):
+            yield ast.unparse(node)
+
+
+def _allowed(rel: str, text: str) -> bool:
+    return any(rel.startswith(where) and text == ok for where, ok in NAMED_BACKEND_ALLOWED)
+
+
+def test_no_backend_is_special_cased_by_name_outside_backends() -> None:
+    found = [
+        f"{rel}: {text}"
+        for rel, tree in _modules(outside_backends=True)
+        for text in _backend_name_comparisons(tree)
+        if not _allowed(rel, text)
+    ]
+    assert found == []
+
+
+def test_the_name_scan_finds_a_special_case() -> None:
+    tree = ast.parse(
+        "if record.backend == 'microvm': pass\n"
+        "if row['backend'] in ('gvisor', 'x'): pass\n"
+        "if key == 'host': pass\n"
+    )
+    assert list(_backend_name_comparisons(tree)) == [
+        "record.backend == 'microvm'",
+        "row['backend'] in ('gvisor', 'x')",
+    ]
