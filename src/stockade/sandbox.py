@@ -914,9 +914,6 @@ class AsyncSandbox:
                 f"the {self._backend.name} sandbox did not start: {exc}"
                 + (f"\n--- sandbox log ---\n{details}" if details else "")
             ) from exc
-        capture = getattr(self._launched, "capture_namespace_init", None)
-        if capture is not None:
-            capture()
         await self._launched.after_connect(self._client)
         if self._background is not None:
             # Tunnelled connections must flow between calls: keep reading the agent.
@@ -938,16 +935,6 @@ class AsyncSandbox:
         launched = self._launched
         if launched is None:
             return
-        process = getattr(launched, "process", None)
-        if process is not None:
-            pid = process.pid
-
-            def kill() -> None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-        else:  # no process of ours runs it (Docker/Podman without a CLI): the backend kills it
-            kill = launched.kill_now  # type: ignore[attr-defined]
         # A workspace kept inside the sandbox is saved before the kill (bounded: the kill
         # happens even if the event loop never runs the save).
         token = anyio.lowlevel.current_token() if self._must_save(launched) else None
@@ -967,7 +954,7 @@ class AsyncSandbox:
                 saver = threading.Thread(target=save, daemon=True)
                 saver.start()
                 saver.join(SAVE_TIMEOUT + 10)
-            kill()
+            launched.kill_now()
 
         self._timer = threading.Timer(seconds, expire)
         self._timer.daemon = True
@@ -1048,7 +1035,7 @@ class AsyncSandbox:
 
     def _holds_workspace(self, launched: LaunchedSandbox) -> bool:
         """Whether the sandbox's copy-on-write writes live inside it (e.g. a microVM's)."""
-        return launched.workspace_in_guest and self._layers is not None
+        return self._backend.capabilities.workspace_in_guest and self._layers is not None
 
     def _must_save(self, launched: LaunchedSandbox) -> bool:
         """Whether they must be brought home before it ends (its layer is kept)."""

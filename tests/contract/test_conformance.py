@@ -814,6 +814,32 @@ def test_sandbox_wall_clock_timeout(target: str, tmp_path: Path) -> None:
         assert not sb.is_running()
 
 
+def test_reap_after_the_timeout_kill_leaves_nothing(target: str, tmp_path: Path) -> None:
+    """The wall-clock timeout ends the unit from its timer thread (``LaunchedSandbox.kill_now``,
+    no teardown): what the backend's engine keeps of it is one of ``Backend.orphans`` until
+    ``Backend.reap`` removes it, and the teardown after that still leaves nothing."""
+    from stockade import SandboxStateError
+    from stockade.backends.registry import get_backend_class
+
+    backend = get_backend_class(target.partition("/")[0])
+    keeps_engine_state = "orphans" in vars(backend)  # its engines outlive a killed unit
+    project = make_project(tmp_path / "project")
+    sb = fresh(target, project, timeout=1)
+    sandbox_id, state_dir = sb.id, sb.state_dir
+    try:
+        with pytest.raises(SandboxStateError, match="timeout"):
+            sb.commands.run(["sleep", "30"])
+        assert not sb.is_running()
+        if keeps_engine_state:
+            assert sandbox_id in {o.sandbox_id for o in backend.orphans()}
+        backend.reap(sandbox_id)
+        assert sandbox_id not in {o.sandbox_id for o in backend.orphans()}
+    finally:
+        sb.close()
+    assert _leftovers(target, sandbox_id, state_dir) == []
+    assert not state_dir.exists()
+
+
 # --- nothing is lost when a sandbox ends ------------------------------------------------------
 #
 # Every way a sandbox ends keeps what its command wrote in the workspace (a microVM saves the

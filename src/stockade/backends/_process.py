@@ -23,6 +23,7 @@ from stockade._errors import SandboxStateError
 from stockade.backends.base import LaunchedSandbox
 
 if TYPE_CHECKING:
+    from stockade.agent.client import AgentClient
     from stockade.backends._cgroups import SandboxCgroup
 
 __all__ = [
@@ -124,7 +125,17 @@ class ProcessSandbox(LaunchedSandbox):
             "pids_limit_hit": self.cgroup.pids_limit_hit(),
         }
 
-    def capture_namespace_init(self) -> None:
+    def kill_now(self) -> None:
+        """SIGKILL the launcher: the pid namespace, the cgroup or the runtime's lifeline
+        take the rest; ``terminate`` verifies it."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
+
+    async def after_connect(self, client: AgentClient) -> None:
+        self._capture_namespace_init()
+
+    def _capture_namespace_init(self) -> None:
         """Read bwrap's info fd (written before the agent starts) and pin the ns init pid."""
         if self._info_fd is None or self._init_pidfd is not None:
             return
@@ -148,7 +159,7 @@ class ProcessSandbox(LaunchedSandbox):
             return
         self._terminated = True
         with anyio.CancelScope(shield=True):
-            self.capture_namespace_init()
+            self._capture_namespace_init()
             await self._term_process(grace)
             await self._kill_process_and_close()
             survivors = await anyio.to_thread.run_sync(self._reap_everything)

@@ -27,6 +27,7 @@ __all__ = [
     "Capabilities",
     "LaunchSpec",
     "LaunchedSandbox",
+    "Leftover",
     "guest_agent_source",
 ]
 
@@ -66,6 +67,10 @@ class Capabilities:
     systemd: bool = False
     pty: bool = True
     gpu: bool = False
+    #: The sandbox's workspace writes stay inside it (a guest's own upper layer) until
+    #: ``LaunchedSandbox.sync_workspace`` brings them home: a diff of a running sandbox
+    #: syncs first, and its end must save them.
+    workspace_in_guest: bool = False
     enforces: tuple[str, ...] = ()
     does_not_enforce: tuple[str, ...] = ()
 
@@ -86,17 +91,36 @@ class LaunchSpec:
     egress: EgressLaunch | None = None
 
 
+@dataclass(frozen=True)
+class Leftover:
+    """Something of a sandbox that a backend's engine keeps outside any state directory (a
+    runsc/runc container, a Docker container), found by ``Backend.orphans``."""
+
+    sandbox_id: str
+    #: For a human: "runsc container stockade-<id>", "docker container 1a2b…".
+    what: str
+    #: The command that removes it by hand.
+    by_hand: str
+
+
 class LaunchedSandbox(abc.ABC):
     """A running isolation unit: its agent channel, and how to end it for sure."""
 
     channel: ByteStream
-    #: True where the sandbox's workspace writes stay inside it (a guest's own upper layer)
-    #: until ``sync_workspace`` brings them home: its end must save them first.
-    workspace_in_guest: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def terminate(self, grace: float = 1.0) -> None:
         """Stop everything in the sandbox; return only when no process of it survives."""
+
+    @abc.abstractmethod
+    def kill_now(self) -> None:
+        """End the isolation unit at once, synchronously, from any thread (the sandbox's
+        wall-clock timer calls it from its own): e.g. SIGKILL the process the unit lives in.
+
+        Touches no event loop and never raises (a unit already gone is fine); ``terminate``
+        still runs afterwards and verifies that nothing survives. No default: a backend
+        whose unit cannot be killed from a thread would leave the timeout unenforced.
+        """
 
     @abc.abstractmethod
     def alive(self) -> bool:
@@ -131,6 +155,12 @@ class Backend(abc.ABC):
     #: sized tmpfs): the host then keeps the upper layer in a plain directory instead of a
     #: disk image of its own (``stockade.workspace.disk``).
     disk_limit_inside: ClassVar[bool] = False
+    #: Sub-backends probed and tested one by one (the container backend's engines:
+    #: ``container/docker``); each is checked with ``probe_variant``.
+    variants: ClassVar[tuple[str, ...]] = ()
+    #: Shown loudly by a front end before it starts a sandbox on this backend (the host
+    #: backend's: no isolation at all); "" for none.
+    start_warning: ClassVar[str] = ""
 
     @classmethod
     @abc.abstractmethod
@@ -146,8 +176,34 @@ class Backend(abc.ABC):
         """
         return None
 
+    @classmethod
+    def probe_variant(cls, variant: str) -> Availability:
+        """Whether one of ``variants`` can run here; never raises."""
+        return Availability(False, f"the {cls.name} backend has no variant {variant!r}")
+
     def check_policy(self, policy: EffectivePolicy) -> None:  # noqa: B027 - optional hook
         """Raise PolicyError if the policy asks for something this backend cannot enforce."""
+
+    def provides_docker(self, policy: EffectivePolicy) -> bool:
+        """Whether a sandbox of ``policy`` gets a private Docker daemon inside (``docker =
+        true``); by default what ``capabilities.docker_inside`` says for every policy."""
+        return self.capabilities.docker_inside
+
+    @classmethod  # noqa: B027 - optional hook
+    def reap(cls, sandbox_id: str) -> None:
+        """Delete what a sandbox may have left outside its state directory when its owner
+        died without a teardown (an engine's container and volume); quiet when nothing is
+        left. Raises SandboxStateError when something is left that cannot be removed.
+
+        The caller removes the state directory, its mounts and cgroups itself; a backend
+        whose every part lives there (or dies with its owner) keeps this default no-op."""
+
+    @classmethod
+    def orphans(cls) -> tuple[Leftover, ...]:
+        """Every sandbox's part this backend's engines keep on this machine, whatever state
+        directory made it (engines are shared machine-wide); ``reap`` removes them. The
+        caller decides which are leftovers (no record of theirs) and which it may remove."""
+        return ()
 
     @abc.abstractmethod
     async def launch(self, spec: LaunchSpec) -> LaunchedSandbox:

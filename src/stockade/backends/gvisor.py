@@ -18,12 +18,13 @@ import tempfile
 from pathlib import Path
 
 from stockade._errors import PolicyError
-from stockade.backends.base import Availability, Backend, Capabilities, LaunchSpec
+from stockade.backends.base import Availability, Backend, Capabilities, LaunchSpec, Leftover
 from stockade.backends.oci_runtime import (
     OciContainerSandbox,
     OciRuntime,
     launch_container,
     reap_container,
+    runtime_leftovers,
     runtime_state_root,
     unshare_prefix,
     which,
@@ -162,9 +163,9 @@ class GvisorBackend(Backend):
     def probe_inputs(cls) -> tuple[str, ...]:
         return (which("runsc") or "(no runsc on PATH)", which("unshare") or "(no unshare)")
 
-    @staticmethod
-    def reap(sandbox_id: str) -> None:
-        """Delete what is left of a sandbox whose owner died (``stockade rm``)."""
+    @classmethod
+    def reap(cls, sandbox_id: str) -> None:
+        """Delete the runsc container of a sandbox whose owner died (``stockade rm``)."""
         try:
             _runsc, version = runsc_platforms()
         except (FileNotFoundError, OSError, subprocess.TimeoutExpired):
@@ -172,6 +173,10 @@ class GvisorBackend(Backend):
         reap_container(
             _runtime(choose_platform("auto", version), rootless=os.getuid() != 0), sandbox_id
         )
+
+    @classmethod
+    def orphans(cls) -> tuple[Leftover, ...]:
+        return runtime_leftovers("runsc")
 
     async def launch(self, spec: LaunchSpec) -> OciContainerSandbox:
         _runsc, version = runsc_platforms()

@@ -31,6 +31,7 @@ class HostBackend(Backend):
     """Tier 3: plain subprocesses. Cooperative only."""
 
     name = "host"
+    start_warning = UNSAFE_HOST_WARNING
     capabilities = Capabilities(
         tier=3,
         isolation="none (plain subprocesses)",
@@ -47,7 +48,11 @@ class HostBackend(Backend):
 
     @classmethod
     def probe(cls) -> Availability:
-        return Availability(True, "always available; unsafe, never chosen by auto")
+        return Availability(
+            True,
+            "always available; no isolation at all: needs --unsafe-host (SDK: unsafe_host=True)",
+            auto=False,
+        )
 
     def check_policy(self, policy: EffectivePolicy) -> None:
         if not policy.unsafe_host:

@@ -30,7 +30,7 @@ from anyio.abc import Process
 
 from stockade._errors import SandboxStartError, SandboxStateError
 from stockade.backends._process import ProcessSandbox
-from stockade.backends.base import LaunchSpec
+from stockade.backends.base import LaunchSpec, Leftover
 from stockade.backends.oci_bundle import (
     CONTAINER_PREFIX,
     RootfsView,
@@ -48,6 +48,7 @@ __all__ = [
     "open_runtime_process",
     "overlay_prefix",
     "reap_container",
+    "runtime_leftovers",
     "runtime_state_root",
     "start_watchdog",
     "stockade_containers",
@@ -388,6 +389,19 @@ def stockade_containers(runtime: str) -> list[str]:
         return []
     listed = OciRuntime(runtime, binary, runtime_state_root(runtime)).container_ids()
     return [c.removeprefix(CONTAINER_PREFIX) for c in listed if c.startswith(CONTAINER_PREFIX)]
+
+
+def runtime_leftovers(runtime: str) -> tuple[Leftover, ...]:
+    """The containers ``runtime`` keeps under stockade's root, as ``Backend.orphans`` says."""
+    root = runtime_state_root(runtime)
+    return tuple(
+        Leftover(
+            sandbox,
+            f"{runtime} container {CONTAINER_PREFIX}{sandbox}",
+            f"{runtime} --root {root} delete --force {CONTAINER_PREFIX}{sandbox}",
+        )
+        for sandbox in stockade_containers(runtime)
+    )
 
 
 def which(name: str) -> str | None:

@@ -23,6 +23,7 @@ __all__ = [
     "probe",
     "probe_all",
     "select_backend",
+    "start_warning",
     "variants",
 ]
 
@@ -91,7 +92,15 @@ def get_backend_class(name: str) -> type[Backend]:
 
 def variants(name: str) -> tuple[str, ...]:
     """Sub-backends probed and tested one by one (the container backend's engines)."""
-    return tuple(getattr(get_backend_class(name), "variants", ()))
+    return get_backend_class(name).variants
+
+
+def start_warning(name: str) -> str:
+    """What a front end shows before it starts a sandbox on backend ``name`` ("" for none;
+    for ``auto`` too: it never picks a backend that warns)."""
+    if name == "auto":
+        return ""
+    return get_backend_class(name).start_warning
 
 
 def probe(name: str, *, fresh: bool = False) -> Availability:
@@ -104,9 +113,7 @@ def probe(name: str, *, fresh: bool = False) -> Availability:
     if variant:
         if variant not in variants(name):
             return Availability(False, f"{name} has no variant {variant!r}")
-        probe_variant = getattr(get_backend_class(name), "probe_variant")  # noqa: B009
-        result: Availability = probe_variant(variant)
-        return result
+        return get_backend_class(name).probe_variant(variant)
     _entry(name)  # an unknown name raises BackendUnavailableError
     from stockade.backends.probe_cache import cached_probe
 
@@ -125,8 +132,7 @@ def check_docker_inside(policy: EffectivePolicy, backend: Backend) -> None:
     """Refuse ``docker = true`` on a backend without a private Docker daemon inside."""
     if not policy.docker:
         return
-    provides = getattr(backend, "provides_docker", None)
-    if provides(policy) if provides is not None else backend.capabilities.docker_inside:
+    if backend.provides_docker(policy):
         return
     raise PolicyError(
         f"docker = true needs a private Docker daemon inside the sandbox, which the "

@@ -64,9 +64,13 @@ def measure_start(
     from stockade.policy import compile_policy
     from stockade.sandbox import AsyncSandbox
 
-    overrides: dict[str, Any] = {"backend": backend, "workspace.mode": "none", **(config or {})}
-    if backend == "host":
-        overrides["unsafe_host"] = True
+    # Whatever backend is asked for is measured (unsafe_host matters to the host one alone).
+    overrides: dict[str, Any] = {
+        "backend": backend,
+        "workspace.mode": "none",
+        "unsafe_host": True,
+        **(config or {}),
+    }
     with tempfile.TemporaryDirectory(prefix="stockade-doctor-") as tmp:
         policy = compile_policy(load_config(Path(tmp), overrides=overrides))
 
@@ -246,9 +250,7 @@ def run_doctor(as_json: bool, measure: bool = True, *, fix: bool = False) -> Non
         note = row["reason"]
         if not row["available"] and row["fix"]:
             note += f"\n[dim]fix: {row['fix']}[/]"
-        if not row["auto"] and row["backend"] == "host":
-            note += "\n[yellow]never chosen by auto; needs --unsafe-host[/]"
-        elif not row["auto"] and row["available"]:
+        if not row["auto"] and row["available"]:
             note += f"\n[yellow]not chosen by auto; ask for it: --backend {row['backend']}[/]"
         start = f"{row['start_ms']:.0f} ms" if row["start_ms"] is not None else "-"
         table.add_row(str(row["tier"]), row["backend"], ok, start, note)

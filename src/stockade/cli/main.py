@@ -111,10 +111,10 @@ def _compile(opts: dict[str, Any]) -> Any:
 
 
 def _warn_host(policy: Any) -> None:
-    if policy.backend == "host":
-        from stockade.backends.host import UNSAFE_HOST_WARNING
+    from stockade.backends.registry import start_warning
 
-        click.secho(UNSAFE_HOST_WARNING, fg="red", bold=True, err=True)
+    if warning := start_warning(policy.backend):
+        click.secho(warning, fg="red", bold=True, err=True)
 
 
 def _store() -> Any:
@@ -601,7 +601,13 @@ def _layers(record: Any) -> Any:
 
 def _sync_running(record: Any) -> None:
     """A running microVM keeps its writes inside the guest: bring them to the host first."""
-    if record.status == "running" and record.control_socket and record.backend == "microvm":
+    from stockade.backends.registry import get_backend_class
+
+    if (
+        record.status == "running"
+        and record.control_socket
+        and get_backend_class(record.backend).capabilities.workspace_in_guest
+    ):
         _control_call(record.name, "workspace.sync", {})
 
 

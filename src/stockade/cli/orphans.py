@@ -9,11 +9,11 @@ Kinds of leftover, each tied to one state directory unless said otherwise:
   is left to review);
 - ``mount``: a mount point inside a sandbox's directory in this mount namespace, while the
   sandbox does not run (a directory with one is never deleted: that could reach through it);
-- ``container``: a runsc/runc/crun/Docker/Podman container labelled with a sandbox id this
-  state directory has no record of. Engines are shared by every state directory on the
-  machine, so such a container is removed only when its id is also a leftover directory or
-  record here; otherwise it may be another state directory's live sandbox, and is shown
-  with the command that removes it.
+- ``container``: what a backend's engine keeps of a sandbox this state directory has no
+  record of (``Backend.orphans``: a runsc/runc/crun/Docker/Podman container). Engines are
+  shared by every state directory on the machine, so such a container is removed only when
+  its id is also a leftover directory or record here; otherwise it may be another state
+  directory's live sandbox, and is shown with the command that removes it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Orphan:
     what: str  # for a human: "directory /…/sandboxes/<id>", "docker container 1a2b…"
     removable: bool = True
     why_not: str = ""  # when not removable: why, and how to remove it by hand
-    backend: str = ""  # the backend whose ``reap`` removes it (containers, records)
+    backend: str = ""  # the backend whose ``Backend.reap`` removes it (containers, records)
     name: str = ""  # the record's name (records)
     path: str = ""  # the directory or mount point
 
@@ -147,37 +147,26 @@ def find_orphans(store: StateStore, *, containers: bool = True) -> list[Orphan]:
 
 
 def _containers(known: set[str], ours: set[str]) -> list[Orphan]:
-    from stockade.backends.oci_runtime import runtime_state_root, stockade_containers
+    """What every backend's engines keep of sandboxes this state directory has no record of
+    (``Backend.orphans``)."""
+    from stockade._errors import StockadeError
+    from stockade.backends.registry import BACKENDS, get_backend_class
 
     found: list[Orphan] = []
-    for runtime, backend in (("runsc", "gvisor"), ("runc", "container"), ("crun", "container")):
-        for sandbox in stockade_containers(runtime):
-            if sandbox in known:
-                continue
-            found.append(
-                _container(
-                    sandbox,
-                    ours,
-                    backend,
-                    what=f"{runtime} container stockade-{sandbox}",
-                    by_hand=f"{runtime} --root {runtime_state_root(runtime)} delete --force "
-                    f"stockade-{sandbox}",
-                )
-            )
-    try:
-        from stockade.backends.container.engine import orphans
-    except ImportError:
-        return found
-    for engine in ("docker", "podman"):
-        for row in orphans(engine):
-            if row["sandbox"] and row["sandbox"] not in known:
+    for entry in BACKENDS:
+        try:
+            cls = get_backend_class(entry.name)
+        except (StockadeError, ImportError):
+            continue
+        for leftover in cls.orphans():
+            if leftover.sandbox_id not in known:
                 found.append(
                     _container(
-                        row["sandbox"],
+                        leftover.sandbox_id,
                         ours,
-                        "container",
-                        what=f"{engine} container {row['container']}",
-                        by_hand=f"{engine} rm -f {row['container']}",
+                        cls.name,
+                        what=leftover.what,
+                        by_hand=leftover.by_hand,
                     )
                 )
     return found
@@ -232,8 +221,8 @@ def remove_orphan(store: StateStore, orphan: Orphan) -> None:
 
 
 def reap_backend(backend: str, sandbox_id: str) -> None:
-    """Delete what a backend may have left of a sandbox outside its state directory
-    (runsc/runc containers, Docker containers and volumes) when its supervisor died."""
+    """Delete what a backend may have left of a sandbox outside its state directory when
+    its supervisor died (``Backend.reap``); quiet for a backend this stockade lacks."""
     from stockade._errors import StockadeError
     from stockade.backends.registry import get_backend_class
 
@@ -241,6 +230,4 @@ def reap_backend(backend: str, sandbox_id: str) -> None:
         cls = get_backend_class(backend)
     except StockadeError:
         return
-    reap = getattr(cls, "reap", None)
-    if reap is not None:
-        reap(sandbox_id)
+    cls.reap(sandbox_id)

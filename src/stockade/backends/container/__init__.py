@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 from stockade._errors import BackendUnavailableError, PolicyError
-from stockade.backends.base import Availability, Backend, Capabilities, LaunchedSandbox, LaunchSpec
+from stockade.backends.base import (
+    Availability,
+    Backend,
+    Capabilities,
+    LaunchedSandbox,
+    LaunchSpec,
+    Leftover,
+)
 from stockade.backends.oci_runtime import OciContainerSandbox
 from stockade.policy import EffectivePolicy
 
@@ -127,8 +134,8 @@ class ContainerBackend(Backend):
                 "use backend = 'gvisor' for runsc)"
             )
 
-    @staticmethod
-    def reap(sandbox_id: str) -> None:
+    @classmethod
+    def reap(cls, sandbox_id: str) -> None:
         """Delete containers (and volumes) left by a sandbox whose owner died."""
         from stockade.backends.container.daemonless import reap_oci
 
@@ -136,6 +143,26 @@ class ContainerBackend(Backend):
         from stockade.backends.container.engine import reap_api_engines
 
         reap_api_engines(sandbox_id)
+
+    @classmethod
+    def orphans(cls) -> tuple[Leftover, ...]:
+        """runc's and crun's containers under stockade's roots, then Docker's and Podman's
+        labelled by stockade (where the engine runs)."""
+        from stockade.backends.container.engine import orphans
+        from stockade.backends.oci_runtime import runtime_leftovers
+
+        found = [*runtime_leftovers("runc"), *runtime_leftovers("crun")]
+        for engine in ("docker", "podman"):
+            found += [
+                Leftover(
+                    row["sandbox"],
+                    f"{engine} container {row['container']}",
+                    f"{engine} rm -f {row['container']}",
+                )
+                for row in orphans(engine)
+                if row["sandbox"]
+            ]
+        return tuple(found)
 
     async def launch(self, spec: LaunchSpec) -> LaunchedSandbox:
         self.check_policy(spec.policy)

@@ -510,14 +510,9 @@ class EngineSandbox(LaunchedSandbox):
         self._terminated = False
         self._oom: bool | None = None
         if watchdog is not None:
-            # The watchdog doubles as the sandbox's lifeline process: whoever kills it (the
-            # sandbox's wall-clock timer does) takes the container down with it.
+            # The watchdog doubles as the sandbox's lifeline process: whoever kills it takes
+            # the container down with it.
             threading.Thread(target=self._lifeline, args=(watchdog,), daemon=True).start()
-
-    @property
-    def process(self) -> subprocess.Popen[bytes] | None:
-        """The lifeline: killing this process stops the container (None without a CLI)."""
-        return self._watchdog
 
     def _lifeline(self, watchdog: subprocess.Popen[bytes]) -> None:
         watchdog.wait()
@@ -526,15 +521,19 @@ class EngineSandbox(LaunchedSandbox):
         self.kill_now()
 
     def kill_now(self) -> None:
-        """Kill the container now, from any thread (the sandbox's wall-clock timer calls it
-        when no CLI runs a lifeline); ``terminate`` still removes it."""
+        """Kill the container through the engine's API (a client of this thread's own: the
+        sandbox's may be in use), with or without the engine's CLI."""
         from docker.errors import DockerException
 
-        client = client_for(self.engine, timeout=30)
+        try:
+            client = client_for(self.engine, timeout=30)
+        except DockerException:
+            logger.warning("sandbox %s: %s is unreachable to kill it", self.sandbox_id, self.engine)
+            return
         try:
             client.api.kill(self.container_id)
         except DockerException:
-            pass
+            pass  # not running any more
         finally:
             client.close()
 

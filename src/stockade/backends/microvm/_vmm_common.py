@@ -462,6 +462,10 @@ class VmmVm(VmHandle):
         self.channel = channel
         self.api = api
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def alive(self) -> bool:
         return self.process.alive()
 

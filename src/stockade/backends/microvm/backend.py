@@ -125,9 +125,7 @@ def image_profile(policy: Any) -> str:
 
 
 class MicrovmSandbox(LaunchedSandbox):
-    """One VM; ``process`` is the VMM process (the sandbox timer kills it)."""
-
-    workspace_in_guest = True
+    """One VM, whose VMM process is the unit ``kill_now`` ends."""
 
     def __init__(self, vm: VmHandle, spec: LaunchSpec, *, extra_files: tuple[Path, ...] = ()):
         self.vm = vm
@@ -138,11 +136,13 @@ class MicrovmSandbox(LaunchedSandbox):
         #: Resumed from a named snapshot: the agent was already configured and running.
         self.resumed = False
         self.boot_seconds = 0.0
-        self.process = getattr(vm, "process", None)
         self._terminated = False
 
     def alive(self) -> bool:
         return self.vm.alive()
+
+    def kill_now(self) -> None:
+        self.vm.kill_now()
 
     def failure_details(self) -> str:
         return self.vm.console()
@@ -156,8 +156,8 @@ class MicrovmSandbox(LaunchedSandbox):
         self._terminated = True
         with anyio.CancelScope(shield=True):
             await self.vm.stop(grace)
-            pid = getattr(self.vm, "pid", None)
-            if self.vm.alive() or (pid is not None and _pid_alive(pid)):
+            pid = self.vm.pid
+            if self.vm.alive() or _pid_alive(pid):
                 raise SandboxStateError(f"the VMM process {pid} survived teardown")
             for path in self.extra_files:
                 with contextlib.suppress(OSError):
@@ -346,6 +346,7 @@ class MicrovmBackend(Backend):
         snapshot=True,
         fork=True,
         docker_inside=True,
+        workspace_in_guest=True,
         enforces=(
             "a separate guest kernel: root in the VM (modules, mounts, /dev) touches no host state",
             "no network device: the agent channel (virtio-serial) is the only way out, so "

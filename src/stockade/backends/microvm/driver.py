@@ -10,6 +10,9 @@ Firecracker and Cloud Hypervisor (Linux, KVM), vfkit (macOS).
 from __future__ import annotations
 
 import abc
+import contextlib
+import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -89,9 +92,20 @@ class VmHandle(abc.ABC):
 
     channel: ByteStream
 
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int:
+        """The VMM process's id."""
+
     @abc.abstractmethod
     def alive(self) -> bool:
         """True while the VMM process runs."""
+
+    def kill_now(self) -> None:
+        """SIGKILL the VMM process, synchronously, from any thread (a sandbox's timer)."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
     @abc.abstractmethod
     async def stop(self, grace: float = 1.0) -> None:
