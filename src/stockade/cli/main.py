@@ -193,11 +193,9 @@ async def _run_async(
 ) -> int:
     import anyio
 
-    from stockade.backends.registry import select_backend
+    from stockade import AsyncSandbox
     from stockade.cli.attach import attach_local
-    from stockade.sandbox import AsyncSandbox
 
-    backend = select_backend(policy)
     sandbox: AsyncSandbox | None = None
     code = 0
     signalled: list[int] = []
@@ -206,9 +204,7 @@ async def _run_async(
         with anyio.CancelScope() as body:
             tg.start_soon(_absorb_signals, body, signalled)
             try:
-                sandbox = await AsyncSandbox._start_new(
-                    policy, backend, name=name, keep=not remove, state_dir=None, actor="cli"
-                )
+                sandbox = await AsyncSandbox.start(policy, name=name, keep=not remove, actor="cli")
                 code = await attach_local(sandbox, command, tty)
             except Exception as exc:  # raised again below, outside the task group
                 failure = exc
@@ -369,7 +365,9 @@ def exec_(
     if not command:
         raise click.UsageError("give the command to run after NAME, e.g. `exec NAME -- ls`")
     env_map = dict(pair.partition("=")[::2] for pair in env)
-    code = anyio.run(lambda: attach_remote(record, list(command), tty, env_map, workdir, timeout))
+    code = anyio.run(
+        lambda: attach_remote(record.name, list(command), tty, env_map, workdir, timeout)
+    )
     raise SystemExit(code)
 
 
@@ -382,7 +380,7 @@ def shell(name: str) -> None:
     from stockade.cli.attach import attach_remote
 
     record = _running(name)
-    code = anyio.run(lambda: attach_remote(record, ["/bin/bash", "-i"], True, {}, None, None))
+    code = anyio.run(lambda: attach_remote(record.name, ["/bin/bash", "-i"], True, {}, None, None))
     raise SystemExit(code)
 
 
@@ -594,9 +592,11 @@ def _layers(record: Any) -> Any:
 
 
 def _sync_running(record: Any) -> None:
-    """A running microVM keeps its writes inside the guest: bring them to the host first."""
-    if record.status == "running" and record.control_socket and record.backend == "microvm":
-        _control_call(record.name, "workspace.sync", {})
+    """A running sandbox may keep its writes inside it (a microVM's guest): bring them to
+    the host layers first."""
+    if record.status == "running" and record.control_socket:
+        with _connect(record.name) as sandbox:
+            sandbox.workspace.sync()
 
 
 def _protected(record: Any) -> tuple[str, ...]:
@@ -891,24 +891,13 @@ def _print_apply(name: str, result: Any, *, verbose: bool) -> None:
 @click.argument("name", required=False)
 def reset(name: str | None) -> None:
     """Discard the sandbox's workspace changes (a running sandbox restarts clean)."""
-    import anyio
+    from stockade import Sandbox
 
-    store = _store()
-    record = _resolve(store, name)
-    if record.status == "running" and record.control_socket:
-        from stockade.supervisor import connect_control
-
-        async def remote_reset() -> None:
-            client = await connect_control(record.control_socket)
-            try:
-                await client.call_raw("workspace.reset", {})
-            finally:
-                await client.aclose()
-
-        anyio.run(remote_reset)
-    else:
-        _layers(record).reset()
-        _audit(store, record).append("workspace.reset", actor="cli")
+    record = _resolve(_store(), name)
+    if record.status != "running":
+        _layers(record)  # the error a sandbox without a workspace gets from diff and apply
+    with Sandbox.connect(record.name, actor="cli") as sandbox:  # closing detaches
+        sandbox.workspace.reset()
     click.echo(f"sandbox {record.name}: workspace reset", err=True)
 
 
@@ -920,22 +909,12 @@ def net() -> None:
     """Change a running sandbox's egress policy, and see its connections."""
 
 
-def _control_call(name: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    import anyio
-
-    from stockade.supervisor import connect_control
+def _connect(name: str) -> Any:
+    """A running sandbox another process (its supervisor) runs; closing it detaches."""
+    from stockade import Sandbox
 
     record = _running(name)
-
-    async def call() -> dict[str, Any]:
-        client = await connect_control(record.control_socket)
-        try:
-            return await client.call_raw(method, params)
-        finally:
-            await client.aclose()
-
-    result: dict[str, Any] = anyio.run(call)
-    return result
+    return Sandbox.connect(record.name, actor="cli")
 
 
 @net.command("allow")
@@ -943,9 +922,10 @@ def _control_call(name: str, method: str, params: dict[str, Any]) -> dict[str, A
 @click.argument("entries", nargs=-1, required=True)
 def net_allow(name: str, entries: tuple[str, ...]) -> None:
     """Allow hosts (pypi.org, *.example.com, 10.0.0.5, host:443) from now on."""
-    for entry in entries:
-        _control_call(name, "net.allow", {"entry": entry})
-        click.echo(f"allowed {entry}")
+    with _connect(name) as sandbox:
+        for entry in entries:
+            sandbox.network.allow(entry)
+            click.echo(f"allowed {entry}")
 
 
 @net.command("deny")
@@ -953,9 +933,10 @@ def net_allow(name: str, entries: tuple[str, ...]) -> None:
 @click.argument("entries", nargs=-1, required=True)
 def net_deny(name: str, entries: tuple[str, ...]) -> None:
     """Deny hosts from now on (deny wins over allow)."""
-    for entry in entries:
-        _control_call(name, "net.deny", {"entry": entry})
-        click.echo(f"denied {entry}")
+    with _connect(name) as sandbox:
+        for entry in entries:
+            sandbox.network.deny(entry)
+            click.echo(f"denied {entry}")
 
 
 @net.command("log")
@@ -965,7 +946,9 @@ def net_log(name: str, as_json: bool) -> None:
     """Every connection: time, host, port, decision, rule, bytes up/down."""
     import datetime as dt
 
-    for row in _control_call(name, "net.log", {})["connections"]:
+    with _connect(name) as sandbox:
+        rows = sandbox.network.log()
+    for row in rows:
         if as_json:
             click.echo(json.dumps(row))
             continue

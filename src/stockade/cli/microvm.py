@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import click
@@ -64,12 +63,13 @@ def image_ls() -> None:
 @click.argument("tag")
 def snapshot(name: str, tag: str) -> None:
     """Save a running microVM sandbox's whole state (memory, devices, workspace) as TAG."""
-    from stockade.cli.main import _control_call
+    from stockade.cli.main import _connect
 
     started = time.monotonic()
-    result = _control_call(name, "snapshot.take", {"tag": tag})
+    with _connect(name) as sandbox:
+        path = sandbox.snapshot(tag)
     click.echo(f"sandbox {name}: snapshot {tag} saved in {time.monotonic() - started:.2f} s")
-    click.echo(result["path"])
+    click.echo(str(path))
 
 
 @click.command()
@@ -77,10 +77,11 @@ def snapshot(name: str, tag: str) -> None:
 @click.argument("tag")
 def restore(name: str, tag: str) -> None:
     """Put a running microVM sandbox back into its snapshot TAG."""
-    from stockade.cli.main import _control_call
+    from stockade.cli.main import _connect
 
     started = time.monotonic()
-    _control_call(name, "snapshot.restore", {"tag": tag})
+    with _connect(name) as sandbox:
+        sandbox.restore(tag)
     click.echo(f"sandbox {name}: restored {tag} in {time.monotonic() - started:.2f} s", err=True)
 
 
@@ -94,14 +95,15 @@ def fork(name: str, new_name: str | None, tag: str | None, as_json: bool) -> Non
     import json
 
     from stockade.backends.microvm.snapshots import policy_of, snapshot_dir_for
-    from stockade.cli.main import _control_call, _running
+    from stockade.cli.main import _connect, _running
     from stockade.cli.supervise import spawn_supervisor
     from stockade.state import StateStore
 
     record = _running(name)
     if tag is None:
         tag = f"fork-{time.strftime('%Y%m%d-%H%M%S')}"
-        path = Path(_control_call(name, "snapshot.take", {"tag": tag})["path"])
+        with _connect(name) as sandbox:
+            path = sandbox.snapshot(tag)
     else:
         path = snapshot_dir_for(StateStore().root, record.name, tag)
     result = spawn_supervisor(policy_of(path), new_name, resume=path)

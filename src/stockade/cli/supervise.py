@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from stockade._errors import DiskFullError, SandboxStartError, SandboxStateError
-from stockade.state import SandboxStatus, StateStore
+from stockade._errors import SandboxStartError, SandboxStateError
+from stockade.state import StateStore
 
 __all__ = ["remove_sandbox", "spawn_supervisor", "stop_sandbox"]
 
@@ -68,69 +64,13 @@ def spawn_supervisor(
     return result
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop_sandbox(store: StateStore, record: Any, *, timeout: float | None = None) -> None:
     """Ask the supervisor to stop; kill it if it does not answer. Idempotent.
 
     It is given the time to save the workspace (``SAVE_TIMEOUT``) before it is killed."""
-    if timeout is None:
-        from stockade.workspace.save import SAVE_TIMEOUT
+    from stockade.remote import stop_supervised
 
-        timeout = SAVE_TIMEOUT + 10.0
-    if record.status not in (SandboxStatus.RUNNING, SandboxStatus.STARTING):
-        return
-    pid = record.supervisor_pid
-    if record.control_socket and Path(record.control_socket).exists():
-        import anyio
-
-        from stockade.supervisor import connect_control
-
-        async def ask() -> None:
-            client = await connect_control(record.control_socket)
-            try:
-                with anyio.fail_after(5):
-                    await client.call_raw("sandbox.stop", {})
-            finally:
-                await client.aclose()
-
-        with contextlib.suppress(Exception):
-            anyio.run(ask)
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if _pid_alive(pid) and store.reconcile(store.get(record.name)).status in (
-        SandboxStatus.RUNNING,
-        SandboxStatus.STARTING,
-    ):
-        # Unresponsive: killing the supervisor takes its sandbox with it (die-with-parent).
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        while _pid_alive(pid) and time.monotonic() < deadline + 5:
-            time.sleep(0.02)
-        _mark_stopped(store, record.name)
-    current = store.get(record.name)
-    if current.status in (SandboxStatus.RUNNING, SandboxStatus.STARTING):
-        _mark_stopped(store, record.name)
-
-
-def _mark_stopped(store: StateStore, name: str) -> None:
-    try:
-        store.update(name, status=SandboxStatus.STOPPED)
-    except DiskFullError:
-        # The sandbox is stopped all the same; `ls` will call it failed (its supervisor is
-        # gone), and `rm` must go on to free the space.
-        logger.warning("could not record that sandbox %s stopped: the disk is full", name)
+    stop_supervised(store, record, timeout=timeout)
 
 
 def remove_sandbox(store: StateStore, record: Any) -> None:
