@@ -62,7 +62,7 @@ class FakeSandbox:
     backend = "namespace"
     agent_info = None
 
-    class policy:  # noqa: N801 - stands for the policy object
+    class policy:  # stands for the policy object
         policy_hash = "abc"
 
     def __init__(self) -> None:
@@ -166,7 +166,7 @@ async def test_bad_params_and_unknown_methods_are_refused_before_any_handler() -
 
 async def test_the_client_sends_only_the_method_s_own_params_model() -> None:
     async def body(client: ControlClient, sandbox: FakeSandbox) -> None:
-        with pytest.raises(TypeError, match="net.allow takes NetChangeParams"):
+        with pytest.raises(TypeError, match=r"net\.allow takes NetChangeParams"):
             await client.control("net.allow", SnapshotTagParams(tag="x"))
         assert sandbox.calls == []
 
