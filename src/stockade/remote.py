@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +26,19 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import ByteStream
 
-from stockade._errors import SandboxStateError, StockadeError
+from stockade._errors import (
+    AgentError,
+    ConfigError,
+    PolicyError,
+    SandboxNotFoundError,
+    SandboxStartError,
+    SandboxStateError,
+    StockadeError,
+    WorkspaceError,
+)
 from stockade.agent.client import AgentClient
 from stockade.audit import AuditLog
+from stockade.policy import EffectivePolicy
 from stockade.protocol.messages import (
     CONTROL_METHODS,
     Empty,
@@ -48,12 +61,35 @@ from stockade.sandbox import (
 from stockade.state import SandboxRecord, SandboxStatus, StateStore
 from stockade.workspace import WorkspaceLayers
 
-__all__ = ["ControlClient", "RemoteSandbox", "connect_control", "stop_supervised"]
+__all__ = [
+    "ControlClient",
+    "RemoteSandbox",
+    "connect_control",
+    "spawn_supervisor",
+    "stop_supervised",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a supervisor has to answer ``sandbox.stop`` before it is killed.
 STOP_ANSWER_TIMEOUT = 5.0
+#: Seconds to wait for a supervisor to report its sandbox ready.
+SPAWN_TIMEOUT = 60.0
+
+
+#: Errors of the supervisor's sandbox re-raised here as the same kind (by this fixed table,
+#: never by a name the peer chose freely); any other is an ``AgentError``.
+_CONTROL_ERRORS: dict[str, type[StockadeError]] = {
+    cls.__name__: cls
+    for cls in (
+        ConfigError,
+        PolicyError,
+        SandboxNotFoundError,
+        SandboxStartError,
+        SandboxStateError,
+        WorkspaceError,
+    )
+}
 
 
 class ControlClient:
@@ -69,7 +105,15 @@ class ControlClient:
         params_model, result_model = CONTROL_METHODS[method]
         if not isinstance(params, params_model):
             raise TypeError(f"{method} takes {params_model.__name__}, not {type(params).__name__}")
-        raw = await self.agent.call_raw(method, params.model_dump(mode="json", exclude_none=True))
+        try:
+            raw = await self.agent.call_raw(
+                method, params.model_dump(mode="json", exclude_none=True)
+            )
+        except AgentError as exc:
+            kind = _CONTROL_ERRORS.get(str((exc.data or {}).get("error")))
+            if kind is None:
+                raise
+            raise kind(str(exc).removeprefix(f"{method}: ")) from exc
         return result_model.model_validate(raw)
 
     async def aclose(self) -> None:
@@ -99,8 +143,6 @@ class RemoteSandbox(AsyncSandbox):
         actor: str,
         control: ControlClient | None,
     ) -> None:
-        from stockade.policy import EffectivePolicy
-
         if not record.policy_json or not record.dir:
             raise SandboxStateError(f"sandbox {record.name!r} has no recorded policy to attach to")
         self._record = record
@@ -243,6 +285,21 @@ class RemoteSandbox(AsyncSandbox):
         result: SnapshotListResult = await self._control_call("snapshot.list", Empty())
         return list(result.snapshots)
 
+    async def fork(self, *, name: str | None = None) -> AsyncSandbox:
+        """A new sandbox from a snapshot of this one taken now, run by a supervisor of its
+        own like this one; returns it connected."""
+        from stockade.backends.microvm.snapshots import policy_of
+
+        tag = f"fork-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+        path = await self.snapshot(tag)
+        policy = await anyio.to_thread.run_sync(policy_of, path)
+        started = await anyio.to_thread.run_sync(
+            lambda: spawn_supervisor(policy, name, resume=path, state_dir=self._store.root)
+        )
+        return await RemoteSandbox.open(
+            started["name"], state_dir=self._store.root, actor=self._actor
+        )
+
     # --- lifecycle --------------------------------------------------------------------------
 
     async def aclose(self) -> None:
@@ -265,6 +322,55 @@ class RemoteSandbox(AsyncSandbox):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "attached" if self._control else "not running"
         return f"<AsyncSandbox {self.name} backend={self.backend} {state} (connected)>"
+
+
+def spawn_supervisor(
+    policy: EffectivePolicy,
+    name: str | None,
+    *,
+    resume: Path | None = None,
+    state_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Start ``python -m stockade.supervisor`` detached with a new sandbox of ``policy``;
+    return once the sandbox is ready (``{"ok": True, "name": ..., "id": ...}``). Blocking.
+
+    ``resume``: a snapshot directory to start from (a fork)."""
+    store = StateStore(Path(state_dir) if state_dir is not None else None)
+    if name is not None:
+        # Before the name makes a log path, and so a taken name fails before anything runs.
+        store.check_name_free(name)
+    store.check_writable()
+    name = name or store.new_name()
+    logs = store.root / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)
+    log_path = logs / f"{name}.supervisor.log"
+    spec = {"name": name, "policy": policy.to_json(), "state_dir": str(store.root)}
+    if resume is not None:
+        spec["resume"] = str(resume)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stockade.supervisor"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+        )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(spec).encode())
+    proc.stdin.close()
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if not line:
+        proc.wait(timeout=SPAWN_TIMEOUT)
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise SandboxStartError(f"the supervisor exited before the sandbox was ready:\n{tail}")
+    result: dict[str, Any] = json.loads(line)
+    if not result.get("ok"):
+        proc.wait(timeout=SPAWN_TIMEOUT)
+        raise SandboxStartError(result.get("error", "the sandbox failed to start"))
+    return result
 
 
 def _layers_of(record: SandboxRecord) -> WorkspaceLayers | None:

@@ -1394,15 +1394,38 @@ class AsyncSandbox:
         """Save the running sandbox's whole state (memory, devices, workspace) as ``tag``;
         it keeps running. Returns the snapshot's directory. A backend that cannot raises
         ``SandboxStateError`` naming the one that can."""
-        from stockade.backends.microvm.snapshots import snapshot_sandbox
+        from stockade.backends.microvm.snapshots import (
+            save_snapshot,
+            snapshot_dir_for,
+            snapshottable,
+        )
 
-        return await snapshot_sandbox(self, tag)
+        launched = snapshottable(self._launched, self.name, self.backend)
+        dest = snapshot_dir_for(self._store.root, self.name, tag)
+        started = time.monotonic()
+        with self._explained():
+            await save_snapshot(launched, dest, sandbox=self.name, tag=tag, policy=self.policy)
+        self._audit(
+            "snapshot.taken",
+            target=tag,
+            details={"seconds": round(time.monotonic() - started, 3), "path": str(dest)},
+        )
+        return dest
 
     async def restore(self, tag: str) -> None:
         """Put the running sandbox back into its snapshot ``tag`` (its VM is replaced)."""
-        from stockade.backends.microvm.snapshots import restore_sandbox
+        from stockade.backends.microvm.snapshots import (
+            resuming_backend,
+            snapshot_dir_for,
+            snapshottable,
+        )
 
-        await restore_sandbox(self, tag)
+        snapshottable(self._launched, self.name, self.backend)
+        backend = resuming_backend(snapshot_dir_for(self._store.root, self.name, tag))
+        await self._stop_backend()
+        self._backend = backend
+        await self._launch()
+        self._audit("snapshot.restored", target=tag)
 
     async def snapshots(self) -> builtins.list[dict[str, Any]]:
         """The sandbox's snapshots (tag, creation time, ...), oldest tag first."""
@@ -1413,9 +1436,18 @@ class AsyncSandbox:
     async def fork(self, *, name: str | None = None) -> AsyncSandbox:
         """A new sandbox started from a snapshot of this one taken now (same policy,
         workspace included), run in this process."""
-        from stockade.backends.microvm.snapshots import fork_sandbox
+        from stockade.backends.microvm.snapshots import resuming_backend
 
-        return await fork_sandbox(self, name=name)
+        tag = f"fork-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+        path = await self.snapshot(tag)
+        return await AsyncSandbox._start_new(
+            self.policy,
+            resuming_backend(path),
+            name=name,
+            keep=self._keep,
+            state_dir=self._store.root,
+            actor=self._actor,
+        )
 
     async def __aenter__(self) -> AsyncSandbox:
         return self

@@ -205,8 +205,8 @@ class _Connection:
             # The client names the method itself: do not name it twice.
             text = str(exc).removeprefix(f"{method}: ")
             self.push(_error(request_id, exc.code or -32603, text, exc.data))
-        except StockadeError as exc:
-            self.push(_error(request_id, -32603, str(exc)))
+        except StockadeError as exc:  # its kind, for the client's fixed table (remote.py)
+            self.push(_error(request_id, -32603, str(exc), {"error": type(exc).__name__}))
         except Exception as exc:  # process edge: never let one request kill the supervisor
             logger.exception("control request %s failed", method)
             self.push(_error(request_id, -32603, f"{type(exc).__name__}: {exc}"))

@@ -339,6 +339,7 @@ class Sandbox:
         self._inner = inner
         self._portal = portal
         self._portal_cm = portal_cm
+        self._forks: builtins.list[Sandbox] = []  # on this one's event-loop thread
         self.commands = Commands(portal, inner.commands)
         self.files = Files(portal, inner.files)
         self.pty = Pty(portal, inner.pty)
@@ -491,10 +492,12 @@ class Sandbox:
         return found
 
     def fork(self, *, name: str | None = None) -> Sandbox:
-        """A new sandbox from a snapshot of this one; see ``AsyncSandbox.fork``. It runs on
-        this sandbox's event-loop thread: close it before this one."""
+        """A new sandbox from a snapshot of this one; see ``AsyncSandbox.fork``. It shares
+        this sandbox's event-loop thread: closing this one closes it too."""
         inner: AsyncSandbox = self._portal.call(lambda: self._inner.fork(name=name))
-        return Sandbox(inner, self._portal, contextlib.nullcontext(self._portal))
+        forked = Sandbox(inner, self._portal, contextlib.nullcontext(self._portal))
+        self._forks.append(forked)
+        return forked
 
     def kill(self) -> None:
         """Stop the sandbox, whichever process runs it; see ``AsyncSandbox.kill``."""
@@ -506,6 +509,8 @@ class Sandbox:
         if self._portal_cm is None:
             return
         try:
+            for forked in self._forks:
+                forked.close()
             self._portal.call(self._inner.aclose)
         finally:
             cm, self._portal_cm = self._portal_cm, None  # type: ignore[assignment]

@@ -183,3 +183,26 @@ def test_connect_names_what_is_there_when_nothing_matches(
         """
     )
     assert "no-such-sandbox" in str(out["error"])
+
+
+def test_snapshots_on_a_backend_that_cannot_name_the_one_that_can(
+    namespace_backend: str, project: Path
+) -> None:
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    stockade("create", "--name", name, "-C", str(project))
+    try:
+        out = client(
+            """
+            import json, sys
+            from stockade import Sandbox, SandboxStateError
+            with Sandbox.connect(sys.argv[1]) as sb:
+                try:
+                    sb.snapshot("t1")
+                except SandboxStateError as exc:
+                    print(json.dumps({"error": str(exc)}))
+            """,
+            name,
+        )
+        assert "backend='microvm'" in str(out["error"])
+    finally:
+        stockade("rm", "--force", name, check=False)

@@ -375,32 +375,24 @@ def test_restored_vms_share_nothing_of_each_other(
 
 
 def test_snapshot_restore_fork_sdk(microvm: str, project: Path) -> None:
-    from stockade.backends.microvm.snapshots import (
-        fork_sandbox,
-        restore_sandbox,
-        snapshot_sandbox,
-    )
-
     with Sandbox.create(project_dir=project, backend=microvm) as sb:
-        portal = sb._portal  # type: ignore[attr-defined]
-        inner = sb._inner  # type: ignore[attr-defined]
         assert sb.commands.run("echo one > state.txt; echo ram > /tmp/mem").exit_code == 0
-        portal.call(snapshot_sandbox, inner, "t1")
+        sb.snapshot("t1")
         sb.commands.run("echo two > state.txt; rm /tmp/mem")
-        portal.call(restore_sandbox, inner, "t1")
+        sb.restore("t1")
         r = sb.commands.run("cat state.txt /tmp/mem")
         assert r.stdout == "one\nram\n", r.stderr
-        forked = portal.call(fork_sandbox, inner)
+        forked = sb.fork()
         try:
             run = forked.commands.run
-            assert portal.call(run, "cat state.txt").stdout == "one\n"
-            assert abs(int(portal.call(run, "date +%s").stdout) - time.time()) < 30
-            portal.call(run, "echo fork-only > f.txt")
+            assert run("cat state.txt").stdout == "one\n"
+            assert abs(int(run("date +%s").stdout) - time.time()) < 30
+            run("echo fork-only > f.txt")
             assert sb.commands.run("test -e f.txt").exit_code != 0  # they diverge
-            kinds = {c.path: c.kind for c in portal.call(forked.workspace.diff)}
+            kinds = {c.path: c.kind for c in forked.workspace.diff()}
             assert kinds == {"state.txt": "added", "f.txt": "added"}
         finally:
-            portal.call(forked.aclose)
+            forked.close()
         assert {c.path for c in sb.workspace.diff()} == {"state.txt"}
     assert not (project / "state.txt").exists()
 

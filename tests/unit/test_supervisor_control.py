@@ -17,7 +17,7 @@ import pytest
 from anyio.abc import SocketStream
 from pydantic import ValidationError
 
-from stockade._errors import AgentError
+from stockade._errors import AgentError, CommandFailedError, SandboxStateError
 from stockade.agent.client import AgentClient
 from stockade.protocol import schema
 from stockade.protocol.messages import (
@@ -79,6 +79,10 @@ class FakeSandbox:
 
     async def restore(self, tag: str) -> None:
         self.calls.append(("restore", (tag,)))
+        if tag == "refused":
+            raise SandboxStateError("snapshots of full VM state need backend='microvm'")
+        if tag == "odd":
+            raise CommandFailedError("not a kind the client re-raises", result=None)  # type: ignore[arg-type]
 
     async def snapshots(self) -> list[dict[str, Any]]:
         return [{"tag": "one"}]
@@ -169,5 +173,16 @@ async def test_the_client_sends_only_the_method_s_own_params_model() -> None:
         with pytest.raises(TypeError, match=r"net\.allow takes NetChangeParams"):
             await client.control("net.allow", SnapshotTagParams(tag="x"))
         assert sandbox.calls == []
+
+    await with_supervisor(body)
+
+
+async def test_the_sandbox_s_errors_keep_their_kind_by_a_fixed_table() -> None:
+    async def body(client: ControlClient, sandbox: FakeSandbox) -> None:
+        with pytest.raises(SandboxStateError, match="need backend='microvm'") as refused:
+            await client.control("snapshot.restore", SnapshotTagParams(tag="refused"))
+        assert not str(refused.value).startswith("snapshot.restore:")
+        with pytest.raises(AgentError, match="not a kind the client re-raises"):
+            await client.control("snapshot.restore", SnapshotTagParams(tag="odd"))
 
     await with_supervisor(body)
