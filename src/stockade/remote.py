@@ -73,6 +73,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a supervisor has to answer ``sandbox.stop`` before it is killed.
 STOP_ANSWER_TIMEOUT = 5.0
+#: Seconds a supervisor has to answer a new connection.
+HELLO_TIMEOUT = 10.0
 #: Seconds to wait for a supervisor to report its sandbox ready.
 SPAWN_TIMEOUT = 60.0
 
@@ -179,7 +181,15 @@ class RemoteSandbox(AsyncSandbox):
                     f"socket {record.control_socket} refused the connection ({exc})"
                 ) from exc
             try:
-                await control.agent.hello(client=f"stockade-{actor}")
+                with anyio.fail_after(HELLO_TIMEOUT):
+                    await control.agent.hello(client=f"stockade-{actor}")
+            except TimeoutError:
+                with anyio.CancelScope(shield=True):
+                    await control.aclose()
+                raise SandboxStateError(
+                    f"sandbox {record.name!r} is not answering: its supervisor (pid "
+                    f"{record.supervisor_pid}) did not answer in {HELLO_TIMEOUT:g} s"
+                ) from None
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await control.aclose()

@@ -97,6 +97,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+#: Events that could not be written to a sandbox's audit log (the CLI shows them).
+audit_logger = logging.getLogger(f"{__name__}.audit")
 
 OutputHandler = Callable[[bytes], None]
 
@@ -1252,8 +1254,16 @@ class AsyncSandbox:
                 decision=decision,
                 rule=rule,
             )
-        except OSError:
-            logger.exception("could not write the audit log of sandbox %s", self.name)
+        except OSError as exc:
+            if is_disk_full(exc, self._audit_log.path):  # expected: no traceback
+                audit_logger.warning(
+                    "%s not recorded in the audit log %s: %s",
+                    action,
+                    self._audit_log.path,
+                    exc.strerror,
+                )
+            else:
+                logger.exception("could not write the audit log of sandbox %s", self.name)
 
     def _on_egress_event(self, record: ConnectionRecord) -> None:
         self._audit(

@@ -7,6 +7,7 @@ need them, so ``stockade run --rm -- true`` stays fast.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -222,7 +223,7 @@ async def _run_async(
             click.secho(f"stockade: {lost}", fg="yellow", err=True)
             click.echo(f"review what was saved: stockade diff {sandbox.name}", err=True)
         else:
-            _print_run_summary(sandbox)
+            await _print_run_summary(sandbox)
     return 128 + signalled[0] if signalled else code
 
 
@@ -294,15 +295,14 @@ def _first(items: list[str], limit: int) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _print_run_summary(sandbox: Any) -> None:
-    if sandbox._layers is None:
+async def _print_run_summary(sandbox: Any) -> None:
+    try:
+        diff = await sandbox.workspace.diff()
+    except SandboxStateError:  # it has no copy-on-write workspace
         click.echo(
             f"stockade: sandbox {sandbox.name} kept (no workspace changes tracked)", err=True
         )
         return
-    from stockade.workspace import compute_diff
-
-    diff = compute_diff(sandbox._layers, protected=sandbox.policy.workspace.protected)
     if not diff:
         click.echo(f"stockade: sandbox {sandbox.name}: no changes to the workspace", err=True)
         return
@@ -621,19 +621,13 @@ def diff(
     Prints a patch `git apply` accepts on stdout (the summary goes to stderr), limited to
     PATHs when given (relative to the current directory inside the project).
     """
-    from stockade.workspace import compute_diff
+    from stockade import Sandbox
 
-    store = _store()
-    record = _resolve(store, name)
-    _sync_running(record)
+    record = _resolve(_store(), name)
     layers = _layers(record)
     selected = [_project_path(layers.lower, p) for p in paths] if paths else None
-    result = compute_diff(
-        layers, protected=_protected(record), paths=selected, include_ignored=include_ignored
-    )
-    _audit(store, record).append(
-        "workspace.diffed", actor="cli", details={"summary": result.summary()}
-    )
+    with Sandbox.connect(record.id, actor="cli") as sandbox:  # closing detaches
+        result = sandbox.workspace.diff(selected, include_ignored=include_ignored)
     lost = _lost_note(record.name, record.dir, running=record.status == "running")
     if lost:  # never a plain "no changes" where changes were lost
         click.secho(f"stockade: {lost}", fg="yellow", err=True)
@@ -797,22 +791,15 @@ def apply(
     only when named in PATHS. The sandbox's commits become branch stockade/NAME. Exits
     with 1 when conflicts remain (left alone or written with markers).
     """
-    from stockade.workspace import apply_diff
+    from stockade import Sandbox
 
-    store = _store()
-    record = _resolve(store, name)
-    _sync_running(record)
+    record = _resolve(_store(), name)
     layers = _layers(record)
-    result = apply_diff(
-        layers,
-        paths=[_project_path(layers.lower, p) for p in paths] if paths else None,
-        protected=_protected(record),
-        force=force,
-        conflicts=conflicts,
-        branch=f"stockade/{record.name}",
-        include_ignored=include_ignored,
-    )
-    _audit(store, record).append("workspace.applied", actor="cli", details=result.audit_details())
+    selected = [_project_path(layers.lower, p) for p in paths] if paths else None
+    with Sandbox.connect(record.id, actor="cli") as sandbox:  # closing detaches
+        result = sandbox.workspace.apply(
+            selected, force=force, conflicts=conflicts, include_ignored=include_ignored
+        )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -1108,15 +1095,23 @@ def _register_extensions() -> None:
 _register_extensions()
 
 
+class _WarningHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        click.secho(f"stockade: warning: {record.getMessage()}", fg="yellow", err=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
-    import logging
-
     if os.environ.get("STOCKADE_LOG"):
         logging.basicConfig(level=os.environ["STOCKADE_LOG"].upper())
     else:
         # The CLI reports failures itself; library warnings would only repeat them.
         logging.getLogger("stockade").setLevel(logging.ERROR)
+        # Except events the audit log missed (a full disk): the user must hear of those.
+        missed = logging.getLogger("stockade.sandbox.audit")
+        missed.setLevel(logging.WARNING)
+        missed.addHandler(_WarningHandler())
+        missed.propagate = False
     cli.main(args=list(argv) if argv is not None else None, prog_name="stockade")
 
 
