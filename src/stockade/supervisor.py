@@ -28,8 +28,13 @@ import anyio
 from anyio.abc import SocketStream, TaskGroup
 from pydantic import BaseModel, ValidationError
 
-from stockade._errors import AgentError, AgentProtocolError, ExecTimeoutError, StockadeError
-from stockade._results import CommandResult
+from stockade import (
+    AgentError,
+    AgentProtocolError,
+    CommandResult,
+    ExecTimeoutError,
+    StockadeError,
+)
 from stockade.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 from stockade.protocol.messages import (
     CONTROL_METHODS,
@@ -146,7 +151,7 @@ class _Connection:
         self.stop = stop
         self.out_send, self.out_recv = anyio.create_memory_object_stream[bytes](math.inf)
         self._writing = False
-        self._tasks: TaskGroup | None = None
+        self._watchers: TaskGroup | None = None
 
     def push(self, message: dict[str, Any]) -> None:
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -171,8 +176,10 @@ class _Connection:
 
     async def run(self) -> None:
         decoder = FrameDecoder(DEFAULT_MAX_FRAME)
-        async with anyio.create_task_group() as tg:
-            self._tasks = tg
+        # Requests in flight finish even when their client goes (a reset must not stop
+        # half-way); watching this client's processes stops with it (they run on).
+        async with anyio.create_task_group() as tg, anyio.create_task_group() as watchers:
+            self._watchers = watchers
             tg.start_soon(self.writer)
             try:
                 while True:
@@ -188,9 +195,10 @@ class _Connection:
                     for message in messages:
                         tg.start_soon(self.handle, message)
             finally:
+                self._watchers = None
                 self.out_send.close()
                 await self.stream.aclose()
-                tg.cancel_scope.cancel()  # this client's processes run on, unwatched
+                watchers.cancel_scope.cancel()
 
     async def handle(self, message: dict[str, Any]) -> None:
         request_id = message.get("id")
@@ -271,8 +279,8 @@ class _Connection:
         for stream, chunk in pending:
             payload = {"proc": proc, "stream": stream, "data": _b64(chunk)}
             self.push(_notification("process.output", payload))
-        assert self._tasks is not None
-        self._tasks.start_soon(self.report_exit, handle)
+        if self._watchers is not None:  # else the client is gone: nobody to tell
+            self._watchers.start_soon(self.report_exit, handle)
 
     async def report_exit(self, handle: AsyncCommandHandle) -> None:
         try:

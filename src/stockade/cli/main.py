@@ -16,7 +16,8 @@ from typing import Any, Literal, TypeVar
 
 import click
 
-from stockade._errors import SandboxNotFoundError, SandboxStateError, StockadeError
+from stockade import SandboxNotFoundError, SandboxStateError, StockadeError
+from stockade.cli.running import connect_running, running_record
 from stockade.workspace.display import display_path
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -95,7 +96,7 @@ def _compile(opts: dict[str, Any]) -> Any:
     if opts.get("allow_dangerous_mounts"):
         flags["allow_dangerous_mounts"] = list(opts["allow_dangerous_mounts"])
     project = Path(opts["project"]) if opts.get("project") else None
-    from stockade._errors import ConfigError
+    from stockade import ConfigError
     from stockade.config import UntrustedConfigError
 
     try:
@@ -359,7 +360,7 @@ def exec_(
 
     from stockade.cli.attach import attach_remote
 
-    record = _running(name)
+    record = running_record(name)
     if command and command[0] == "--":  # `exec NAME -- CMD`: click keeps a "--" after NAME
         command = command[1:]
     if not command:
@@ -379,21 +380,9 @@ def shell(name: str) -> None:
 
     from stockade.cli.attach import attach_remote
 
-    record = _running(name)
+    record = running_record(name)
     code = anyio.run(lambda: attach_remote(record.name, ["/bin/bash", "-i"], True, {}, None, None))
     raise SystemExit(code)
-
-
-def _running(name: str) -> Any:
-    store = _store()
-    record = store.reconcile(store.get(name))
-    if record.status != "running" or not record.control_socket:
-        raise SandboxStateError(
-            f"sandbox {name!r} is {record.status}"
-            + (f" ({record.error})" if record.error else "")
-            + "; only sandboxes made with `stockade create` keep running"
-        )
-    return record
 
 
 # --- lifecycle --------------------------------------------------------------------------
@@ -595,7 +584,7 @@ def _sync_running(record: Any) -> None:
     """A running sandbox may keep its writes inside it (a microVM's guest): bring them to
     the host layers first."""
     if record.status == "running" and record.control_socket:
-        with _connect(record.name) as sandbox:
+        with connect_running(record.name) as sandbox:
             sandbox.workspace.sync()
 
 
@@ -896,20 +885,12 @@ def net() -> None:
     """Change a running sandbox's egress policy, and see its connections."""
 
 
-def _connect(name: str) -> Any:
-    """A running sandbox another process (its supervisor) runs; closing it detaches."""
-    from stockade import Sandbox
-
-    record = _running(name)
-    return Sandbox.connect(record.name, actor="cli")
-
-
 @net.command("allow")
 @click.argument("name")
 @click.argument("entries", nargs=-1, required=True)
 def net_allow(name: str, entries: tuple[str, ...]) -> None:
     """Allow hosts (pypi.org, *.example.com, 10.0.0.5, host:443) from now on."""
-    with _connect(name) as sandbox:
+    with connect_running(name) as sandbox:
         for entry in entries:
             sandbox.network.allow(entry)
             click.echo(f"allowed {entry}")
@@ -920,7 +901,7 @@ def net_allow(name: str, entries: tuple[str, ...]) -> None:
 @click.argument("entries", nargs=-1, required=True)
 def net_deny(name: str, entries: tuple[str, ...]) -> None:
     """Deny hosts from now on (deny wins over allow)."""
-    with _connect(name) as sandbox:
+    with connect_running(name) as sandbox:
         for entry in entries:
             sandbox.network.deny(entry)
             click.echo(f"denied {entry}")
@@ -933,7 +914,7 @@ def net_log(name: str, as_json: bool) -> None:
     """Every connection: time, host, port, decision, rule, bytes up/down."""
     import datetime as dt
 
-    with _connect(name) as sandbox:
+    with connect_running(name) as sandbox:
         rows = sandbox.network.log()
     for row in rows:
         if as_json:

@@ -63,10 +63,10 @@ def image_ls() -> None:
 @click.argument("tag")
 def snapshot(name: str, tag: str) -> None:
     """Save a running microVM sandbox's whole state (memory, devices, workspace) as TAG."""
-    from stockade.cli.main import _connect
+    from stockade.cli.running import connect_running
 
     started = time.monotonic()
-    with _connect(name) as sandbox:
+    with connect_running(name) as sandbox:
         path = sandbox.snapshot(tag)
     click.echo(f"sandbox {name}: snapshot {tag} saved in {time.monotonic() - started:.2f} s")
     click.echo(str(path))
@@ -77,10 +77,10 @@ def snapshot(name: str, tag: str) -> None:
 @click.argument("tag")
 def restore(name: str, tag: str) -> None:
     """Put a running microVM sandbox back into its snapshot TAG."""
-    from stockade.cli.main import _connect
+    from stockade.cli.running import connect_running
 
     started = time.monotonic()
-    with _connect(name) as sandbox:
+    with connect_running(name) as sandbox:
         sandbox.restore(tag)
     click.echo(f"sandbox {name}: restored {tag} in {time.monotonic() - started:.2f} s", err=True)
 
@@ -95,14 +95,14 @@ def fork(name: str, new_name: str | None, tag: str | None, as_json: bool) -> Non
     import json
 
     from stockade.backends.microvm.snapshots import policy_of, snapshot_dir_for
-    from stockade.cli.main import _connect, _running
+    from stockade.cli.running import connect_running, running_record
     from stockade.cli.supervise import spawn_supervisor
     from stockade.state import StateStore
 
-    record = _running(name)
+    record = running_record(name)
     if tag is None:
         tag = f"fork-{time.strftime('%Y%m%d-%H%M%S')}"
-        with _connect(name) as sandbox:
+        with connect_running(name) as sandbox:
             path = sandbox.snapshot(tag)
     else:
         path = snapshot_dir_for(StateStore().root, record.name, tag)

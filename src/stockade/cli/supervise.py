@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stockade._errors import SandboxStateError
+from stockade import SandboxStateError
 from stockade.state import StateStore
 
 __all__ = ["remove_sandbox", "spawn_supervisor", "stop_sandbox"]
