@@ -423,6 +423,40 @@ def test_snapshot_restore_fork_cli(microvm: str, project: Path) -> None:
         cli("rm", "--force", *(n for n in (name, forked) if n))
 
 
+def test_snapshot_restore_fork_over_connect(microvm: str, project: Path) -> None:
+    """A second process (this one) snapshots, restores and forks a CLI-created microVM."""
+
+    def cli(*args: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "stockade.cli.main", *args],
+            capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+        return r.stdout
+
+    name = cli("create", "--backend", "microvm", "-C", str(project)).strip()
+    forked_name = ""
+    try:
+        with Sandbox.connect(name) as sb:
+            sb.commands.run("echo a > f", check=True)
+            sb.snapshot("t")
+            assert [s["tag"] for s in sb.snapshots()] == ["t"]
+            sb.commands.run("echo b > f", check=True)
+            sb.restore("t")
+            assert sb.commands.run("cat f").stdout == "a\n"
+            forked = sb.fork()
+            forked_name = forked.name
+            assert forked.backend == "microvm" and forked_name != name
+            assert forked.commands.run("cat f").stdout == "a\n"
+            forked.commands.run("echo fork-only > g", check=True)
+            assert sb.commands.run("test -e g").exit_code != 0  # they diverge
+        # Closing detached both: each still runs under its own supervisor.
+        assert cli("exec", forked_name, "--", "cat", "g") == "fork-only\n"
+        assert "A g" in cli("diff", forked_name, "--stat")
+    finally:
+        cli("rm", "--force", *(n for n in (name, forked_name) if n))
+
+
 def test_warm_pool(microvm: str, project: Path) -> None:
     import anyio
 
