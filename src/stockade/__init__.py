@@ -27,7 +27,7 @@ from stockade._results import CommandResult
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from stockade.sandbox import AsyncCommandHandle, AsyncSandbox
+    from stockade.sandbox import AsyncCommandHandle, AsyncSandbox, SandboxInfo
     from stockade.sync import CommandHandle, Sandbox
 
 # The sandbox classes pull in anyio and pydantic; load them on first use so that
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "AsyncSandbox": "stockade.sandbox",
     "AsyncCommandHandle": "stockade.sandbox",
+    "SandboxInfo": "stockade.sandbox",
     "Sandbox": "stockade.sync",
     "CommandHandle": "stockade.sync",
 }
@@ -69,6 +70,7 @@ __all__ = [
     "Sandbox",
     "SandboxFileExistsError",
     "SandboxFileNotFoundError",
+    "SandboxInfo",
     "SandboxNotFoundError",
     "SandboxPermissionError",
     "SandboxStartError",

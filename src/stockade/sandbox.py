@@ -93,9 +93,12 @@ __all__ = [
     "AsyncSandbox",
     "AsyncWorkspace",
     "OutputHandler",
+    "SandboxInfo",
 ]
 
 logger = logging.getLogger(__name__)
+#: Events that could not be written to a sandbox's audit log (the CLI shows them).
+audit_logger = logging.getLogger(f"{__name__}.audit")
 
 OutputHandler = Callable[[bytes], None]
 
@@ -367,6 +370,12 @@ class AsyncPty:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
 
+    async def default_shell(self) -> list[str]:
+        """The guest's interactive shell: ``/bin/bash -i``, or ``/bin/sh -i`` where the
+        sandbox's root has no bash (asked of the guest, never assumed from the host)."""
+        with self._sandbox._explained():
+            return await guest_shell(self._sandbox._require_client())
+
     async def create(
         self,
         cmd: str | Sequence[str] | None = None,
@@ -380,8 +389,7 @@ class AsyncPty:
     ) -> AsyncCommandHandle:
         """Start ``cmd`` (default: an interactive shell) on a new pseudo-terminal."""
         if cmd is None:
-            with self._sandbox._explained():
-                cmd = await guest_shell(self._sandbox._require_client())
+            cmd = await self.default_shell()
         return await self._sandbox.commands.start(
             cmd,
             env={"TERM": os.environ.get("TERM", "xterm-256color"), **(env or {})},
@@ -639,6 +647,11 @@ class AsyncWorkspace:
         """Discard every change; a running sandbox is restarted on a clean workspace."""
         await self._sandbox._reset_workspace()
 
+    async def sync(self) -> None:
+        """Bring the writes of a sandbox that keeps them inside it (a microVM) to the host
+        layers now (``diff`` and ``apply`` do it themselves)."""
+        await self._sandbox._sync_workspace()
+
 
 class AsyncNetwork:
     """``sandbox.network``: change the egress policy live and see every connection."""
@@ -646,32 +659,70 @@ class AsyncNetwork:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
 
-    def _runtime(self) -> EgressRuntime:
-        runtime = self._sandbox._egress
-        if runtime is None:
-            raise SandboxStateError(
-                f"sandbox {self._sandbox.name!r} runs on the {self._sandbox.backend} backend, "
-                "which has no network policy"
-            )
-        return runtime
-
     async def allow(self, entry: str) -> None:
         """Allow a host, wildcard, address or CIDR (optionally :port) from now on."""
-        self._runtime().allow(entry)
-        self._sandbox._audit("network.allowed", target=entry)
+        await self._sandbox._net_change("allow", entry)
 
     async def deny(self, entry: str) -> None:
         """Deny a host, wildcard, address or CIDR from now on (deny wins over allow)."""
-        self._runtime().deny(entry)
-        self._sandbox._audit("network.denied", target=entry)
+        await self._sandbox._net_change("deny", entry)
 
     async def log(self) -> list[dict[str, Any]]:
         """Every connection so far: time, host, port, decision, rule, reason, bytes."""
-        return [record.to_dict() for record in self._runtime().log()]
+        return await self._sandbox._net_log()
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxInfo:
+    """What ``AsyncSandbox.list()`` / ``Sandbox.list()`` say about one sandbox."""
+
+    name: str
+    id: str
+    backend: str
+    #: created, starting, running, stopping, stopped or failed
+    status: str
+    #: When it was created (seconds since the epoch).
+    created_at: float
+    #: The host project directory it sees as its workspace (None without one).
+    workspace: Path | None
+    #: Its directory under the state directory (layers, disk, sockets).
+    state_dir: Path | None
+    #: Why it failed, when it did.
+    error: str | None
+    #: Whether another process can drive it: ``connect()`` gives its commands and files
+    #: (a stopped sandbox kept for review gives only its workspace).
+    connectable: bool
+
+    @classmethod
+    def from_record(cls, record: SandboxRecord) -> SandboxInfo:
+        return cls(
+            name=record.name,
+            id=record.id,
+            backend=record.backend,
+            status=str(record.status),
+            created_at=record.created_at,
+            workspace=Path(record.workspace) if record.workspace else None,
+            state_dir=Path(record.dir) if record.dir else None,
+            error=record.error,
+            connectable=record.status == SandboxStatus.RUNNING and bool(record.control_socket),
+        )
+
+
+def find_record(store: StateStore, name_or_id: str) -> SandboxRecord:
+    """The record of the sandbox named ``name_or_id``, else the one with that id (reconciled:
+    a sandbox whose supervisor died is reported failed)."""
+    try:
+        return store.reconcile(store.get(name_or_id))
+    except SandboxNotFoundError as exc:
+        for record in store.list():
+            if record.id == name_or_id:
+                return store.reconcile(record)
+        raise exc from None
 
 
 class AsyncSandbox:
-    """A sandbox running in this process. Create with ``await AsyncSandbox.create(...)``."""
+    """A sandbox running in this process. Create with ``await AsyncSandbox.create(...)``;
+    reach one another process runs with ``await AsyncSandbox.connect(name)``."""
 
     def __init__(
         self,
@@ -700,6 +751,7 @@ class AsyncSandbox:
         self._closed = False
         self._timer: threading.Timer | None = None
         self._expired: float | None = None
+        self._died: str | None = None  # why it ended by itself (``wait_until_ended``)
         self._egress: EgressRuntime | None = None
         self._background: BackgroundTasks | None = None
         # Workspace saving where the writes stay inside the sandbox (see _save_at_end).
@@ -772,6 +824,54 @@ class AsyncSandbox:
         return await cls._start_new(
             policy, chosen, name=name, keep=keep, state_dir=state_dir, actor=actor
         )
+
+    @classmethod
+    async def start(
+        cls,
+        policy: EffectivePolicy,
+        *,
+        backend: Backend | None = None,
+        name: str | None = None,
+        keep: bool = False,
+        state_dir: str | Path | None = None,
+        actor: str = "sdk",
+    ) -> AsyncSandbox:
+        """Start a sandbox from a compiled policy (``stockade.policy.compile_policy``), on
+        ``backend`` or the one the policy selects; ``create()`` is this after loading the
+        configuration layers."""
+        if backend is None:
+            from stockade.backends.registry import select_backend
+
+            backend = select_backend(policy)
+        return await cls._start_new(
+            policy, backend, name=name, keep=keep, state_dir=state_dir, actor=actor
+        )
+
+    @classmethod
+    async def connect(
+        cls, name_or_id: str, *, state_dir: str | Path | None = None, actor: str = "sdk"
+    ) -> AsyncSandbox:
+        """Attach to a sandbox another process runs (``stockade create``, a server): same
+        ``commands``, ``files``, ``pty``, ``workspace`` and ``network``, over its
+        supervisor's control socket. A stopped sandbox kept for review gives its
+        ``workspace`` only. ``aclose()`` detaches and leaves the sandbox running;
+        ``kill()`` stops it."""
+        from stockade.remote import RemoteSandbox
+
+        return await RemoteSandbox.open(name_or_id, state_dir=state_dir, actor=actor)
+
+    @classmethod
+    async def list(cls, *, state_dir: str | Path | None = None) -> builtins.list[SandboxInfo]:
+        """Every sandbox of the state directory (running or kept), oldest first."""
+
+        def read() -> builtins.list[SandboxInfo]:
+            store = StateStore(Path(state_dir) if state_dir is not None else None)
+            try:
+                return [SandboxInfo.from_record(store.reconcile(r)) for r in store.list()]
+            finally:
+                store.close()
+
+        return await anyio.to_thread.run_sync(read)
 
     @classmethod
     async def _start_new(
@@ -996,6 +1096,29 @@ class AsyncSandbox:
         return self._launched.resource_events() if self._launched is not None else {}
 
     # --- internals used by the namespaces ------------------------------------------------
+    # The namespaces reach their sandbox only through these methods (and ``policy``,
+    # ``name``, ``_layers``): a connected sandbox (``stockade.remote``) overrides them.
+
+    def _egress_runtime(self) -> EgressRuntime:
+        runtime = self._egress
+        if runtime is None:
+            raise SandboxStateError(
+                f"sandbox {self.name!r} runs on the {self.backend} backend, "
+                "which has no network policy"
+            )
+        return runtime
+
+    async def _net_change(self, verb: Literal["allow", "deny"], entry: str) -> None:
+        runtime = self._egress_runtime()
+        if verb == "allow":
+            runtime.allow(entry)
+            self._audit("network.allowed", target=entry)
+        else:
+            runtime.deny(entry)
+            self._audit("network.denied", target=entry)
+
+    async def _net_log(self) -> builtins.list[dict[str, Any]]:
+        return [record.to_dict() for record in self._egress_runtime().log()]
 
     def _require_client(self) -> AgentClient:
         if self._closed or self._client is None:
@@ -1129,8 +1252,16 @@ class AsyncSandbox:
                 decision=decision,
                 rule=rule,
             )
-        except OSError:
-            logger.exception("could not write the audit log of sandbox %s", self.name)
+        except OSError as exc:
+            if is_disk_full(exc, self._audit_log.path):  # expected: no traceback
+                audit_logger.warning(
+                    "%s not recorded in the audit log %s: %s",
+                    action,
+                    self._audit_log.path,
+                    exc.strerror,
+                )
+            else:
+                logger.exception("could not write the audit log of sandbox %s", self.name)
 
     def _on_egress_event(self, record: ConnectionRecord) -> None:
         self._audit(
@@ -1220,7 +1351,111 @@ class AsyncSandbox:
         """
         if self._closed:
             return
-        await self._teardown(status=SandboxStatus.STOPPED)
+        if self._died is not None:
+            await self._teardown(status=SandboxStatus.FAILED, error=self._died)
+        else:
+            await self._teardown(status=SandboxStatus.STOPPED)
+
+    async def kill(self) -> None:
+        """Stop the sandbox, whichever process runs it (for this one: ``aclose()``)."""
+        await self.aclose()
+
+    async def wait_until_ended(self) -> str:
+        """Read the sandbox's agent until the sandbox ends by itself (its process died, its
+        timeout expired), so its notifications flow meanwhile; return why it ended. After
+        that, ``aclose()`` records it as failed, with that reason."""
+        while True:
+            current = self._client
+            if current is None or self._closed:
+                if self._closed:
+                    raise SandboxStateError(f"sandbox {self.name!r} is closed")
+                await anyio.sleep(0.05)  # a workspace reset or restore is restarting it
+                continue
+            await current.serve_forever()
+            if self._client is current:
+                break  # not a reset's or restore's restart: the sandbox is gone
+        reason = "the sandbox stopped unexpectedly"
+        if self.policy.limits.timeout:
+            reason += f" (its timeout is {self.policy.limits.timeout:g}s)"
+        events = {k: v for k, v in self.resource_events().items() if v}
+        if events:
+            reason += f"; limits hit: {events}"
+        self._died = reason
+        return reason
+
+    async def call_agent(self, method: str, params: BaseModel) -> BaseModel:
+        """Call a method of the sandbox's guest agent (``protocol.messages.METHODS``) and
+        return its validated result: for relays like the supervisor's control socket. The
+        namespaces are the API for everything else."""
+        from stockade.protocol.messages import METHODS
+
+        if method not in METHODS or method.startswith("agent."):
+            raise SandboxStateError(f"{method!r} is not an agent method that can be called")
+        if not isinstance(params, METHODS[method][0]):
+            raise TypeError(f"{method} takes {METHODS[method][0].__name__}")
+        result: BaseModel = await self._call(method, params)
+        return result
+
+    # --- snapshots (full VM state: backends that can, microvm today) ----------------------
+
+    async def snapshot(self, tag: str) -> Path:
+        """Save the running sandbox's whole state (memory, devices, workspace) as ``tag``;
+        it keeps running. Returns the snapshot's directory. A backend that cannot raises
+        ``SandboxStateError`` naming the one that can."""
+        from stockade.backends.microvm.snapshots import (
+            save_snapshot,
+            snapshot_dir_for,
+            snapshottable,
+        )
+
+        launched = snapshottable(self._launched, self.name, self.backend)
+        dest = snapshot_dir_for(self._store.root, self.name, tag)
+        started = time.monotonic()
+        with self._explained():
+            await save_snapshot(launched, dest, sandbox=self.name, tag=tag, policy=self.policy)
+        self._audit(
+            "snapshot.taken",
+            target=tag,
+            details={"seconds": round(time.monotonic() - started, 3), "path": str(dest)},
+        )
+        return dest
+
+    async def restore(self, tag: str) -> None:
+        """Put the running sandbox back into its snapshot ``tag`` (its VM is replaced)."""
+        from stockade.backends.microvm.snapshots import (
+            resuming_backend,
+            snapshot_dir_for,
+            snapshottable,
+        )
+
+        snapshottable(self._launched, self.name, self.backend)
+        backend = resuming_backend(snapshot_dir_for(self._store.root, self.name, tag))
+        await self._stop_backend()
+        self._backend = backend
+        await self._launch()
+        self._audit("snapshot.restored", target=tag)
+
+    async def snapshots(self) -> builtins.list[dict[str, Any]]:
+        """The sandbox's snapshots (tag, creation time, ...), oldest tag first."""
+        from stockade.backends.microvm.snapshots import list_snapshots
+
+        return list_snapshots(self._store.root, self.name)
+
+    async def fork(self, *, name: str | None = None) -> AsyncSandbox:
+        """A new sandbox started from a snapshot of this one taken now (same policy,
+        workspace included), run in this process."""
+        from stockade.backends.microvm.snapshots import resuming_backend
+
+        tag = f"fork-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+        path = await self.snapshot(tag)
+        return await AsyncSandbox._start_new(
+            self.policy,
+            resuming_backend(path),
+            name=name,
+            keep=self._keep,
+            state_dir=self._store.root,
+            actor=self._actor,
+        )
 
     async def __aenter__(self) -> AsyncSandbox:
         return self

@@ -7,16 +7,21 @@ blocking portal), so two sandboxes with different policies live side by side in 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Literal, overload
 
+import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from pydantic import BaseModel
 
 from stockade._results import CommandResult
+from stockade.backends.base import Backend
+from stockade.policy import EffectivePolicy
 from stockade.protocol.messages import FsEntry, PtySize
 from stockade.sandbox import (
     AsyncCommandHandle,
@@ -27,13 +32,20 @@ from stockade.sandbox import (
     AsyncSandbox,
     AsyncWorkspace,
     OutputHandler,
+    SandboxInfo,
 )
 from stockade.workspace import ApplyResult, ConflictMode, WorkspaceDiff
 
-__all__ = ["CommandHandle", "Commands", "Files", "Network", "Pty", "Sandbox", "Workspace"]
-
-P = ParamSpec("P")
-T = TypeVar("T")
+__all__ = [
+    "CommandHandle",
+    "Commands",
+    "Files",
+    "Network",
+    "Pty",
+    "Sandbox",
+    "SandboxInfo",
+    "Workspace",
+]
 
 
 class _PortalBound:
@@ -187,6 +199,10 @@ class Pty(_PortalBound):
         super().__init__(portal)
         self._pty = pty
 
+    def default_shell(self) -> list[str]:
+        result: list[str] = self._run(self._pty.default_shell)
+        return result
+
     def create(
         self,
         cmd: str | Sequence[str] | None = None,
@@ -293,6 +309,9 @@ class Workspace(_PortalBound):
     def reset(self) -> None:
         self._run(self._workspace.reset)
 
+    def sync(self) -> None:
+        self._run(self._workspace.sync)
+
 
 class Network(_PortalBound):
     """``sandbox.network`` (blocking)."""
@@ -324,6 +343,7 @@ class Sandbox:
         self._inner = inner
         self._portal = portal
         self._portal_cm = portal_cm
+        self._forks: builtins.list[Sandbox] = []  # on this one's event-loop thread
         self.commands = Commands(portal, inner.commands)
         self.files = Files(portal, inner.files)
         self.pty = Pty(portal, inner.pty)
@@ -380,6 +400,43 @@ class Sandbox:
             raise
         return cls(inner, portal, portal_cm)
 
+    @classmethod
+    def start(
+        cls,
+        policy: EffectivePolicy,
+        *,
+        backend: Backend | None = None,
+        name: str | None = None,
+        keep: bool = False,
+        state_dir: str | Path | None = None,
+        actor: str = "sdk",
+    ) -> Sandbox:
+        """Start a sandbox from a compiled policy; see ``AsyncSandbox.start``."""
+        return cls._open(
+            lambda: AsyncSandbox.start(
+                policy, backend=backend, name=name, keep=keep, state_dir=state_dir, actor=actor
+            )
+        )
+
+    @classmethod
+    def _open(cls, make: Callable[[], Awaitable[AsyncSandbox]]) -> Sandbox:
+        portal_cm = start_blocking_portal()
+        portal = portal_cm.__enter__()
+        try:
+            inner = portal.call(make)
+        except BaseException:
+            portal_cm.__exit__(None, None, None)
+            raise
+        return cls(inner, portal, portal_cm)
+
+    @classmethod
+    def connect(
+        cls, name_or_id: str, *, state_dir: str | Path | None = None, actor: str = "sdk"
+    ) -> Sandbox:
+        """Attach to a sandbox another process runs; see ``AsyncSandbox.connect``.
+        ``close()`` detaches, ``kill()`` stops it."""
+        return cls._open(lambda: AsyncSandbox.connect(name_or_id, state_dir=state_dir, actor=actor))
+
     @property
     def name(self) -> str:
         return self._inner.name
@@ -414,11 +471,50 @@ class Sandbox:
     def resource_events(self) -> dict[str, bool]:
         return self._inner.resource_events()
 
+    def wait_until_ended(self) -> str:
+        """Block until the sandbox ends by itself; see ``AsyncSandbox.wait_until_ended``."""
+        reason: str = self._portal.call(self._inner.wait_until_ended)
+        return reason
+
+    def call_agent(self, method: str, params: BaseModel) -> BaseModel:
+        """Call a guest agent method; see ``AsyncSandbox.call_agent``."""
+        result: BaseModel = self._portal.call(self._inner.call_agent, method, params)
+        return result
+
+    def snapshot(self, tag: str) -> Path:
+        """Save the sandbox's whole state as ``tag``; see ``AsyncSandbox.snapshot``."""
+        path: Path = self._portal.call(self._inner.snapshot, tag)
+        return path
+
+    def restore(self, tag: str) -> None:
+        """Put the sandbox back into its snapshot ``tag``; see ``AsyncSandbox.restore``."""
+        self._portal.call(self._inner.restore, tag)
+
+    def snapshots(self) -> builtins.list[dict[str, Any]]:
+        """The sandbox's snapshots; see ``AsyncSandbox.snapshots``."""
+        found: builtins.list[dict[str, Any]] = self._portal.call(self._inner.snapshots)
+        return found
+
+    def fork(self, *, name: str | None = None) -> Sandbox:
+        """A new sandbox from a snapshot of this one; see ``AsyncSandbox.fork``. It shares
+        this sandbox's event-loop thread: closing this one closes it too."""
+        inner: AsyncSandbox = self._portal.call(lambda: self._inner.fork(name=name))
+        forked = Sandbox(inner, self._portal, contextlib.nullcontext(self._portal))
+        self._forks.append(forked)
+        return forked
+
+    def kill(self) -> None:
+        """Stop the sandbox, whichever process runs it; see ``AsyncSandbox.kill``."""
+        self._portal.call(self._inner.kill)
+
     def close(self) -> None:
-        """Stop the sandbox and its event-loop thread. Repeatable."""
+        """Stop the sandbox (detach from a connected one) and end its event-loop thread.
+        Repeatable."""
         if self._portal_cm is None:
             return
         try:
+            for forked in self._forks:
+                forked.close()
             self._portal.call(self._inner.aclose)
         finally:
             cm, self._portal_cm = self._portal_cm, None  # type: ignore[assignment]
@@ -437,3 +533,12 @@ class Sandbox:
 
     def __repr__(self) -> str:
         return repr(self._inner).replace("AsyncSandbox", "Sandbox")
+
+    # Defined last: inside the class body, later annotations would see this method.
+    @classmethod
+    def list(cls, *, state_dir: str | Path | None = None) -> builtins.list[SandboxInfo]:
+        """Every sandbox of the state directory; see ``AsyncSandbox.list``."""
+        infos: builtins.list[SandboxInfo] = anyio.run(
+            lambda: AsyncSandbox.list(state_dir=state_dir)
+        )
+        return infos

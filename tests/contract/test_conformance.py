@@ -919,6 +919,28 @@ def test_changes_survive_stop(target: str, tmp_path: Path) -> None:
         discard(target, name)
 
 
+def test_connect_drives_a_cli_created_sandbox(target: str, tmp_path: Path) -> None:
+    """This process is not the supervisor: it reaches the sandbox over the control socket."""
+    project, name = make_project(tmp_path / "project"), unique("connect")
+    cli(target, "create", "--name", name, "-C", str(project))
+    try:
+        listed = {info.name: info for info in Sandbox.list()}
+        assert listed[name].status == "running" and listed[name].connectable
+        assert listed[name].backend == target.partition("/")[0]
+        with Sandbox.connect(name) as sb:
+            r = sb.commands.run("cat README.md; echo err >&2; exit 5")
+            assert (r.stdout, r.stderr, r.exit_code) == ("hello\n", "err\n", 5)
+            sb.files.write("made.txt", "kept\n")
+            assert sb.files.read("made.txt") == "kept\n"
+            assert [c.path for c in sb.workspace.diff()] == ["made.txt"]
+            assert sb.workspace.apply().applied == ["made.txt"]
+        assert (project / "made.txt").read_text() == "kept\n"
+        # Closing detached; the sandbox still runs for the CLI.
+        assert cli(target, "exec", name, "--", "cat", "made.txt").stdout == "kept\n"
+    finally:
+        discard(target, name)
+
+
 def test_changes_survive_supervisor_shutdown(target: str, tmp_path: Path) -> None:
     from stockade.state import StateStore
 

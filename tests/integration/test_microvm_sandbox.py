@@ -375,32 +375,24 @@ def test_restored_vms_share_nothing_of_each_other(
 
 
 def test_snapshot_restore_fork_sdk(microvm: str, project: Path) -> None:
-    from stockade.backends.microvm.snapshots import (
-        fork_sandbox,
-        restore_sandbox,
-        snapshot_sandbox,
-    )
-
     with Sandbox.create(project_dir=project, backend=microvm) as sb:
-        portal = sb._portal  # type: ignore[attr-defined]
-        inner = sb._inner  # type: ignore[attr-defined]
         assert sb.commands.run("echo one > state.txt; echo ram > /tmp/mem").exit_code == 0
-        portal.call(snapshot_sandbox, inner, "t1")
+        sb.snapshot("t1")
         sb.commands.run("echo two > state.txt; rm /tmp/mem")
-        portal.call(restore_sandbox, inner, "t1")
+        sb.restore("t1")
         r = sb.commands.run("cat state.txt /tmp/mem")
         assert r.stdout == "one\nram\n", r.stderr
-        forked = portal.call(fork_sandbox, inner)
+        forked = sb.fork()
         try:
             run = forked.commands.run
-            assert portal.call(run, "cat state.txt").stdout == "one\n"
-            assert abs(int(portal.call(run, "date +%s").stdout) - time.time()) < 30
-            portal.call(run, "echo fork-only > f.txt")
+            assert run("cat state.txt").stdout == "one\n"
+            assert abs(int(run("date +%s").stdout) - time.time()) < 30
+            run("echo fork-only > f.txt")
             assert sb.commands.run("test -e f.txt").exit_code != 0  # they diverge
-            kinds = {c.path: c.kind for c in portal.call(forked.workspace.diff)}
+            kinds = {c.path: c.kind for c in forked.workspace.diff()}
             assert kinds == {"state.txt": "added", "f.txt": "added"}
         finally:
-            portal.call(forked.aclose)
+            forked.close()
         assert {c.path for c in sb.workspace.diff()} == {"state.txt"}
     assert not (project / "state.txt").exists()
 
@@ -429,6 +421,40 @@ def test_snapshot_restore_fork_cli(microvm: str, project: Path) -> None:
         assert (project / "f").read_text() == "a\n"
     finally:
         cli("rm", "--force", *(n for n in (name, forked) if n))
+
+
+def test_snapshot_restore_fork_over_connect(microvm: str, project: Path) -> None:
+    """A second process (this one) snapshots, restores and forks a CLI-created microVM."""
+
+    def cli(*args: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "stockade.cli.main", *args],
+            capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+        return r.stdout
+
+    name = cli("create", "--backend", "microvm", "-C", str(project)).strip()
+    forked_name = ""
+    try:
+        with Sandbox.connect(name) as sb:
+            sb.commands.run("echo a > f", check=True)
+            sb.snapshot("t")
+            assert [s["tag"] for s in sb.snapshots()] == ["t"]
+            sb.commands.run("echo b > f", check=True)
+            sb.restore("t")
+            assert sb.commands.run("cat f").stdout == "a\n"
+            forked = sb.fork()
+            forked_name = forked.name
+            assert forked.backend == "microvm" and forked_name != name
+            assert forked.commands.run("cat f").stdout == "a\n"
+            forked.commands.run("echo fork-only > g", check=True)
+            assert sb.commands.run("test -e g").exit_code != 0  # they diverge
+        # Closing detached both: each still runs under its own supervisor.
+        assert cli("exec", forked_name, "--", "cat", "g") == "fork-only\n"
+        assert "A g" in cli("diff", forked_name, "--stat")
+    finally:
+        cli("rm", "--force", *(n for n in (name, forked_name) if n))
 
 
 def test_warm_pool(microvm: str, project: Path) -> None:

@@ -79,10 +79,23 @@ def test_the_scan_sees_the_imports_it_judges() -> None:
     assert "stockade.config.models" in _imports("stockade.config.load")
 
 
+#: Imports a circle may not be blamed on, each with its reason. ``AsyncSandbox.connect()``
+#: returns its remote implementation (SWE-ReX's RemoteRuntime pattern), a subclass that
+#: ``stockade.remote`` defines: the base class names its subclass only inside that factory.
+ALLOWED_EDGES = {("stockade.sandbox", "stockade.remote")}
+
+
+def test_every_allowed_edge_still_exists() -> None:
+    for importer, imported in ALLOWED_EDGES:
+        assert imported in _imports(importer), (importer, imported)
+
+
 def _cycles() -> list[list[str]]:
     graph = {
         module: sorted(
-            t for t in _imports(module) if t != module and _package(t) == _package(module)
+            t
+            for t in _imports(module)
+            if t != module and _package(t) == _package(module) and (module, t) not in ALLOWED_EDGES
         )
         for module in MODULES
     }

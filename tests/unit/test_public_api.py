@@ -22,6 +22,7 @@ EXPECTED_ALL = {
     "Sandbox",
     "SandboxFileExistsError",
     "SandboxFileNotFoundError",
+    "SandboxInfo",
     "SandboxNotFoundError",
     "SandboxPermissionError",
     "SandboxStartError",

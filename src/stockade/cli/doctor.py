@@ -76,11 +76,9 @@ def measure_start(
 
         async def once() -> float:
             t = time.perf_counter()
-            sandbox = await AsyncSandbox._start_new(
+            sandbox = await AsyncSandbox.start(
                 policy,
-                get_backend_class(backend)(),
-                name=None,
-                keep=False,
+                backend=get_backend_class(backend)(),
                 state_dir=Path(tmp) / "state",
                 actor="doctor",
             )

@@ -7,6 +7,7 @@ need them, so ``stockade run --rm -- true`` stays fast.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,7 +16,8 @@ from typing import Any, Literal, TypeVar
 
 import click
 
-from stockade._errors import SandboxNotFoundError, SandboxStateError, StockadeError
+from stockade import SandboxNotFoundError, SandboxStateError, StockadeError
+from stockade.cli.running import connect_running, running_record
 from stockade.workspace.display import display_path
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -100,7 +102,7 @@ def _compile(opts: dict[str, Any]) -> Any:
     if opts.get("allow_dangerous_mounts"):
         flags["allow_dangerous_mounts"] = list(opts["allow_dangerous_mounts"])
     project = Path(opts["project"]) if opts.get("project") else None
-    from stockade._errors import ConfigError
+    from stockade import ConfigError
     from stockade.config import UntrustedConfigError
 
     try:
@@ -199,11 +201,9 @@ async def _run_async(
 ) -> int:
     import anyio
 
-    from stockade.backends.registry import select_backend
+    from stockade import AsyncSandbox
     from stockade.cli.attach import attach_local
-    from stockade.sandbox import AsyncSandbox
 
-    backend = select_backend(policy)
     sandbox: AsyncSandbox | None = None
     code = 0
     signalled: list[int] = []
@@ -212,9 +212,7 @@ async def _run_async(
         with anyio.CancelScope() as body:
             tg.start_soon(_absorb_signals, body, signalled)
             try:
-                sandbox = await AsyncSandbox._start_new(
-                    policy, backend, name=name, keep=not remove, state_dir=None, actor="cli"
-                )
+                sandbox = await AsyncSandbox.start(policy, name=name, keep=not remove, actor="cli")
                 code = await attach_local(sandbox, command, tty)
             except Exception as exc:  # raised again below, outside the task group
                 failure = exc
@@ -232,7 +230,7 @@ async def _run_async(
             click.secho(f"stockade: {lost}", fg="yellow", err=True)
             click.echo(f"review what was saved: stockade diff {sandbox.name}", err=True)
         else:
-            _print_run_summary(sandbox)
+            await _print_run_summary(sandbox)
     return 128 + signalled[0] if signalled else code
 
 
@@ -304,15 +302,14 @@ def _first(items: list[str], limit: int) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _print_run_summary(sandbox: Any) -> None:
-    if sandbox._layers is None:
+async def _print_run_summary(sandbox: Any) -> None:
+    try:
+        diff = await sandbox.workspace.diff()
+    except SandboxStateError:  # it has no copy-on-write workspace
         click.echo(
             f"stockade: sandbox {sandbox.name} kept (no workspace changes tracked)", err=True
         )
         return
-    from stockade.workspace import compute_diff
-
-    diff = compute_diff(sandbox._layers, protected=sandbox.policy.workspace.protected)
     if not diff:
         click.echo(f"stockade: sandbox {sandbox.name}: no changes to the workspace", err=True)
         return
@@ -370,12 +367,14 @@ def exec_(
     from stockade.cli.attach import attach_remote
 
     env_map = _env_map(env)
-    record = _running(name)
+    record = running_record(name)
     if command and command[0] == "--":  # `exec NAME -- CMD`: click keeps a "--" after NAME
         command = command[1:]
     if not command:
         raise click.UsageError("give the command to run after NAME, e.g. `exec NAME -- ls`")
-    code = anyio.run(lambda: attach_remote(record, list(command), tty, env_map, workdir, timeout))
+    code = anyio.run(
+        lambda: attach_remote(record.name, list(command), tty, env_map, workdir, timeout)
+    )
     raise SystemExit(code)
 
 
@@ -387,21 +386,9 @@ def shell(name: str) -> None:
 
     from stockade.cli.attach import attach_remote
 
-    record = _running(name)
-    code = anyio.run(lambda: attach_remote(record, None, True, {}, None, None))
+    record = running_record(name)
+    code = anyio.run(lambda: attach_remote(record.name, None, True, {}, None, None))
     raise SystemExit(code)
-
-
-def _running(name: str) -> Any:
-    store = _store()
-    record = store.reconcile(store.get(name))
-    if record.status != "running" or not record.control_socket:
-        raise SandboxStateError(
-            f"sandbox {name!r} is {record.status}"
-            + (f" ({record.error})" if record.error else "")
-            + "; only sandboxes made with `stockade create` keep running"
-        )
-    return record
 
 
 # --- lifecycle --------------------------------------------------------------------------
@@ -600,15 +587,11 @@ def _layers(record: Any) -> Any:
 
 
 def _sync_running(record: Any) -> None:
-    """A running microVM keeps its writes inside the guest: bring them to the host first."""
-    from stockade.backends.registry import get_backend_class
-
-    if (
-        record.status == "running"
-        and record.control_socket
-        and get_backend_class(record.backend).capabilities.workspace_in_guest
-    ):
-        _control_call(record.name, "workspace.sync", {})
+    """A running sandbox may keep its writes inside it (a microVM's guest): bring them to
+    the host layers first."""
+    if record.status == "running" and record.control_socket:
+        with connect_running(record.name) as sandbox:
+            sandbox.workspace.sync()
 
 
 def _protected(record: Any) -> tuple[str, ...]:
@@ -633,19 +616,13 @@ def diff(
     Prints a patch `git apply` accepts on stdout (the summary goes to stderr), limited to
     PATHs when given (relative to the current directory inside the project).
     """
-    from stockade.workspace import compute_diff
+    from stockade import Sandbox
 
-    store = _store()
-    record = _resolve(store, name)
-    _sync_running(record)
+    record = _resolve(_store(), name)
     layers = _layers(record)
     selected = [_project_path(layers.lower, p) for p in paths] if paths else None
-    result = compute_diff(
-        layers, protected=_protected(record), paths=selected, include_ignored=include_ignored
-    )
-    _audit(store, record).append(
-        "workspace.diffed", actor="cli", details={"summary": result.summary()}
-    )
+    with Sandbox.connect(record.id, actor="cli") as sandbox:  # closing detaches
+        result = sandbox.workspace.diff(selected, include_ignored=include_ignored)
     lost = _lost_note(record.name, record.dir, running=record.status == "running")
     if lost:  # never a plain "no changes" where changes were lost
         click.secho(f"stockade: {lost}", fg="yellow", err=True)
@@ -809,22 +786,15 @@ def apply(
     only when named in PATHS. The sandbox's commits become branch stockade/NAME. Exits
     with 1 when conflicts remain (left alone or written with markers).
     """
-    from stockade.workspace import apply_diff
+    from stockade import Sandbox
 
-    store = _store()
-    record = _resolve(store, name)
-    _sync_running(record)
+    record = _resolve(_store(), name)
     layers = _layers(record)
-    result = apply_diff(
-        layers,
-        paths=[_project_path(layers.lower, p) for p in paths] if paths else None,
-        protected=_protected(record),
-        force=force,
-        conflicts=conflicts,
-        branch=f"stockade/{record.name}",
-        include_ignored=include_ignored,
-    )
-    _audit(store, record).append("workspace.applied", actor="cli", details=result.audit_details())
+    selected = [_project_path(layers.lower, p) for p in paths] if paths else None
+    with Sandbox.connect(record.id, actor="cli") as sandbox:  # closing detaches
+        result = sandbox.workspace.apply(
+            selected, force=force, conflicts=conflicts, include_ignored=include_ignored
+        )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -903,24 +873,13 @@ def _print_apply(name: str, result: Any, *, verbose: bool) -> None:
 @click.argument("name", required=False)
 def reset(name: str | None) -> None:
     """Discard the sandbox's workspace changes (a running sandbox restarts clean)."""
-    import anyio
+    from stockade import Sandbox
 
-    store = _store()
-    record = _resolve(store, name)
-    if record.status == "running" and record.control_socket:
-        from stockade.supervisor import connect_control
-
-        async def remote_reset() -> None:
-            client = await connect_control(record.control_socket)
-            try:
-                await client.call_raw("workspace.reset", {})
-            finally:
-                await client.aclose()
-
-        anyio.run(remote_reset)
-    else:
-        _layers(record).reset()
-        _audit(store, record).append("workspace.reset", actor="cli")
+    record = _resolve(_store(), name)
+    if record.status != "running":
+        _layers(record)  # the error a sandbox without a workspace gets from diff and apply
+    with Sandbox.connect(record.name, actor="cli") as sandbox:  # closing detaches
+        sandbox.workspace.reset()
     click.echo(f"sandbox {record.name}: workspace reset", err=True)
 
 
@@ -932,32 +891,15 @@ def net() -> None:
     """Change a running sandbox's egress policy, and see its connections."""
 
 
-def _control_call(name: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    import anyio
-
-    from stockade.supervisor import connect_control
-
-    record = _running(name)
-
-    async def call() -> dict[str, Any]:
-        client = await connect_control(record.control_socket)
-        try:
-            return await client.call_raw(method, params)
-        finally:
-            await client.aclose()
-
-    result: dict[str, Any] = anyio.run(call)
-    return result
-
-
 @net.command("allow")
 @click.argument("name")
 @click.argument("entries", nargs=-1, required=True)
 def net_allow(name: str, entries: tuple[str, ...]) -> None:
     """Allow hosts (pypi.org, *.example.com, 10.0.0.5, host:443) from now on."""
-    for entry in entries:
-        _control_call(name, "net.allow", {"entry": entry})
-        click.echo(f"allowed {entry}")
+    with connect_running(name) as sandbox:
+        for entry in entries:
+            sandbox.network.allow(entry)
+            click.echo(f"allowed {entry}")
 
 
 @net.command("deny")
@@ -965,9 +907,10 @@ def net_allow(name: str, entries: tuple[str, ...]) -> None:
 @click.argument("entries", nargs=-1, required=True)
 def net_deny(name: str, entries: tuple[str, ...]) -> None:
     """Deny hosts from now on (deny wins over allow)."""
-    for entry in entries:
-        _control_call(name, "net.deny", {"entry": entry})
-        click.echo(f"denied {entry}")
+    with connect_running(name) as sandbox:
+        for entry in entries:
+            sandbox.network.deny(entry)
+            click.echo(f"denied {entry}")
 
 
 @net.command("log")
@@ -977,7 +920,9 @@ def net_log(name: str, as_json: bool) -> None:
     """Every connection: time, host, port, decision, rule, bytes up/down."""
     import datetime as dt
 
-    for row in _control_call(name, "net.log", {})["connections"]:
+    with connect_running(name) as sandbox:
+        rows = sandbox.network.log()
+    for row in rows:
         if as_json:
             click.echo(json.dumps(row))
             continue
@@ -1139,15 +1084,23 @@ def _register_extensions() -> None:
 _register_extensions()
 
 
+class _WarningHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        click.secho(f"stockade: warning: {record.getMessage()}", fg="yellow", err=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
-    import logging
-
     if os.environ.get("STOCKADE_LOG"):
         logging.basicConfig(level=os.environ["STOCKADE_LOG"].upper())
     else:
         # The CLI reports failures itself; library warnings would only repeat them.
         logging.getLogger("stockade").setLevel(logging.ERROR)
+        # Except events the audit log missed (a full disk): the user must hear of those.
+        missed = logging.getLogger("stockade.sandbox.audit")
+        missed.setLevel(logging.WARNING)
+        missed.addHandler(_WarningHandler())
+        missed.propagate = False
     cli.main(args=list(argv) if argv is not None else None, prog_name="stockade")
 
 

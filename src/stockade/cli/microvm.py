@@ -4,49 +4,11 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import click
 
 __all__ = ["register"]
-
-
-# The commands reach the sandbox's supervisor themselves rather than through cli/main.py,
-# which imports this module (no import circle between the two).
-
-
-def _running(name: str) -> Any:
-    from stockade._errors import SandboxStateError
-    from stockade.state import StateStore
-
-    store = StateStore()
-    record = store.reconcile(store.get(name))
-    if record.status != "running" or not record.control_socket:
-        raise SandboxStateError(
-            f"sandbox {name!r} is {record.status}"
-            + (f" ({record.error})" if record.error else "")
-            + "; only sandboxes made with `stockade create` keep running"
-        )
-    return record
-
-
-def _control_call(name: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    import anyio
-
-    from stockade.supervisor import connect_control
-
-    record = _running(name)
-
-    async def call() -> dict[str, Any]:
-        client = await connect_control(record.control_socket)
-        try:
-            return await client.call_raw(method, params)
-        finally:
-            await client.aclose()
-
-    result: dict[str, Any] = anyio.run(call)
-    return result
 
 
 @click.group()
@@ -101,10 +63,13 @@ def image_ls() -> None:
 @click.argument("tag")
 def snapshot(name: str, tag: str) -> None:
     """Save a running microVM sandbox's whole state (memory, devices, workspace) as TAG."""
+    from stockade.cli.running import connect_running
+
     started = time.monotonic()
-    result = _control_call(name, "snapshot.take", {"tag": tag})
+    with connect_running(name) as sandbox:
+        path = sandbox.snapshot(tag)
     click.echo(f"sandbox {name}: snapshot {tag} saved in {time.monotonic() - started:.2f} s")
-    click.echo(result["path"])
+    click.echo(str(path))
 
 
 @click.command()
@@ -112,8 +77,11 @@ def snapshot(name: str, tag: str) -> None:
 @click.argument("tag")
 def restore(name: str, tag: str) -> None:
     """Put a running microVM sandbox back into its snapshot TAG."""
+    from stockade.cli.running import connect_running
+
     started = time.monotonic()
-    _control_call(name, "snapshot.restore", {"tag": tag})
+    with connect_running(name) as sandbox:
+        sandbox.restore(tag)
     click.echo(f"sandbox {name}: restored {tag} in {time.monotonic() - started:.2f} s", err=True)
 
 
@@ -127,13 +95,15 @@ def fork(name: str, new_name: str | None, tag: str | None, as_json: bool) -> Non
     import json
 
     from stockade.backends.microvm.snapshots import policy_of, snapshot_dir_for
+    from stockade.cli.running import connect_running, running_record
     from stockade.cli.supervise import spawn_supervisor
     from stockade.state import StateStore
 
-    record = _running(name)
+    record = running_record(name)
     if tag is None:
         tag = f"fork-{time.strftime('%Y%m%d-%H%M%S')}"
-        path = Path(_control_call(name, "snapshot.take", {"tag": tag})["path"])
+        with connect_running(name) as sandbox:
+            path = sandbox.snapshot(tag)
     else:
         path = snapshot_dir_for(StateStore().root, record.name, tag)
     result = spawn_supervisor(policy_of(path), new_name, resume=path)

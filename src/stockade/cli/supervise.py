@@ -2,135 +2,34 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from stockade._errors import DiskFullError, SandboxStartError, SandboxStateError
-from stockade.state import SandboxStatus, StateStore
+from stockade import SandboxStateError
+from stockade.state import StateStore
 
 __all__ = ["remove_sandbox", "spawn_supervisor", "stop_sandbox"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds to wait for a supervisor to report its sandbox ready.
-SPAWN_TIMEOUT = 60.0
-
 
 def spawn_supervisor(
     policy: Any, name: str | None, *, resume: Path | None = None
 ) -> dict[str, Any]:
-    """Start ``python -m stockade.supervisor`` detached; return once the sandbox is ready.
+    """Start a supervisor for a new sandbox; see ``stockade.remote.spawn_supervisor``."""
+    from stockade.remote import spawn_supervisor as spawn
 
-    ``resume``: a microVM snapshot directory to start from (``stockade fork``)."""
-    store = StateStore()
-    if name is not None:
-        # Before the name makes a log path, and so a taken name fails before anything runs.
-        store.check_name_free(name)
-    store.check_writable()
-    name = name or store.new_name()
-    logs = store.root / "logs"
-    logs.mkdir(mode=0o700, exist_ok=True)
-    log_path = logs / f"{name}.supervisor.log"
-    spec = {"name": name, "policy": policy.to_json(), "state_dir": str(store.root)}
-    if resume is not None:
-        spec["resume"] = str(resume)
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stockade.supervisor"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            start_new_session=True,
-            close_fds=True,
-            cwd="/",
-        )
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps(spec).encode())
-    proc.stdin.close()
-    line = proc.stdout.readline()
-    proc.stdout.close()
-    if not line:
-        proc.wait(timeout=SPAWN_TIMEOUT)
-        tail = log_path.read_text(errors="replace")[-3000:]
-        raise SandboxStartError(f"the supervisor exited before the sandbox was ready:\n{tail}")
-    result: dict[str, Any] = json.loads(line)
-    if not result.get("ok"):
-        proc.wait(timeout=SPAWN_TIMEOUT)
-        raise SandboxStartError(result.get("error", "the sandbox failed to start"))
-    return result
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return spawn(policy, name, resume=resume)
 
 
 def stop_sandbox(store: StateStore, record: Any, *, timeout: float | None = None) -> None:
     """Ask the supervisor to stop; kill it if it does not answer. Idempotent.
 
     It is given the time to save the workspace (``SAVE_TIMEOUT``) before it is killed."""
-    if timeout is None:
-        from stockade.workspace.save import SAVE_TIMEOUT
+    from stockade.remote import stop_supervised
 
-        timeout = SAVE_TIMEOUT + 10.0
-    if record.status not in (SandboxStatus.RUNNING, SandboxStatus.STARTING):
-        return
-    pid = record.supervisor_pid
-    if record.control_socket and Path(record.control_socket).exists():
-        import anyio
-
-        from stockade.supervisor import connect_control
-
-        async def ask() -> None:
-            client = await connect_control(record.control_socket)
-            try:
-                with anyio.fail_after(5):
-                    await client.call_raw("sandbox.stop", {})
-            finally:
-                await client.aclose()
-
-        with contextlib.suppress(Exception):
-            anyio.run(ask)
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if _pid_alive(pid) and store.reconcile(store.get(record.name)).status in (
-        SandboxStatus.RUNNING,
-        SandboxStatus.STARTING,
-    ):
-        # Unresponsive: killing the supervisor takes its sandbox with it (die-with-parent).
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        while _pid_alive(pid) and time.monotonic() < deadline + 5:
-            time.sleep(0.02)
-        _mark_stopped(store, record.name)
-    current = store.get(record.name)
-    if current.status in (SandboxStatus.RUNNING, SandboxStatus.STARTING):
-        _mark_stopped(store, record.name)
-
-
-def _mark_stopped(store: StateStore, name: str) -> None:
-    try:
-        store.update(name, status=SandboxStatus.STOPPED)
-    except DiskFullError:
-        # The sandbox is stopped all the same; `ls` will call it failed (its supervisor is
-        # gone), and `rm` must go on to free the space.
-        logger.warning("could not record that sandbox %s stopped: the disk is full", name)
+    stop_supervised(store, record, timeout=timeout)
 
 
 def remove_sandbox(store: StateStore, record: Any) -> None:

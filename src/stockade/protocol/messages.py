@@ -13,11 +13,12 @@ required field or removing one is a major bump.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "CONTROL_METHODS",
     "ERROR_CODES",
     "HOST_NOTIFICATIONS",
     "MAX_STREAM_WINDOW",
@@ -40,7 +41,9 @@ __all__ = [
     "FsWriteParams",
     "FsWriteResult",
     "NetAcceptParams",
+    "NetChangeParams",
     "NetDirectParams",
+    "NetLogResult",
     "ProcessExitParams",
     "ProcessOutputParams",
     "ProcessResizeParams",
@@ -51,6 +54,10 @@ __all__ = [
     "ProcessWaitResult",
     "ProcessWriteStdinParams",
     "PtySize",
+    "SandboxInfoResult",
+    "SnapshotListResult",
+    "SnapshotPathResult",
+    "SnapshotTagParams",
     "StreamAckParams",
     "StreamCloseParams",
     "StreamDataParams",
@@ -411,6 +418,70 @@ class StreamCloseParams(_Model):
 
 
 #: method name -> (params model, result model)
+# --- supervisor control methods ----------------------------------------------------------
+# A supervisor's control socket speaks this protocol: it relays ``process.*``, ``fs.*`` and
+# ``transfer.*`` to the sandbox's agent, answers ``agent.hello`` with the agent's handshake,
+# and serves ``CONTROL_METHODS`` itself (``stockade.supervisor``).
+
+
+class SandboxInfoResult(_Model):
+    """sandbox.info: what the supervisor runs."""
+
+    name: str
+    id: str
+    backend: str
+    pid: int = Field(description="The supervisor's process id.")
+    policy_hash: str
+    agent: AgentHelloResult | None = Field(default=None, description="The agent's handshake.")
+
+
+class NetChangeParams(_Model):
+    """net.allow / net.deny: one policy entry, from now on."""
+
+    entry: str = Field(min_length=1, description="A host, wildcard, address or CIDR (:port).")
+
+
+class NetLogResult(_Model):
+    """net.log: every connection so far, oldest first."""
+
+    connections: list[dict[str, Any]] = Field(
+        description="time, sandbox, kind, host, port, addresses, decision, rule, reason, "
+        "bytes_up, bytes_down, duration (stockade.egress.log.ConnectionRecord)"
+    )
+
+
+class SnapshotTagParams(_Model):
+    """snapshot.take / snapshot.restore."""
+
+    tag: str = Field(min_length=1, max_length=64)
+
+
+class SnapshotPathResult(_Model):
+    """snapshot.take: where the snapshot was saved."""
+
+    path: str
+
+
+class SnapshotListResult(_Model):
+    """snapshot.list: the snapshots of the sandbox (their meta.json), by tag."""
+
+    snapshots: list[dict[str, Any]]
+
+
+#: control method -> (params model, result model), served by the supervisor itself
+CONTROL_METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+    "sandbox.info": (Empty, SandboxInfoResult),
+    "sandbox.stop": (Empty, Empty),
+    "workspace.reset": (Empty, Empty),
+    "workspace.sync": (Empty, Empty),
+    "net.allow": (NetChangeParams, Empty),
+    "net.deny": (NetChangeParams, Empty),
+    "net.log": (Empty, NetLogResult),
+    "snapshot.take": (SnapshotTagParams, SnapshotPathResult),
+    "snapshot.restore": (SnapshotTagParams, Empty),
+    "snapshot.list": (Empty, SnapshotListResult),
+}
+
 METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "agent.hello": (AgentHelloParams, AgentHelloResult),
     "agent.shutdown": (Empty, Empty),

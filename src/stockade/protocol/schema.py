@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from stockade.protocol.messages import (
+    CONTROL_METHODS,
     HOST_NOTIFICATIONS,
     METHODS,
     NOTIFICATIONS,
@@ -21,7 +22,8 @@ __all__ = ["protocol_schema", "render"]
 
 
 def protocol_schema() -> dict[str, Any]:
-    """One document: every method's params and result, every notification's params."""
+    """One document: every method's params and result, every notification's params, and
+    the supervisor's control methods."""
     return {
         "protocol": PROTOCOL_VERSION,
         "framing": "4-byte big-endian length, then UTF-8 JSON (JSON-RPC 2.0)",
@@ -39,6 +41,14 @@ def protocol_schema() -> dict[str, Any]:
         "host_notifications": {
             name: {"params": model.model_json_schema()}
             for name, model in sorted(HOST_NOTIFICATIONS.items())
+        },
+        # A supervisor's control socket: the methods above (relayed to the agent) and these.
+        "control_methods": {
+            name: {
+                "params": params.model_json_schema(),
+                "result": result.model_json_schema(),
+            }
+            for name, (params, result) in sorted(CONTROL_METHODS.items())
         },
     }
 

@@ -233,6 +233,6 @@ class WarmPool:
         policy = compile_policy(loaded)
         backend = MicrovmBackend(pool=self)
         backend.check_policy(policy)
-        return await AsyncSandbox._start_new(
-            policy, backend, name=name, keep=keep, state_dir=state_dir, actor="sdk"
+        return await AsyncSandbox.start(
+            policy, backend=backend, name=name, keep=keep, state_dir=state_dir, actor="sdk"
         )

@@ -23,18 +23,16 @@ from typing import TYPE_CHECKING, Any
 from stockade._errors import SandboxNotFoundError, SandboxStateError
 
 if TYPE_CHECKING:
-    from stockade.backends.microvm.backend import MicrovmBackend
+    from stockade.backends.microvm.backend import MicrovmBackend, MicrovmSandbox
     from stockade.policy import EffectivePolicy
-    from stockade.sandbox import AsyncSandbox
 
 __all__ = [
-    "fork_sandbox",
-    "handle_control",
     "list_snapshots",
-    "restore_sandbox",
+    "policy_of",
     "resuming_backend",
+    "save_snapshot",
     "snapshot_dir_for",
-    "snapshot_sandbox",
+    "snapshottable",
 ]
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -64,33 +62,33 @@ def list_snapshots(state_root: Path, sandbox: str) -> list[dict[str, Any]]:
     return found
 
 
-def _launched(sandbox: AsyncSandbox) -> Any:
+def snapshottable(launched: object, name: str, backend: str) -> MicrovmSandbox:
+    """``launched`` as a sandbox whose whole state can be saved, else the error naming the
+    backend that can."""
     from stockade.backends.microvm.backend import MicrovmSandbox
 
-    launched = sandbox._launched
-    if not isinstance(launched, MicrovmSandbox) or not sandbox.is_running():
+    if not isinstance(launched, MicrovmSandbox) or not launched.alive():
         raise SandboxStateError(
-            f"sandbox {sandbox.name!r} is not a running microVM sandbox (backend "
-            f"{sandbox.backend}); snapshots of full VM state need backend='microvm'"
+            f"sandbox {name!r} is not a running microVM sandbox (backend {backend}); "
+            "snapshots of full VM state need backend='microvm'"
         )
     return launched
 
 
-async def snapshot_sandbox(sandbox: AsyncSandbox, tag: str) -> Path:
-    """Save the running sandbox's whole VM as ``tag``; the sandbox keeps running."""
-    launched = _launched(sandbox)
-    dest = snapshot_dir_for(sandbox._store.root, sandbox.name, tag)
+async def save_snapshot(
+    launched: MicrovmSandbox, dest: Path, *, sandbox: str, tag: str, policy: EffectivePolicy
+) -> None:
+    """Save the running VM's whole state in ``dest`` (replaced whole, or left as it was)."""
     tmp = dest.with_name(f".{tag}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, mode=0o700)
-    started = time.monotonic()
     try:
         await launched.save_state(tmp)
         meta = {
-            "sandbox": sandbox.name,
+            "sandbox": sandbox,
             "tag": tag,
             "created": time.time(),
-            "policy": sandbox.policy.to_json(),
+            "policy": policy.to_json(),
             **launched.resume_info(),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -100,12 +98,6 @@ async def snapshot_sandbox(sandbox: AsyncSandbox, tag: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    sandbox._audit(
-        "snapshot.taken",
-        target=tag,
-        details={"seconds": round(time.monotonic() - started, 3), "path": str(dest)},
-    )
-    return dest
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -122,54 +114,7 @@ def resuming_backend(path: Path) -> MicrovmBackend:
     return MicrovmBackend(resume=path, resume_meta=_load(path))
 
 
-async def restore_sandbox(sandbox: AsyncSandbox, tag: str) -> None:
-    """Put a running sandbox back into its snapshot ``tag`` (its VM is replaced)."""
-    _launched(sandbox)
-    path = snapshot_dir_for(sandbox._store.root, sandbox.name, tag)
-    backend = resuming_backend(path)
-    await sandbox._stop_backend()
-    sandbox._backend = backend
-    await sandbox._launch()
-    sandbox._audit("snapshot.restored", target=tag)
-
-
-async def fork_sandbox(
-    source: AsyncSandbox, *, name: str | None = None, tag: str | None = None
-) -> AsyncSandbox:
-    """A new sandbox started from a snapshot of ``source`` (taken now unless ``tag``)."""
-    from stockade.sandbox import AsyncSandbox
-
-    if tag is None:
-        tag = f"fork-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
-        path = await snapshot_sandbox(source, tag)
-    else:
-        path = snapshot_dir_for(source._store.root, source.name, tag)
-    return await AsyncSandbox._start_new(
-        source.policy,
-        resuming_backend(path),
-        name=name,
-        keep=source._keep,
-        state_dir=source._store.root,
-        actor=source._actor,
-    )
-
-
 def policy_of(path: Path) -> EffectivePolicy:
     from stockade.policy import EffectivePolicy
 
     return EffectivePolicy.from_json(_load(path)["policy"])
-
-
-async def handle_control(sandbox: AsyncSandbox, method: str, params: dict[str, Any]) -> Any:
-    """Supervisor control methods ``snapshot.take`` / ``snapshot.restore`` / ``snapshot.list``."""
-    tag = params.get("tag")
-    if method == "snapshot.list":
-        return {"snapshots": list_snapshots(sandbox._store.root, sandbox.name)}
-    if not isinstance(tag, str):
-        raise SandboxStateError("params.tag must be a snapshot tag")
-    if method == "snapshot.take":
-        return {"path": str(await snapshot_sandbox(sandbox, tag))}
-    if method == "snapshot.restore":
-        await restore_sandbox(sandbox, tag)
-        return {}
-    raise SandboxStateError(f"unknown snapshot method {method!r}")
