@@ -1103,16 +1103,7 @@ def _read_all(fd: int) -> bytes:
 
 def _quote(path: str) -> bytes:
     """C-style quoting for fast-import paths (any byte allowed)."""
-    out = bytearray(b'"')
-    for byte in os.fsencode(path):
-        if byte in (0x22, 0x5C):
-            out += b"\\" + bytes([byte])
-        elif byte < 0x20 or byte >= 0x7F:
-            out += b"\\%03o" % byte
-        else:
-            out.append(byte)
-    out += b'"'
-    return bytes(out)
+    return _c_quote(os.fsencode(path), {})
 
 
 _C_ESCAPES = {7: b"\\a", 8: b"\\b", 9: b"\\t", 10: b"\\n", 11: b"\\v", 12: b"\\f", 13: b"\\r"}
@@ -1123,10 +1114,16 @@ def _git_quote(name: str) -> bytes:
     raw = os.fsencode(name)
     if not any(b < 0x20 or b in (0x22, 0x5C) or b >= 0x7F for b in raw):
         return raw
+    return _c_quote(raw, _C_ESCAPES)
+
+
+def _c_quote(raw: bytes, escapes: dict[int, bytes]) -> bytes:
+    """``raw`` in double quotes: a byte of ``escapes`` as given there, ``"`` and ``\\``
+    backslashed, any other control or non-ASCII byte as a 3-digit octal escape."""
     out = bytearray(b'"')
     for byte in raw:
-        if byte in _C_ESCAPES:
-            out += _C_ESCAPES[byte]
+        if byte in escapes:
+            out += escapes[byte]
         elif byte in (0x22, 0x5C):
             out += b"\\" + bytes([byte])
         elif byte < 0x20 or byte >= 0x7F:
