@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from sandbox_helpers import git
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -302,22 +304,13 @@ def test_apply_merges_and_reports_conflicts_in_cli_wording(
 def test_diff_of_a_git_repository(namespace_backend: str, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
-    ident = ["-c", "user.name=u", "-c", "user.email=u@x"]
-
-    def host_git(*args: str) -> str:
-        argv = ["git", *ident, *args]
-        return subprocess.run(
-            argv, cwd=repo, env=env, check=True, capture_output=True
-        ).stdout.decode()
-
-    host_git("init", "-q", "-b", "main")
+    git(repo, "init", "-q", "-b", "main")
     (repo / ".gitignore").write_text(".venv/\n")
     (repo / "a.txt").write_text("a\n")
     (repo / "src").mkdir()
     (repo / "src" / "m.py").write_text("m = 1\n")
-    host_git("add", "-A")
-    host_git("commit", "-q", "-m", "init")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "init")
     name = f"g-{uuid.uuid4().hex[:8]}"
     script = (
         "echo b > a.txt && echo n = 2 > src/n.py && mkdir -p .venv empty && echo j > .venv/j"
@@ -333,7 +326,7 @@ def test_diff_of_a_git_repository(namespace_backend: str, tmp_path: Path) -> Non
         assert f"to become branch stockade/{name}" in r.stderr and "agent: edit a" in r.stderr
         patch = tmp_path / "p.patch"
         patch.write_text(r.stdout)
-        host_git("apply", "--check", str(patch))
+        git(repo, "apply", "--check", str(patch))
         only_src = stockade("diff", name, "src", cwd=repo).stdout
         assert "b/src/n.py" in only_src and "a.txt" not in only_src
         assert stockade("diff", name, "n.py", cwd=repo / "src").stdout == only_src
