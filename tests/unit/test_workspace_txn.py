@@ -506,33 +506,28 @@ def test_doctor_recovers_every_sandbox(
     from stockade.state import SandboxRecord, SandboxStatus, StateStore
 
     store = StateStore()
-    sandbox_id = store.new_id()
-    state_dir = store.sandbox_dir(sandbox_id)
-    now = time.time()
-    store.insert(
-        SandboxRecord(
-            name="crashed",
-            id=sandbox_id,
-            backend="namespace",
-            status=SandboxStatus.STOPPED,
-            created_at=now,
-            updated_at=now,
-            workspace=str(proj),
-            dir=str(state_dir),
+
+    def insert_stopped(name: str, workspace: str | None) -> Path:
+        """Record a stopped sandbox; return its state directory."""
+        sandbox_id = store.new_id()
+        state_dir = store.sandbox_dir(sandbox_id)
+        now = time.time()
+        store.insert(
+            SandboxRecord(
+                name=name,
+                id=sandbox_id,
+                backend="namespace",
+                status=SandboxStatus.STOPPED,
+                created_at=now,
+                updated_at=now,
+                workspace=workspace,
+                dir=str(state_dir),
+            )
         )
-    )
-    other = store.new_id()
-    store.insert(
-        SandboxRecord(
-            name="no-workspace",
-            id=other,
-            backend="namespace",
-            status=SandboxStatus.STOPPED,
-            created_at=now,
-            updated_at=now,
-            dir=str(store.sandbox_dir(other)),
-        )
-    )
+        return state_dir
+
+    state_dir = insert_stopped("crashed", str(proj))
+    insert_stopped("no-workspace", None)
     journal = state_dir / txn.JOURNAL_DIR_NAME
     ops = many_ops(proj)
     with monkeypatch.context() as m:
