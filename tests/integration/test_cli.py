@@ -37,6 +37,40 @@ def stockade(*args: str, cwd: Path | None = None, check: bool = True, timeout: f
     return proc
 
 
+def on_a_terminal(
+    *args: str, keys: bytes = b"", answer: bytes | None = None, timeout: float = 60
+) -> tuple[str, int]:
+    """Run ``stockade *args`` on a real terminal (a pty): type ``keys`` at once, and
+    ``answer`` and Enter once a ``[y/N]`` prompt shows; read until the terminal closes or
+    ``timeout`` seconds pass. Returns what it printed and its wait status."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI on a real terminal
+        os.execvp(sys.executable, [sys.executable, "-m", "stockade.cli.main", *args])
+    if keys:
+        os.write(fd, keys)
+    output = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        if answer is not None and b"[y/N]" in output:
+            os.write(fd, answer + b"\n")
+            answer = None  # answered
+    _, status = os.waitpid(pid, 0)
+    return output.decode(errors="replace"), status
+
+
 def pids_with_marker(marker: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -179,30 +213,11 @@ def test_config_errors_name_the_key(project: Path) -> None:
 
 
 def test_shell_gets_a_terminal(namespace_backend: str, project: Path) -> None:
-    import pty
-    import select
-
     name = f"s-{uuid.uuid4().hex[:8]}"
     stockade("create", "--name", name, "-C", str(project))
     try:
-        pid, fd = pty.fork()
-        if pid == 0:  # child: the CLI on a real terminal
-            os.execvp(sys.executable, [sys.executable, "-m", "stockade.cli.main", "shell", name])
-        os.write(fd, b"tty; echo marker-$((40+2)); exit 4\n")
-        output = b""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                output += chunk
-        _, status = os.waitpid(pid, 0)
-        text = output.decode(errors="replace")
+        keys = b"tty; echo marker-$((40+2)); exit 4\n"
+        text, status = on_a_terminal("shell", name, keys=keys, timeout=30)
         assert "marker-42" in text
         assert "/dev/pts/" in text
         assert os.WEXITSTATUS(status) == 4
