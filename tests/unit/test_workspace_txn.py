@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -336,7 +337,13 @@ class Crash(BaseException):
     """Stands for the process dying: nothing after it runs (no rollback, no cleanup)."""
 
 
-def _dying_after(real: Callable[..., object], after: int) -> Callable[..., object]:
+@contextlib.contextmanager
+def dying_after(
+    monkeypatch: pytest.MonkeyPatch, call: str, after: int
+) -> Iterator[pytest.MonkeyPatch]:
+    """Inside the block, txn's ``os.<call>`` works ``after`` times, then raises Crash; the
+    block must end with that Crash."""
+    real = getattr(os, call)
     calls = {"n": 0}
 
     def dying(*args: object, **kwargs: object) -> object:
@@ -345,7 +352,10 @@ def _dying_after(real: Callable[..., object], after: int) -> Callable[..., objec
             raise Crash
         return real(*args, **kwargs)
 
-    return dying
+    with monkeypatch.context() as m:
+        m.setattr(txn.os, call, dying)
+        with pytest.raises(Crash):
+            yield m
 
 
 def crash_apply(
@@ -353,11 +363,9 @@ def crash_apply(
 ) -> None:
     """Run the apply and kill it at the ``after``-th call of ``os.<call>`` inside txn, as a
     dying process would: no abort (clean-up) runs."""
-    with monkeypatch.context() as m:
+    with dying_after(monkeypatch, call, after) as m:
         m.setattr(txn._Transaction, "_abort", lambda self, committing: None)
-        m.setattr(txn.os, call, _dying_after(getattr(os, call), after))
-        with pytest.raises(Crash):
-            apply_ops(proj, journal, ops)
+        apply_ops(proj, journal, ops)
 
 
 def many_ops(proj: Path) -> list[Op]:
@@ -426,10 +434,8 @@ def test_crash_while_finishing_completes(
     """Every unlink comes after the commit point: the backups (keep.txt, old/a.txt,
     old/b.txt, the 40 files), then the journal."""
     ops = many_ops(proj)
-    with monkeypatch.context() as m:
-        m.setattr(txn.os, "unlink", _dying_after(os.unlink, after))
-        with pytest.raises(Crash):
-            apply_ops(proj, journal, ops)
+    with dying_after(monkeypatch, "unlink", after):
+        apply_ops(proj, journal, ops)
     state = json.loads(next(journal.glob("txn-*.json")).read_bytes())["state"]
     assert state == "finishing"
     assert recover(proj, journal) is not None
@@ -441,14 +447,10 @@ def test_recovery_repeated_after_its_own_crash(
 ) -> None:
     ops = many_ops(proj)
     crash_apply(monkeypatch, proj, journal, ops, "rename", 10)
-    with monkeypatch.context() as m:
-        m.setattr(txn.os, "rename", _dying_after(os.rename, 5))
-        with pytest.raises(Crash):
-            recover(proj, journal)
-    with monkeypatch.context() as m:
-        m.setattr(txn.os, "unlink", _dying_after(os.unlink, 3))
-        with pytest.raises(Crash):
-            recover(proj, journal)
+    with dying_after(monkeypatch, "rename", 5):
+        recover(proj, journal)
+    with dying_after(monkeypatch, "unlink", 3):
+        recover(proj, journal)
     assert recover(proj, journal) is not None
     assert_new_state(proj)
 
