@@ -1,5 +1,5 @@
-"""Helpers shared by the sandbox tests: host process scans, a local HTTP server, and a run
-of this Python as an unprivileged user."""
+"""Helpers shared by the sandbox tests: host process scans, a local HTTP server, a run of
+this Python as an unprivileged user, and git on the host."""
 
 from __future__ import annotations
 
@@ -139,3 +139,18 @@ def write_trusted_config(project: Path, body: str) -> Path:
     path.write_text(body)
     trust_store().trust(path, file_digest(path.read_bytes()))
     return path
+
+
+def git(repo: Path, *args: str, user: str = "u") -> str:
+    """Run ``git *args`` in ``repo`` as ``user`` (name and email), with no system or global
+    configuration; assert it succeeds and return its stdout (undecodable bytes escaped)."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(repo),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+    }
+    argv = ["git", "-c", f"user.name={user}", "-c", f"user.email={user}@x", *args]
+    proc = subprocess.run(argv, cwd=repo, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode("utf-8", "surrogateescape")

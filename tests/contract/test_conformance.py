@@ -255,16 +255,9 @@ def test_host_socket_in_a_cow_workspace_answers_nothing(target: str, tmp_path: P
 
 
 def _host_git(repo: Path, *args: str) -> str:
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(repo),
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": "/dev/null",
-    }
-    argv = ["git", "-c", "user.name=host", "-c", "user.email=host@x", *args]
-    proc = subprocess.run(argv, cwd=repo, env=env, capture_output=True)
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
+    from sandbox_helpers import git
+
+    return git(repo, *args, user="host")
 
 
 def _git_state(repo: Path) -> dict[str, bytes]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from sandbox_helpers import git
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -33,6 +35,40 @@ def stockade(*args: str, cwd: Path | None = None, check: bool = True, timeout: f
     if check and proc.returncode != 0:
         raise AssertionError(f"stockade {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
     return proc
+
+
+def on_a_terminal(
+    *args: str, keys: bytes = b"", answer: bytes | None = None, timeout: float = 60
+) -> tuple[str, int]:
+    """Run ``stockade *args`` on a real terminal (a pty): type ``keys`` at once, and
+    ``answer`` and Enter once a ``[y/N]`` prompt shows; read until the terminal closes or
+    ``timeout`` seconds pass. Returns what it printed and its wait status."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI on a real terminal
+        os.execvp(sys.executable, [sys.executable, "-m", "stockade.cli.main", *args])
+    if keys:
+        os.write(fd, keys)
+    output = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        if answer is not None and b"[y/N]" in output:
+            os.write(fd, answer + b"\n")
+            answer = None  # answered
+    _, status = os.waitpid(pid, 0)
+    return output.decode(errors="replace"), status
 
 
 def pids_with_marker(marker: str) -> list[int]:
@@ -175,30 +211,11 @@ def test_config_errors_name_the_key(project: Path) -> None:
 
 
 def test_shell_gets_a_terminal(namespace_backend: str, project: Path) -> None:
-    import pty
-    import select
-
     name = f"s-{uuid.uuid4().hex[:8]}"
     stockade("create", "--name", name, "-C", str(project))
     try:
-        pid, fd = pty.fork()
-        if pid == 0:  # child: the CLI on a real terminal
-            os.execvp(sys.executable, [sys.executable, "-m", "stockade.cli.main", "shell", name])
-        os.write(fd, b"tty; echo marker-$((40+2)); exit 4\n")
-        output = b""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                output += chunk
-        _, status = os.waitpid(pid, 0)
-        text = output.decode(errors="replace")
+        keys = b"tty; echo marker-$((40+2)); exit 4\n"
+        text, status = on_a_terminal("shell", name, keys=keys, timeout=30)
         assert "marker-42" in text
         assert "/dev/pts/" in text
         assert os.WEXITSTATUS(status) == 4
@@ -300,22 +317,13 @@ def test_apply_merges_and_reports_conflicts_in_cli_wording(
 def test_diff_of_a_git_repository(namespace_backend: str, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
-    ident = ["-c", "user.name=u", "-c", "user.email=u@x"]
-
-    def host_git(*args: str) -> str:
-        argv = ["git", *ident, *args]
-        return subprocess.run(
-            argv, cwd=repo, env=env, check=True, capture_output=True
-        ).stdout.decode()
-
-    host_git("init", "-q", "-b", "main")
+    git(repo, "init", "-q", "-b", "main")
     (repo / ".gitignore").write_text(".venv/\n")
     (repo / "a.txt").write_text("a\n")
     (repo / "src").mkdir()
     (repo / "src" / "m.py").write_text("m = 1\n")
-    host_git("add", "-A")
-    host_git("commit", "-q", "-m", "init")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "init")
     name = f"g-{uuid.uuid4().hex[:8]}"
     script = (
         "echo b > a.txt && echo n = 2 > src/n.py && mkdir -p .venv empty && echo j > .venv/j"
@@ -331,7 +339,7 @@ def test_diff_of_a_git_repository(namespace_backend: str, tmp_path: Path) -> Non
         assert f"to become branch stockade/{name}" in r.stderr and "agent: edit a" in r.stderr
         patch = tmp_path / "p.patch"
         patch.write_text(r.stdout)
-        host_git("apply", "--check", str(patch))
+        git(repo, "apply", "--check", str(patch))
         only_src = stockade("diff", name, "src", cwd=repo).stdout
         assert "b/src/n.py" in only_src and "a.txt" not in only_src
         assert stockade("diff", name, "n.py", cwd=repo / "src").stdout == only_src

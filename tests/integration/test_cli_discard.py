@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from test_cli import status_of, stockade
+from test_cli import on_a_terminal, status_of, stockade
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -71,41 +68,14 @@ def test_rm_of_unapplied_changes_needs_force(namespace_backend: str, project: Pa
     assert not (project / "z.txt").exists()
 
 
-def _rm_on_a_terminal(name: str, answer: bytes) -> str:
-    import pty
-
-    pid, fd = pty.fork()
-    if pid == 0:  # child: the CLI on a real terminal
-        os.execvp(sys.executable, [sys.executable, "-m", "stockade.cli.main", "rm", name])
-    output = b""
-    deadline = time.monotonic() + 60
-    answered = False
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if not ready:
-            continue
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-        if not answered and b"[y/N]" in output:
-            os.write(fd, answer + b"\n")
-            answered = True
-    os.waitpid(pid, 0)
-    return output.decode(errors="replace")
-
-
 def test_rm_asks_on_a_terminal(namespace_backend: str, project: Path) -> None:
     name = f"t-{uuid.uuid4().hex[:8]}"
     stockade("run", "--name", name, "--", "sh", "-c", "echo x > a.txt", cwd=project)
-    text = _rm_on_a_terminal(name, b"n")
+    text = on_a_terminal("rm", name, answer=b"n")[0]
     assert f"sandbox {name} has 1 unapplied change (a.txt); remove it and discard them?" in text
     assert f"kept {name}" in text
     assert name in records()
-    text = _rm_on_a_terminal(name, b"y")
+    text = on_a_terminal("rm", name, answer=b"y")[0]
     assert name not in records() and sandbox_dirs() == []
 
 

@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -160,19 +160,29 @@ def listening_socket(tmp_path: Path) -> Iterator[Path]:
     thread.join(timeout=5)
 
 
-def _dangerous_dir(which: str, fake_home: Path, tmp_path: Path, socket_dir: Path) -> Path:
-    if which == "~/.config":
-        path = fake_home / ".config"
-    elif which == "~/.local/bin":
-        path = fake_home / ".local" / "bin"
-    elif which == "dir on PATH":
-        path = tmp_path / "tools" / "bin"
-    elif which == "socket dir":
-        return socket_dir
-    else:
-        return Path(which)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+@pytest.fixture
+def dangerous_dir(
+    fake_home: Path, tmp_path: Path, listening_socket: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[str], Path]:
+    """The directory a CASES name stands for (made if missing); tmp_path/tools/bin is put on
+    PATH, so that it is the "dir on PATH"."""
+    monkeypatch.setenv("PATH", f"{tmp_path / 'tools' / 'bin'}:{os.environ['PATH']}")
+
+    def resolve(which: str) -> Path:
+        if which == "~/.config":
+            path = fake_home / ".config"
+        elif which == "~/.local/bin":
+            path = fake_home / ".local" / "bin"
+        elif which == "dir on PATH":
+            path = tmp_path / "tools" / "bin"
+        elif which == "socket dir":
+            return listening_socket
+        else:
+            return Path(which)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    return resolve
 
 
 CASES = [
@@ -187,16 +197,9 @@ CASES = [
 
 @pytest.mark.parametrize(("which", "kind"), CASES, ids=[c[0] for c in CASES])
 def test_sdk_refuses_dangerous_rw_workspaces_without_the_force_option(
-    namespace_backend: str,
-    which: str,
-    kind: str,
-    fake_home: Path,
-    tmp_path: Path,
-    listening_socket: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    namespace_backend: str, which: str, kind: str, dangerous_dir: Callable[[str], Path]
 ) -> None:
-    monkeypatch.setenv("PATH", f"{tmp_path / 'tools' / 'bin'}:{os.environ['PATH']}")
-    path = _dangerous_dir(which, fake_home, tmp_path, listening_socket)
+    path = dangerous_dir(which)
     if not path.is_dir():
         pytest.skip(f"{path} does not exist on this machine")
     with pytest.raises(PolicyError) as info:
@@ -211,15 +214,9 @@ def test_sdk_refuses_dangerous_rw_workspaces_without_the_force_option(
 
 @pytest.mark.parametrize("which", ["~/.config", "~/.local/bin", "dir on PATH", "socket dir"])
 def test_sdk_shares_a_dangerous_directory_when_the_danger_is_named(
-    namespace_backend: str,
-    which: str,
-    fake_home: Path,
-    tmp_path: Path,
-    listening_socket: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    namespace_backend: str, which: str, dangerous_dir: Callable[[str], Path]
 ) -> None:
-    monkeypatch.setenv("PATH", f"{tmp_path / 'tools' / 'bin'}:{os.environ['PATH']}")
-    path = _dangerous_dir(which, fake_home, tmp_path, listening_socket)
+    path = dangerous_dir(which)
     kind = dict(CASES)[which]
     with Sandbox.create(
         backend=namespace_backend,

@@ -87,6 +87,17 @@ def make_project(root: Path) -> None:
     (root / "gone" / "x").write_bytes(b"x")
 
 
+def start_apply(project: Path, journal: Path, sources: Path) -> subprocess.Popen[bytes]:
+    """Make the project and start the child (CHILD) that applies ``sources`` to it."""
+    make_project(project)
+    env = {**os.environ, "PYTHONPATH": str(Path(stockade.__file__).parents[1])}
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(project), str(journal), str(sources)],
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+
+
 def check_no_partial_file(root: Path) -> None:
     """Every visible file holds its complete old or complete new content."""
     for i in range(FILES):
@@ -138,13 +149,7 @@ def test_sigkill_mid_apply_leaves_every_file_old_or_new(
 ) -> None:
     project = tmp_path / "project"
     journal = tmp_path / "journal"
-    make_project(project)
-    env = {**os.environ, "PYTHONPATH": str(Path(stockade.__file__).parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(project), str(journal), str(sources)],
-        env=env,
-        stdout=subprocess.PIPE,
-    )
+    proc = start_apply(project, journal, sources)
     try:
         reached = wait_for(lambda: journal_state(journal) == phase, proc)
         if reached:
@@ -180,13 +185,7 @@ def test_sigkill_during_commit_is_rolled_forward(tmp_path: Path, sources: Path) 
     """A kill after the commit point: recovery finishes the apply, it does not undo it."""
     project = tmp_path / "project"
     journal = tmp_path / "journal"
-    make_project(project)
-    env = {**os.environ, "PYTHONPATH": str(Path(stockade.__file__).parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(project), str(journal), str(sources)],
-        env=env,
-        stdout=subprocess.PIPE,
-    )
+    proc = start_apply(project, journal, sources)
     try:
         # A few renames in: the commit has replaced some files, not all.
         reached = wait_for(lambda: journal_state(journal) == "committing", proc)

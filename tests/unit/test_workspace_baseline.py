@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox_helpers import git
 from stockade._errors import WorkspaceError
 from stockade.workspace.baseline import (
     BaselineEntry,
@@ -24,22 +25,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _git(repo: Path, *args: str) -> str:
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(repo),
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": "/dev/null",
-    }
-    argv = ["git", "-c", "user.name=u", "-c", "user.email=u@x", *args]
-    return subprocess.run(argv, cwd=repo, env=env, check=True, capture_output=True).stdout.decode()
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     project = tmp_path / "project"
     project.mkdir()
-    _git(project, "init", "-q")
+    git(project, "init", "-q")
     (project / ".gitignore").write_text(".venv/\n__pycache__/\n*.log\n")
     (project / "README.md").write_text("hello\n")
     (project / "src").mkdir()
@@ -49,14 +39,14 @@ def repo(tmp_path: Path) -> Path:
     os.symlink("README.md", project / "link")
     (project / "crlf.txt").write_bytes(b"one\r\ntwo\r\n")
     (project / ".gitattributes").write_text("* text=auto\n")
-    _git(project, "add", "-A")
-    _git(project, "commit", "-qm", "init")
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "init")
     (project / "untracked.txt").write_text("new\n")
     (project / "debug.log").write_text("ignored\n")
     (project / ".venv").mkdir()
     (project / ".venv" / "x").write_text("junk\n")
     (project / "tracked.log").write_text("tracked although ignored\n")
-    _git(project, "add", "-f", "tracked.log")
+    git(project, "add", "-f", "tracked.log")
     return project
 
 
@@ -84,7 +74,7 @@ def test_record_git_project(tmp_path: Path, repo: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     baseline = WorkspaceBaseline.record(state, repo)
-    assert baseline.head == _git(repo, "rev-parse", "HEAD").strip()
+    assert baseline.head == git(repo, "rev-parse", "HEAD").strip()
     entries = baseline.entries_under("")
     assert set(entries) == {
         ".gitattributes",
@@ -161,7 +151,7 @@ def test_global_excludes_file_is_honoured(tmp_path: Path, monkeypatch: pytest.Mo
     baseline = WorkspaceBaseline.record(tmp_path, project)
     assert set(baseline.entries_under("")) == {"keep.txt"}
     # The repository's info/exclude outranks the global file.
-    _git(project, "init", "-q")
+    git(project, "init", "-q")
     (project / ".git" / "info").mkdir(exist_ok=True)
     (project / ".git" / "info" / "exclude").write_text("!important.swp\n")
     (project / "important.swp").write_text("i")
@@ -187,8 +177,8 @@ def test_project_config_cannot_run_code(tmp_path: Path, repo: Path) -> None:
     hook = repo / ".git" / "hooks" / "fsmonitor"
     hook.write_text(f"#!/bin/sh\ntouch {marker}\n")
     hook.chmod(0o755)
-    _git(repo, "config", "core.fsmonitor", str(hook))
-    _git(repo, "config", "filter.evil.clean", f"touch {marker}")
+    git(repo, "config", "core.fsmonitor", str(hook))
+    git(repo, "config", "filter.evil.clean", f"touch {marker}")
     (repo / ".gitattributes").write_text("* filter=evil\n")
     baseline = WorkspaceBaseline.record(tmp_path, repo)
     assert not marker.exists()
@@ -245,11 +235,11 @@ def test_advance_records_applied_entries(tmp_path: Path, repo: Path) -> None:
 def test_assume_unchanged_entries_are_rehashed(tmp_path: Path) -> None:
     project = tmp_path / "p"
     project.mkdir()
-    _git(project, "init", "-q")
+    git(project, "init", "-q")
     (project / "conf.txt").write_text("committed\n")
-    _git(project, "add", "-A")
-    _git(project, "commit", "-qm", "init")
-    _git(project, "update-index", "--assume-unchanged", "conf.txt")
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "init")
+    git(project, "update-index", "--assume-unchanged", "conf.txt")
     (project / "conf.txt").write_text("edited locally, same size?\n")
     baseline = WorkspaceBaseline.record(tmp_path, project)
     assert baseline.read("conf.txt") == b"edited locally, same size?\n"

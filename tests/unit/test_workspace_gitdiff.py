@@ -10,23 +10,11 @@ from pathlib import Path
 import pytest
 
 from layer_helpers import needs_root, snapshot, whiteout, write
+from sandbox_helpers import git
 from stockade.workspace import WorkspaceLayers, compute_diff
 from stockade.workspace.gitignore import is_ignored, parse_ignore
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-
-
-def git(repo: Path, *args: str, input: bytes | None = None) -> str:
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(repo),
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": "/dev/null",
-    }
-    argv = ["git", "-c", "user.name=u", "-c", "user.email=u@x", *args]
-    proc = subprocess.run(argv, cwd=repo, env=env, input=input, capture_output=True)
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode("utf-8", "surrogateescape")
 
 
 @pytest.fixture

@@ -10,30 +10,17 @@ from __future__ import annotations
 import filecmp
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from layer_helpers import write
+from sandbox_helpers import git
 from stockade._errors import WorkspaceError
 from stockade.workspace import WorkspaceLayers, compute_diff
 from stockade.workspace.gitrepo import agent_head, describe_commits, import_commits
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(repo),
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": "/dev/null",
-    }
-    argv = ["git", "-c", "user.name=u", "-c", "user.email=u@x", *args]
-    proc = subprocess.run(argv, cwd=repo, env=env, capture_output=True)
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
 
 
 def copy_up(lower: Path, merged: Path, upper: Path) -> None:

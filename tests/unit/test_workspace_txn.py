@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -336,9 +337,13 @@ class Crash(BaseException):
     """Stands for the process dying: nothing after it runs (no rollback, no cleanup)."""
 
 
-def crash_at(monkeypatch: pytest.MonkeyPatch, name: str, after: int) -> None:
-    """Kill the apply at the ``after``-th call of ``os.<name>`` inside txn."""
-    real = getattr(os, name)
+@contextlib.contextmanager
+def dying_after(
+    monkeypatch: pytest.MonkeyPatch, call: str, after: int
+) -> Iterator[pytest.MonkeyPatch]:
+    """Inside the block, txn's ``os.<call>`` works ``after`` times, then raises Crash; the
+    block must end with that Crash."""
+    real = getattr(os, call)
     calls = {"n": 0}
 
     def dying(*args: object, **kwargs: object) -> object:
@@ -347,8 +352,20 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, name: str, after: int) -> None:
             raise Crash
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(txn._Transaction, "_abort", lambda self, committing: None)
-    monkeypatch.setattr(txn.os, name, dying)
+    with monkeypatch.context() as m:
+        m.setattr(txn.os, call, dying)
+        with pytest.raises(Crash):
+            yield m
+
+
+def crash_apply(
+    monkeypatch: pytest.MonkeyPatch, proj: Path, journal: Path, ops: list[Op], call: str, after: int
+) -> None:
+    """Run the apply and kill it at the ``after``-th call of ``os.<call>`` inside txn, as a
+    dying process would: no abort (clean-up) runs."""
+    with dying_after(monkeypatch, call, after) as m:
+        m.setattr(txn._Transaction, "_abort", lambda self, committing: None)
+        apply_ops(proj, journal, ops)
 
 
 def many_ops(proj: Path) -> list[Op]:
@@ -376,10 +393,8 @@ def test_crash_while_staging_rolls_back(
 ) -> None:
     ops = many_ops(proj)
     before = snapshot(proj)
-    with monkeypatch.context() as m:
-        crash_at(m, "pwrite", after + 1)  # the first pwrite writes the journal
-        with pytest.raises(Crash):
-            apply_ops(proj, journal, ops)
+    # The first pwrite writes the journal.
+    crash_apply(monkeypatch, proj, journal, ops, "pwrite", after + 1)
     state = json.loads(next(journal.glob("txn-*.json")).read_bytes())["state"]
     assert state == "staging"
     assert leftovers(proj)  # the crash left staged entries behind
@@ -400,10 +415,7 @@ def test_crash_while_committing_rolls_forward(
     """The commit renames (3 deletions, 40 files, one new tree: 44) and hard-links backups
     (41); the journal is written with os.replace, so only the commit is cut short."""
     ops = many_ops(proj)
-    with monkeypatch.context() as m:
-        crash_at(m, call, after)
-        with pytest.raises(Crash):
-            apply_ops(proj, journal, ops)
+    crash_apply(monkeypatch, proj, journal, ops, call, after)
     state = json.loads(next(journal.glob("txn-*.json")).read_bytes())["state"]
     assert state == "committing"
     # Every path holds its old or its new content, never a partial one.
@@ -422,44 +434,23 @@ def test_crash_while_finishing_completes(
     """Every unlink comes after the commit point: the backups (keep.txt, old/a.txt,
     old/b.txt, the 40 files), then the journal."""
     ops = many_ops(proj)
-    with monkeypatch.context() as m:
-        m.setattr(txn.os, "unlink", _dying_after(os.unlink, after))
-        with pytest.raises(Crash):
-            apply_ops(proj, journal, ops)
+    with dying_after(monkeypatch, "unlink", after):
+        apply_ops(proj, journal, ops)
     state = json.loads(next(journal.glob("txn-*.json")).read_bytes())["state"]
     assert state == "finishing"
     assert recover(proj, journal) is not None
     assert_new_state(proj)
 
 
-def _dying_after(real: Callable[..., object], after: int) -> Callable[..., object]:
-    calls = {"n": 0}
-
-    def dying(*args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        if calls["n"] > after:
-            raise Crash
-        return real(*args, **kwargs)
-
-    return dying
-
-
 def test_recovery_repeated_after_its_own_crash(
     proj: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ops = many_ops(proj)
-    with monkeypatch.context() as m:
-        crash_at(m, "rename", 10)
-        with pytest.raises(Crash):
-            apply_ops(proj, journal, ops)
-    with monkeypatch.context() as m:
-        m.setattr(txn.os, "rename", _dying_after(os.rename, 5))
-        with pytest.raises(Crash):
-            recover(proj, journal)
-    with monkeypatch.context() as m:
-        m.setattr(txn.os, "unlink", _dying_after(os.unlink, 3))
-        with pytest.raises(Crash):
-            recover(proj, journal)
+    crash_apply(monkeypatch, proj, journal, ops, "rename", 10)
+    with dying_after(monkeypatch, "rename", 5):
+        recover(proj, journal)
+    with dying_after(monkeypatch, "unlink", 3):
+        recover(proj, journal)
     assert recover(proj, journal) is not None
     assert_new_state(proj)
 
@@ -468,10 +459,7 @@ def test_next_apply_recovers_first(
     proj: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ops = many_ops(proj)
-    with monkeypatch.context() as m:
-        crash_at(m, "rename", 4)
-        with pytest.raises(Crash):
-            apply_ops(proj, journal, ops)
+    crash_apply(monkeypatch, proj, journal, ops, "rename", 4)
     apply_ops(proj, journal, [Op("after", "file", data=b"after\n")])
     assert_new_state(proj)
     assert (proj / "after").read_bytes() == b"after\n"
@@ -480,10 +468,7 @@ def test_next_apply_recovers_first(
 def test_journal_of_another_project_is_not_replayed_here(
     proj: Path, journal: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with monkeypatch.context() as m:
-        crash_at(m, "rename", 0)
-        with pytest.raises(Crash):
-            apply_ops(proj, journal, [Op("x", "file", data=b"x")])
+    crash_apply(monkeypatch, proj, journal, [Op("x", "file", data=b"x")], "rename", 0)
     other = tmp_path / "other"
     other.mkdir()
     with pytest.raises(WorkspaceError, match="belongs to project"):
@@ -506,39 +491,31 @@ def test_doctor_recovers_every_sandbox(
     from stockade.state import SandboxRecord, SandboxStatus, StateStore
 
     store = StateStore()
-    sandbox_id = store.new_id()
-    state_dir = store.sandbox_dir(sandbox_id)
-    now = time.time()
-    store.insert(
-        SandboxRecord(
-            name="crashed",
-            id=sandbox_id,
-            backend="namespace",
-            status=SandboxStatus.STOPPED,
-            created_at=now,
-            updated_at=now,
-            workspace=str(proj),
-            dir=str(state_dir),
+
+    def insert_stopped(name: str, workspace: str | None) -> Path:
+        """Record a stopped sandbox; return its state directory."""
+        sandbox_id = store.new_id()
+        state_dir = store.sandbox_dir(sandbox_id)
+        now = time.time()
+        store.insert(
+            SandboxRecord(
+                name=name,
+                id=sandbox_id,
+                backend="namespace",
+                status=SandboxStatus.STOPPED,
+                created_at=now,
+                updated_at=now,
+                workspace=workspace,
+                dir=str(state_dir),
+            )
         )
-    )
-    other = store.new_id()
-    store.insert(
-        SandboxRecord(
-            name="no-workspace",
-            id=other,
-            backend="namespace",
-            status=SandboxStatus.STOPPED,
-            created_at=now,
-            updated_at=now,
-            dir=str(store.sandbox_dir(other)),
-        )
-    )
+        return state_dir
+
+    state_dir = insert_stopped("crashed", str(proj))
+    insert_stopped("no-workspace", None)
     journal = state_dir / txn.JOURNAL_DIR_NAME
     ops = many_ops(proj)
-    with monkeypatch.context() as m:
-        crash_at(m, "rename", 9)
-        with pytest.raises(Crash):
-            apply_ops(proj, journal, ops)
+    crash_apply(monkeypatch, proj, journal, ops, "rename", 9)
     rows = recover_interrupted_applies()
     assert len(rows) == 1 and rows[0]["sandbox"] == "crashed"
     assert "finished interrupted apply" in rows[0]["recovered"]
@@ -614,10 +591,7 @@ def test_full_state_disk_at_the_commit_point_changes_nothing(
 def test_damaged_journal_is_not_followed(
     proj: Path, journal: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with monkeypatch.context() as m:
-        crash_at(m, "rename", 0)
-        with pytest.raises(Crash):
-            apply_ops(proj, journal, [Op("keep.txt", "file", data=b"x")])
+    crash_apply(monkeypatch, proj, journal, [Op("keep.txt", "file", data=b"x")], "rename", 0)
     path = next(journal.glob("txn-*.json"))
     data = json.loads(path.read_bytes())
     data["steps"][0]["backup"] = "src"  # would rename the project's src away

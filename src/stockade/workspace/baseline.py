@@ -44,6 +44,8 @@ __all__ = [
     "git_blob_id",
     "git_blob_id_fd",
     "git_env",
+    "read_small_fd",
+    "read_small_file",
     "run_git",
 ]
 
@@ -56,7 +58,8 @@ _META_NAME = "stockade-baseline.json"
 _BASELINE_REF = "refs/stockade/baseline"
 _EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 _CHUNK = 1024 * 1024
-_EXCLUDE_LIMIT = 1024 * 1024  # excludes files larger than this are not read
+#: Files read whole to be parsed (.git files, excludes, .gitignore) larger than this are not read.
+_SMALL_FILE_LIMIT = 1024 * 1024
 #: Every content conversion off, so a blob is the file's bytes as they are on disk.
 _ATTRIBUTES = b"* -text -eol -ident -filter -working-tree-encoding\n"
 
@@ -218,7 +221,7 @@ def find_git_dirs(project: Path) -> tuple[Path, Path] | None:
     if stat.S_ISDIR(st.st_mode):
         git_dir = dot_git
     elif stat.S_ISREG(st.st_mode):
-        text = _read_small(dot_git)
+        text = read_small_file(dot_git)
         if text is None or not text.startswith(b"gitdir:"):
             return None
         target = os.fsdecode(text[len(b"gitdir:") :].strip())
@@ -226,7 +229,7 @@ def find_git_dirs(project: Path) -> tuple[Path, Path] | None:
     else:
         return None
     common = git_dir
-    commondir = _read_small(git_dir / "commondir")
+    commondir = read_small_file(git_dir / "commondir")
     if commondir is not None and commondir.strip():
         common = (git_dir / os.fsdecode(commondir.strip())).resolve()
     if not (common / "objects").is_dir() or not os.path.isfile(git_dir / "HEAD"):
@@ -495,7 +498,7 @@ def _record_into(git_dir: Path, project: Path) -> dict[str, object]:
         proc = run_git(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], host_env, check=False)
         if proc.returncode == 0:
             head = proc.stdout.decode("ascii").strip()
-        exclude = _read_small(host_common / "info" / "exclude")
+        exclude = read_small_file(host_common / "info" / "exclude")
         if exclude:
             excludes.append(exclude)
         trusted = _index_ids_trusted(host_common)
@@ -620,9 +623,9 @@ def _index_ids_trusted(host_common: Path) -> bool:
     Not when git may have converted content on the way in (``.gitattributes`` eol or
     filters such as LFS, ``core.autocrlf``): the baseline records raw bytes.
     """
-    if _read_small(host_common / "info" / "attributes"):
+    if read_small_file(host_common / "info" / "attributes"):
         return False
-    config = (_read_small(host_common / "config") or b"").lower()
+    config = (read_small_file(host_common / "config") or b"").lower()
     if b"autocrlf" in config or b"[filter" in config:
         return False
     if _user_config("core.autocrlf") not in (None, "false"):
@@ -651,10 +654,10 @@ def _global_excludes() -> bytes | None:
     if path is None:
         xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
         path = os.path.join(xdg, "git", "ignore")
-    return _read_small(Path(path), follow=True)
+    return read_small_file(Path(path), follow=True)
 
 
-def _read_small(path: Path, *, follow: bool = False) -> bytes | None:
+def read_small_file(path: Path, *, follow: bool = False) -> bytes | None:
     """A small regular file's bytes (a final symlink followed only with ``follow``; the
     user's own files may be symlinks into a dotfiles repository); None if unusable."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
@@ -662,11 +665,17 @@ def _read_small(path: Path, *, follow: bool = False) -> bytes | None:
         fd = os.open(path, flags)
     except OSError:
         return None
+    return read_small_fd(fd)
+
+
+def read_small_fd(fd: int) -> bytes | None:
+    """The bytes of the regular file open at ``fd`` (which this closes); None if it is not a
+    regular file, larger than the small-file limit or unreadable."""
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _EXCLUDE_LIMIT:
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _SMALL_FILE_LIMIT:
             return None
-        return os.read(fd, _EXCLUDE_LIMIT + 1)[:_EXCLUDE_LIMIT]
+        return os.read(fd, _SMALL_FILE_LIMIT)
     except OSError:
         return None
     finally:

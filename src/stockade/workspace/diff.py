@@ -57,6 +57,8 @@ from stockade.workspace.baseline import (
     WorkspaceBaseline,
     git_blob_id,
     git_env,
+    read_small_fd,
+    read_small_file,
     run_git,
 )
 from stockade.workspace.gitignore import IgnoreFile, is_ignored, parse_ignore
@@ -91,7 +93,6 @@ _CHUNK = 1024 * 1024
 _PERM_MASK = 0o777
 _OVERLAY_XATTR_PREFIXES = ("user.overlay.", "trusted.overlay.")
 _KIND_ORDER = {"deleted": 0, "modified": 1, "added": 2}
-_IGNORE_FILE_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -421,7 +422,7 @@ class _DiffWalker:
 
     def root_stack(self) -> tuple[IgnoreFile, ...]:
         stack: list[IgnoreFile] = []
-        data = _read_regular(self.baseline.git_dir / "info" / "exclude")
+        data = read_small_file(self.baseline.git_dir / "info" / "exclude")
         if data:
             stack.append(parse_ignore(data))
         return tuple(stack)
@@ -467,7 +468,7 @@ class _DiffWalker:
             if stat.S_ISREG(st.st_mode):
                 data = _read_at(dir_fd, ".gitignore")
         elif not opaque and lower_dir is not None:
-            data = _read_regular(lower_dir / ".gitignore")
+            data = read_small_file(lower_dir / ".gitignore")
         if not data:
             return stack
         return (*stack, parse_ignore(data, "/".join(rel)))
@@ -1102,16 +1103,7 @@ def _read_all(fd: int) -> bytes:
 
 def _quote(path: str) -> bytes:
     """C-style quoting for fast-import paths (any byte allowed)."""
-    out = bytearray(b'"')
-    for byte in os.fsencode(path):
-        if byte in (0x22, 0x5C):
-            out += b"\\" + bytes([byte])
-        elif byte < 0x20 or byte >= 0x7F:
-            out += b"\\%03o" % byte
-        else:
-            out.append(byte)
-    out += b'"'
-    return bytes(out)
+    return _c_quote(os.fsencode(path), {})
 
 
 _C_ESCAPES = {7: b"\\a", 8: b"\\b", 9: b"\\t", 10: b"\\n", 11: b"\\v", 12: b"\\f", 13: b"\\r"}
@@ -1122,10 +1114,16 @@ def _git_quote(name: str) -> bytes:
     raw = os.fsencode(name)
     if not any(b < 0x20 or b in (0x22, 0x5C) or b >= 0x7F for b in raw):
         return raw
+    return _c_quote(raw, _C_ESCAPES)
+
+
+def _c_quote(raw: bytes, escapes: dict[int, bytes]) -> bytes:
+    """``raw`` in double quotes: a byte of ``escapes`` as given there, ``"`` and ``\\``
+    backslashed, any other control or non-ASCII byte as a 3-digit octal escape."""
     out = bytearray(b'"')
     for byte in raw:
-        if byte in _C_ESCAPES:
-            out += _C_ESCAPES[byte]
+        if byte in escapes:
+            out += escapes[byte]
         elif byte in (0x22, 0x5C):
             out += b"\\" + bytes([byte])
         elif byte < 0x20 or byte >= 0x7F:
@@ -1246,27 +1244,7 @@ def _read_at(dir_fd: int, name: str) -> bytes | None:
         return None
     finally:
         restore_modes(restore)
-    return _read_fd(fd)
-
-
-def _read_regular(path: Path) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    return _read_fd(fd)
-
-
-def _read_fd(fd: int) -> bytes | None:
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _IGNORE_FILE_LIMIT:
-            return None
-        return os.read(fd, _IGNORE_FILE_LIMIT)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    return read_small_fd(fd)
 
 
 def _lstat(path: Path | None) -> os.stat_result | None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stockade._errors import WorkspaceError
-from stockade.workspace.baseline import find_git_dirs, git_env, run_git
+from stockade.workspace.baseline import find_git_dirs, git_env, read_small_fd, run_git
 from stockade.workspace.layers import (
     ModeRestore,
     WorkspaceLayers,
@@ -48,7 +48,6 @@ _LOOSE_DIR = re.compile(r"[0-9a-f]{2}")
 _LOOSE_NAME = re.compile(r"[0-9a-f]{38}")
 _PACK_NAME = re.compile(r"pack-[0-9a-f]{40}\.pack")
 _REF_NAME = re.compile(r"refs/[A-Za-z0-9._/+-]{1,200}")
-_SMALL = 1024 * 1024
 _CHUNK = 1024 * 1024
 
 
@@ -244,7 +243,7 @@ class _View:
                     if not stat.S_ISREG(st.st_mode):
                         return None
                     file_fd = open_at(fd, part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, restore)
-                    return _read_small_fd(file_fd)
+                    return read_small_fd(file_fd)
                 if not stat.S_ISDIR(st.st_mode):
                     return None
                 child = open_at(fd, part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, restore)
@@ -266,7 +265,7 @@ class _View:
             return None
         finally:
             os.close(dir_fd)
-        return _read_small_fd(file_fd)
+        return read_small_fd(file_fd)
 
 
 def _is_opaque(fd: int) -> bool:
@@ -277,18 +276,6 @@ def _is_opaque(fd: int) -> bool:
         except OSError:
             continue
     return False
-
-
-def _read_small_fd(fd: int) -> bytes | None:
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _SMALL:
-            return None
-        return os.read(fd, _SMALL)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def _build_view(layers: WorkspaceLayers, head: str) -> Path:
