@@ -248,6 +248,8 @@ def test_sdk_accepts_system_dirs_when_the_danger_is_named(
     from stockade.config import load_config
     from stockade.policy import compile_policy
 
+    if not Path(which).is_dir():  # /run/user exists only where a login manager made it
+        pytest.skip(f"{which} does not exist on this machine")
     kind = dict(CASES)[which]
     loaded = load_config(
         tmp_path,
