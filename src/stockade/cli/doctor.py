@@ -124,7 +124,7 @@ def _variant_rows(backend: str, measure: bool) -> list[dict[str, Any]]:
 def leftovers_report(fix: bool) -> dict[str, Any]:
     """Leftovers of sandboxes in the state directory (see stockade.cli.orphans); with
     ``fix``, remove the removable ones. Never raises: a doctor must run on a broken host."""
-    from stockade._errors import StockadeError
+    from stockade import StockadeError
     from stockade.cli.orphans import find_orphans, remove_orphan
     from stockade.state import StateStore
 
@@ -178,7 +178,7 @@ def _print_leftovers(console: Any, report: dict[str, Any]) -> None:
 def recover_interrupted_applies() -> list[dict[str, str]]:
     """Finish or roll back every apply a crash interrupted, for each sandbox with a
     workspace: one row (sandbox, what was done, or the error) per sandbox that had one."""
-    from stockade._errors import WorkspaceError
+    from stockade import WorkspaceError
     from stockade.state import StateStore
     from stockade.workspace.txn import JOURNAL_DIR_NAME, recover
 

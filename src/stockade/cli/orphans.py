@@ -149,7 +149,7 @@ def find_orphans(store: StateStore, *, containers: bool = True) -> list[Orphan]:
 def _containers(known: set[str], ours: set[str]) -> list[Orphan]:
     """What every backend's engines keep of sandboxes this state directory has no record of
     (``Backend.orphans``)."""
-    from stockade._errors import StockadeError
+    from stockade import StockadeError
     from stockade.backends.registry import BACKENDS, get_backend_class
 
     found: list[Orphan] = []
@@ -189,7 +189,7 @@ def _container(sandbox: str, ours: set[str], backend: str, *, what: str, by_hand
 
 def remove_orphan(store: StateStore, orphan: Orphan) -> None:
     """Remove one removable leftover; StockadeError (or OSError) if it cannot be."""
-    from stockade._errors import SandboxNotFoundError, SandboxStateError
+    from stockade import SandboxNotFoundError, SandboxStateError
 
     if not orphan.removable:
         raise SandboxStateError(f"{orphan.what} is not removed: {orphan.why_not}")
@@ -223,7 +223,7 @@ def remove_orphan(store: StateStore, orphan: Orphan) -> None:
 def reap_backend(backend: str, sandbox_id: str) -> None:
     """Delete what a backend may have left of a sandbox outside its state directory when
     its supervisor died (``Backend.reap``); quiet for a backend this stockade lacks."""
-    from stockade._errors import StockadeError
+    from stockade import StockadeError
     from stockade.backends.registry import get_backend_class
 
     try:
