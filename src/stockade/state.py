@@ -232,6 +232,20 @@ def _ensure_private_dir(path: Path) -> None:
         path.chmod(0o700)
 
 
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch a new store to WAL. Two processes opening a new store at once both try; the
+    switch needs the database to itself and SQLite answers SQLITE_BUSY at once (no busy
+    handler for it), so wait and look again: the other one may have switched it already."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class StateStore:
     """The sandboxes known on this machine, for this user."""
 
@@ -381,8 +395,7 @@ class StateStore:
                 return
             # Both are persistent in the file: a store that is already WAL and current
             # costs two reads here, no write.
-            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn)
         with contextlib.suppress(OSError):
             if stat.S_IMODE(self.db_path.stat().st_mode) != 0o600:
                 self.db_path.chmod(0o600)
