@@ -98,7 +98,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 #: Events that could not be written to a sandbox's audit log (the CLI shows them).
-audit_logger = logging.getLogger(f"{__name__}.audit")
+audit_logger = logging.getLogger("stockade.sandbox.audit")
 
 OutputHandler = Callable[[bytes], None]
 
@@ -856,7 +856,7 @@ class AsyncSandbox:
         supervisor's control socket. A stopped sandbox kept for review gives its
         ``workspace`` only. ``aclose()`` detaches and leaves the sandbox running;
         ``kill()`` stops it."""
-        from stockade.remote import RemoteSandbox
+        from stockade.sandbox.remote import RemoteSandbox
 
         return await RemoteSandbox.open(name_or_id, state_dir=state_dir, actor=actor)
 
@@ -1097,7 +1097,7 @@ class AsyncSandbox:
 
     # --- internals used by the namespaces ------------------------------------------------
     # The namespaces reach their sandbox only through these methods (and ``policy``,
-    # ``name``, ``_layers``): a connected sandbox (``stockade.remote``) overrides them.
+    # ``name``, ``_layers``): a connected sandbox (``stockade.sandbox.remote``) overrides them.
 
     def _egress_runtime(self) -> EgressRuntime:
         runtime = self._egress

@@ -48,7 +48,7 @@ from stockade.protocol.messages import (
     SnapshotPathResult,
     SnapshotTagParams,
 )
-from stockade.sandbox import (
+from stockade.sandbox.core import (
     AsyncCommands,
     AsyncFiles,
     AsyncNetwork,
