@@ -81,7 +81,8 @@ def test_the_scan_sees_the_imports_it_judges() -> None:
 
 #: Imports a circle may not be blamed on, each with its reason. ``AsyncSandbox.connect()``
 #: returns its remote implementation (SWE-ReX's RemoteRuntime pattern), a subclass that
-#: ``stockade.sandbox.remote`` defines: the base class names its subclass only inside that factory.
+#: ``stockade.sandbox.remote`` defines: the base class (``stockade.sandbox.core``) names its
+#: subclass only inside that factory.
 ALLOWED_EDGES = {("stockade.sandbox.core", "stockade.sandbox.remote")}
 
 
