@@ -497,7 +497,7 @@ class AsyncSandbox:
             raise SandboxStateError(f"sandbox {self.name!r} is closed")
         return self._client
 
-    async def _call(self, method: str, params: Any) -> Any:
+    async def _call(self, method: str, params: BaseModel) -> Any:
         with self._explained():
             return await self._require_client().call(method, params)
 
