@@ -50,8 +50,8 @@ from stockade.protocol.messages import (
     SnapshotPathResult,
     SnapshotTagParams,
 )
-from stockade.remote import connect_control
 from stockade.sandbox import AsyncCommandHandle, AsyncSandbox
+from stockade.sandbox.remote import connect_control
 from stockade.state import StateStore
 
 __all__ = ["connect_control", "main", "serve"]

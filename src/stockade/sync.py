@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from stockade._results import CommandResult
 from stockade.backends.base import Backend
 from stockade.policy import EffectivePolicy
-from stockade.protocol.messages import FsEntry, PtySize
+from stockade.protocol.messages import AgentHelloResult, FsEntry, PtySize
 from stockade.sandbox import (
     AsyncCommandHandle,
     AsyncCommands,
@@ -48,11 +48,15 @@ __all__ = [
 ]
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
 class _PortalBound:
     def __init__(self, portal: BlockingPortal) -> None:
         self._portal = portal
 
-    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _run(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         return self._portal.call(lambda: fn(*args, **kwargs))
 
 
@@ -73,8 +77,7 @@ class CommandHandle(_PortalBound):
         return self._handle.exit_code
 
     def wait(self, *, check: bool = False) -> CommandResult:
-        result: CommandResult = self._run(self._handle.wait, check=check)
-        return result
+        return self._run(self._handle.wait, check=check)
 
     def send_stdin(self, data: bytes | str, *, eof: bool = False) -> None:
         self._run(self._handle.send_stdin, data, eof=eof)
@@ -146,8 +149,10 @@ class Commands(_PortalBound):
         pty: PtySize | None = None,
     ) -> CommandResult | CommandHandle:
         """Run a command; see ``AsyncCommands.run``."""
+        # The overloads narrow the result by ``background``, a plain bool here.
+        run: Callable[..., Awaitable[CommandResult | AsyncCommandHandle]] = self._commands.run
         out = self._run(
-            self._commands.run,
+            run,
             cmd,
             background=background,
             env=env,
@@ -161,7 +166,6 @@ class Commands(_PortalBound):
         )
         if isinstance(out, AsyncCommandHandle):
             return CommandHandle(self._portal, out)
-        assert isinstance(out, CommandResult)
         return out
 
     def start(
@@ -200,8 +204,7 @@ class Pty(_PortalBound):
         self._pty = pty
 
     def default_shell(self) -> list[str]:
-        result: list[str] = self._run(self._pty.default_shell)
-        return result
+        return self._run(self._pty.default_shell)
 
     def create(
         self,
@@ -241,23 +244,21 @@ class Files(_PortalBound):
     def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
 
     def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
-        data: str | bytes = self._run(self._files.read, path, format=format)
-        return data
+        # The overloads narrow the result by ``format``, a plain Literal union here.
+        read: Callable[..., Awaitable[str | bytes]] = self._files.read
+        return self._run(read, path, format=format)
 
     def write(self, path: str, data: str | bytes, *, mode: int | None = None) -> int:
-        size: int = self._run(self._files.write, path, data, mode=mode)
-        return size
+        return self._run(self._files.write, path, data, mode=mode)
 
     def stat(self, path: str) -> FsEntry:
-        entry: FsEntry = self._run(self._files.stat, path)
-        return entry
+        return self._run(self._files.stat, path)
 
     def exists(self, path: str) -> bool:
-        return bool(self._run(self._files.exists, path))
+        return self._run(self._files.exists, path)
 
     def list(self, path: str = ".", *, depth: int = 1) -> list[FsEntry]:
-        entries: list[FsEntry] = self._run(self._files.list, path, depth=depth)
-        return entries
+        return self._run(self._files.list, path, depth=depth)
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
         self._run(self._files.remove, path, recursive=recursive)
@@ -266,12 +267,10 @@ class Files(_PortalBound):
         self._run(self._files.make_dir, path, mode=mode)
 
     def upload(self, source: str | Path, dest: str = ".") -> int:
-        files: int = self._run(self._files.upload, source, dest)
-        return files
+        return self._run(self._files.upload, source, dest)
 
     def download(self, path: str, dest: str | Path) -> builtins.list[Path]:
-        paths: builtins.list[Path] = self._run(self._files.download, path, dest)
-        return paths
+        return self._run(self._files.download, path, dest)
 
 
 class Workspace(_PortalBound):
@@ -284,10 +283,7 @@ class Workspace(_PortalBound):
     def diff(
         self, paths: Sequence[str] | None = None, *, include_ignored: bool = False
     ) -> WorkspaceDiff:
-        result: WorkspaceDiff = self._run(
-            self._workspace.diff, paths, include_ignored=include_ignored
-        )
-        return result
+        return self._run(self._workspace.diff, paths, include_ignored=include_ignored)
 
     def apply(
         self,
@@ -297,14 +293,13 @@ class Workspace(_PortalBound):
         conflicts: ConflictMode = "skip",
         include_ignored: bool = False,
     ) -> ApplyResult:
-        result: ApplyResult = self._run(
+        return self._run(
             self._workspace.apply,
             paths,
             force=force,
             conflicts=conflicts,
             include_ignored=include_ignored,
         )
-        return result
 
     def reset(self) -> None:
         self._run(self._workspace.reset)
@@ -327,8 +322,7 @@ class Network(_PortalBound):
         self._run(self._network.deny, entry)
 
     def log(self) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = self._run(self._network.log)
-        return records
+        return self._run(self._network.log)
 
 
 class Sandbox:
@@ -414,7 +408,12 @@ class Sandbox:
         """Start a sandbox from a compiled policy; see ``AsyncSandbox.start``."""
         return cls._open(
             lambda: AsyncSandbox.start(
-                policy, backend=backend, name=name, keep=keep, state_dir=state_dir, actor=actor
+                policy,
+                backend=backend,
+                name=name,
+                keep=keep,
+                state_dir=state_dir,
+                actor=actor,
             )
         )
 
@@ -458,11 +457,11 @@ class Sandbox:
         return self._inner.audit_path
 
     @property
-    def policy(self) -> Any:
+    def policy(self) -> EffectivePolicy:
         return self._inner.policy
 
     @property
-    def agent_info(self) -> Any:
+    def agent_info(self) -> AgentHelloResult | None:
         return self._inner.agent_info
 
     def is_running(self) -> bool:

@@ -81,8 +81,9 @@ def test_the_scan_sees_the_imports_it_judges() -> None:
 
 #: Imports a circle may not be blamed on, each with its reason. ``AsyncSandbox.connect()``
 #: returns its remote implementation (SWE-ReX's RemoteRuntime pattern), a subclass that
-#: ``stockade.remote`` defines: the base class names its subclass only inside that factory.
-ALLOWED_EDGES = {("stockade.sandbox", "stockade.remote")}
+#: ``stockade.sandbox.remote`` defines: the base class (``stockade.sandbox.core``) names its
+#: subclass only inside that factory.
+ALLOWED_EDGES = {("stockade.sandbox.core", "stockade.sandbox.remote")}
 
 
 def test_every_allowed_edge_still_exists() -> None:

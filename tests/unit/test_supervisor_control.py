@@ -30,7 +30,7 @@ from stockade.protocol.messages import (
     SnapshotPathResult,
     SnapshotTagParams,
 )
-from stockade.remote import ControlClient
+from stockade.sandbox.remote import ControlClient
 from stockade.supervisor import HANDLERS, _Connection
 
 pytestmark = pytest.mark.anyio

@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 def spawn_supervisor(
     policy: Any, name: str | None, *, resume: Path | None = None
 ) -> dict[str, Any]:
-    """Start a supervisor for a new sandbox; see ``stockade.remote.spawn_supervisor``."""
-    from stockade.remote import spawn_supervisor as spawn
+    """Start a supervisor for a new sandbox; see ``stockade.sandbox.remote.spawn_supervisor``."""
+    from stockade.sandbox.remote import spawn_supervisor as spawn
 
     return spawn(policy, name, resume=resume)
 
@@ -27,7 +27,7 @@ def stop_sandbox(store: StateStore, record: Any, *, timeout: float | None = None
     """Ask the supervisor to stop; kill it if it does not answer. Idempotent.
 
     It is given the time to save the workspace (``SAVE_TIMEOUT``) before it is killed."""
-    from stockade.remote import stop_supervised
+    from stockade.sandbox.remote import stop_supervised
 
     stop_supervised(store, record, timeout=timeout)
 

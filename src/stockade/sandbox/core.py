@@ -1,28 +1,26 @@
-"""The async core: one sandbox, whatever the backend, in this process.
+"""The lifecycle core: one sandbox, whatever the backend, in this process.
 
 ``AsyncSandbox.create()`` compiles the policy, picks a backend, prepares the workspace,
-launches the sandbox and shakes hands with its guest agent. Commands, files and PTYs go
-through the one ``AgentClient``; the workspace diff/apply/reset runs on the host layers.
+launches the sandbox and shakes hands with its guest agent. Its namespaces (``commands``,
+``files``, ``pty``, ``workspace``, ``network``: modules of their own) reach it through the
+narrow ports of ``ports.py``: the one ``AgentClient``, the host layers, the egress runtime.
 Teardown is ordered (agent shutdown -> terminate -> verify no survivor), shielded from
 cancellation, and repeatable.
 """
 
 from __future__ import annotations
 
-import base64
 import builtins
 import contextlib
 import dataclasses
 import logging
 import os
-import shlex
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.from_thread
@@ -30,44 +28,21 @@ import anyio.lowlevel
 from pydantic import BaseModel
 
 from stockade._errors import (
-    CommandFailedError,
-    ExecTimeoutError,
     SandboxNotFoundError,
     SandboxStartError,
     SandboxStateError,
     StockadeError,
 )
-from stockade._results import CommandResult
-from stockade.agent.client import AgentClient, ProcessEvents, guest_shell
+from stockade.agent.client import AgentClient
 from stockade.audit import AuditLog
 from stockade.backends.base import Backend, LaunchedSandbox, LaunchSpec
 from stockade.policy import EffectivePolicy
-from stockade.protocol.messages import (
-    AgentHelloResult,
-    Empty,
-    FsEntry,
-    FsListParams,
-    FsListResult,
-    FsMkdirParams,
-    FsReadParams,
-    FsReadResult,
-    FsRemoveParams,
-    FsStatParams,
-    FsWriteParams,
-    ProcessExitParams,
-    ProcessResizeParams,
-    ProcessSignalParams,
-    ProcessStartParams,
-    ProcessWriteStdinParams,
-    PtySize,
-    TarDownloadParams,
-    TarUploadParams,
-    TransferReadParams,
-    TransferReadResult,
-    TransferResult,
-    TransferWriteParams,
-    TransferWriteResult,
-)
+from stockade.protocol.messages import AgentHelloResult, Empty
+from stockade.sandbox.commands import AsyncCommands, AsyncPty
+from stockade.sandbox.files import AsyncFiles
+from stockade.sandbox.network import AsyncNetwork
+from stockade.sandbox.records import SandboxInfo, audit_path
+from stockade.sandbox.workspace import AsyncWorkspace
 from stockade.state import (
     SandboxRecord,
     SandboxStatus,
@@ -77,46 +52,21 @@ from stockade.state import (
     process_start_time,
     validate_name,
 )
-from stockade.workspace import ApplyResult, ConflictMode, WorkspaceDiff, WorkspaceLayers
+from stockade.workspace import WorkspaceLayers
 
 if TYPE_CHECKING:
     from stockade._background import BackgroundTasks
     from stockade.egress.log import ConnectionRecord
     from stockade.egress.runtime import EgressRuntime
 
-__all__ = [
-    "AsyncCommandHandle",
-    "AsyncCommands",
-    "AsyncFiles",
-    "AsyncNetwork",
-    "AsyncPty",
-    "AsyncSandbox",
-    "AsyncWorkspace",
-    "OutputHandler",
-    "SandboxInfo",
-]
+__all__ = ["AsyncSandbox"]
 
 logger = logging.getLogger(__name__)
 #: Events that could not be written to a sandbox's audit log (the CLI shows them).
-audit_logger = logging.getLogger(f"{__name__}.audit")
-
-OutputHandler = Callable[[bytes], None]
+audit_logger = logging.getLogger("stockade.sandbox.audit")
 
 #: Seconds allowed from launch to the agent's handshake.
 START_TIMEOUT = 30.0
-#: Bytes per fs.write / fs.read call (well under the frame limit once base64-encoded).
-FILE_CHUNK = 1024 * 1024
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def audit_path(store: StateStore, name: str, sandbox_id: str) -> Path:
-    """Audit logs live apart from sandbox directories so they outlive ``rm``."""
-    directory = store.root / "audit"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    return directory / f"{name}.{sandbox_id}.jsonl"
 
 
 def _forget_failed_start(store: StateStore, record: SandboxRecord, *, owns_dir: bool) -> None:
@@ -139,585 +89,6 @@ def _forget_failed_start(store: StateStore, record: SandboxRecord, *, owns_dir: 
     except StockadeError:
         logger.warning("could not remove the record of failed sandbox %s", record.name,
                        exc_info=True)  # fmt: skip
-
-
-def _command_text(cmd: str | Sequence[str]) -> str:
-    text = cmd if isinstance(cmd, str) else shlex.join(cmd)
-    return text if len(text) <= 1000 else text[:1000] + "..."
-
-
-class AsyncCommandHandle:
-    """A running command: wait for it, feed its stdin, signal it."""
-
-    def __init__(self, sandbox: AsyncSandbox, pid: int, events: ProcessEvents, command: str):
-        self._sandbox = sandbox
-        self.pid = pid
-        self._events = events
-        self._command = command
-        self._started = time.monotonic()
-
-    @property
-    def proc(self) -> int:
-        """The agent's handle for this process."""
-        return self._events.proc
-
-    @property
-    def exit_code(self) -> int | None:
-        """Exit status once finished, else None."""
-        ev = self._events.exit
-        return None if ev is None else _exit_code(ev)
-
-    async def wait(self, *, check: bool = False) -> CommandResult:
-        """Wait for the command to end and return its result."""
-        client = self._sandbox._require_client()
-        with self._sandbox._explained():
-            exit_params = await client.wait_process(self._events)
-        client.forget_process(self.proc)
-        result = CommandResult(
-            stdout_bytes=bytes(self._events.stdout),
-            stderr_bytes=bytes(self._events.stderr),
-            exit_code=_exit_code(exit_params),
-            signal=exit_params.signal,
-            timed_out=exit_params.timed_out,
-            duration=time.monotonic() - self._started,
-        )
-        self._sandbox._audit(
-            "process.exited",
-            target=self._command,
-            details={"pid": self.pid, "exit_code": result.exit_code, "timed_out": result.timed_out},
-        )
-        if result.timed_out:
-            raise ExecTimeoutError(
-                f"command {self._command!r} exceeded its timeout and was killed; "
-                "pass timeout=... (CLI: --timeout) to allow longer",
-                result=result,
-            )
-        if check and result.exit_code != 0:
-            raise CommandFailedError(
-                f"command {self._command!r} exited with {result.exit_code}: "
-                f"{result.stderr.strip()[-500:]}",
-                result=result,
-            )
-        return result
-
-    async def send_stdin(self, data: bytes | str, *, eof: bool = False) -> None:
-        """Write to the command's stdin (it must have been started with stdin=True)."""
-        raw = data.encode() if isinstance(data, str) else data
-        await self._sandbox._call(
-            "process.write_stdin", ProcessWriteStdinParams(proc=self.proc, data=_b64(raw), eof=eof)
-        )
-
-    async def close_stdin(self) -> None:
-        """Signal end of input."""
-        await self.send_stdin(b"", eof=True)
-
-    async def signal(self, signum: int = signal.SIGTERM, *, group: bool = True) -> None:
-        """Send a signal to the command (by default to its whole process group)."""
-        await self._sandbox._call(
-            "process.signal", ProcessSignalParams(proc=self.proc, signal=int(signum), group=group)
-        )
-
-    async def kill(self) -> None:
-        """SIGKILL the command's process group."""
-        await self.signal(signal.SIGKILL)
-
-    async def resize(self, rows: int, cols: int) -> None:
-        """Resize the PTY of a PTY command."""
-        await self._sandbox._call(
-            "process.resize", ProcessResizeParams(proc=self.proc, rows=rows, cols=cols)
-        )
-
-
-def _exit_code(ev: ProcessExitParams) -> int:
-    if ev.exit_code is not None:
-        return ev.exit_code
-    return 128 + (ev.signal or 0)
-
-
-class AsyncCommands:
-    """``sandbox.commands``: run commands in the sandbox."""
-
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sandbox = sandbox
-
-    @overload
-    async def run(
-        self,
-        cmd: str | Sequence[str],
-        *,
-        background: Literal[False] = False,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | str | None = None,
-        on_stdout: OutputHandler | None = None,
-        on_stderr: OutputHandler | None = None,
-        check: bool = False,
-        pty: PtySize | None = None,
-    ) -> CommandResult: ...
-
-    @overload
-    async def run(
-        self,
-        cmd: str | Sequence[str],
-        *,
-        background: Literal[True],
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | str | None = None,
-        on_stdout: OutputHandler | None = None,
-        on_stderr: OutputHandler | None = None,
-        check: bool = False,
-        pty: PtySize | None = None,
-    ) -> AsyncCommandHandle: ...
-
-    async def run(
-        self,
-        cmd: str | Sequence[str],
-        *,
-        background: bool = False,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | str | None = None,
-        on_stdout: OutputHandler | None = None,
-        on_stderr: OutputHandler | None = None,
-        check: bool = False,
-        pty: PtySize | None = None,
-    ) -> CommandResult | AsyncCommandHandle:
-        """Run a command: a string goes to ``/bin/sh -c``, a sequence is an argv.
-
-        Waits and returns a ``CommandResult`` (non-zero exit is a result unless
-        ``check=True``), or with ``background=True`` returns a handle at once. ``stdin``
-        bytes are written and closed; pass ``stdin=b""`` with ``background=True`` to keep
-        stdin open for ``handle.send_stdin``.
-        """
-        handle = await self.start(
-            cmd,
-            env=env,
-            cwd=cwd,
-            timeout=timeout,
-            keep_stdin=background and stdin is not None,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-            pty=pty,
-            stdin_data=stdin,
-        )
-        if background:
-            return handle
-        return await handle.wait(check=check)
-
-    async def start(
-        self,
-        cmd: str | Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        keep_stdin: bool = False,
-        on_stdout: OutputHandler | None = None,
-        on_stderr: OutputHandler | None = None,
-        pty: PtySize | None = None,
-        stdin_data: bytes | str | None = None,
-    ) -> AsyncCommandHandle:
-        """Start a command and return its handle (the primitive behind ``run``)."""
-        sandbox = self._sandbox
-        client = sandbox._require_client()
-        if timeout is None:
-            timeout = sandbox.policy.limits.command_timeout
-        if isinstance(cmd, str):
-            argv, shell = None, cmd
-        else:
-            argv, shell = list(cmd), None
-            if not argv:
-                raise ValueError("cmd must not be an empty sequence")
-        params = ProcessStartParams(
-            argv=argv,
-            shell=shell,
-            env=dict(env or {}),
-            cwd=cwd,
-            stdin=keep_stdin or stdin_data is not None,
-            pty=pty,
-            timeout=timeout,
-        )
-
-        on_output = None
-        if on_stdout is not None or on_stderr is not None:
-
-            def on_output(stream: str, chunk: bytes) -> None:
-                handler = on_stdout if stream == "stdout" else on_stderr
-                if handler is not None:
-                    handler(chunk)
-
-        with sandbox._explained():
-            started, events = await client.start_process(params, on_output=on_output)
-        text = _command_text(cmd)
-        sandbox._audit("process.started", target=text, details={"pid": started.pid})
-        handle = AsyncCommandHandle(sandbox, started.pid, events, text)
-        if stdin_data is not None:
-            raw = stdin_data.encode() if isinstance(stdin_data, str) else stdin_data
-            for i in range(0, len(raw), FILE_CHUNK):
-                await handle.send_stdin(raw[i : i + FILE_CHUNK])
-            if not keep_stdin:
-                await handle.close_stdin()
-        return handle
-
-
-class AsyncPty:
-    """``sandbox.pty``: interactive terminals."""
-
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sandbox = sandbox
-
-    async def default_shell(self) -> list[str]:
-        """The guest's interactive shell: ``/bin/bash -i``, or ``/bin/sh -i`` where the
-        sandbox's root has no bash (asked of the guest, never assumed from the host)."""
-        with self._sandbox._explained():
-            return await guest_shell(self._sandbox._require_client())
-
-    async def create(
-        self,
-        cmd: str | Sequence[str] | None = None,
-        *,
-        rows: int = 24,
-        cols: int = 80,
-        on_data: OutputHandler | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-    ) -> AsyncCommandHandle:
-        """Start ``cmd`` (default: an interactive shell) on a new pseudo-terminal."""
-        if cmd is None:
-            cmd = await self.default_shell()
-        return await self._sandbox.commands.start(
-            cmd,
-            env={"TERM": os.environ.get("TERM", "xterm-256color"), **(env or {})},
-            cwd=cwd,
-            timeout=timeout,
-            keep_stdin=True,
-            on_stdout=on_data,
-            pty=PtySize(rows=rows, cols=cols),
-        )
-
-
-class AsyncFiles:
-    """``sandbox.files``: read and write files inside the sandbox."""
-
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sandbox = sandbox
-
-    def _abs(self, path: str) -> str:
-        if path.startswith("/"):
-            return path
-        return f"{self._sandbox.policy.workspace.guest_path.rstrip('/')}/{path}"
-
-    @overload
-    async def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
-
-    @overload
-    async def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
-
-    async def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
-        """Read a whole file (relative paths are inside the workspace)."""
-        out = bytearray()
-        offset = 0
-        while True:
-            result = await self._sandbox._call(
-                "fs.read", FsReadParams(path=self._abs(path), offset=offset, length=FILE_CHUNK)
-            )
-            assert isinstance(result, FsReadResult)
-            chunk = base64.b64decode(result.data)
-            out += chunk
-            offset += len(chunk)
-            if result.eof or not chunk:
-                break
-        return bytes(out) if format == "bytes" else out.decode("utf-8", "replace")
-
-    async def write(self, path: str, data: str | bytes, *, mode: int | None = None) -> int:
-        """Create or replace a file; returns its size."""
-        raw = data.encode() if isinstance(data, str) else data
-        target = self._abs(path)
-        size = 0
-        for i in range(0, max(len(raw), 1), FILE_CHUNK):
-            chunk = raw[i : i + FILE_CHUNK]
-            result = await self._sandbox._call(
-                "fs.write",
-                FsWriteParams(path=target, data=_b64(chunk), append=i > 0, mode=mode),
-            )
-            size = getattr(result, "size", size)
-        self._sandbox._audit("file.written", target=target, details={"bytes": len(raw)})
-        return size
-
-    async def stat(self, path: str) -> FsEntry:
-        result = await self._sandbox._call("fs.stat", FsStatParams(path=self._abs(path)))
-        assert isinstance(result, FsEntry)
-        return result
-
-    async def exists(self, path: str) -> bool:
-        from stockade._errors import SandboxFileNotFoundError
-
-        try:
-            await self.stat(path)
-        except SandboxFileNotFoundError:
-            return False
-        return True
-
-    async def list(self, path: str = ".", *, depth: int = 1) -> list[FsEntry]:
-        result = await self._sandbox._call(
-            "fs.list", FsListParams(path=self._abs(path), depth=depth)
-        )
-        assert isinstance(result, FsListResult)
-        return list(result.entries)
-
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._sandbox._call(
-            "fs.remove", FsRemoveParams(path=self._abs(path), recursive=recursive)
-        )
-        self._sandbox._audit("file.removed", target=self._abs(path))
-
-    async def make_dir(self, path: str, *, mode: int = 0o755) -> None:
-        await self._sandbox._call("fs.mkdir", FsMkdirParams(path=self._abs(path), mode=mode))
-
-    async def upload(self, source: str | Path, dest: str = ".") -> int:
-        """Copy a host file into the sandbox directory ``dest``, or a host directory's
-        contents into ``dest`` (like ``download``, the other way); returns the member count.
-
-        Streamed as a tar archive (spooled to disk past 8 MiB, so memory stays bounded).
-        """
-        import tempfile
-
-        from stockade._tarfile import tarfile
-
-        src = Path(source)
-        if not src.exists():
-            raise FileNotFoundError(f"{src} does not exist on the host")
-
-        target = self._abs(dest)
-        with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
-
-            def pack() -> None:
-                with tarfile.open(fileobj=spool, mode="w") as tar:
-                    if src.is_dir():
-                        for child in sorted(src.iterdir()):
-                            tar.add(child, arcname=child.name)
-                    else:
-                        tar.add(src, arcname=src.name)
-                spool.seek(0)
-
-            await anyio.to_thread.run_sync(pack)
-            opened = await self._sandbox._call("fs.upload_tar", TarUploadParams(path=target))
-            assert isinstance(opened, TransferResult)
-            result: BaseModel | None = None
-            while True:
-                chunk = spool.read(FILE_CHUNK)
-                result = await self._sandbox._call(
-                    "transfer.write",
-                    TransferWriteParams(transfer=opened.transfer, data=_b64(chunk), eof=not chunk),
-                )
-                if not chunk:
-                    break
-        assert isinstance(result, TransferWriteResult)
-        self._sandbox._audit(
-            "file.uploaded", target=target, details={"source": str(src), "files": result.files}
-        )
-        return result.files
-
-    async def download(self, path: str, dest: str | Path) -> builtins.list[Path]:
-        """Copy a sandbox file into the host directory ``dest``, or a sandbox directory's
-        contents into ``dest``; returns the paths written.
-
-        The archive comes from the guest, which is not trusted: it is unpacked with
-        tarfile's 'data' filter (no absolute paths, no escapes, no devices, no setuid).
-        """
-        import tempfile
-
-        from stockade._tarfile import tarfile
-
-        out = Path(dest)
-        out.mkdir(parents=True, exist_ok=True)
-        opened = await self._sandbox._call(
-            "fs.download_tar", TarDownloadParams(path=self._abs(path))
-        )
-        assert isinstance(opened, TransferResult)
-        with tempfile.TemporaryFile() as spool:
-            while True:
-                result = await self._sandbox._call(
-                    "transfer.read", TransferReadParams(transfer=opened.transfer)
-                )
-                assert isinstance(result, TransferReadResult)
-                spool.write(base64.b64decode(result.data))
-                if result.eof:
-                    break
-            spool.seek(0)
-
-            written: builtins.list[Path] = []
-
-            def safe(member: tarfile.TarInfo, root: str) -> tarfile.TarInfo | None:
-                try:
-                    kept = tarfile.data_filter(member, root)
-                except tarfile.FilterError as exc:
-                    logger.warning("download from %s skipped %s: %s", self._sandbox.name,
-                                   member.name, exc)  # fmt: skip
-                    return None
-                written.append(out / kept.name)
-                return kept
-
-            def unpack() -> builtins.list[Path]:
-                with tarfile.open(fileobj=spool, mode="r") as tar:
-                    tar.extractall(out, filter=safe)
-                return written
-
-            return await anyio.to_thread.run_sync(unpack)
-
-
-class AsyncWorkspace:
-    """``sandbox.workspace``: review and apply what the sandbox changed."""
-
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sandbox = sandbox
-
-    def _layers(self) -> WorkspaceLayers:
-        layers = self._sandbox._layers
-        if layers is None:
-            raise SandboxStateError(
-                f"sandbox {self._sandbox.name!r} has no copy-on-write workspace "
-                f"(workspace.mode = {self._sandbox.policy.workspace.mode!r})"
-            )
-        return layers
-
-    async def diff(
-        self, paths: Sequence[str] | None = None, *, include_ignored: bool = False
-    ) -> WorkspaceDiff:
-        """What the sandbox changed since it started (against the recorded baseline): files
-        added, modified or deleted, as a git patch, and the commits the agent made.
-
-        ``paths`` keeps changes at or below those project-relative paths; paths ignored by
-        ``.gitignore`` are left out (counted in ``ignored_paths``) unless ``include_ignored``.
-        """
-        from stockade.workspace import compute_diff
-
-        layers = self._layers()
-        await self._sandbox._sync_workspace()
-        result = await anyio.to_thread.run_sync(
-            lambda: compute_diff(
-                layers,
-                protected=self._sandbox.policy.workspace.protected,
-                paths=paths,
-                include_ignored=include_ignored,
-            )
-        )
-        self._sandbox._audit("workspace.diffed", details={"summary": result.summary()})
-        return result
-
-    async def apply(
-        self,
-        paths: Sequence[str] | None = None,
-        *,
-        force: bool = False,
-        conflicts: ConflictMode = "skip",
-        include_ignored: bool = False,
-    ) -> ApplyResult:
-        """Write the sandbox's changes to the host, judged by content against what the
-        sandbox started from: text changed on both sides is merged; a real conflict is left
-        unapplied (``conflicts="skip"``) or written with conflict markers
-        (``conflicts="markers"``); ``force=True`` overwrites the host's version. Files that
-        configure host tools and symlinks leaving the project apply only when named in
-        ``paths``. The agent's commits become branch ``stockade/NAME``. Paths .gitignore
-        leaves out are applied only with ``include_ignored=True``."""
-        from stockade.workspace import apply_diff
-
-        layers = self._layers()
-        await self._sandbox._sync_workspace()
-        result = await anyio.to_thread.run_sync(
-            lambda: apply_diff(
-                layers,
-                paths=paths,
-                protected=self._sandbox.policy.workspace.protected,
-                force=force,
-                conflicts=conflicts,
-                branch=f"stockade/{self._sandbox.name}",
-                include_ignored=include_ignored,
-            )
-        )
-        self._sandbox._audit("workspace.applied", details=result.audit_details())
-        return result
-
-    async def reset(self) -> None:
-        """Discard every change; a running sandbox is restarted on a clean workspace."""
-        await self._sandbox._reset_workspace()
-
-    async def sync(self) -> None:
-        """Bring the writes of a sandbox that keeps them inside it (a microVM) to the host
-        layers now (``diff`` and ``apply`` do it themselves)."""
-        await self._sandbox._sync_workspace()
-
-
-class AsyncNetwork:
-    """``sandbox.network``: change the egress policy live and see every connection."""
-
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sandbox = sandbox
-
-    async def allow(self, entry: str) -> None:
-        """Allow a host, wildcard, address or CIDR (optionally :port) from now on."""
-        await self._sandbox._net_change("allow", entry)
-
-    async def deny(self, entry: str) -> None:
-        """Deny a host, wildcard, address or CIDR from now on (deny wins over allow)."""
-        await self._sandbox._net_change("deny", entry)
-
-    async def log(self) -> list[dict[str, Any]]:
-        """Every connection so far: time, host, port, decision, rule, reason, bytes."""
-        return await self._sandbox._net_log()
-
-
-@dataclasses.dataclass(frozen=True)
-class SandboxInfo:
-    """What ``AsyncSandbox.list()`` / ``Sandbox.list()`` say about one sandbox."""
-
-    name: str
-    id: str
-    backend: str
-    #: created, starting, running, stopping, stopped or failed
-    status: str
-    #: When it was created (seconds since the epoch).
-    created_at: float
-    #: The host project directory it sees as its workspace (None without one).
-    workspace: Path | None
-    #: Its directory under the state directory (layers, disk, sockets).
-    state_dir: Path | None
-    #: Why it failed, when it did.
-    error: str | None
-    #: Whether another process can drive it: ``connect()`` gives its commands and files
-    #: (a stopped sandbox kept for review gives only its workspace).
-    connectable: bool
-
-    @classmethod
-    def from_record(cls, record: SandboxRecord) -> SandboxInfo:
-        return cls(
-            name=record.name,
-            id=record.id,
-            backend=record.backend,
-            status=str(record.status),
-            created_at=record.created_at,
-            workspace=Path(record.workspace) if record.workspace else None,
-            state_dir=Path(record.dir) if record.dir else None,
-            error=record.error,
-            connectable=record.status == SandboxStatus.RUNNING and bool(record.control_socket),
-        )
-
-
-def find_record(store: StateStore, name_or_id: str) -> SandboxRecord:
-    """The record of the sandbox named ``name_or_id``, else the one with that id (reconciled:
-    a sandbox whose supervisor died is reported failed)."""
-    try:
-        return store.reconcile(store.get(name_or_id))
-    except SandboxNotFoundError as exc:
-        for record in store.list():
-            if record.id == name_or_id:
-                return store.reconcile(record)
-        raise exc from None
 
 
 class AsyncSandbox:
@@ -761,7 +132,7 @@ class AsyncSandbox:
         self.agent_info: AgentHelloResult | None = None
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
-        self.pty = AsyncPty(self)
+        self.pty = AsyncPty(self, self.commands)
         self.workspace = AsyncWorkspace(self)
         self.network = AsyncNetwork(self)
 
@@ -856,7 +227,7 @@ class AsyncSandbox:
         supervisor's control socket. A stopped sandbox kept for review gives its
         ``workspace`` only. ``aclose()`` detaches and leaves the sandbox running;
         ``kill()`` stops it."""
-        from stockade.remote import RemoteSandbox
+        from stockade.sandbox.remote import RemoteSandbox
 
         return await RemoteSandbox.open(name_or_id, state_dir=state_dir, actor=actor)
 
@@ -1097,7 +468,8 @@ class AsyncSandbox:
 
     # --- internals used by the namespaces ------------------------------------------------
     # The namespaces reach their sandbox only through these methods (and ``policy``,
-    # ``name``, ``_layers``): a connected sandbox (``stockade.remote``) overrides them.
+    # ``name``, ``_layers``), their ports (``ports.py``): a connected sandbox
+    # (``remote.RemoteSandbox``) overrides them.
 
     def _egress_runtime(self) -> EgressRuntime:
         runtime = self._egress
@@ -1125,7 +497,7 @@ class AsyncSandbox:
             raise SandboxStateError(f"sandbox {self.name!r} is closed")
         return self._client
 
-    async def _call(self, method: str, params: Any) -> Any:
+    async def _call(self, method: str, params: BaseModel) -> Any:
         with self._explained():
             return await self._require_client().call(method, params)
 
