@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -206,3 +207,17 @@ def test_snapshots_on_a_backend_that_cannot_name_the_one_that_can(
         assert "backend='microvm'" in str(out["error"])
     finally:
         stockade("rm", "--force", name, check=False)
+
+
+def test_an_exited_unreaped_supervisor_counts_as_stopped() -> None:
+    """`rm` waits for a supervisor to exit; one this process started (a fork) and that
+    exited is a zombie until reaped, and must not be waited for as if it still ran."""
+    from stockade.sandbox.remote import _pid_alive
+
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while _pid_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _pid_alive(child.pid)
+    assert child.poll() == 0  # it was a zombie until now: only then reaped
+    assert _pid_alive(os.getpid())

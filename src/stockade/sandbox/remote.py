@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,6 +377,9 @@ def spawn_supervisor(
     if not result.get("ok"):
         proc.wait(timeout=SPAWN_TIMEOUT)
         raise SandboxStartError(result.get("error", "the sandbox failed to start"))
+    # The supervisor outlives this call; when it exits before this process does (an SDK
+    # that forks sandboxes and removes them), reap it so no zombie is left behind.
+    threading.Thread(target=proc.wait, name=f"reap-supervisor-{name}", daemon=True).start()
     return result
 
 
@@ -388,6 +392,8 @@ def _layers_of(record: SandboxRecord) -> WorkspaceLayers | None:
 
 
 def _pid_alive(pid: int | None) -> bool:
+    """Whether ``pid`` still runs: an exited process its parent has not reaped yet (a
+    zombie) has stopped, although signal 0 still reaches it."""
     if not pid:
         return False
     try:
@@ -396,7 +402,12 @@ def _pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: signal 0 is all we know
+    # "pid (comm) S ...": the state follows the last ')' (comm may hold one).
+    return stat_line.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def stop_supervised(
