@@ -69,6 +69,24 @@ audit_logger = logging.getLogger("stockade.sandbox.audit")
 START_TIMEOUT = 30.0
 
 
+async def _launch_recording_baseline(sandbox: AsyncSandbox, layers: WorkspaceLayers | None) -> None:
+    """Launch ``sandbox`` while its workspace baseline is recorded in a thread: the baseline
+    is the host project, which nothing in the sandbox can change, so recording it need not
+    wait for the backend (it takes git tens of ms). Both are done when this returns; the
+    first failure is raised as itself, not wrapped in an exception group."""
+    if layers is None:
+        await sandbox._launch()
+        return
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, layers.record_baseline)
+            await sandbox._launch()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
 def _forget_failed_start(store: StateStore, record: SandboxRecord, *, owns_dir: bool) -> None:
     """Remove what a failed start made: its directory (if this start made it) and its
     record (only if still this sandbox's: the name may be another's by now)."""
@@ -297,7 +315,9 @@ class AsyncSandbox:
                 # Upper, work and /tmp on a filesystem of exactly limits.disk (where possible).
                 create_disk(directory, policy.limits.disk_bytes or 0)
             if policy.workspace.mode == "cow" and policy.workspace.host_path is not None:
-                layers = WorkspaceLayers.create(directory, policy.workspace.host_path)
+                layers = WorkspaceLayers.create(
+                    directory, policy.workspace.host_path, record_baseline=False
+                )
         except BaseException as exc:
             _forget_failed_start(store, record, owns_dir=not isinstance(exc, FileExistsError))
             if isinstance(exc, OSError) and is_disk_full(exc, store.root):
@@ -324,7 +344,7 @@ class AsyncSandbox:
             },
         )
         try:
-            await sandbox._launch()
+            await _launch_recording_baseline(sandbox, layers)
         except BaseException as exc:
             try:
                 await sandbox._teardown(status=SandboxStatus.FAILED, error=str(exc))

@@ -89,9 +89,14 @@ class WorkspaceLayers:
 
     @classmethod
     def create(
-        cls, state_dir: str | os.PathLike[str], lower: str | os.PathLike[str]
+        cls,
+        state_dir: str | os.PathLike[str],
+        lower: str | os.PathLike[str],
+        *,
+        record_baseline: bool = True,
     ) -> WorkspaceLayers:
-        """Make empty upper/work directories (mode 0700) and record the baseline."""
+        """Make empty upper/work directories (mode 0700) and record the baseline (unless
+        ``record_baseline`` is false: then the caller calls ``record_baseline()`` itself)."""
         layers = cls.at(state_dir, lower)
         try:
             lower_st = os.stat(layers.lower)
@@ -111,7 +116,8 @@ class WorkspaceLayers:
                 )
         for path in (layers.upper, layers.work):
             _make_private_dir(path)
-        layers._record_baseline()
+        if record_baseline:
+            layers.record_baseline()
         return layers
 
     def exists(self) -> bool:
@@ -148,9 +154,10 @@ class WorkspaceLayers:
                     "inside the sandbox's user namespace"
                 ) from exc
         # The sandbox now sees the host as it is, so host edits before now are not conflicts.
-        self._record_baseline()
+        self.record_baseline()
 
-    def _record_baseline(self) -> None:
+    def record_baseline(self) -> None:
+        """Record the project as it is now as what the sandbox starts from (git tree)."""
         WorkspaceBaseline.record(self.state_dir, self.lower)
 
 
