@@ -123,3 +123,16 @@ def _cycles() -> list[list[str]]:
 
 def test_no_import_cycle_inside_a_package() -> None:
     assert _cycles() == []
+
+
+def test_front_ends_import_no_private_module() -> None:
+    """The CLI and the supervisor are clients of the public SDK: no ``_private`` module."""
+    front = [m for m in MODULES if _in(m, "stockade.cli") or m == "stockade.supervisor"]
+    assert "stockade.cli.main" in front
+    offenders = {
+        module: sorted(
+            t for t in _imports(module) if any(p.startswith("_") for p in t.split(".")[1:])
+        )
+        for module in front
+    }
+    assert {m: t for m, t in offenders.items() if t} == {}

@@ -13,13 +13,16 @@ from stockade._errors import BackendUnavailableError, PolicyError
 from stockade.backends.base import Availability, Backend
 
 if TYPE_CHECKING:
+    from stockade.backends._cgroups import CgroupSupport
     from stockade.policy import EffectivePolicy
 
 __all__ = [
     "BACKENDS",
     "BackendEntry",
+    "cgroup_support",
     "check_docker_inside",
     "get_backend_class",
+    "kill_leftover_processes",
     "probe",
     "probe_all",
     "select_backend",
@@ -187,3 +190,19 @@ def select_backend(policy: EffectivePolicy) -> Backend:
         + "\nRun `stockade doctor` for how to enable one.",
         backend="auto",
     )
+
+
+def cgroup_support() -> CgroupSupport:
+    """What this machine offers for per-sandbox cgroups (``stockade doctor`` shows it)."""
+    from stockade.backends._cgroups import probe_cgroups
+
+    return probe_cgroups()
+
+
+def kill_leftover_processes(sandbox_id: str) -> set[int]:
+    """Kill whatever still runs in a removed sandbox's cgroups (every backend that shares the
+    host kernel puts its processes there) and remove the groups; returns the pids that
+    survived (empty when everything is gone)."""
+    from stockade.backends._cgroups import remove_stale_cgroups
+
+    return remove_stale_cgroups(sandbox_id)

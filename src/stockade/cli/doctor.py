@@ -27,10 +27,10 @@ def _landlock_abi() -> int:
 
 def host_facts() -> dict[str, Any]:
     """Facts about this machine that decide what the backends can enforce."""
-    from stockade.backends._cgroups import probe_cgroups
+    from stockade.backends.registry import cgroup_support
     from stockade.workspace.disk import disk_support
 
-    cg = probe_cgroups()
+    cg = cgroup_support()
     disk_ok, disk_how = disk_support()
     return {
         "kernel": platform.release(),

@@ -199,9 +199,9 @@ def remove_orphan(store: StateStore, orphan: Orphan) -> None:
     if orphan.kind == "container":
         reap_backend(orphan.backend, orphan.sandbox)
         return
-    from stockade.backends._cgroups import remove_stale_cgroups
+    from stockade.backends.registry import kill_leftover_processes
 
-    survivors = remove_stale_cgroups(orphan.sandbox)
+    survivors = kill_leftover_processes(orphan.sandbox)
     if survivors:
         raise SandboxStateError(
             f"processes {sorted(survivors)} of sandbox {orphan.sandbox} survived; "

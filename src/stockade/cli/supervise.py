@@ -36,9 +36,9 @@ def remove_sandbox(store: StateStore, record: Any) -> None:
     """Stop the sandbox if needed, then delete its processes, cgroups, layers and record."""
     record = store.reconcile(record)
     stop_sandbox(store, record)
-    from stockade.backends._cgroups import remove_stale_cgroups
+    from stockade.backends.registry import kill_leftover_processes
 
-    survivors = remove_stale_cgroups(record.id)
+    survivors = kill_leftover_processes(record.id)
     if survivors:
         raise SandboxStateError(
             f"processes of sandbox {record.name!r} survived removal: {sorted(survivors)}"
