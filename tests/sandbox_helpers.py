@@ -154,3 +154,22 @@ def git(repo: Path, *args: str, user: str = "u") -> str:
     proc = subprocess.run(argv, cwd=repo, env=env, capture_output=True)
     assert proc.returncode == 0, proc.stderr.decode()
     return proc.stdout.decode("utf-8", "surrogateescape")
+
+
+#: Forks until fork fails (bounded, in case the limit failed), prints how many children it
+#: got, then kills and reaps them all: what follows runs with the whole pids budget again.
+FORK_BOMB = (
+    "import os, signal\n"
+    "children = []\n"
+    "for _ in range(2000):\n"
+    "    try:\n"
+    "        pid = os.fork()\n"
+    "    except OSError:\n"
+    "        break\n"
+    "    if pid == 0:\n"
+    "        signal.pause(); os._exit(0)\n"
+    "    children.append(pid)\n"
+    "print(len(children), flush=True)\n"
+    "for pid in children:\n"
+    "    os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)\n"
+)

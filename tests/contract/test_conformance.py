@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from conftest import require_backend
-from sandbox_helpers import HelloHandler, host_pids, serve_http, write_trusted_config
+from sandbox_helpers import FORK_BOMB, HelloHandler, host_pids, serve_http, write_trusted_config
 from stockade import ExecTimeoutError, Sandbox
 from stockade.audit import AuditLog
 
@@ -460,26 +460,9 @@ def test_agent_commit_becomes_a_branch_on_apply(target: str, tmp_path: Path) -> 
 
 def test_limits_fork_bomb_and_memory_hog(target: str, tmp_path: Path) -> None:
     project = make_project(tmp_path / "project")
-    # Forks until fork fails (bounded, in case the limit failed), then kills and reaps its
-    # children: the hog below runs with the whole pids budget again.
-    fork_bomb = (
-        "import os, signal\n"
-        "children = []\n"
-        "for _ in range(2000):\n"
-        "    try:\n"
-        "        pid = os.fork()\n"
-        "    except OSError:\n"
-        "        break\n"
-        "    if pid == 0:\n"
-        "        signal.pause(); os._exit(0)\n"
-        "    children.append(pid)\n"
-        "print(len(children), flush=True)\n"
-        "for pid in children:\n"
-        "    os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)\n"
-    )
     hog = "b = bytearray(768 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('survived')"
     with fresh(target, project, pids=64, memory="192M") as sb:
-        r = sb.commands.run(["python3", "-c", fork_bomb], timeout=90)
+        r = sb.commands.run(["python3", "-c", FORK_BOMB], timeout=90)
         assert r.exit_code == 0, r.stderr
         assert int(r.stdout.split()[0]) < 64
         r = sb.commands.run(["python3", "-c", hog], timeout=90)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import ReachableHandler, host_pids, run_as_nobody, serve_http
+from sandbox_helpers import FORK_BOMB, ReachableHandler, host_pids, run_as_nobody, serve_http
 from stockade import ExecTimeoutError, PolicyError, Sandbox
 
 pytestmark = pytest.mark.timeout(120)
@@ -142,25 +142,6 @@ def test_seccomp_and_capabilities(sb: Sandbox) -> None:
     if sb.agent_info.landlock_abi == 0:
         pytest.skip("kernel has no Landlock; seccomp and namespaces checked only")
     assert "landlock" in sb.agent_info.capabilities
-
-
-#: Forks until fork fails (bounded, in case the limit failed), prints how many children it
-#: got, then kills and reaps them all: what follows runs with the whole pids budget again.
-FORK_BOMB = (
-    "import os, signal\n"
-    "children = []\n"
-    "for _ in range(2000):\n"
-    "    try:\n"
-    "        pid = os.fork()\n"
-    "    except OSError:\n"
-    "        break\n"
-    "    if pid == 0:\n"
-    "        signal.pause(); os._exit(0)\n"
-    "    children.append(pid)\n"
-    "print(len(children), flush=True)\n"
-    "for pid in children:\n"
-    "    os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)\n"
-)
 
 
 def test_fork_bomb_is_stopped_by_pids_limit(namespace_backend: str, project: Path) -> None:
