@@ -6,6 +6,7 @@
 set -euo pipefail
 cmd=$1; dir=$2
 mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)  # absolute: the daemon is started from /
 if [ "$cmd" = stop ]; then
     if [ -f "$dir/dockerd.pid" ]; then
         pid=$(cat "$dir/dockerd.pid")
@@ -24,6 +25,7 @@ JSON
 if [ -S "$dir/docker.sock" ] && DOCKER_HOST="unix://$dir/docker.sock" docker version >/dev/null 2>&1; then
     echo "unix://$dir/docker.sock"; exit 0
 fi
+cd /  # the daemon and its shims write files (an `oom` marker) into their working directory
 setsid dockerd --data-root "$dir/data" --exec-root "$dir/exec" -H "unix://$dir/docker.sock" \
     --pidfile "$dir/dockerd.pid" --containerd-namespace stockade-ci \
     --containerd-plugins-namespace stockade-ci-plugins --iptables=false --ip6tables=false \

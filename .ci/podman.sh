@@ -6,6 +6,7 @@
 set -euo pipefail
 cmd=$1; dir=$2
 mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)  # absolute: the daemon is started from /
 if [ "$cmd" = stop ]; then
     if [ -f "$dir/podman.pid" ]; then
         pid=$(cat "$dir/podman.pid")
@@ -29,6 +30,7 @@ sock="$dir/podman.sock"
 if [ -S "$sock" ] && curl -fsS --unix-socket "$sock" http://d/_ping >/dev/null 2>&1; then
     echo "unix://$sock"; exit 0
 fi
+cd /  # never the checkout: the service and its children write into their working directory
 CONTAINERS_CONF="$dir/containers.conf" setsid podman --root "$dir/storage" \
     --runroot "$dir/run" --storage-driver overlay system service --time=0 "unix://$sock" \
     >"$dir/podman.log" 2>&1 < /dev/null &
