@@ -148,6 +148,11 @@ class AsyncSandbox:
         self._saved_at = time.time()
         self._end_save: tuple[str | None] | None = None
         self.agent_info: AgentHelloResult | None = None
+        self._make_namespaces()
+
+    def _make_namespaces(self) -> None:
+        """``commands``, ``files``, ``pty``, ``workspace`` and ``network``: each reaches this
+        sandbox through its port, whether it runs here or behind a supervisor (``remote``)."""
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self.pty = AsyncPty(self, self.commands)

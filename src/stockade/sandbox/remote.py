@@ -49,12 +49,8 @@ from stockade.protocol.messages import (
     SnapshotPathResult,
     SnapshotTagParams,
 )
-from stockade.sandbox.commands import AsyncCommands, AsyncPty
 from stockade.sandbox.core import AsyncSandbox
-from stockade.sandbox.files import AsyncFiles
-from stockade.sandbox.network import AsyncNetwork
 from stockade.sandbox.records import audit_path, find_record
-from stockade.sandbox.workspace import AsyncWorkspace
 from stockade.state import SandboxRecord, SandboxStatus, StateStore
 from stockade.workspace import WorkspaceLayers
 
@@ -154,11 +150,7 @@ class RemoteSandbox(AsyncSandbox):
         self._control = control
         self._closed = False
         self.agent_info = control.agent.hello_result if control is not None else None
-        self.commands = AsyncCommands(self)
-        self.files = AsyncFiles(self)
-        self.pty = AsyncPty(self, self.commands)
-        self.workspace = AsyncWorkspace(self)
-        self.network = AsyncNetwork(self)
+        self._make_namespaces()
 
     @classmethod
     async def open(
