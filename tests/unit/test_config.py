@@ -13,15 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from config_helpers import World
 from stockade._errors import ConfigError, PolicyError
 from stockade.config import (
     CONFIG_KEYS,
     ENV_VAR_KEYS,
-    LoadedConfig,
     StockadeConfig,
     format_duration,
     format_size,
-    load_config,
     parse_duration,
     parse_size,
     user_config_path,
@@ -30,36 +29,6 @@ from stockade.config.units import MAX_SIZE
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures and helpers
-
-
-class World:
-    """A home, an XDG config dir and a project, all under tmp_path; no real environment."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.home = tmp_path / "home"
-        self.project = self.home / "proj"
-        self.project.mkdir(parents=True)
-        self.xdg = tmp_path / "xdg"
-        self.user_file = self.xdg / "stockade" / "config.toml"
-        self.environ: dict[str, str] = {
-            "HOME": str(self.home),
-            "XDG_CONFIG_HOME": str(self.xdg),
-        }
-
-    def write_user(self, text: str) -> Path:
-        self.user_file.parent.mkdir(parents=True, exist_ok=True)
-        self.user_file.write_text(text)
-        return self.user_file
-
-    def write_project(self, text: str, name: str = "stockade.toml") -> Path:
-        path = self.project / name
-        path.write_text(text)
-        return path
-
-    def load(self, start: Path | None = None, **kwargs: Any) -> LoadedConfig:
-        kwargs.setdefault("environ", self.environ)
-        return load_config(self.project if start is None else start, **kwargs)
 
 
 @pytest.fixture

@@ -10,39 +10,17 @@ from typing import Any
 
 import pytest
 
+from config_helpers import World as ConfigWorld
 from stockade._errors import ConfigError, PolicyError
-from stockade.config import LoadedConfig, load_config
+from stockade.config import load_config
 from stockade.config.load import project_file_weakenings, trust_store
 from stockade.config.trust import TrustStore, UntrustedConfigError, trust_key
 
 ISSUE_FILE = 'backend = "host"\nunsafe_host = true\n[workspace]\nmode = "rw"\n'
 
 
-class World:
-    """A home, an XDG config dir (the trust records live there) and a project under home."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.home = tmp_path / "home"
-        self.project = self.home / "proj"
-        self.project.mkdir(parents=True)
-        self.xdg = tmp_path / "xdg"
-        self.user_file = self.xdg / "stockade" / "config.toml"
-        self.environ: dict[str, str] = {"HOME": str(self.home), "XDG_CONFIG_HOME": str(self.xdg)}
-
-    def write_user(self, text: str) -> Path:
-        self.user_file.parent.mkdir(parents=True, exist_ok=True)
-        self.user_file.write_text(text)
-        return self.user_file
-
-    def write_project(self, text: str, name: str = "stockade.toml") -> Path:
-        path = self.project / name
-        path.write_text(text)
-        return path
-
-    def load(self, **kwargs: Any) -> LoadedConfig:
-        kwargs.setdefault("environ", self.environ)
-        return load_config(self.project, **kwargs)
+class World(ConfigWorld):
+    """``ConfigWorld`` with the trust records (in its XDG config dir) at hand."""
 
     def untrusted(self, **kwargs: Any) -> UntrustedConfigError:
         with pytest.raises(UntrustedConfigError) as info:
