@@ -397,15 +397,17 @@ def test_snapshot_restore_fork_sdk(microvm: str, project: Path) -> None:
     assert not (project / "state.txt").exists()
 
 
-def test_snapshot_restore_fork_cli(microvm: str, project: Path) -> None:
-    def cli(*args: str) -> str:
-        r = subprocess.run(
-            [sys.executable, "-m", "stockade.cli.main", *args],
-            capture_output=True, text=True, timeout=240, check=False,
-        )  # fmt: skip
-        assert r.returncode == 0, (args, r.stdout, r.stderr)
-        return r.stdout
+def cli(*args: str) -> str:
+    """Run the real CLI; its stdout (a failure fails the test with both streams)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "stockade.cli.main", *args],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, (args, r.stdout, r.stderr)
+    return r.stdout
 
+
+def test_snapshot_restore_fork_cli(microvm: str, project: Path) -> None:
     name = cli("create", "--backend", "microvm", "-C", str(project)).strip()
     forked = ""
     try:
@@ -425,15 +427,6 @@ def test_snapshot_restore_fork_cli(microvm: str, project: Path) -> None:
 
 def test_snapshot_restore_fork_over_connect(microvm: str, project: Path) -> None:
     """A second process (this one) snapshots, restores and forks a CLI-created microVM."""
-
-    def cli(*args: str) -> str:
-        r = subprocess.run(
-            [sys.executable, "-m", "stockade.cli.main", *args],
-            capture_output=True, text=True, timeout=240, check=False,
-        )  # fmt: skip
-        assert r.returncode == 0, (args, r.stdout, r.stderr)
-        return r.stdout
-
     name = cli("create", "--backend", "microvm", "-C", str(project)).strip()
     forked_name = ""
     try:
